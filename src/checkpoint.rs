@@ -1,0 +1,204 @@
+//! Checkpoints on disk: `model.safetensors`, `optimizer.safetensors` and `state.json` in
+//! `checkpoints/step-NNNNNN/`, written to a temporary directory, synced and renamed, then
+//! `latest` replaced atomically; retention of the newest N. Loading checks everything it reads.
+
+use crate::config::Config;
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl CheckpointError {
+    fn invalid(path: &Path, message: impl Into<String>) -> CheckpointError {
+        CheckpointError::Invalid { path: path.to_path_buf(), message: message.into() }
+    }
+    fn io(path: &Path, source: std::io::Error) -> CheckpointError {
+        CheckpointError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+type Result<T> = std::result::Result<T, CheckpointError>;
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: usize,
+    pub tokens: u64,
+    /// Train windows drawn so far: the data loader's whole state.
+    pub data_cursor: u64,
+    /// Adam's update count.
+    pub optimizer_t: u64,
+    pub seed: u64,
+    pub elapsed_s: f64,
+    pub motrain_version: String,
+    pub config: Config,
+}
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub state: TrainState,
+    pub model: HashMap<String, Tensor>,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_name(step: usize) -> String {
+    format!("step-{step:06}")
+}
+
+/// Writes a checkpoint and returns its directory. A crash at any point leaves the previous
+/// checkpoint and `latest` intact.
+pub fn save(
+    run_dir: &Path,
+    state: &TrainState,
+    model: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&root).map_err(|e| CheckpointError::io(&root, e))?;
+    let name = step_name(state.step);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    let fin = root.join(&name);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+    let write = || -> Result<()> {
+        let m = tmp.join("model.safetensors");
+        candle_core::safetensors::save(model, &m).map_err(|e| CheckpointError::invalid(&m, e.to_string()))?;
+        let o = tmp.join("optimizer.safetensors");
+        candle_core::safetensors::save(optimizer, &o).map_err(|e| CheckpointError::invalid(&o, e.to_string()))?;
+        let s = tmp.join("state.json");
+        let json = serde_json::to_string_pretty(state).expect("state serialises");
+        std::fs::write(&s, json).map_err(|e| CheckpointError::io(&s, e))?;
+        for f in [&m, &o, &s] {
+            sync(f)?;
+        }
+        sync(&tmp)?;
+        if fin.exists() {
+            // Re-saving a step (a resumed run reaching it again) replaces the old copy.
+            std::fs::remove_dir_all(&fin).map_err(|e| CheckpointError::io(&fin, e))?;
+        }
+        std::fs::rename(&tmp, &fin).map_err(|e| CheckpointError::io(&fin, e))?;
+        sync(&root)?;
+        write_atomic(&root.join("latest"), name.as_bytes())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    prune(&root, keep)?;
+    Ok(fin)
+}
+
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| CheckpointError::io(path, e))
+}
+
+/// Writes a small file by temp file + rename, so readers see the old or the new content.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| CheckpointError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| CheckpointError::io(path, e))?;
+    if let Some(dir) = path.parent() {
+        sync(dir)?;
+    }
+    Ok(())
+}
+
+/// Complete checkpoints of a run, oldest first.
+pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let root = checkpoints_dir(run_dir);
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn prune(root: &Path, keep: usize) -> Result<()> {
+    let run_dir = root.parent().unwrap_or(root);
+    let all = list(run_dir);
+    let latest = std::fs::read_to_string(root.join("latest")).unwrap_or_default();
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
+        if dir.file_name().is_some_and(|n| n.to_string_lossy() == latest.trim()) {
+            continue;
+        }
+        std::fs::remove_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// A checkpoint directory, or a run directory (then the checkpoint its `latest` names).
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join("state.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = checkpoints_dir(path).join("latest");
+    if latest.is_file() {
+        let name = std::fs::read_to_string(&latest).map_err(|e| CheckpointError::io(&latest, e))?;
+        let dir = checkpoints_dir(path).join(name.trim());
+        if !dir.join("state.json").is_file() {
+            return Err(CheckpointError::invalid(&latest, format!("names {:?}, which is not a complete checkpoint", name.trim())));
+        }
+        return Ok(dir);
+    }
+    if !path.exists() {
+        return Err(CheckpointError::invalid(path, "no such checkpoint or run directory"));
+    }
+    Err(CheckpointError::invalid(path, "neither a checkpoint (no state.json) nor a run directory with checkpoints/latest"))
+}
+
+pub fn load_state(dir: &Path) -> Result<TrainState> {
+    let p = dir.join("state.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| CheckpointError::io(&p, e))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| CheckpointError::invalid(&p, format!("corrupt state: {e}")))?;
+    state.config.validate().map_err(|m| CheckpointError::invalid(&p, format!("config inside is invalid: {m}")))?;
+    Ok(state)
+}
+
+pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        return Err(CheckpointError::invalid(path, "missing"));
+    }
+    candle_core::safetensors::load(path, device).map_err(|e| CheckpointError::invalid(path, format!("not a valid safetensors file: {e}")))
+}
+
+/// Loads state and weights of the checkpoint at `path` (see [`resolve`]).
+pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let dir = resolve(path)?;
+    let state = load_state(&dir)?;
+    let model = load_tensors(&dir.join("model.safetensors"), device)?;
+    Ok(Checkpoint { dir, state, model })
+}
+
+impl Checkpoint {
+    /// Copies the weights into `params`, naming the file and the tensor on a mismatch.
+    pub fn restore(&self, params: &crate::model::Params) -> Result<()> {
+        params.load(&self.model).map_err(|m| CheckpointError::invalid(&self.dir.join("model.safetensors"), m))
+    }
+
+    pub fn optimizer(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        load_tensors(&self.dir.join("optimizer.safetensors"), device)
+    }
+}

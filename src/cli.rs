@@ -1,0 +1,200 @@
+//! The command line: clap definitions and one thin function per command.
+
+use crate::checkpoint::{self, CheckpointError};
+use crate::config::{Config, ConfigError};
+use crate::data::{self, prepare, DataError, EvalStream, Tokenizer};
+use crate::model::{Params, Transformer};
+use crate::train::{self, Start};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "motrain", version, about = "Pretrain dense, MoE and Mixture-of-Tokens transformers on candle")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from a TOML config; writes a run directory.
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        /// Override any config key: --set model.d_model=256 (value parsed as TOML).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Continue the run from its latest checkpoint.
+        #[arg(long, conflicts_with = "init_from")]
+        resume: bool,
+        /// Start a new run from a checkpoint's weights (checkpoint or run directory).
+        #[arg(long, value_name = "CKPT")]
+        init_from: Option<PathBuf>,
+    },
+    /// Loss and perplexity on held-out shards; the last stdout line is JSON.
+    Eval {
+        #[arg(long, value_name = "CKPT")]
+        checkpoint: PathBuf,
+        /// Glob of shards (default: the run's data.val).
+        #[arg(long, value_name = "GLOB")]
+        data: Option<String>,
+        #[arg(long)]
+        batches: Option<usize>,
+        #[arg(long)]
+        batch_size: Option<usize>,
+    },
+    /// Tokenize raw text (files, directories, .jsonl with a "text" field) into llm.c shards.
+    Prepare {
+        /// `gpt2` or a tokenizer.json.
+        #[arg(long, value_name = "TOK")]
+        tokenizer: String,
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "data")]
+        name: String,
+        #[arg(long, default_value_t = 0.05)]
+        val_fraction: f64,
+        /// Tokens per shard file.
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: usize,
+    },
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Time training steps; the last stdout line is JSON.
+    Bench {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer offline and write a HF tokenizer.json.
+    Train {
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        vocab_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// A bad flag value: exit code 2 like any other bad input.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// 2 for bad usage, config or input files; 1 for anything else.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    let bad_input = e.chain().any(|c| {
+        c.is::<ConfigError>() || c.is::<DataError>() || c.is::<CheckpointError>() || c.is::<UsageError>()
+    });
+    if bad_input {
+        2
+    } else {
+        1
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train { config, overrides, resume, init_from } => {
+            let cfg = Config::load(&config, &overrides)?;
+            let start = match (resume, init_from) {
+                (true, _) => Start::Resume,
+                (false, Some(p)) => Start::InitFrom(p),
+                (false, None) => Start::Fresh,
+            };
+            let summary = train::run(cfg, start)?;
+            println!(
+                "done: {} | final train loss {:.4}{}",
+                summary.run_dir.display(),
+                summary.final_loss,
+                summary.final_eval.map(|e| format!(" | val loss {:.4} | ppl {:.2}", e.loss, e.ppl)).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Eval { checkpoint, data, batches, batch_size } => eval(checkpoint, data, batches, batch_size),
+        Command::Prepare { tokenizer, input, out, name, val_fraction, shard_tokens } => {
+            let tok = Tokenizer::load(&tokenizer)?;
+            let opts = prepare::PrepareOptions { name, val_fraction, shard_tokens };
+            let r = prepare::prepare(&tok, &input, &out, &opts)?;
+            println!(
+                "{} documents -> {} train + {} val tokens in {} shards under {} (vocab {}, end-of-text {})",
+                r.documents,
+                r.train_tokens,
+                r.val_tokens,
+                r.files.len(),
+                out.display(),
+                tok.vocab_size(),
+                tok.eot()
+            );
+            Ok(())
+        }
+        Command::Tokenizer(TokenizerCommand::Train { input, vocab_size, out }) => {
+            data::tokenizer::train_bpe(&input, vocab_size, &out)?;
+            let tok = Tokenizer::load(&out.display().to_string())?;
+            println!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
+            Ok(())
+        }
+        Command::Bench { config, overrides, steps, warmup } => {
+            if steps == 0 {
+                return Err(UsageError("--steps must be at least 1".into()).into());
+            }
+            let cfg = Config::load(&config, &overrides)?;
+            let r = crate::bench::bench(cfg, &config.display().to_string(), steps, warmup)?;
+            eprintln!(
+                "{}: {:.0} tokens/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.0} MiB",
+                r.config,
+                r.tokens_per_s,
+                r.step_time_s,
+                r.gflops_per_s,
+                r.peak_rss_bytes as f64 / 1048576.0
+            );
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+    }
+}
+
+fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size: Option<usize>) -> Result<()> {
+    let dir = checkpoint::resolve(&path)?;
+    let state = checkpoint::load_state(&dir)?;
+    let cfg = state.config.clone();
+    let dev = train::device(&cfg.run.device)?;
+    let ckpt = checkpoint::load(&dir, &dev)?;
+    let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
+    let model = Transformer::new(&cfg.model, &mut params)?;
+    ckpt.restore(&params)?;
+    let glob = match data {
+        Some(g) => std::path::absolute(&g).map(|p| p.display().to_string()).unwrap_or(g),
+        None => cfg.data.val.clone().ok_or_else(|| UsageError("the run has no data.val: pass --data GLOB".into()))?,
+    };
+    let batch_size = batch_size.unwrap_or(cfg.train.eval_batch_size);
+    let batches = batches.unwrap_or(cfg.train.eval_batches);
+    if batch_size == 0 || batches == 0 {
+        return Err(UsageError("--batch-size and --batches must be at least 1".into()).into());
+    }
+    let stream = EvalStream::new(data::shards::open_all(&glob, &cfg.data.format, cfg.model.vocab_size)?, cfg.data.seq_len);
+    let r = crate::eval::evaluate(&model, &stream, batch_size, batches).map_err(|e| UsageError(format!("{e:#}")))
+        .context(format!("evaluating on {glob}"))?;
+    eprintln!("step {} | loss {:.4} | ppl {:.2} | {} batches of {} x {} tokens", state.step, r.loss, r.ppl, r.batches, r.batch_size, cfg.data.seq_len);
+    println!(
+        "{}",
+        json!({"checkpoint": dir.display().to_string(), "step": state.step, "loss": r.loss, "ppl": r.ppl,
+               "batches": r.batches, "batch_size": r.batch_size, "tokens": r.tokens, "data": glob})
+    );
+    Ok(())
+}

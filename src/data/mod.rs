@@ -1,0 +1,35 @@
+//! Everything about tokens on disk: shard I/O, tokenizers, `prepare`, and the windows that
+//! training and eval read.
+
+pub mod loader;
+pub mod prepare;
+pub mod shards;
+pub mod tokenizer;
+
+pub use loader::{Batch, EvalStream, TrainLoader};
+pub use shards::Shard;
+pub use tokenizer::Tokenizer;
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Shard { path: PathBuf, message: String },
+    #[error("glob {pattern:?}: {message}")]
+    Glob { pattern: String, message: String },
+    #[error("{what} hold fewer than {needed} tokens (one window of seq_len + 1)")]
+    TooShort { needed: usize, what: String },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DataError {
+    pub fn io(path: &Path, source: std::io::Error) -> DataError {
+        DataError::Io { path: path.to_path_buf(), source }
+    }
+}

@@ -1,0 +1,97 @@
+//! What a run tells its user: the progress bar (or plain lines when stdout is not a terminal)
+//! and `metrics.jsonl`, one JSON object per log or eval line.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+pub struct MetricsLog {
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    /// Opens the log of a run. Lines past `keep_through_step` (from an interrupted run that is
+    /// being resumed) are dropped, so the log reads as if the run had never stopped.
+    pub fn open(run_dir: &Path, keep_through_step: Option<usize>) -> std::io::Result<MetricsLog> {
+        let path = run_dir.join("metrics.jsonl");
+        if let (Some(step), true) = (keep_through_step, path.exists()) {
+            let text = std::fs::read_to_string(&path)?;
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l).ok().and_then(|v| v.get("step")?.as_u64()).is_some_and(|s| s as usize <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&path, kept)?;
+        } else if keep_through_step.is_none() {
+            std::fs::write(&path, "")?;
+        }
+        Ok(MetricsLog { path })
+    }
+
+    pub fn write(&self, record: &Value) -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        writeln!(f, "{record}")
+    }
+}
+
+/// Progress on the terminal: a bar when interactive, otherwise one plain line per log step.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    pub fn new(total: usize, start: usize) -> Progress {
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let bar = ProgressBar::new(total as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_position(start as u64);
+            bar
+        });
+        Progress { bar }
+    }
+
+    pub fn step(&self, step: usize, msg: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step as u64);
+            bar.set_message(msg.to_string());
+        }
+    }
+
+    /// A line that stays: printed above the bar, or plainly.
+    pub fn line(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+pub fn format_duration(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// Peak resident set size of this process in bytes (Linux), or 0 where unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}

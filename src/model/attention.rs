@@ -1,0 +1,79 @@
+//! Causal multi-head self-attention with RoPE or learned positions, and its KV cache.
+
+use super::layers::Linear;
+use super::params::Params;
+use crate::ops::attention::causal_softmax;
+use crate::ops::rope::{rope_heads, RopeTables};
+use candle_core::{Result, Tensor};
+
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    n_heads: usize,
+    head_dim: usize,
+    rope: Option<RopeTables>,
+}
+
+/// Keys and values of the positions seen so far, `[B, H, T, dh]` each.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Attention {
+    pub fn new(p: &mut Params, prefix: &str, d: usize, n_heads: usize, bias: bool, rope: Option<RopeTables>) -> Result<Attention> {
+        let lin = |p: &mut Params, n: &str| Linear::new(p, &format!("{prefix}.{n}_proj"), d, d, bias);
+        Ok(Attention {
+            q: lin(p, "q")?,
+            k: lin(p, "k")?,
+            v: lin(p, "v")?,
+            o: lin(p, "o")?,
+            n_heads,
+            head_dim: d / n_heads,
+            rope,
+        })
+    }
+
+    /// `x [B·S, d]` → `[B·S, d]`. With a cache, the S new positions follow the cached ones.
+    pub fn forward(&self, x: &Tensor, b: usize, s: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (h, dh) = (self.n_heads, self.head_dim);
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let split = |t: Tensor| t.reshape((b, s, h, dh));
+        // [B, S, H, dh] → [B, H, S, dh], rotated where RoPE applies
+        let heads = |t: Tensor| -> Result<Tensor> {
+            match &self.rope {
+                Some(tables) => rope_heads(&t, tables, offset),
+                None => t.transpose(1, 2)?.contiguous(),
+            }
+        };
+        let q = heads(split(self.q.forward(x)?)?)?;
+        let mut k = heads(split(self.k.forward(x)?)?)?;
+        let mut v = split(self.v.forward(x)?)?.transpose(1, 2)?.contiguous()?;
+        if let Some(c) = cache {
+            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            c.k = Some(k.clone());
+            c.v = Some(v.clone());
+        }
+        let scores = q.matmul(&k.t()?)?; // [B, H, S, T]
+        let probs = causal_softmax(&scores, 1.0 / (dh as f64).sqrt())?;
+        let y = probs.matmul(&v)?; // [B, H, S, dh]
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b * s, h * dh))?;
+        self.o.forward(&y)
+    }
+}

@@ -1,0 +1,128 @@
+//! The decoder-only, pre-norm transformer of `models.md`:
+//! `h = h + Attn(Norm1(h)); h = h + FFN(Norm2(h))`, then the optional final norm and the head.
+//! Activations travel as `[B·S, d]`; attention alone sees the `[B, H, S, dh]` view.
+
+pub mod attention;
+pub mod ffn;
+pub mod layers;
+pub mod params;
+
+use crate::config::{Bias, ModelConfig, Position};
+use crate::data::Batch;
+use crate::ops::cross_entropy::cross_entropy;
+use crate::ops::rope::RopeTables;
+pub use attention::KvCache;
+use attention::Attention;
+use candle_core::{Device, Result, Tensor};
+use ffn::DenseFfn;
+use layers::{Linear, Norm};
+pub use params::Params;
+
+/// The FFN of one block.
+pub enum Ffn {
+    Dense(DenseFfn),
+}
+
+impl Ffn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Ffn::Dense(f) => f.forward(x),
+        }
+    }
+}
+
+pub struct Block {
+    norm1: Norm,
+    attn: Attention,
+    norm2: Norm,
+    ffn: Ffn,
+}
+
+impl Block {
+    fn forward(&self, h: &Tensor, b: usize, s: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = (h + self.attn.forward(&self.norm1.forward(h)?, b, s, cache)?)?;
+        &h + self.ffn.forward(&self.norm2.forward(&h)?)?
+    }
+}
+
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    positions: Option<Tensor>,
+    blocks: Vec<Block>,
+    norm: Option<Norm>,
+    head: Linear,
+}
+
+impl Transformer {
+    /// Creates every parameter (initialised per `models.md`) in `params` and the model over them.
+    pub fn new(cfg: &ModelConfig, params: &mut Params) -> Result<Transformer> {
+        let (d, v) = (cfg.d_model, cfg.vocab_size);
+        let embed = params.normal("model.embed_tokens.weight", &[v, d], 1)?;
+        let positions = match cfg.position {
+            Position::Learned => Some(params.normal("model.embed_positions.weight", &[cfg.max_seq_len, d], 1)?),
+            Position::Rope => None,
+        };
+        let rope = (cfg.position == Position::Rope).then(|| RopeTables::new(d / cfg.n_heads, cfg.max_seq_len, cfg.rope_theta));
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let prefix = format!("model.layers.{i}");
+            let norm1 = Norm::new(params, &format!("{prefix}.input_layernorm"), cfg.norm, d, cfg.norm_eps)?;
+            let attn = Attention::new(params, &format!("{prefix}.self_attn"), d, cfg.n_heads, cfg.bias == Bias::All, rope.clone())?;
+            let norm2 = Norm::new(params, &format!("{prefix}.post_attention_layernorm"), cfg.norm, d, cfg.norm_eps)?;
+            let ffn_bias = matches!(cfg.bias, Bias::Ffn | Bias::All);
+            let ffn = Ffn::Dense(DenseFfn::new(params, &format!("{prefix}.mlp"), d, cfg.d_ff, cfg.activation, ffn_bias)?);
+            blocks.push(Block { norm1, attn, norm2, ffn });
+        }
+        let norm = if cfg.final_norm { Some(Norm::new(params, "model.norm", cfg.norm, d, cfg.norm_eps)?) } else { None };
+        let head = if cfg.tie_embeddings { Linear { w: embed.clone(), b: None } } else { Linear::new(params, "lm_head", v, d, false)? };
+        Ok(Transformer { cfg: cfg.clone(), embed, positions, blocks, norm, head })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// `ids [B, S]` (u32) → logits `[B·S, V]`. With caches (one per block), the S positions
+    /// follow those already cached.
+    pub fn forward(&self, ids: &Tensor, mut caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let offset = caches.as_ref().map_or(0, |c| c[0].len());
+        let mut h = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B·S, d]
+        if let Some(pos) = &self.positions {
+            if offset + s > self.cfg.max_seq_len {
+                candle_core::bail!("position {} is beyond max_seq_len {}", offset + s - 1, self.cfg.max_seq_len);
+            }
+            let d = self.cfg.d_model;
+            h = h.reshape((b, s, d))?.broadcast_add(&pos.narrow(0, offset, s)?)?.reshape((b * s, d))?;
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = block.forward(&h, b, s, caches.as_mut().map(|c| &mut c[i]))?;
+        }
+        if let Some(norm) = &self.norm {
+            h = norm.forward(&h)?;
+        }
+        self.head.forward(&h)
+    }
+
+    /// Mean token cross-entropy of a batch.
+    pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
+        let dev = self.device();
+        let ids = Tensor::from_slice(&batch.inputs, (batch.rows, batch.seq_len), dev)?;
+        let targets = Tensor::from_slice(&batch.targets, batch.rows * batch.seq_len, dev)?;
+        cross_entropy(&self.forward(&ids, None)?, &targets)
+    }
+
+    pub fn new_caches(&self) -> Vec<KvCache> {
+        vec![KvCache::default(); self.blocks.len()]
+    }
+}
+
+/// Training FLOPs per token (PaLM's count): `6·N` for the non-embedding weights a token passes
+/// through, plus `12·L·d·S` for attention scores and mixing.
+pub fn flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
+    let (d, f, l, v) = (cfg.d_model as f64, cfg.d_ff as f64, cfg.n_layers as f64, cfg.vocab_size as f64);
+    let ffn_mats = if cfg.activation == crate::config::Activation::Swiglu { 3.0 } else { 2.0 };
+    let per_block = 4.0 * d * d + ffn_mats * d * f;
+    6.0 * (l * per_block + v * d) + 12.0 * l * d * seq_len as f64
+}

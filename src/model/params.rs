@@ -1,0 +1,109 @@
+//! The named parameters of a model: creation with the initialisation of `models.md`, lookup by
+//! the tensor names of `product.md`, and loading with shape checks.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+
+/// Parameters in creation order. Each tensor's initial values depend only on the seed and its
+/// name, so adding a tensor never changes the others.
+pub struct Params {
+    device: Device,
+    seed: u64,
+    init_scale: f64,
+    entries: Vec<(String, Var)>,
+    index: HashMap<String, usize>,
+}
+
+impl Params {
+    pub fn new(device: &Device, seed: u64, init_scale: f64) -> Params {
+        Params { device: device.clone(), seed, init_scale, entries: Vec::new(), index: HashMap::new() }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.entries.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.index.get(name).map(|&i| &self.entries[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn count(&self) -> usize {
+        self.entries.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    fn add(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
+        assert!(!self.index.contains_key(name), "parameter {name} created twice");
+        let var = Var::from_tensor(&t.to_device(&self.device)?)?;
+        let out = var.as_tensor().clone();
+        self.index.insert(name.to_string(), self.entries.len());
+        self.entries.push((name.to_string(), var));
+        Ok(out)
+    }
+
+    fn rng(&self, name: &str) -> rand_chacha::ChaCha8Rng {
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        rand_chacha::ChaCha8Rng::seed_from_u64(crate::data::loader::splitmix64(self.seed ^ h))
+    }
+
+    /// Truncated normal, std `sqrt(init_scale / fan_in)`, cut at `±2·init_scale`.
+    pub fn normal(&mut self, name: &str, shape: &[usize], fan_in: usize) -> Result<Tensor> {
+        let std = (self.init_scale / fan_in as f64).sqrt() as f32;
+        let cut = 2.0 * self.init_scale as f32;
+        let mut rng = self.rng(name);
+        let n: usize = shape.iter().product();
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos() * std;
+            if z.abs() <= cut {
+                v.push(z);
+            }
+        }
+        self.add(name, Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+
+    /// A matrix `[out, in]` (or stacked `[E, out, in]`): fan-in is the last axis.
+    pub fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let fan_in = *shape.last().expect("a matrix has dims");
+        self.normal(name, shape, fan_in)
+    }
+
+    pub fn constant(&mut self, name: &str, shape: &[usize], value: f32) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        self.add(name, Tensor::from_vec(vec![value; n], shape, &Device::Cpu)?)
+    }
+
+    /// Overwrites every parameter from `tensors`, which must hold each name with its shape.
+    pub fn load(&self, tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+        for (name, var) in &self.entries {
+            let t = tensors.get(name).ok_or_else(|| format!("tensor `{name}` is missing"))?;
+            if t.dims() != var.dims() {
+                return Err(format!("tensor `{name}` has shape {:?}, but the config gives {:?}", t.dims(), var.dims()));
+            }
+            let t = t.to_dtype(DType::F32).and_then(|t| t.to_device(&self.device)).map_err(|e| e.to_string())?;
+            var.set(&t).map_err(|e| e.to_string())?;
+        }
+        if let Some(extra) = tensors.keys().filter(|k| !self.index.contains_key(*k)).min() {
+            return Err(format!("tensor `{extra}` is not part of the model the config describes"));
+        }
+        Ok(())
+    }
+
+    /// Every parameter by name, for saving.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.entries.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+    }
+}

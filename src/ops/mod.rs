@@ -1,0 +1,62 @@
+//! Fused operations with their own backward pass. Each public function runs the fused CPU
+//! kernel on CPU f32 tensors and the plain candle formulation elsewhere; the plain formulation
+//! is also the reference the tests hold the kernels to.
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod norm;
+pub mod rope;
+pub mod swiglu;
+pub mod vec;
+
+#[cfg(test)]
+pub mod testing;
+
+use candle_core::{CpuStorage, Layout, Result, Tensor};
+
+/// The f32 elements of a contiguous CPU tensor.
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused op: expected a contiguous tensor, got strides {:?}", l.stride()),
+    }
+}
+
+/// Whether the fused CPU kernels apply to these tensors.
+pub(crate) fn fused(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
+/// Rows per rayon task: enough work to amortise scheduling.
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
+    (16384 / row_len.max(1)).max(1)
+}
+
+/// Deterministic column sums over rows: fixed chunks summed in parallel, then combined in order,
+/// so the result does not depend on thread timing.
+pub(crate) fn column_sums<F>(rows: usize, width: usize, n_out: usize, f: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    use rayon::prelude::*;
+    const CHUNK: usize = 64;
+    let chunks = rows.div_ceil(CHUNK);
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![0f32; n_out * width];
+            for r in c * CHUNK..((c + 1) * CHUNK).min(rows) {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; n_out * width];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}

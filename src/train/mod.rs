@@ -1,0 +1,265 @@
+//! The training loop: micro-batches with gradient accumulation, global-norm clipping, the
+//! schedule, AdamW, periodic logs, evals and checkpoints, and exact resume.
+
+pub mod optim;
+pub mod schedule;
+
+use crate::checkpoint::{self, Checkpoint, TrainState};
+use crate::config::Config;
+use crate::data::{self, EvalStream, TrainLoader};
+use crate::eval::{evaluate, EvalResult};
+use crate::metrics::{format_duration, MetricsLog, Progress};
+use crate::model::{Params, Transformer};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use optim::AdamW;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How a `train` command begins.
+pub enum Start {
+    Fresh,
+    Resume,
+    InitFrom(PathBuf),
+}
+
+pub struct StepStats {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+pub struct Trainer {
+    pub cfg: Config,
+    pub params: Params,
+    pub model: Transformer,
+    pub opt: AdamW,
+    pub loader: TrainLoader,
+    pub val: Option<EvalStream>,
+    pub step: usize,
+    pub tokens: u64,
+    elapsed_before: f64,
+}
+
+/// The device `run.device` asks for.
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(if candle_core::utils::cuda_is_available() { Device::new_cuda(0)? } else { Device::Cpu }),
+        s => {
+            let n = s.strip_prefix("cuda:").map_or(Ok(0), str::parse::<usize>).context("run.device")?;
+            if !candle_core::utils::cuda_is_available() {
+                bail!("run.device = {s:?}, but this motrain was built without the `cuda` feature or no CUDA device is present");
+            }
+            Ok(Device::new_cuda(n)?)
+        }
+    }
+}
+
+impl Trainer {
+    /// A freshly initialised model with its optimizer and data.
+    pub fn new(cfg: Config) -> Result<Trainer> {
+        let dev = device(&cfg.run.device)?;
+        let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
+        let model = Transformer::new(&cfg.model, &mut params)?;
+        let opt = AdamW::new(&params, |_| true, &cfg.train)?;
+        let shards = data::shards::open_all(&cfg.data.train, &cfg.data.format, cfg.model.vocab_size)?;
+        let loader = TrainLoader::new(shards, cfg.data.seq_len, cfg.run.seed)?;
+        let val = match &cfg.data.val {
+            Some(glob) => Some(EvalStream::new(data::shards::open_all(glob, &cfg.data.format, cfg.model.vocab_size)?, cfg.data.seq_len)),
+            None => None,
+        };
+        Ok(Trainer { cfg, params, model, opt, loader, val, step: 0, tokens: 0, elapsed_before: 0.0 })
+    }
+
+    /// Continues exactly where `ckpt` stopped: weights, moments, step, data cursor.
+    pub fn resume_from(&mut self, ckpt: &Checkpoint) -> Result<()> {
+        ckpt.restore(&self.params)?;
+        let moments = ckpt.optimizer(self.params.device())?;
+        self.opt
+            .load_state(&moments, ckpt.state.optimizer_t)
+            .map_err(|m| checkpoint::CheckpointError::Invalid { path: ckpt.dir.join("optimizer.safetensors"), message: m })?;
+        self.step = ckpt.state.step;
+        self.tokens = ckpt.state.tokens;
+        self.loader.cursor = ckpt.state.data_cursor;
+        self.elapsed_before = ckpt.state.elapsed_s;
+        Ok(())
+    }
+
+    pub fn tokens_per_step(&self) -> u64 {
+        (self.cfg.train.batch_size * self.cfg.data.seq_len) as u64
+    }
+
+    /// One optimizer step over `batch_size` sequences in micro-batches.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let accum = self.cfg.accumulation();
+        let micro = self.cfg.train.micro_batch_size;
+        let mut acc: Vec<Option<Tensor>> = vec![None; self.opt.slots.len()];
+        let mut loss_sum = 0f64;
+        for _ in 0..accum {
+            let batch = self.loader.next_batch(micro);
+            let loss = self.model.loss(&batch)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let scaled = if accum > 1 { (loss / accum as f64)? } else { loss };
+            let grads = scaled.backward()?;
+            for (a, slot) in acc.iter_mut().zip(&self.opt.slots) {
+                let g = match grads.get(&slot.var) {
+                    Some(g) => g.clone(),
+                    None => slot.var.zeros_like()?,
+                };
+                *a = Some(match a.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                });
+            }
+        }
+        let grads: Vec<Tensor> = acc.into_iter().map(|g| g.expect("one micro-batch at least")).collect();
+        let grad_norm = global_norm(&grads)?;
+        let loss = loss_sum / accum as f64;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            bail!("step {}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite; nothing was updated", self.step + 1);
+        }
+        let clip = self.cfg.train.grad_clip;
+        let scale = if clip > 0.0 && grad_norm > clip { clip / (grad_norm + 1e-6) } else { 1.0 };
+        let lr = schedule::learning_rate(&self.cfg.train, self.step);
+        self.opt.step(&grads, lr, scale)?;
+        self.step += 1;
+        self.tokens += self.tokens_per_step();
+        Ok(StepStats { loss, grad_norm, lr })
+    }
+
+    pub fn eval(&self) -> Result<Option<EvalResult>> {
+        match &self.val {
+            Some(stream) => Ok(Some(evaluate(&self.model, stream, self.cfg.train.eval_batch_size, self.cfg.train.eval_batches)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn state(&self, elapsed: f64) -> TrainState {
+        TrainState {
+            step: self.step,
+            tokens: self.tokens,
+            data_cursor: self.loader.cursor,
+            optimizer_t: self.opt.t,
+            seed: self.cfg.run.seed,
+            elapsed_s: self.elapsed_before + elapsed,
+            motrain_version: env!("CARGO_PKG_VERSION").to_string(),
+            config: self.cfg.clone(),
+        }
+    }
+
+    pub fn save(&self, run_dir: &Path, elapsed: f64) -> Result<PathBuf> {
+        let dir = checkpoint::save(run_dir, &self.state(elapsed), &self.params.tensors(), &self.opt.state_tensors()?, self.cfg.train.keep_checkpoints)?;
+        Ok(dir)
+    }
+}
+
+/// `sqrt(Σ‖g‖²)` over all gradients.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut total = 0f64;
+    for g in grads {
+        total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(total.sqrt())
+}
+
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    pub final_loss: f64,
+    pub final_eval: Option<EvalResult>,
+}
+
+/// The `train` command: a run directory, the loop, logs, evals and checkpoints.
+pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
+    let run_dir = cfg.run_dir();
+    let mut trainer = Trainer::new(cfg)?;
+    let cfg = trainer.cfg.clone();
+    let metrics = match &start {
+        Start::Resume => {
+            let ckpt = checkpoint::load(&run_dir, trainer.params.device()).map_err(|e| {
+                anyhow::Error::new(e).context(format!("--resume: no usable checkpoint in {}", run_dir.display()))
+            })?;
+            trainer.resume_from(&ckpt)?;
+            println!("resumed {} at step {} ({} tokens)", ckpt.dir.display(), trainer.step, trainer.tokens);
+            MetricsLog::open(&run_dir, Some(trainer.step))?
+        }
+        Start::Fresh | Start::InitFrom(_) => {
+            if !checkpoint::list(&run_dir).is_empty() {
+                bail!(
+                    "{} already holds checkpoints: pass --resume to continue that run, or set another run.name",
+                    run_dir.display()
+                );
+            }
+            if let Start::InitFrom(p) = &start {
+                let ckpt = checkpoint::load(p, trainer.params.device())?;
+                ckpt.restore(&trainer.params)?;
+                println!("initialised from {} (step {})", ckpt.dir.display(), ckpt.state.step);
+            }
+            std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+            MetricsLog::open(&run_dir, None)?
+        }
+    };
+    checkpoint::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let t = &cfg.train;
+    println!(
+        "run {} | {} parameters | {} train tokens | {} steps of {} tokens",
+        run_dir.display(),
+        trainer.params.count(),
+        trainer.loader.total_tokens(),
+        t.steps,
+        trainer.tokens_per_step()
+    );
+    let progress = Progress::new(t.steps, trainer.step);
+    let started = Instant::now();
+    let (mut window_start, mut window_tokens, mut window_loss, mut window_steps) = (Instant::now(), 0u64, 0f64, 0usize);
+    let mut last_loss = f64::NAN;
+    let mut last_eval = None;
+    while trainer.step < t.steps {
+        let stats = trainer.train_step()?;
+        last_loss = stats.loss;
+        window_tokens += trainer.tokens_per_step();
+        window_loss += stats.loss;
+        window_steps += 1;
+        let step = trainer.step;
+        let elapsed = started.elapsed().as_secs_f64();
+        let tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+        let done = step == t.steps;
+        if step % t.log_every == 0 || done {
+            let loss = window_loss / window_steps as f64;
+            let eta = (t.steps - step) as f64 * trainer.tokens_per_step() as f64 / tps;
+            metrics.write(&json!({
+                "step": step, "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                "tokens": trainer.tokens, "tokens_per_s": tps, "elapsed_s": trainer.elapsed_before + elapsed,
+            }))?;
+            let line = format!(
+                "step {step:>6}/{} | loss {loss:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | eta {}",
+                t.steps,
+                stats.lr,
+                stats.grad_norm,
+                tps,
+                format_duration(eta)
+            );
+            progress.line(&line);
+            progress.step(step, &format!("loss {loss:.4} | {tps:.0} tok/s"));
+            (window_start, window_tokens, window_loss, window_steps) = (Instant::now(), 0, 0.0, 0);
+        } else {
+            progress.step(step, &format!("loss {:.4} | {tps:.0} tok/s", stats.loss));
+        }
+        if (t.eval_every > 0 && step % t.eval_every == 0) || done {
+            if let Some(e) = trainer.eval()? {
+                metrics.write(&json!({"step": step, "split": "val", "loss": e.loss, "ppl": e.ppl, "tokens": trainer.tokens}))?;
+                progress.line(&format!("eval step {step:>6} | val loss {:.4} | ppl {:.2}", e.loss, e.ppl));
+                last_eval = Some(e);
+            }
+            window_start = Instant::now();
+        }
+        if (t.ckpt_every > 0 && step % t.ckpt_every == 0) || done {
+            let dir = trainer.save(&run_dir, started.elapsed().as_secs_f64())?;
+            progress.line(&format!("saved {}", dir.display()));
+            window_start = Instant::now();
+        }
+    }
+    progress.finish();
+    Ok(RunSummary { run_dir, final_loss: last_loss, final_eval: last_eval })
+}
