@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..3 {
         let batch = t.loader.next_batch(t.cfg.train.micro_batch_size);
         let a = Instant::now();
-        let loss = t.model.loss(&batch)?;
+        let loss = t.model.loss(&batch, true)?;
         let b = Instant::now();
         let grads = loss.backward()?;
         let c = Instant::now();

@@ -68,6 +68,7 @@ pub fn save(
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).map_err(|e| CheckpointError::io(&root, e))?;
+    remove_stale_temporaries(&root);
     let name = step_name(state.step);
     let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
     let fin = root.join(&name);
@@ -103,6 +104,15 @@ pub fn save(
     Ok(fin)
 }
 
+/// Half-written checkpoints of killed runs. (One process trains into a run at a time.)
+fn remove_stale_temporaries(root: &Path) {
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn sync(path: &Path) -> Result<()> {
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| CheckpointError::io(path, e))
 }
@@ -119,6 +129,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+fn is_complete(dir: &Path) -> bool {
+    ["state.json", "model.safetensors", "optimizer.safetensors"].iter().all(|f| dir.join(f).is_file())
+}
+
 /// Complete checkpoints of a run, oldest first.
 pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
     let root = checkpoints_dir(run_dir);
@@ -129,7 +143,7 @@ pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("step-")?.parse().ok()?;
-            Some((step, e.path()))
+            is_complete(&e.path()).then(|| (step, e.path()))
         })
         .collect();
     out.sort();
@@ -161,6 +175,11 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         if !dir.join("state.json").is_file() {
             return Err(CheckpointError::invalid(&latest, format!("names {:?}, which is not a complete checkpoint", name.trim())));
         }
+        return Ok(dir);
+    }
+    // A crash between renaming a checkpoint into place and writing `latest` leaves no
+    // `latest`; the newest complete checkpoint is then the one to use.
+    if let Some((_, dir)) = list(path).pop() {
         return Ok(dir);
     }
     if !path.exists() {

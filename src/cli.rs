@@ -119,9 +119,9 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let summary = train::run(cfg, start)?;
             println!(
-                "done: {} | final train loss {:.4}{}",
+                "done: {}{}{}",
                 summary.run_dir.display(),
-                summary.final_loss,
+                summary.final_loss.map(|l| format!(" | final train loss {l:.4}")).unwrap_or_default(),
                 summary.final_eval.map(|e| format!(" | val loss {:.4} | ppl {:.2}", e.loss, e.ppl)).unwrap_or_default()
             );
             Ok(())

@@ -27,7 +27,7 @@ pub fn evaluate(model: &Transformer, stream: &EvalStream, batch_size: usize, max
     let mut total = 0f64;
     for b in 0..batches {
         let batch = stream.batch(b, batch_size);
-        total += model.loss(&batch)?.to_scalar::<f32>()? as f64;
+        total += model.loss(&batch, false)?.to_scalar::<f32>()? as f64;
     }
     let loss = total / batches as f64;
     Ok(EvalResult { loss, ppl: loss.exp(), batches, batch_size, tokens: batches * batch_size * stream.seq_len() })

@@ -21,7 +21,8 @@ pub mod train;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Keep freed pages for 30 s (a step is far shorter) instead of returning them at once.
+/// Keep freed pages for reuse (a training step frees and reallocates the same sizes) instead of
+/// returning them to the kernel, which would fault them back in, zeroed, on the next step.
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8] = b"dirty_decay_ms:30000,muzzy_decay_ms:30000\0";
+pub static malloc_conf: &[u8] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0\0";

@@ -14,6 +14,11 @@ fn main() {
         eprintln!("error: internal error{at}: {msg} (please report this)");
         std::process::exit(1);
     }));
+    // candle's element-wise ops otherwise start a spinning thread pool of their own next to
+    // the rayon pool that runs matmuls and our kernels; on few cores they fight over them.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let cli = motrain::cli::Cli::parse();
     // candle's matmuls run on its own rayon pool; running everything there too keeps our fused
     // kernels from competing with it for the same cores.

@@ -24,7 +24,9 @@ impl MetricsLog {
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
-            std::fs::write(&path, kept)?;
+            let tmp = path.with_extension("jsonl.tmp");
+            std::fs::write(&tmp, kept)?;
+            std::fs::rename(&tmp, &path)?;
         } else if keep_through_step.is_none() {
             std::fs::write(&path, "")?;
         }

@@ -2,8 +2,8 @@
 
 use super::layers::Linear;
 use super::params::Params;
-use crate::ops::attention::causal_softmax;
-use crate::ops::rope::{rope_heads, RopeTables};
+use crate::ops::attention::causal_attention;
+use crate::ops::rope::{rope, RopeTables};
 use candle_core::{Result, Tensor};
 
 pub struct Attention {
@@ -16,7 +16,7 @@ pub struct Attention {
     rope: Option<RopeTables>,
 }
 
-/// Keys and values of the positions seen so far, `[B, H, T, dh]` each.
+/// Keys and values of the positions seen so far, `[B, T, H, dh]` each.
 #[derive(Default, Clone)]
 pub struct KvCache {
     pub k: Option<Tensor>,
@@ -25,7 +25,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[2])
+        self.k.as_ref().map_or(0, |k| k.dims()[1])
     }
 
     pub fn is_empty(&self) -> bool {
@@ -51,29 +51,23 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, b: usize, s: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (h, dh) = (self.n_heads, self.head_dim);
         let offset = cache.as_ref().map_or(0, |c| c.len());
-        let split = |t: Tensor| t.reshape((b, s, h, dh));
-        // [B, S, H, dh] → [B, H, S, dh], rotated where RoPE applies
-        let heads = |t: Tensor| -> Result<Tensor> {
-            match &self.rope {
-                Some(tables) => rope_heads(&t, tables, offset),
-                None => t.transpose(1, 2)?.contiguous(),
-            }
+        let heads = |l: &Linear| l.forward(x)?.reshape((b, s, h, dh)); // [B, S, H, dh]
+        let rotate = |t: Tensor| match &self.rope {
+            Some(tables) => rope(&t, tables, offset),
+            None => Ok(t),
         };
-        let q = heads(split(self.q.forward(x)?)?)?;
-        let mut k = heads(split(self.k.forward(x)?)?)?;
-        let mut v = split(self.v.forward(x)?)?.transpose(1, 2)?.contiguous()?;
+        let q = rotate(heads(&self.q)?)?;
+        let mut k = rotate(heads(&self.k)?)?;
+        let mut v = heads(&self.v)?;
         if let Some(c) = cache {
             if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
             }
             c.k = Some(k.clone());
             c.v = Some(v.clone());
         }
-        let scores = q.matmul(&k.t()?)?; // [B, H, S, T]
-        let probs = causal_softmax(&scores, 1.0 / (dh as f64).sqrt())?;
-        let y = probs.matmul(&v)?; // [B, H, S, dh]
-        let y = y.transpose(1, 2)?.contiguous()?.reshape((b * s, h * dh))?;
-        self.o.forward(&y)
+        let y = causal_attention(&q, &k, &v, 1.0 / (dh as f64).sqrt())?; // [B, S, H, dh]
+        self.o.forward(&y.reshape((b * s, h * dh))?)
     }
 }

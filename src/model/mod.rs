@@ -9,7 +9,7 @@ pub mod params;
 
 use crate::config::{Bias, ModelConfig, Position};
 use crate::data::Batch;
-use crate::ops::cross_entropy::cross_entropy;
+use crate::ops::linear_ce::linear_cross_entropy;
 use crate::ops::rope::RopeTables;
 pub use attention::KvCache;
 use attention::Attention;
@@ -85,7 +85,12 @@ impl Transformer {
 
     /// `ids [B, S]` (u32) → logits `[B·S, V]`. With caches (one per block), the S positions
     /// follow those already cached.
-    pub fn forward(&self, ids: &Tensor, mut caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+        self.head.forward(&self.hidden(ids, caches)?)
+    }
+
+    /// The final hidden states `[B·S, d]`, before the head.
+    fn hidden(&self, ids: &Tensor, mut caches: Option<&mut [KvCache]>) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let offset = caches.as_ref().map_or(0, |c| c[0].len());
         let mut h = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B·S, d]
@@ -99,18 +104,18 @@ impl Transformer {
         for (i, block) in self.blocks.iter().enumerate() {
             h = block.forward(&h, b, s, caches.as_mut().map(|c| &mut c[i]))?;
         }
-        if let Some(norm) = &self.norm {
-            h = norm.forward(&h)?;
+        match &self.norm {
+            Some(norm) => norm.forward(&h),
+            None => Ok(h),
         }
-        self.head.forward(&h)
     }
 
-    /// Mean token cross-entropy of a batch.
-    pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
+    /// Mean token cross-entropy of a batch; `train` prepares the backward pass.
+    pub fn loss(&self, batch: &Batch, train: bool) -> Result<Tensor> {
         let dev = self.device();
         let ids = Tensor::from_slice(&batch.inputs, (batch.rows, batch.seq_len), dev)?;
         let targets = Tensor::from_slice(&batch.targets, batch.rows * batch.seq_len, dev)?;
-        cross_entropy(&self.forward(&ids, None)?, &targets)
+        linear_cross_entropy(&self.hidden(&ids, None)?, &self.head.w, &targets, train)
     }
 
     pub fn new_caches(&self) -> Vec<KvCache> {

@@ -99,7 +99,7 @@ impl Trainer {
         let mut loss_sum = 0f64;
         for _ in 0..accum {
             let batch = self.loader.next_batch(micro);
-            let loss = self.model.loss(&batch)?;
+            let loss = self.model.loss(&batch, true)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let scaled = if accum > 1 { (loss / accum as f64)? } else { loss };
             let grads = scaled.backward()?;
@@ -166,7 +166,8 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
 
 pub struct RunSummary {
     pub run_dir: PathBuf,
-    pub final_loss: f64,
+    /// The last step's training loss, when this invocation trained at all.
+    pub final_loss: Option<f64>,
     pub final_eval: Option<EvalResult>,
 }
 
@@ -186,10 +187,11 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
         }
         Start::Fresh | Start::InitFrom(_) => {
             if !checkpoint::list(&run_dir).is_empty() {
-                bail!(
-                    "{} already holds checkpoints: pass --resume to continue that run, or set another run.name",
-                    run_dir.display()
-                );
+                return Err(checkpoint::CheckpointError::Invalid {
+                    path: run_dir.clone(),
+                    message: "already holds checkpoints: pass --resume to continue that run, or set another run.name".into(),
+                }
+                .into());
             }
             if let Start::InitFrom(p) = &start {
                 let ckpt = checkpoint::load(p, trainer.params.device())?;
@@ -212,21 +214,23 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
     );
     let progress = Progress::new(t.steps, trainer.step);
     let started = Instant::now();
-    let (mut window_start, mut window_tokens, mut window_loss, mut window_steps) = (Instant::now(), 0u64, 0f64, 0usize);
-    let mut last_loss = f64::NAN;
+    if trainer.step >= t.steps {
+        println!("the run is already at step {} of {}: nothing to train (raise train.steps to go on)", trainer.step, t.steps);
+    }
+    let (mut window_start, mut window_tokens) = (Instant::now(), 0u64);
+    let mut last_loss = None;
     let mut last_eval = None;
     while trainer.step < t.steps {
         let stats = trainer.train_step()?;
-        last_loss = stats.loss;
+        last_loss = Some(stats.loss);
         window_tokens += trainer.tokens_per_step();
-        window_loss += stats.loss;
-        window_steps += 1;
         let step = trainer.step;
         let elapsed = started.elapsed().as_secs_f64();
         let tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
         let done = step == t.steps;
         if step % t.log_every == 0 || done {
-            let loss = window_loss / window_steps as f64;
+            // The step's own loss, as nanoGPT logs it: a resumed run then logs the same numbers.
+            let loss = stats.loss;
             let eta = (t.steps - step) as f64 * trainer.tokens_per_step() as f64 / tps;
             metrics.write(&json!({
                 "step": step, "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
@@ -242,7 +246,7 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
             );
             progress.line(&line);
             progress.step(step, &format!("loss {loss:.4} | {tps:.0} tok/s"));
-            (window_start, window_tokens, window_loss, window_steps) = (Instant::now(), 0, 0.0, 0);
+            (window_start, window_tokens) = (Instant::now(), 0);
         } else {
             progress.step(step, &format!("loss {:.4} | {tps:.0} tok/s", stats.loss));
         }
