@@ -179,7 +179,7 @@ fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size:
     let model = Transformer::new(&cfg.model, &mut params)?;
     ckpt.restore(&params)?;
     let glob = match data {
-        Some(g) => std::path::absolute(&g).map(|p| p.display().to_string()).unwrap_or(g),
+        Some(g) => crate::config::absolute(std::path::Path::new(&g)),
         None => cfg.data.val.clone().ok_or_else(|| UsageError("the run has no data.val: pass --data GLOB".into()))?,
     };
     let batch_size = batch_size.unwrap_or(cfg.train.eval_batch_size);

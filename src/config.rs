@@ -551,8 +551,21 @@ fn anchor_data_paths(value: &mut toml::Table, base: &Path) {
     }
 }
 
-fn absolute(p: &Path) -> String {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+/// An absolute path with `.` and `..` folded away lexically (globs need not exist yet).
+pub fn absolute(p: &Path) -> String {
+    use std::path::Component;
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out.display().to_string()
 }
 
 /// Applies one `KEY=VALUE` override: the value is TOML, or a bare string.
