@@ -29,17 +29,20 @@ impl DenseFfn {
 
     /// `x [N, d]` → `[N, d]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hidden = activate(self.activation, self.gate.as_ref().map(|g| g.forward(x)).transpose()?, self.up.forward(x)?)?;
+        let hidden = match &self.gate {
+            // One matmul for gate and up: `[N, 2f]`, then the fused gate.
+            Some(gate) => swiglu(&Linear::stacked(&[gate, &self.up])?.forward(x)?)?,
+            None => activate(self.activation, &self.up.forward(x)?)?,
+        };
         self.down.forward(&hidden)
     }
 }
 
-/// The block's activation on the up projection (and, for SwiGLU, the gate projection).
-pub fn activate(activation: Activation, gate: Option<Tensor>, up: Tensor) -> Result<Tensor> {
-    match (activation, gate) {
-        (Activation::Swiglu, Some(g)) => swiglu(&g, &up),
-        (Activation::Gelu, _) => up.gelu_erf(),
-        (Activation::Relu, _) => up.relu(),
-        (Activation::Swiglu, None) => candle_core::bail!("swiglu needs a gate projection"),
+/// A non-gated activation.
+pub fn activate(activation: Activation, x: &Tensor) -> Result<Tensor> {
+    match activation {
+        Activation::Gelu => x.gelu_erf(),
+        Activation::Relu => x.relu(),
+        Activation::Swiglu => swiglu(x),
     }
 }

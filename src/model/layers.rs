@@ -19,6 +19,16 @@ impl Linear {
         Ok(Linear { w, b })
     }
 
+    /// The maps side by side: one matmul computes all their outputs, concatenated.
+    pub fn stacked(parts: &[&Linear]) -> Result<Linear> {
+        let w = Tensor::cat(&parts.iter().map(|l| &l.w).collect::<Vec<_>>(), 0)?;
+        let b = match parts.iter().map(|l| l.b.as_ref()).collect::<Option<Vec<_>>>() {
+            Some(bs) => Some(Tensor::cat(&bs, 0)?),
+            None => None,
+        };
+        Ok(Linear { w, b })
+    }
+
     /// `x [N, in]` → `[N, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul(&self.w.t()?)?;

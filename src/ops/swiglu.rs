@@ -1,73 +1,85 @@
-//! SwiGLU's gate, `silu(g) · u`, fused with its backward.
+//! SwiGLU's gate on a fused projection: `[g | u]` rows of width `2f` → `silu(g) · u`, width `f`,
+//! fused with its backward. One `[N, 2f]` matmul feeds it instead of two `[N, f]` ones.
 
 use super::{fused, slice, vec};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if fused(&[g, u]) {
-        g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+/// `gu [.., 2f]` (gate then up) → `[.., f]`.
+pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
+    if gu.dim(D::Minus1)? % 2 != 0 {
+        candle_core::bail!("swiglu needs an even last dim, got {:?}", gu.dims());
+    }
+    if fused(&[gu]) {
+        gu.contiguous()?.apply_op1(SwiGlu)
     } else {
-        swiglu_reference(g, u)
+        swiglu_reference(gu)
     }
 }
 
-pub fn swiglu_reference(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    g.silu()? * u
+pub fn swiglu_reference(gu: &Tensor) -> Result<Tensor> {
+    let f = gu.dim(D::Minus1)? / 2;
+    gu.narrow(D::Minus1, 0, f)?.silu()? * gu.narrow(D::Minus1, f, f)?
 }
-
-const CHUNK: usize = 4096;
 
 struct SwiGlu;
 
-impl CustomOp2 for SwiGlu {
+fn width(l: &Layout) -> usize {
+    l.shape().dims().last().copied().unwrap_or(0)
+}
+
+impl CustomOp1 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (slice(gs, gl)?, slice(us, ul)?);
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
-            for i in 0..y.len() {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let gu = slice(s, l)?;
+        let w2 = width(l);
+        let f = w2 / 2;
+        let mut y = vec![0f32; gu.len() / 2];
+        y.par_chunks_mut(f).zip(gu.par_chunks(w2)).with_min_len(super::rows_per_task(w2)).for_each(|(y, row)| {
+            let (g, u) = row.split_at(f);
+            for i in 0..f {
                 y[i] = g[i] * vec::sigmoid(g[i]) * u[i];
             }
         });
-        Ok((CpuStorage::F32(y), gl.shape().clone()))
+        let mut dims = l.shape().dims().to_vec();
+        *dims.last_mut().unwrap() = f;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
-    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SwiGluBwd)?;
-        let dg = both.narrow(0, 0, 1)?.reshape(g.shape())?;
-        let du = both.narrow(0, 1, 1)?.reshape(u.shape())?;
-        Ok((Some(dg), Some(du)))
+    fn bwd(&self, gu: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(gu.apply_op2_no_bwd(&grad.contiguous()?, &SwiGluBwd)?))
     }
 }
 
-/// Returns `[2, n]`: dg then du.
+/// `(gu, dy)` → `d(gu)`: `[dg | du]` rows.
 struct SwiGluBwd;
 
-impl CustomOp3 for SwiGluBwd {
+impl CustomOp2 for SwiGluBwd {
     fn name(&self) -> &'static str {
         "swiglu-bwd"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, u, d) = (slice(gs, gl)?, slice(us, ul)?, slice(ds, dl)?);
-        let n = g.len();
-        let mut out = vec![0f32; 2 * n];
-        let (dg, du) = out.split_at_mut(n);
-        dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
-            let o = c * CHUNK;
-            for i in 0..dg.len() {
-                let (gi, ui, di) = (g[o + i], u[o + i], d[o + i]);
-                let s = vec::sigmoid(gi);
-                // d silu(g)/dg = σ(g)·(1 + g·(1 − σ(g)))
-                dg[i] = di * ui * s * (1.0 + gi * (1.0 - s));
-                du[i] = di * gi * s;
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((2, n))))
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gu, dy) = (slice(s, l)?, slice(ds, dl)?);
+        let w2 = width(l);
+        let f = w2 / 2;
+        let mut out = vec![0f32; gu.len()];
+        out.par_chunks_mut(w2).zip(gu.par_chunks(w2).zip(dy.par_chunks(f))).with_min_len(super::rows_per_task(w2)).for_each(
+            |(o, (row, d))| {
+                let (g, u) = row.split_at(f);
+                let (dg, du) = o.split_at_mut(f);
+                for i in 0..f {
+                    let s = vec::sigmoid(g[i]);
+                    // d silu(g)/dg = σ(g)·(1 + g·(1 − σ(g)))
+                    dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    du[i] = d[i] * g[i] * s;
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
@@ -78,9 +90,8 @@ mod tests {
 
     #[test]
     fn swiglu_matches_reference_and_gradients() {
-        let g = randn(&[5, 9], 1);
-        let u = randn(&[5, 9], 2);
-        assert_close(&swiglu(&g, &u).unwrap(), &swiglu_reference(&g, &u).unwrap(), 1e-6);
-        check_grads(&[g, u], |v| swiglu(&v[0], &v[1]), |v| swiglu_reference(&v[0], &v[1]));
+        let gu = randn(&[5, 3, 18], 1);
+        assert_close(&swiglu(&gu).unwrap(), &swiglu_reference(&gu).unwrap(), 1e-6);
+        check_grads(&[gu], |v| swiglu(&v[0]), |v| swiglu_reference(&v[0]));
     }
 }
