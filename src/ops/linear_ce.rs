@@ -1,7 +1,9 @@
-//! The output head and the loss in one op: `mean CE(x·Wᵀ, targets)` computed chunk by chunk,
-//! so the `[N, V]` logits never exist in memory. Because the loss is the last node of the
-//! graph, its gradient is computed in the same pass (softmax − onehot, then `dx = dL·W` and
-//! `dW = dLᵀ·x` per chunk) and the backward only scales it by the incoming scalar.
+//! The output head and the loss in one op: `mean CE(x·Wᵀ, targets)`. Because the loss is the
+//! last node of the graph, its gradient is computed in the same pass — the logits buffer is
+//! turned in place into `softmax − onehot`, then `dx = dL·W` and `dW = dLᵀ·x` — and the
+//! backward only scales it by the incoming scalar. The `[N, V]` logits (the largest tensor of
+//! a step) are thus written once and read twice, never copied, zero-filled or accumulated by
+//! the autograd.
 
 use super::{fused, slice, vec};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -19,23 +21,16 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, with_grad:
     }
 }
 
-/// Rows per chunk: a `[ROWS, V]` block of logits stays in cache.
-const ROWS: usize = 128;
-fn rows() -> usize { std::env::var("LCE_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(ROWS) }
-/// Row groups, each with its own dW accumulator; fixed so results do not depend on threads.
-const GROUPS: usize = 4;
-
 struct LinearCrossEntropy {
     with_grad: bool,
     grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
-/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, each given by (row stride, column stride).
-#[allow(clippy::too_many_arguments)]
+/// `dst[m×n] = lhs[m×k] · rhs[k×n]`, each operand given by (row stride, column stride), on
+/// all threads of the current pool.
 pub(crate) fn sgemm(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
-    accumulate: bool,
     lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
@@ -44,6 +39,8 @@ pub(crate) fn sgemm(
     assert!(dst.len() >= m * n, "sgemm: destination too small");
     assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "sgemm: lhs too small");
     assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "sgemm: rhs too small");
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above bound every index gemm touches.
     unsafe {
         gemm::gemm(
@@ -53,19 +50,19 @@ pub(crate) fn sgemm(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            accumulate,
+            false,
             lhs.as_ptr(),
             lhs_cs as isize,
             lhs_rs as isize,
             rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
+            0.0,
             1.0,
-            1.0,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
 }
@@ -87,57 +84,38 @@ impl CustomOp3 for LinearCrossEntropy {
         if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("target {t} is not below the vocabulary size {v}");
         }
-        let per_group = n.div_ceil(GROUPS).max(1);
+        // logits = x·Wᵀ, then one pass per row: log-sum-exp, the loss, and (training) the
+        // logits turned in place into dL/dlogits = (softmax − onehot)/N.
+        let mut logits = vec![0f32; n * v];
+        sgemm((n, v, d), &mut logits, x, (d, 1), w, (1, d));
         let inv_n = 1.0 / n as f32;
-        let mut dx = if self.with_grad { vec![0f32; n * d] } else { Vec::new() };
-        let dx_parts: Vec<&mut [f32]> = if self.with_grad { dx.chunks_mut(per_group * d).collect() } else { Vec::new() };
-        let mut dx_iter = dx_parts.into_iter();
-        let groups: Vec<(usize, Option<&mut [f32]>)> = (0..n).step_by(per_group).map(|start| (start, dx_iter.next())).collect();
-        // Each group: (losses of its rows, its dW).
-        let results: Vec<(Vec<f32>, Vec<f32>)> = groups
-            .into_par_iter()
-            .map(|(start, mut dx_g)| {
-                let end = (start + per_group).min(n);
-                let mut losses = Vec::with_capacity(end - start);
-                let mut dw = if self.with_grad { vec![0f32; v * d] } else { Vec::new() };
-                let rows_n = rows(); let mut logits = vec![0f32; rows_n * v];
-                for c in (start..end).step_by(rows_n) {
-                    let r = rows_n.min(end - c);
-                    let xc = &x[c * d..(c + r) * d];
-                    let lg = &mut logits[..r * v];
-                    sgemm((r, v, d), lg, false, xc, (d, 1), w, (1, d)); // x·Wᵀ
-                    for (i, row) in lg.chunks_mut(v).enumerate() {
-                        let t = targets[c + i] as usize;
-                        let m = vec::max(row);
-                        let lse = m + vec::sum_exp_shifted(row, m).ln();
-                        losses.push(lse - row[t]);
-                        if self.with_grad {
-                            for z in row.iter_mut() {
-                                *z = vec::exp(*z - lse) * inv_n;
-                            }
-                            row[t] -= inv_n;
-                        }
+        let losses: Vec<f32> = logits
+            .par_chunks_mut(v)
+            .zip(targets.par_iter())
+            .with_min_len(super::rows_per_task(v))
+            .map(|(row, &t)| {
+                let t = t as usize;
+                let m = vec::max(row);
+                let lse = m + vec::sum_exp_shifted(row, m).ln();
+                let loss = lse - row[t];
+                if self.with_grad {
+                    for z in row.iter_mut() {
+                        *z = vec::exp(*z - lse) * inv_n;
                     }
-                    if let Some(dxg) = dx_g.as_deref_mut() {
-                        let off = (c - start) * d;
-                        sgemm((r, d, v), &mut dxg[off..off + r * d], false, lg, (v, 1), w, (d, 1)); // dL·W
-                        sgemm((v, d, r), &mut dw, true, lg, (1, v), xc, (d, 1)); // dLᵀ·x
-                    }
+                    row[t] -= inv_n;
                 }
-                (losses, dw)
+                loss
             })
             .collect();
-        let mut total = 0f64;
-        let mut dw_sum = if self.with_grad { vec![0f32; v * d] } else { Vec::new() };
-        for (losses, dw) in &results {
-            total += losses.iter().map(|&l| l as f64).sum::<f64>();
-            for (s, g) in dw_sum.iter_mut().zip(dw) {
-                *s += g;
-            }
-        }
         if self.with_grad {
-            *self.grads.lock().unwrap() = Some((dx, dw_sum));
+            let mut dx = vec![0f32; n * d];
+            sgemm((n, d, v), &mut dx, &logits, (v, 1), w, (d, 1)); // dL·W
+            let mut dw = vec![0f32; v * d];
+            sgemm((v, d, n), &mut dw, &logits, (1, v), x, (d, 1)); // dLᵀ·x
+            *self.grads.lock().unwrap() = Some((dx, dw));
         }
+        // Summed in f64 and in row order, so the loss does not depend on threads.
+        let total: f64 = losses.iter().map(|&l| l as f64).sum();
         Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
     }
 
