@@ -15,6 +15,9 @@ pub enum CheckpointError {
     Invalid { path: PathBuf, message: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// Saving failed (disk full, unwritable directory): not the user's input at fault.
+    #[error("saving a checkpoint failed: {0}")]
+    Write(Box<CheckpointError>),
 }
 
 impl CheckpointError {
@@ -37,6 +40,9 @@ pub struct TrainState {
     pub data_cursor: u64,
     /// Adam's update count.
     pub optimizer_t: u64,
+    /// Updates skipped for a non-finite loss or gradient (`train.on_nan = "skip"`).
+    #[serde(default)]
+    pub skipped_steps: u64,
     pub seed: u64,
     pub elapsed_s: f64,
     pub motrain_version: String,
@@ -47,6 +53,39 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub state: TrainState,
     pub model: HashMap<String, Tensor>,
+}
+
+/// An exclusive lock on a run directory (`flock` on `<run>/lock`), held while training: two
+/// processes never train into the same run. The kernel drops it when the process dies, even by
+/// SIGKILL, so a stale lock file never blocks a resume.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    pub fn acquire(run_dir: &Path) -> Result<RunLock> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(run_dir).map_err(|e| CheckpointError::io(run_dir, e))?;
+        let path = run_dir.join("lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| CheckpointError::io(&path, e))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(CheckpointError::invalid(
+                run_dir,
+                format!("another motrain process (pid {}) is training this run; wait for it or choose another run.name", holder.trim()),
+            ));
+        }
+        use std::io::Seek;
+        file.set_len(0).and_then(|_| file.rewind()).and_then(|_| write!(file, "{}", std::process::id())).map_err(|e| CheckpointError::io(&path, e))?;
+        Ok(RunLock { _file: file })
+    }
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -75,7 +114,7 @@ pub fn save(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| CheckpointError::Write(Box::new(CheckpointError::io(&tmp, e))))?;
     let write = || -> Result<()> {
         let m = tmp.join("model.safetensors");
         candle_core::safetensors::save(model, &m).map_err(|e| CheckpointError::invalid(&m, e.to_string()))?;
@@ -98,7 +137,7 @@ pub fn save(
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+        return Err(CheckpointError::Write(Box::new(e)));
     }
     prune(&root, keep)?;
     Ok(fin)

@@ -99,7 +99,8 @@ pub struct UsageError(pub String);
 /// 2 for bad usage, config or input files; 1 for anything else.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     let bad_input = e.chain().any(|c| {
-        c.is::<ConfigError>() || c.is::<DataError>() || c.is::<CheckpointError>() || c.is::<UsageError>()
+        let bad_checkpoint = c.downcast_ref::<CheckpointError>().is_some_and(|e| !matches!(e, CheckpointError::Write(_)));
+        c.is::<ConfigError>() || c.is::<DataError>() || bad_checkpoint || c.is::<UsageError>()
     });
     if bad_input {
         2

@@ -259,6 +259,15 @@ pub struct TrainConfig {
     pub eval_batch_size: usize,
     pub ckpt_every: usize,
     pub keep_checkpoints: usize,
+    /// What a non-finite loss or gradient norm does: stop the run, or skip that update.
+    pub on_nan: NanPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NanPolicy {
+    Stop,
+    Skip,
 }
 
 impl Default for TrainConfig {
@@ -281,6 +290,7 @@ impl Default for TrainConfig {
             eval_batch_size: 0,
             ckpt_every: 500,
             keep_checkpoints: 3,
+            on_nan: NanPolicy::Stop,
         }
     }
 }

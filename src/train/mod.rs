@@ -5,7 +5,7 @@ pub mod optim;
 pub mod schedule;
 
 use crate::checkpoint::{self, Checkpoint, TrainState};
-use crate::config::Config;
+use crate::config::{Config, NanPolicy};
 use crate::data::{self, EvalStream, TrainLoader};
 use crate::eval::{evaluate, EvalResult};
 use crate::metrics::{format_duration, MetricsLog, Progress};
@@ -28,6 +28,8 @@ pub struct StepStats {
     pub loss: f64,
     pub grad_norm: f64,
     pub lr: f64,
+    /// The update was skipped: the loss or the gradient norm was not finite.
+    pub skipped: bool,
 }
 
 pub struct Trainer {
@@ -39,7 +41,10 @@ pub struct Trainer {
     pub val: Option<EvalStream>,
     pub step: usize,
     pub tokens: u64,
+    pub skipped_steps: u64,
     elapsed_before: f64,
+    /// Test hook (`MOTRAIN_FAULT_NAN_STEP=N`): step N's loss becomes NaN, as a diverging run's would.
+    nan_fault_step: Option<usize>,
 }
 
 /// The device `run.device` asks for.
@@ -70,7 +75,8 @@ impl Trainer {
             Some(glob) => Some(EvalStream::new(data::shards::open_all(glob, &cfg.data.format, cfg.model.vocab_size)?, cfg.data.seq_len)),
             None => None,
         };
-        Ok(Trainer { cfg, params, model, opt, loader, val, step: 0, tokens: 0, elapsed_before: 0.0 })
+        let nan_fault_step = std::env::var("MOTRAIN_FAULT_NAN_STEP").ok().and_then(|s| s.parse().ok());
+        Ok(Trainer { cfg, params, model, opt, loader, val, step: 0, tokens: 0, skipped_steps: 0, elapsed_before: 0.0, nan_fault_step })
     }
 
     /// Continues exactly where `ckpt` stopped: weights, moments, step, data cursor.
@@ -84,6 +90,7 @@ impl Trainer {
         self.tokens = ckpt.state.tokens;
         self.loader.cursor = ckpt.state.data_cursor;
         self.elapsed_before = ckpt.state.elapsed_s;
+        self.skipped_steps = ckpt.state.skipped_steps;
         Ok(())
     }
 
@@ -99,7 +106,10 @@ impl Trainer {
         let mut loss_sum = 0f64;
         for _ in 0..accum {
             let batch = self.loader.next_batch(micro);
-            let loss = self.model.loss(&batch, true)?;
+            let mut loss = self.model.loss(&batch, true)?;
+            if self.nan_fault_step == Some(self.step + 1) {
+                loss = (loss * f64::NAN)?;
+            }
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let scaled = if accum > 1 { (loss / accum as f64)? } else { loss };
             let grads = scaled.backward()?;
@@ -117,16 +127,25 @@ impl Trainer {
         let grads: Vec<Tensor> = acc.into_iter().map(|g| g.expect("one micro-batch at least")).collect();
         let grad_norm = global_norm(&grads)?;
         let loss = loss_sum / accum as f64;
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            bail!("step {}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite; nothing was updated", self.step + 1);
-        }
-        let clip = self.cfg.train.grad_clip;
-        let scale = if clip > 0.0 && grad_norm > clip { clip / (grad_norm + 1e-6) } else { 1.0 };
         let lr = schedule::learning_rate(&self.cfg.train, self.step);
-        self.opt.step(&grads, lr, scale)?;
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        if skipped {
+            match self.cfg.train.on_nan {
+                NanPolicy::Stop => bail!(
+                    "step {}: the loss is {loss} and the gradient norm {grad_norm}; stopped before updating anything \
+                     (the last checkpoint is intact; lower train.lr, or set train.on_nan = \"skip\")",
+                    self.step + 1
+                ),
+                NanPolicy::Skip => self.skipped_steps += 1,
+            }
+        } else {
+            let clip = self.cfg.train.grad_clip;
+            let scale = if clip > 0.0 && grad_norm > clip { clip / (grad_norm + 1e-6) } else { 1.0 };
+            self.opt.step(&grads, lr, scale)?;
+        }
         self.step += 1;
         self.tokens += self.tokens_per_step();
-        Ok(StepStats { loss, grad_norm, lr })
+        Ok(StepStats { loss, grad_norm, lr, skipped })
     }
 
     pub fn eval(&self) -> Result<Option<EvalResult>> {
@@ -142,6 +161,7 @@ impl Trainer {
             tokens: self.tokens,
             data_cursor: self.loader.cursor,
             optimizer_t: self.opt.t,
+            skipped_steps: self.skipped_steps,
             seed: self.cfg.run.seed,
             elapsed_s: self.elapsed_before + elapsed,
             motrain_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -174,6 +194,7 @@ pub struct RunSummary {
 /// The `train` command: a run directory, the loop, logs, evals and checkpoints.
 pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
     let run_dir = cfg.run_dir();
+    let _lock = checkpoint::RunLock::acquire(&run_dir)?;
     let mut trainer = Trainer::new(cfg)?;
     let cfg = trainer.cfg.clone();
     let metrics = match &start {
@@ -222,6 +243,12 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
     let mut last_eval = None;
     while trainer.step < t.steps {
         let stats = trainer.train_step()?;
+        if stats.skipped {
+            progress.line(&format!(
+                "step {:>6} | loss {} | grad norm {}: update skipped ({} so far, train.on_nan = \"skip\")",
+                trainer.step, stats.loss, stats.grad_norm, trainer.skipped_steps
+            ));
+        }
         last_loss = Some(stats.loss);
         window_tokens += trainer.tokens_per_step();
         let step = trainer.step;
@@ -232,10 +259,14 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
             // The step's own loss, as nanoGPT logs it: a resumed run then logs the same numbers.
             let loss = stats.loss;
             let eta = (t.steps - step) as f64 * trainer.tokens_per_step() as f64 / tps;
-            metrics.write(&json!({
+            let mut record = json!({
                 "step": step, "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                 "tokens": trainer.tokens, "tokens_per_s": tps, "elapsed_s": trainer.elapsed_before + elapsed,
-            }))?;
+            });
+            if trainer.skipped_steps > 0 {
+                record["skipped_steps"] = json!(trainer.skipped_steps);
+            }
+            metrics.write(&record)?;
             let line = format!(
                 "step {step:>6}/{} | loss {loss:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | eta {}",
                 t.steps,

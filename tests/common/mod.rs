@@ -23,7 +23,7 @@ pub struct Out {
 }
 
 impl Out {
-    fn from(args: &[&str], o: Output) -> Out {
+    pub fn from(args: &[&str], o: Output) -> Out {
         Out {
             code: o.status.code(),
             stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
