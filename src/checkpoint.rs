@@ -127,11 +127,13 @@ pub fn save(
             sync(f)?;
         }
         sync(&tmp)?;
-        if fin.exists() {
-            // Re-saving a step (a resumed run reaching it again) replaces the old copy.
-            std::fs::remove_dir_all(&fin).map_err(|e| CheckpointError::io(&fin, e))?;
-        }
+        // Re-saving a step (a resumed run reaching it again) replaces the old copy; it is first
+        // renamed out of sight, so no half-deleted `step-*` is ever visible.
+        let replaced = fin.exists().then(|| hide(&fin)).transpose()?;
         std::fs::rename(&tmp, &fin).map_err(|e| CheckpointError::io(&fin, e))?;
+        if let Some(old) = replaced {
+            let _ = std::fs::remove_dir_all(old);
+        }
         sync(&root)?;
         write_atomic(&root.join("latest"), name.as_bytes())
     };
@@ -141,6 +143,14 @@ pub fn save(
     }
     prune(&root, keep)?;
     Ok(fin)
+}
+
+/// Renames a checkpoint directory to a temporary name (atomically), for deleting it.
+fn hide(dir: &Path) -> Result<PathBuf> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let hidden = dir.with_file_name(format!(".tmp-old-{name}-{}", std::process::id()));
+    std::fs::rename(dir, &hidden).map_err(|e| CheckpointError::io(dir, e))?;
+    Ok(hidden)
 }
 
 /// Half-written checkpoints of killed runs. (One process trains into a run at a time.)
@@ -197,7 +207,8 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
         if dir.file_name().is_some_and(|n| n.to_string_lossy() == latest.trim()) {
             continue;
         }
-        std::fs::remove_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
+        let hidden = hide(dir)?;
+        std::fs::remove_dir_all(&hidden).map_err(|e| CheckpointError::io(&hidden, e))?;
     }
     Ok(())
 }
