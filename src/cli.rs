@@ -192,10 +192,14 @@ fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size:
     let r = crate::eval::evaluate(&model, &stream, batch_size, batches).map_err(|e| UsageError(format!("{e:#}")))
         .context(format!("evaluating on {glob}"))?;
     eprintln!("step {} | loss {:.4} | ppl {:.2} | {} batches of {} x {} tokens", state.step, r.loss, r.ppl, r.batches, r.batch_size, cfg.data.seq_len);
-    println!(
-        "{}",
-        json!({"checkpoint": dir.display().to_string(), "step": state.step, "loss": r.loss, "ppl": r.ppl,
-               "batches": r.batches, "batch_size": r.batch_size, "tokens": r.tokens, "data": glob})
-    );
+    if !r.routing.is_empty() {
+        eprint!("{}", crate::metrics::routing_table(&r.routing));
+    }
+    let mut out = json!({"checkpoint": dir.display().to_string(), "step": state.step, "loss": r.loss, "ppl": r.ppl,
+                         "batches": r.batches, "batch_size": r.batch_size, "tokens": r.tokens, "data": glob});
+    if !r.routing.is_empty() {
+        out["routing"] = json!(r.routing);
+    }
+    println!("{out}");
     Ok(())
 }

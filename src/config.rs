@@ -169,12 +169,12 @@ impl Default for MotConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MoeConfig {
-    pub routing: String,
-    pub router: String,
+    pub routing: Routing,
+    pub router: RouterKind,
     pub n_experts: usize,
     pub top_k: usize,
     pub expert_size: usize,
-    pub gate: String,
+    pub gate: Gate,
     pub capacity_factor: f64,
     pub group_size: usize,
     pub aux_loss_weight: f64,
@@ -186,12 +186,12 @@ pub struct MoeConfig {
 impl Default for MoeConfig {
     fn default() -> Self {
         Self {
-            routing: "token_choice".into(),
-            router: "linear".into(),
+            routing: Routing::TokenChoice,
+            router: RouterKind::Linear,
             n_experts: 8,
             top_k: 1,
             expert_size: 0,
-            gate: "softmax".into(),
+            gate: Gate::Softmax,
             capacity_factor: 1.25,
             group_size: 32,
             aux_loss_weight: 0.01,
@@ -200,6 +200,29 @@ impl Default for MoeConfig {
             xmoe_temperature: 0.07,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    TokenChoice,
+    ExpertChoice,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterKind {
+    Linear,
+    Xmoe,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Gate {
+    /// Switch: the chosen expert's softmax probability over all experts.
+    Softmax,
+    /// Mixtral: the chosen probabilities renormalised over the top k.
+    SoftmaxTopk,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -479,11 +502,15 @@ impl Config {
             return Err(format!("`model.init_scale` must be > 0, got {}", m.init_scale));
         }
         self.ffn_layer_mask().map(|_| ())?;
-        if m.ffn != FfnKind::Dense {
-            return Err(format!(
-                "`model.ffn` = {:?} is not available in this build of motrain; expected \"dense\"",
-                format!("{:?}", m.ffn).to_lowercase()
-            ));
+        match m.ffn {
+            FfnKind::Dense => {}
+            FfnKind::Moe => self.validate_moe()?,
+            FfnKind::Mot | FfnKind::Pesc => {
+                return Err(format!(
+                    "`model.ffn` = {:?} is not available in this build of motrain; expected \"dense\" or \"moe\"",
+                    format!("{:?}", m.ffn).to_lowercase()
+                ))
+            }
         }
         if t.micro_batch_size == 0 || t.batch_size % t.micro_batch_size != 0 {
             return Err(format!(
@@ -523,10 +550,64 @@ impl Config {
         Ok(())
     }
 
+    fn validate_moe(&self) -> std::result::Result<(), String> {
+        let moe = &self.model.moe;
+        if moe.n_experts == 0 {
+            return Err("`model.moe.n_experts` must be at least 1".into());
+        }
+        if moe.top_k == 0 || moe.top_k > moe.n_experts {
+            return Err(format!("`model.moe.top_k` ({}) must be between 1 and `model.moe.n_experts` ({})", moe.top_k, moe.n_experts));
+        }
+        if !(moe.capacity_factor >= 0.0 && moe.capacity_factor.is_finite()) {
+            return Err(format!("`model.moe.capacity_factor` must be >= 0 (0 = dropless), got {}", moe.capacity_factor));
+        }
+        for (key, v) in [("aux_loss_weight", moe.aux_loss_weight), ("z_loss_weight", moe.z_loss_weight)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("`model.moe.{key}` must be >= 0, got {v}"));
+            }
+        }
+        if moe.router == RouterKind::Xmoe && (moe.xmoe_dim == 0 || !(moe.xmoe_temperature > 0.0)) {
+            return Err("`model.moe.xmoe_dim` must be >= 1 and `model.moe.xmoe_temperature` > 0".into());
+        }
+        if moe.routing == Routing::ExpertChoice {
+            let g = moe.group_size;
+            if g == 0 {
+                return Err("`model.moe.group_size` must be at least 1".into());
+            }
+            if moe.capacity_factor == 0.0 {
+                return Err("expert choice needs `model.moe.capacity_factor` > 0: it sets how many tokens each expert takes".into());
+            }
+            for (key, b) in [("train.micro_batch_size", self.train.micro_batch_size), ("train.eval_batch_size", self.train.eval_batch_size)] {
+                if b % g != 0 {
+                    return Err(format!(
+                        "expert choice groups `model.moe.group_size` = {g} sequences at one position, so `{key}` ({b}) must be a multiple of it"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Width of one expert.
+    pub fn moe_expert_size(&self) -> usize {
+        if self.model.moe.expert_size == 0 {
+            self.model.d_ff
+        } else {
+            self.model.moe.expert_size
+        }
+    }
+
     /// For each block, whether it gets `model.ffn` (true) or keeps a dense FFN.
     pub fn ffn_layer_mask(&self) -> std::result::Result<Vec<bool>, String> {
-        let n = self.model.n_layers;
-        match &self.model.ffn_layers {
+        ffn_layer_mask(&self.model)
+    }
+}
+
+/// For each block, whether it gets `model.ffn` (true) or keeps a dense FFN.
+pub fn ffn_layer_mask(model: &ModelConfig) -> std::result::Result<Vec<bool>, String> {
+    {
+        let n = model.n_layers;
+        match &model.ffn_layers {
             FfnLayers::Named(s) if s == "all" => Ok(vec![true; n]),
             FfnLayers::Named(s) if s == "second_half" => Ok((0..n).map(|i| i >= n / 2).collect()),
             FfnLayers::Named(s) => Err(format!("`model.ffn_layers` = {s:?}: expected \"all\", \"second_half\" or a list of block indices")),

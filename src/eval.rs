@@ -2,6 +2,7 @@
 //! cross-entropy over all of them.
 
 use crate::data::EvalStream;
+use crate::model::moe::RoutingStats;
 use crate::model::Transformer;
 use anyhow::Result;
 use serde::Serialize;
@@ -13,6 +14,8 @@ pub struct EvalResult {
     pub batches: usize,
     pub batch_size: usize,
     pub tokens: usize,
+    /// Per MoE layer, averaged over the batches.
+    pub routing: Vec<RoutingStats>,
 }
 
 pub fn evaluate(model: &Transformer, stream: &EvalStream, batch_size: usize, max_batches: usize) -> Result<EvalResult> {
@@ -25,10 +28,20 @@ pub fn evaluate(model: &Transformer, stream: &EvalStream, batch_size: usize, max
         );
     }
     let mut total = 0f64;
+    let mut stats = Vec::with_capacity(batches);
     for b in 0..batches {
         let batch = stream.batch(b, batch_size);
-        total += model.loss(&batch, false)?.to_scalar::<f32>()? as f64;
+        let parts = model.loss(&batch, false)?;
+        total += parts.ce.to_scalar::<f32>()? as f64;
+        stats.push(parts.stats);
     }
     let loss = total / batches as f64;
-    Ok(EvalResult { loss, ppl: loss.exp(), batches, batch_size, tokens: batches * batch_size * stream.seq_len() })
+    Ok(EvalResult {
+        loss,
+        ppl: loss.exp(),
+        batches,
+        batch_size,
+        tokens: batches * batch_size * stream.seq_len(),
+        routing: RoutingStats::average(&stats),
+    })
 }

@@ -97,3 +97,23 @@ pub fn peak_rss_bytes() -> u64 {
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
         .map_or(0, |kb| kb * 1024)
 }
+
+/// A compact per-layer table of routing statistics: load per expert (% of routed slots),
+/// dropped share, router entropy, aux and z losses, token cosine similarity.
+pub fn routing_table(stats: &[crate::model::moe::RoutingStats]) -> String {
+    let mut out = String::from("layer | load per expert (%)                      | dropped | entropy | aux    | z      | cos\n");
+    for s in stats {
+        let load: Vec<String> = s.load.iter().map(|l| format!("{:.0}", l * 100.0)).collect();
+        out += &format!(
+            "{:>5} | {:<40} | {:>6.2}% | {:>7.3} | {:.4} | {:.4} | {:.3}\n",
+            s.layer,
+            load.join(" "),
+            s.dropped * 100.0,
+            s.entropy,
+            s.aux_loss,
+            s.z_loss,
+            s.token_cosine
+        );
+    }
+    out
+}

@@ -5,9 +5,10 @@
 pub mod attention;
 pub mod ffn;
 pub mod layers;
+pub mod moe;
 pub mod params;
 
-use crate::config::{Bias, ModelConfig, Position};
+use crate::config::{Bias, FfnKind, ModelConfig, Position};
 use crate::data::Batch;
 use crate::ops::linear_ce::linear_cross_entropy;
 use crate::ops::rope::RopeTables;
@@ -15,18 +16,21 @@ pub use attention::KvCache;
 use attention::Attention;
 use candle_core::{Device, Result, Tensor};
 use ffn::DenseFfn;
+use moe::{FfnContext, MoeLayer, RoutingStats};
 use layers::{Linear, Norm};
 pub use params::Params;
 
 /// The FFN of one block.
 pub enum Ffn {
     Dense(DenseFfn),
+    Moe(MoeLayer),
 }
 
 impl Ffn {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &mut FfnContext) -> Result<Tensor> {
         match self {
             Ffn::Dense(f) => f.forward(x),
+            Ffn::Moe(m) => m.forward(x, ctx),
         }
     }
 }
@@ -39,9 +43,28 @@ pub struct Block {
 }
 
 impl Block {
-    fn forward(&self, h: &Tensor, b: usize, s: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let h = (h + self.attn.forward(&self.norm1.forward(h)?, b, s, cache)?)?;
-        &h + self.ffn.forward(&self.norm2.forward(&h)?)?
+    fn forward(&self, h: &Tensor, cache: Option<&mut KvCache>, ctx: &mut FfnContext) -> Result<Tensor> {
+        let h = (h + self.attn.forward(&self.norm1.forward(h)?, ctx.rows, ctx.seq, cache)?)?;
+        &h + self.ffn.forward(&self.norm2.forward(&h)?, ctx)?
+    }
+}
+
+/// The pieces of a batch's loss.
+pub struct LossParts {
+    /// Mean token cross-entropy: the number eval reports.
+    pub ce: Tensor,
+    /// Weighted aux and z losses of the MoE layers, if any: added to `ce` for training.
+    pub aux: Option<Tensor>,
+    pub stats: Vec<RoutingStats>,
+}
+
+impl LossParts {
+    /// What training minimises.
+    pub fn total(&self) -> Result<Tensor> {
+        match &self.aux {
+            Some(a) => &self.ce + a,
+            None => Ok(self.ce.clone()),
+        }
     }
 }
 
@@ -64,6 +87,7 @@ impl Transformer {
             Position::Rope => None,
         };
         let rope = (cfg.position == Position::Rope).then(|| RopeTables::new(d / cfg.n_heads, cfg.max_seq_len, cfg.rope_theta));
+        let mask = crate::config::ffn_layer_mask(cfg).map_err(candle_core::Error::msg)?;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let prefix = format!("model.layers.{i}");
@@ -71,7 +95,14 @@ impl Transformer {
             let attn = Attention::new(params, &format!("{prefix}.self_attn"), d, cfg.n_heads, cfg.bias == Bias::All, rope.clone())?;
             let norm2 = Norm::new(params, &format!("{prefix}.post_attention_layernorm"), cfg.norm, d, cfg.norm_eps)?;
             let ffn_bias = matches!(cfg.bias, Bias::Ffn | Bias::All);
-            let ffn = Ffn::Dense(DenseFfn::new(params, &format!("{prefix}.mlp"), d, cfg.d_ff, cfg.activation, ffn_bias)?);
+            let mlp = format!("{prefix}.mlp");
+            let ffn = match (mask[i], cfg.ffn) {
+                (true, FfnKind::Moe) => {
+                    let f = if cfg.moe.expert_size == 0 { cfg.d_ff } else { cfg.moe.expert_size };
+                    Ffn::Moe(MoeLayer::new(params, &mlp, i, &cfg.moe, d, f, cfg.activation)?)
+                }
+                _ => Ffn::Dense(DenseFfn::new(params, &mlp, d, cfg.d_ff, cfg.activation, ffn_bias)?),
+            };
             blocks.push(Block { norm1, attn, norm2, ffn });
         }
         let norm = if cfg.final_norm { Some(Norm::new(params, "model.norm", cfg.norm, d, cfg.norm_eps)?) } else { None };
@@ -86,11 +117,13 @@ impl Transformer {
     /// `ids [B, S]` (u32) → logits `[B·S, V]`. With caches (one per block), the S positions
     /// follow those already cached.
     pub fn forward(&self, ids: &Tensor, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
-        self.head.forward(&self.hidden(ids, caches)?)
+        let (b, s) = ids.dims2()?;
+        let mut ctx = FfnContext::new(false, b, s);
+        self.head.forward(&self.hidden(ids, caches, &mut ctx)?)
     }
 
     /// The final hidden states `[B·S, d]`, before the head.
-    fn hidden(&self, ids: &Tensor, mut caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+    fn hidden(&self, ids: &Tensor, mut caches: Option<&mut [KvCache]>, ctx: &mut FfnContext) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let offset = caches.as_ref().map_or(0, |c| c[0].len());
         let mut h = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B·S, d]
@@ -102,7 +135,7 @@ impl Transformer {
             h = h.reshape((b, s, d))?.broadcast_add(&pos.narrow(0, offset, s)?)?.reshape((b * s, d))?;
         }
         for (i, block) in self.blocks.iter().enumerate() {
-            h = block.forward(&h, b, s, caches.as_mut().map(|c| &mut c[i]))?;
+            h = block.forward(&h, caches.as_mut().map(|c| &mut c[i]), ctx)?;
         }
         match &self.norm {
             Some(norm) => norm.forward(&h),
@@ -110,12 +143,18 @@ impl Transformer {
         }
     }
 
-    /// Mean token cross-entropy of a batch; `train` prepares the backward pass.
-    pub fn loss(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+    /// Mean token cross-entropy of a batch, the auxiliary routing losses to add to it, and the
+    /// routing statistics; `train` prepares the backward pass and applies training-only rules
+    /// (expert capacity).
+    pub fn loss(&self, batch: &Batch, train: bool) -> Result<LossParts> {
         let dev = self.device();
         let ids = Tensor::from_slice(&batch.inputs, (batch.rows, batch.seq_len), dev)?;
         let targets = Tensor::from_slice(&batch.targets, batch.rows * batch.seq_len, dev)?;
-        linear_cross_entropy(&self.hidden(&ids, None)?, &self.head.w, &targets, train)
+        let mut ctx = FfnContext::new(train, batch.rows, batch.seq_len);
+        let ce = linear_cross_entropy(&self.hidden(&ids, None, &mut ctx)?, &self.head.w, &targets, train)?;
+        let moe = &self.cfg.moe;
+        let aux = ctx.auxiliary_loss(moe.aux_loss_weight, moe.z_loss_weight)?;
+        Ok(LossParts { ce, aux, stats: ctx.stats })
     }
 
     pub fn new_caches(&self) -> Vec<KvCache> {

@@ -81,6 +81,38 @@ impl Params {
         self.normal(name, shape, fan_in)
     }
 
+    /// A `[rows, cols]` matrix with orthonormal rows (or columns, when rows > cols), by
+    /// Gram-Schmidt on Gaussian noise.
+    pub fn orthogonal(&mut self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+        let (m, n) = if rows <= cols { (rows, cols) } else { (cols, rows) };
+        let mut rng = self.rng(name);
+        let mut vecs: Vec<Vec<f64>> = Vec::with_capacity(m);
+        while vecs.len() < m {
+            let mut v: Vec<f64> = (0..n)
+                .map(|_| {
+                    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+                })
+                .collect();
+            for u in &vecs {
+                let dot: f64 = v.iter().zip(u).map(|(a, b)| a * b).sum();
+                v.iter_mut().zip(u).for_each(|(a, b)| *a -= dot * b);
+            }
+            let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+            if norm > 1e-6 {
+                vecs.push(v.into_iter().map(|a| a / norm).collect());
+            }
+        }
+        let mut data = vec![0f32; rows * cols];
+        for (i, v) in vecs.iter().enumerate() {
+            for (j, &a) in v.iter().enumerate() {
+                let (r, c) = if rows <= cols { (i, j) } else { (j, i) };
+                data[r * cols + c] = a as f32;
+            }
+        }
+        self.add(name, Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)
+    }
+
     pub fn constant(&mut self, name: &str, shape: &[usize], value: f32) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         self.add(name, Tensor::from_vec(vec![value; n], shape, &Device::Cpu)?)

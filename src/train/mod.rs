@@ -9,6 +9,7 @@ use crate::config::{Config, NanPolicy};
 use crate::data::{self, EvalStream, TrainLoader};
 use crate::eval::{evaluate, EvalResult};
 use crate::metrics::{format_duration, MetricsLog, Progress};
+use crate::model::moe::RoutingStats;
 use crate::model::{Params, Transformer};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -30,6 +31,8 @@ pub struct StepStats {
     pub lr: f64,
     /// The update was skipped: the loss or the gradient norm was not finite.
     pub skipped: bool,
+    /// Per MoE layer, averaged over the micro-batches.
+    pub routing: Vec<RoutingStats>,
 }
 
 pub struct Trainer {
@@ -104,13 +107,19 @@ impl Trainer {
         let micro = self.cfg.train.micro_batch_size;
         let mut acc: Vec<Option<Tensor>> = vec![None; self.opt.slots.len()];
         let mut loss_sum = 0f64;
+        let mut stats = Vec::with_capacity(accum);
         for _ in 0..accum {
             let batch = self.loader.next_batch(micro);
-            let mut loss = self.model.loss(&batch, true)?;
+            let parts = self.model.loss(&batch, true)?;
+            let mut loss = parts.total()?;
             if self.nan_fault_step == Some(self.step + 1) {
                 loss = (loss * f64::NAN)?;
             }
-            loss_sum += loss.to_scalar::<f32>()? as f64;
+            loss_sum += parts.ce.to_scalar::<f32>()? as f64;
+            if self.nan_fault_step == Some(self.step + 1) {
+                loss_sum = f64::NAN;
+            }
+            stats.push(parts.stats);
             let scaled = if accum > 1 { (loss / accum as f64)? } else { loss };
             let grads = scaled.backward()?;
             for (a, slot) in acc.iter_mut().zip(&self.opt.slots) {
@@ -145,7 +154,7 @@ impl Trainer {
         }
         self.step += 1;
         self.tokens += self.tokens_per_step();
-        Ok(StepStats { loss, grad_norm, lr, skipped })
+        Ok(StepStats { loss, grad_norm, lr, skipped, routing: RoutingStats::average(&stats) })
     }
 
     pub fn eval(&self) -> Result<Option<EvalResult>> {
@@ -266,6 +275,9 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
             if trainer.skipped_steps > 0 {
                 record["skipped_steps"] = json!(trainer.skipped_steps);
             }
+            if !stats.routing.is_empty() {
+                record["routing"] = json!(stats.routing);
+            }
             metrics.write(&record)?;
             let line = format!(
                 "step {step:>6}/{} | loss {loss:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | eta {}",
@@ -283,7 +295,11 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
         }
         if (t.eval_every > 0 && step % t.eval_every == 0) || done {
             if let Some(e) = trainer.eval()? {
-                metrics.write(&json!({"step": step, "split": "val", "loss": e.loss, "ppl": e.ppl, "tokens": trainer.tokens}))?;
+                let mut record = json!({"step": step, "split": "val", "loss": e.loss, "ppl": e.ppl, "tokens": trainer.tokens});
+                if !e.routing.is_empty() {
+                    record["routing"] = json!(e.routing);
+                }
+                metrics.write(&record)?;
                 progress.line(&format!("eval step {step:>6} | val loss {:.4} | ppl {:.2}", e.loss, e.ppl));
                 last_eval = Some(e);
             }
