@@ -7,6 +7,7 @@
 use super::ffn::activate;
 use super::params::Params;
 use crate::config::{Activation, Gate, MoeConfig, RouterKind, Routing};
+use crate::ops::grouped::grouped_matmul;
 use crate::ops::swiglu::swiglu;
 use candle_core::{DType, Result, Tensor, D};
 use serde::Serialize;
@@ -32,16 +33,17 @@ impl Experts {
         self.up.dims()[0]
     }
 
-    /// Expert `e` on its rows: `x [n, d]` → `[n, d]`.
-    pub fn forward_one(&self, e: usize, x: &Tensor) -> Result<Tensor> {
+    /// Every expert on its rows: `x [R, d]` holds expert `e`'s rows at
+    /// `[offsets[e], offsets[e+1])`; → `[R, d]`.
+    pub fn forward(&self, x: &Tensor, offsets: &[usize]) -> Result<Tensor> {
         let hidden = match &self.gate {
             Some(gate) => {
-                let w = Tensor::cat(&[&gate.get(e)?, &self.up.get(e)?], 0)?; // [2f, d]
-                swiglu(&x.matmul(&w.t()?)?)?
+                let w = Tensor::cat(&[gate, &self.up], 1)?; // [E, 2f, d]
+                swiglu(&grouped_matmul(x, &w, offsets)?)?
             }
-            None => activate(self.activation, &x.matmul(&self.up.get(e)?.t()?)?)?,
+            None => activate(self.activation, &grouped_matmul(x, &self.up, offsets)?)?,
         };
-        hidden.matmul(&self.down.get(e)?.t()?)
+        grouped_matmul(&hidden, &self.down, offsets)
     }
 }
 
@@ -170,7 +172,8 @@ pub struct RoutingStats {
     pub entropy: f64,
     pub aux_loss: f64,
     pub z_loss: f64,
-    /// Mean pairwise cosine similarity of the layer's input tokens (representation collapse).
+    /// Mean pairwise cosine similarity of the layer's input tokens (representation collapse);
+    /// measured in eval only (0 in training lines).
     pub token_cosine: f64,
 }
 
@@ -298,20 +301,15 @@ impl MoeLayer {
         if !routed.is_empty() {
             let idx = Tensor::from_vec(routed.clone(), routed.len(), x.device())?;
             let xs = x.index_select(&idx, 0)?; // [R, d]
+            let mut offsets = vec![0];
             let mut flat_gate = Vec::with_capacity(routed.len()); // index into probs [N·E]
-            let mut ys = Vec::with_capacity(e);
-            let mut start = 0;
             for (ex, tokens) in assignment.per_expert.iter().enumerate() {
-                if tokens.is_empty() {
-                    continue;
-                }
-                ys.push(self.experts.forward_one(ex, &xs.narrow(0, start, tokens.len())?)?);
+                offsets.push(offsets[ex] + tokens.len());
                 flat_gate.extend(tokens.iter().map(|&t| t * e as u32 + ex as u32));
-                start += tokens.len();
             }
             let gidx = Tensor::from_vec(flat_gate, routed.len(), x.device())?;
             let gates = probs.flatten_all()?.index_select(&gidx, 0)?.unsqueeze(1)?.to_dtype(x.dtype())?; // [R, 1]
-            let y = Tensor::cat(&ys, 0)?.broadcast_mul(&gates)?;
+            let y = self.experts.forward(&xs, &offsets)?.broadcast_mul(&gates)?;
             out = out.index_add(&idx, &y, 0)?;
         }
         self.record(x, &z, &p, &assignment, slots, ctx)?;
@@ -349,7 +347,8 @@ impl MoeLayer {
             entropy,
             aux_loss: aux_value,
             z_loss: z_value,
-            token_cosine: mean_pairwise_cosine(x)?,
+            // A diagnostic for eval (representation collapse), not worth its cost every step.
+            token_cosine: if ctx.train { 0.0 } else { mean_pairwise_cosine(x)? },
         });
         Ok(())
     }

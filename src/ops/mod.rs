@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod grouped;
 pub mod linear_ce;
 pub mod norm;
 pub mod rope;

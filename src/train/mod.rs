@@ -301,6 +301,9 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
                 }
                 metrics.write(&record)?;
                 progress.line(&format!("eval step {step:>6} | val loss {:.4} | ppl {:.2}", e.loss, e.ppl));
+                if !e.routing.is_empty() {
+                    progress.line(crate::metrics::routing_table(&e.routing).trim_end());
+                }
                 last_eval = Some(e);
             }
             window_start = Instant::now();
