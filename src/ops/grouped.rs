@@ -3,8 +3,7 @@
 //! expert's `dW_e` straight into one `[E, out, in]` gradient, where per-expert `narrow`s of the
 //! stacked weight would each cost a zero-padded copy of the whole stack (O(E²) traffic).
 
-use super::linear_ce::sgemm;
-use super::{fused, slice};
+use super::{fused, sgemm, slice};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 

@@ -5,7 +5,7 @@
 //! a step) are thus written once and read twice, never copied, zero-filled or accumulated by
 //! the autograd.
 
-use super::{fused, slice, vec};
+use super::{fused, sgemm, slice, vec};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -17,54 +17,24 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, with_grad:
         let op = LinearCrossEntropy { with_grad, grads: Mutex::new(None) };
         x.contiguous()?.apply_op3(&w.contiguous()?, &targets.to_dtype(DType::U32)?.contiguous()?, op)
     } else {
-        super::cross_entropy::cross_entropy_reference(&x.matmul(&w.t()?)?, targets)
+        cross_entropy(&x.matmul(&w.t()?)?, targets)
     }
+}
+
+/// The plain formulation: mean of `logsumexp(row) − row[target]`, in f32 at least (bf16 logits
+/// are widened; f64 stays f64 for the gradient checks).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = if logits.dtype() == DType::F64 { logits.clone() } else { logits.to_dtype(DType::F32)? };
+    let max = logits.max_keepdim(1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+    let picked = shifted.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
+    (lse - picked)?.mean_all()
 }
 
 struct LinearCrossEntropy {
     with_grad: bool,
     grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
-}
-
-/// `dst[m×n] = lhs[m×k] · rhs[k×n]`, each operand given by (row stride, column stride), on
-/// all threads of the current pool.
-pub(crate) fn sgemm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    assert!(dst.len() >= m * n, "sgemm: destination too small");
-    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "sgemm: lhs too small");
-    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "sgemm: rhs too small");
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above bound every index gemm touches.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
 }
 
 impl CustomOp3 for LinearCrossEntropy {
@@ -134,9 +104,14 @@ impl CustomOp3 for LinearCrossEntropy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cross_entropy::cross_entropy_reference;
     use crate::ops::testing::{assert_close, check_grads, randn};
     use candle_core::Device;
+
+    #[test]
+    fn out_of_range_target_is_an_error() {
+        let t = Tensor::new(&[5u32], &Device::Cpu).unwrap();
+        assert!(linear_cross_entropy(&randn(&[1, 2], 1), &randn(&[4, 2], 2), &t, true).is_err());
+    }
 
     #[test]
     fn matches_matmul_then_cross_entropy() {
@@ -145,13 +120,13 @@ mod tests {
         let w = randn(&[13, 8], 2);
         let t: Vec<u32> = (0..70).map(|i| (i * 7 % 13) as u32).collect();
         let t = Tensor::new(t.as_slice(), &Device::Cpu).unwrap();
-        let reference = cross_entropy_reference(&x.matmul(&w.t().unwrap()).unwrap(), &t).unwrap();
+        let reference = cross_entropy(&x.matmul(&w.t().unwrap()).unwrap(), &t).unwrap();
         assert_close(&linear_cross_entropy(&x, &w, &t, false).unwrap(), &reference, 1e-5);
         let t2 = t.clone();
         check_grads(
             &[x, w],
             |v| linear_cross_entropy(&v[0], &v[1], &t, true),
-            move |v| cross_entropy_reference(&v[0].matmul(&v[1].t()?)?, &t2),
+            move |v| cross_entropy(&v[0].matmul(&v[1].t()?)?, &t2),
         );
     }
 }

@@ -3,7 +3,6 @@
 //! is also the reference the tests hold the kernels to.
 
 pub mod attention;
-pub mod cross_entropy;
 pub mod grouped;
 pub mod linear_ce;
 pub mod norm;
@@ -61,4 +60,45 @@ where
         }
     }
     total
+}
+
+/// `dst[m×n] = lhs[m×k] · rhs[k×n]`, each operand given by (row stride, column stride), on
+/// all threads of the current pool.
+pub(crate) fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    assert!(dst.len() >= m * n, "sgemm: destination too small");
+    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "sgemm: lhs too small");
+    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "sgemm: rhs too small");
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above bound every index gemm touches.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
 }

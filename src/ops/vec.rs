@@ -69,15 +69,6 @@ pub fn max(a: &[f32]) -> f32 {
     r.iter().fold(acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)), |m, &v| m.max(v))
 }
 
-/// `out[i] = exp(a[i] - shift)`, returning the sum of the outputs.
-#[inline]
-pub fn exp_shifted(a: &[f32], shift: f32, out: &mut [f32]) -> f32 {
-    for (o, &x) in out.iter_mut().zip(a) {
-        *o = exp(x - shift);
-    }
-    sum(out)
-}
-
 /// Sum of `exp(a[i] - shift)` without storing the terms.
 #[inline]
 pub fn sum_exp_shifted(a: &[f32], shift: f32) -> f32 {
