@@ -814,3 +814,17 @@ fn a_kill_during_checkpoint_writes_leaves_the_last_checkpoint_usable() {
     assert_no_duplicate_steps(&run);
     check_after_kill(&f, &run, "after the final resume");
 }
+
+#[test]
+fn gradient_accumulation_matches_one_big_batch() {
+    let f = Fixture::new();
+    let cfg = f.config();
+    let sets = ["train.steps=6", "train.eval_every=0", "train.grad_clip=0"];
+    f.train(&cfg, "whole", &sets).ok();
+    f.train(&cfg, "accum", &[&sets[..], &["train.micro_batch_size=2"]].concat()).ok();
+    let (a, b) = (losses(&f.run_dir("whole")), losses(&f.run_dir("accum")));
+    assert_eq!(a.len(), 6);
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4, "step {s}: batch 4 gives loss {x}, 2 × 2 accumulated gives {y}");
+    }
+}

@@ -170,3 +170,88 @@ pub fn flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
     let per_block = 4.0 * d * d + ffn_mats * d * f;
     6.0 * (l * per_block + v * d) + 12.0 * l * d * seq_len as f64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Activation, Norm};
+    use candle_core::DType;
+
+    fn tiny(modify: impl Fn(&mut ModelConfig)) -> ModelConfig {
+        let text = "[run]\nname='t'\n[data]\ntrain='x'\nseq_len=5\n[model]\nvocab_size=11\nd_model=8\nn_layers=2\nn_heads=2\nd_ff=12\n";
+        let mut cfg = crate::config::Config::from_toml_str(text, "test").unwrap().model;
+        modify(&mut cfg);
+        cfg
+    }
+
+    fn batch() -> Batch {
+        let inputs: Vec<u32> = (0..15).map(|i| (i * 7 + 3) % 11).collect();
+        let targets: Vec<u32> = (0..15).map(|i| (i * 5 + 1) % 11).collect();
+        Batch { rows: 3, seq_len: 5, inputs, targets }
+    }
+
+    /// Every parameter's gradient from the f32 model (fused kernels) against central finite
+    /// differences of the same model in f64 (plain formulation), and none of them zero.
+    fn check_model(cfg: ModelConfig) {
+        let mut p32 = Params::new(&Device::Cpu, 3, 0.5);
+        let m32 = Transformer::new(&cfg, &mut p32).unwrap();
+        let mut p64 = Params::new(&Device::Cpu, 3, 0.5).with_dtype(DType::F64);
+        let m64 = Transformer::new(&cfg, &mut p64).unwrap();
+        let b = batch();
+        let grads = m32.loss(&b, true).unwrap().total().unwrap().backward().unwrap();
+        let loss64 = || m64.loss(&b, false).unwrap().total().unwrap().to_scalar::<f64>().unwrap();
+        for ((name, v32), (_, v64)) in p32.iter().zip(p64.iter()) {
+            let g: Vec<f32> = grads.get(v32).unwrap_or_else(|| panic!("{name}: no gradient")).flatten_all().unwrap().to_vec1().unwrap();
+            assert!(g.iter().any(|&x| x != 0.0), "{name}: gradient is zero at step 0");
+            let base: Vec<f64> = v64.flatten_all().unwrap().to_vec1().unwrap();
+            for k in (0..base.len()).step_by((base.len() / 4).max(1)) {
+                let at = |delta: f64| {
+                    let mut p = base.clone();
+                    p[k] += delta;
+                    v64.set(&Tensor::from_vec(p, v64.shape(), &Device::Cpu).unwrap()).unwrap();
+                    let l = loss64();
+                    v64.set(&Tensor::from_vec(base.clone(), v64.shape(), &Device::Cpu).unwrap()).unwrap();
+                    l
+                };
+                let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+                let analytic = g[k] as f64;
+                assert!((numeric - analytic).abs() <= 1e-3 * (1e-2 + numeric.abs()), "{name}[{k}]: f32 fused {analytic} vs f64 finite difference {numeric}");
+            }
+        }
+    }
+
+    #[test]
+    fn modern_preset_gradients() {
+        check_model(tiny(|_| {}));
+    }
+
+    #[test]
+    fn paper_preset_gradients() {
+        check_model(tiny(|c| {
+            c.norm = Norm::Layernorm;
+            c.position = Position::Learned;
+            c.activation = Activation::Relu;
+            c.bias = Bias::Ffn;
+            c.final_norm = false;
+        }));
+    }
+
+    #[test]
+    fn gelu_all_biases_tied_gradients() {
+        check_model(tiny(|c| {
+            c.activation = Activation::Gelu;
+            c.bias = Bias::All;
+            c.tie_embeddings = true;
+        }));
+    }
+
+    #[test]
+    fn moe_model_gradients() {
+        check_model(tiny(|c| {
+            c.ffn = FfnKind::Moe;
+            c.moe.n_experts = 3;
+            c.moe.top_k = 2;
+            c.moe.capacity_factor = 0.0;
+        }));
+    }
+}

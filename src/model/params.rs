@@ -9,6 +9,8 @@ use std::collections::HashMap;
 /// name, so adding a tensor never changes the others.
 pub struct Params {
     device: Device,
+    /// f32 for training; f64 lets tests take finite differences of a whole model.
+    dtype: DType,
     seed: u64,
     init_scale: f64,
     entries: Vec<(String, Var)>,
@@ -17,7 +19,13 @@ pub struct Params {
 
 impl Params {
     pub fn new(device: &Device, seed: u64, init_scale: f64) -> Params {
-        Params { device: device.clone(), seed, init_scale, entries: Vec::new(), index: HashMap::new() }
+        Params { device: device.clone(), dtype: DType::F32, seed, init_scale, entries: Vec::new(), index: HashMap::new() }
+    }
+
+    /// The same parameters (same initial values) in another dtype.
+    pub fn with_dtype(mut self, dtype: DType) -> Params {
+        self.dtype = dtype;
+        self
     }
 
     pub fn device(&self) -> &Device {
@@ -46,7 +54,7 @@ impl Params {
 
     fn add(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
         assert!(!self.index.contains_key(name), "parameter {name} created twice");
-        let var = Var::from_tensor(&t.to_device(&self.device)?)?;
+        let var = Var::from_tensor(&t.to_dtype(self.dtype)?.to_device(&self.device)?)?;
         let out = var.as_tensor().clone();
         self.index.insert(name.to_string(), self.entries.len());
         self.entries.push((name.to_string(), var));
@@ -125,7 +133,7 @@ impl Params {
             if t.dims() != var.dims() {
                 return Err(format!("tensor `{name}` has shape {:?}, but the config gives {:?}", t.dims(), var.dims()));
             }
-            let t = t.to_dtype(DType::F32).and_then(|t| t.to_device(&self.device)).map_err(|e| e.to_string())?;
+            let t = t.to_dtype(self.dtype).and_then(|t| t.to_device(&self.device)).map_err(|e| e.to_string())?;
             var.set(&t).map_err(|e| e.to_string())?;
         }
         if let Some(extra) = tensors.keys().filter(|k| !self.index.contains_key(*k)).min() {
