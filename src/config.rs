@@ -501,6 +501,16 @@ impl Config {
         if !(m.init_scale > 0.0) {
             return Err(format!("`model.init_scale` must be > 0, got {}", m.init_scale));
         }
+        // Absurd sizes (a corrupt or hostile file) must fail here, not abort in an allocation.
+        if m.n_layers > 1 << 16 {
+            return Err(format!("`model.n_layers` = {} is beyond any trainable model (at most 65536)", m.n_layers));
+        }
+        let elements = estimated_elements(m);
+        if elements > (1u64 << 40) as f64 {
+            return Err(format!(
+                "the model would hold {elements:.3e} parameters and tables, beyond what motrain can allocate (2^40); check model.vocab_size, d_model, d_ff, n_layers, max_seq_len"
+            ));
+        }
         self.ffn_layer_mask().map(|_| ())?;
         match m.ffn {
             FfnKind::Dense => {}
@@ -623,6 +633,17 @@ pub fn ffn_layer_mask(model: &ModelConfig) -> std::result::Result<Vec<bool>, Str
             }
         }
     }
+}
+
+/// Parameters plus position tables, as a float (no overflow), for the sanity bound.
+fn estimated_elements(m: &ModelConfig) -> f64 {
+    let (v, d, f, l, t) = (m.vocab_size as f64, m.d_model as f64, m.d_ff as f64, m.n_layers as f64, m.max_seq_len as f64);
+    let experts = match m.ffn {
+        FfnKind::Moe => m.moe.n_experts.max(1) as f64 * (m.moe.expert_size.max(m.d_ff)) as f64 / f.max(1.0),
+        FfnKind::Mot => m.mot.n_experts.max(1) as f64,
+        _ => 1.0,
+    };
+    2.0 * v * d + t * d + l * (4.0 * d * d + 3.0 * d * f * experts)
 }
 
 fn one_line(s: &str) -> String {

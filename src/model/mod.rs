@@ -86,7 +86,10 @@ impl Transformer {
             Position::Learned => Some(params.normal("model.embed_positions.weight", &[cfg.max_seq_len, d], 1)?),
             Position::Rope => None,
         };
-        let rope = (cfg.position == Position::Rope).then(|| RopeTables::new(d / cfg.n_heads, cfg.max_seq_len, cfg.rope_theta));
+        let rope = match cfg.position {
+            Position::Rope => Some(RopeTables::new(d / cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)?),
+            Position::Learned => None,
+        };
         let mask = crate::config::ffn_layer_mask(cfg).map_err(candle_core::Error::msg)?;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {

@@ -5,6 +5,17 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
+/// An empty vector with room for exactly the tensor's elements, or an error (not an abort)
+/// when that much memory is not to be had.
+fn alloc(name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let mut v = Vec::new();
+    match n {
+        Some(n) if v.try_reserve_exact(n).is_ok() => Ok(v),
+        _ => candle_core::bail!("cannot allocate parameter `{name}` of shape {shape:?}"),
+    }
+}
+
 /// Parameters in creation order. Each tensor's initial values depend only on the seed and its
 /// name, so adding a tensor never changes the others.
 pub struct Params {
@@ -71,8 +82,8 @@ impl Params {
         let std = (self.init_scale / fan_in as f64).sqrt() as f32;
         let cut = 2.0 * self.init_scale as f32;
         let mut rng = self.rng(name);
-        let n: usize = shape.iter().product();
-        let mut v = Vec::with_capacity(n);
+        let mut v = alloc(name, shape)?;
+        let n = v.capacity();
         while v.len() < n {
             let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
             let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos() * std;
@@ -122,8 +133,9 @@ impl Params {
     }
 
     pub fn constant(&mut self, name: &str, shape: &[usize], value: f32) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        self.add(name, Tensor::from_vec(vec![value; n], shape, &Device::Cpu)?)
+        let mut v = alloc(name, shape)?;
+        v.resize(v.capacity(), value);
+        self.add(name, Tensor::from_vec(v, shape, &Device::Cpu)?)
     }
 
     /// Overwrites every parameter from `tensors`, which must hold each name with its shape.
@@ -133,8 +145,10 @@ impl Params {
             if t.dims() != var.dims() {
                 return Err(format!("tensor `{name}` has shape {:?}, but the config gives {:?}", t.dims(), var.dims()));
             }
-            let t = t.to_dtype(self.dtype).and_then(|t| t.to_device(&self.device)).map_err(|e| e.to_string())?;
-            var.set(&t).map_err(|e| e.to_string())?;
+            // First line only: candle appends a backtrace when RUST_BACKTRACE is set.
+            let first_line = |e: candle_core::Error| e.to_string().lines().next().unwrap_or_default().to_string();
+            let t = t.to_dtype(self.dtype).and_then(|t| t.to_device(&self.device)).map_err(first_line)?;
+            var.set(&t).map_err(first_line)?;
         }
         if let Some(extra) = tensors.keys().filter(|k| !self.index.contains_key(*k)).min() {
             return Err(format!("tensor `{extra}` is not part of the model the config describes"));

@@ -15,11 +15,14 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    pub fn new(head_dim: usize, max_len: usize, theta: f64) -> RopeTables {
+    pub fn new(head_dim: usize, max_len: usize, theta: f64) -> Result<RopeTables> {
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf(2.0 * i as f32 / head_dim as f32)).collect();
-        let mut cos = Vec::with_capacity(max_len * half);
-        let mut sin = Vec::with_capacity(max_len * half);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        let n = max_len.checked_mul(half);
+        if !n.is_some_and(|n| cos.try_reserve_exact(n).is_ok() && sin.try_reserve_exact(n).is_ok()) {
+            candle_core::bail!("cannot allocate RoPE tables for max_seq_len {max_len}");
+        }
         for p in 0..max_len {
             for f in &inv {
                 let a = p as f32 * f;
@@ -27,7 +30,7 @@ impl RopeTables {
                 sin.push(a.sin());
             }
         }
-        RopeTables { half, cos: Arc::new(cos), sin: Arc::new(sin) }
+        Ok(RopeTables { half, cos: Arc::new(cos), sin: Arc::new(sin) })
     }
 
     pub fn max_len(&self) -> usize {
@@ -117,7 +120,7 @@ mod tests {
 
     #[test]
     fn rope_matches_reference_and_gradients() {
-        let t = RopeTables::new(8, 16, 10000.0);
+        let t = RopeTables::new(8, 16, 10000.0).unwrap();
         let x = randn(&[2, 5, 3, 8], 1);
         assert_close(&rope(&x, &t, 3).unwrap(), &rope_reference(&x, &t, 3).unwrap(), 1e-6);
         let t2 = t.clone();
