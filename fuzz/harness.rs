@@ -96,6 +96,7 @@ fn build_and_load(m: &ModelConfig, seed: u64, tensors: &HashMap<String, Tensor>)
     match params.load(tensors) {
         Ok(()) => true,
         Err(e) => {
+            if std::env::var_os("HARNESS_DEBUG").is_some() { eprintln!("Params::load: {e:?}"); }
             no_backtrace("Params::load", &e);
             false
         }

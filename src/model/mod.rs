@@ -178,6 +178,7 @@ pub fn flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
 mod tests {
     use super::*;
     use crate::config::{Activation, Norm};
+    use crate::ops::testing::central_difference;
     use candle_core::DType;
 
     fn tiny(modify: impl Fn(&mut ModelConfig)) -> ModelConfig {
@@ -202,21 +203,13 @@ mod tests {
         let m64 = Transformer::new(&cfg, &mut p64).unwrap();
         let b = batch();
         let grads = m32.loss(&b, true).unwrap().total().unwrap().backward().unwrap();
-        let loss64 = || m64.loss(&b, false).unwrap().total().unwrap().to_scalar::<f64>().unwrap();
+        let loss64 = &|| m64.loss(&b, false).unwrap().total().unwrap().to_scalar::<f64>().unwrap();
         for ((name, v32), (_, v64)) in p32.iter().zip(p64.iter()) {
             let g: Vec<f32> = grads.get(v32).unwrap_or_else(|| panic!("{name}: no gradient")).flatten_all().unwrap().to_vec1().unwrap();
             assert!(g.iter().any(|&x| x != 0.0), "{name}: gradient is zero at step 0");
-            let base: Vec<f64> = v64.flatten_all().unwrap().to_vec1().unwrap();
-            for k in (0..base.len()).step_by((base.len() / 4).max(1)) {
-                let at = |delta: f64| {
-                    let mut p = base.clone();
-                    p[k] += delta;
-                    v64.set(&Tensor::from_vec(p, v64.shape(), &Device::Cpu).unwrap()).unwrap();
-                    let l = loss64();
-                    v64.set(&Tensor::from_vec(base.clone(), v64.shape(), &Device::Cpu).unwrap()).unwrap();
-                    l
-                };
-                let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+            let n = v64.elem_count();
+            for k in (0..n).step_by((n / 4).max(1)) {
+                let numeric = central_difference(v64, k, loss64);
                 let analytic = g[k] as f64;
                 assert!((numeric - analytic).abs() <= 1e-3 * (1e-2 + numeric.abs()), "{name}[{k}]: f32 fused {analytic} vs f64 finite difference {numeric}");
             }

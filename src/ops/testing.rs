@@ -76,3 +76,17 @@ where
         }
     }
 }
+
+/// Central difference of `loss` in element `k` of an f64 variable, which is restored after.
+pub fn central_difference(v: &Var, k: usize, loss: impl Fn() -> f64) -> f64 {
+    let base: Vec<f64> = v.flatten_all().unwrap().to_vec1().unwrap();
+    let at = |delta: f64| {
+        let mut p = base.clone();
+        p[k] += delta;
+        v.set(&Tensor::from_vec(p, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        let l = loss();
+        v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap()).unwrap();
+        l
+    };
+    (at(1e-6) - at(-1e-6)) / 2e-6
+}
