@@ -1,8 +1,8 @@
 //! What each fuzz target does with one input, shared by the cargo-fuzz targets
-//! (`fuzz/fuzz_targets/*.rs`) and by `tests/hostile_files.rs`, which replays the seed corpus and
-//! every crash found through these very functions. Each function may see its input refused with
-//! an error; it panics only on a bug: a panic inside motrain, an error message of several lines
-//! (motrain prints one `error:` line), or a broken invariant checked here.
+//! (`fuzz/fuzz_targets/*.rs`) and by `tests/hostile_files.rs`, which replays the seed corpus
+//! through these very functions (a crash found is best added there as its own case). Each
+//! function may see its input refused with an error; it panics only on a bug: a panic inside
+//! motrain, an error message carrying a backtrace, or a broken invariant checked here.
 //!
 //! `dir` is a scratch directory the function may overwrite (the readers take paths).
 #![allow(dead_code)]
@@ -96,7 +96,6 @@ fn build_and_load(m: &ModelConfig, seed: u64, tensors: &HashMap<String, Tensor>)
     match params.load(tensors) {
         Ok(()) => true,
         Err(e) => {
-            if std::env::var_os("HARNESS_DEBUG").is_some() { eprintln!("Params::load: {e:?}"); }
             no_backtrace("Params::load", &e);
             false
         }

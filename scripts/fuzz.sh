@@ -19,8 +19,9 @@
 #
 # New corpus entries go to fuzz/work/<target>/ (git-ignored), seeded from the committed
 # fuzz/corpus/<target>/ (regenerate with fuzz/make_corpus.sh); crashes land in
-# fuzz/artifacts/<target>/. Reproduce one, from fuzz/:
-#   RUSTC_BOOTSTRAP=1 cargo fuzz run -s none -a TARGET artifacts/TARGET/crash-...
+# fuzz/artifacts/<target>/. Reproduce one from fuzz/, keeping the limit (a memory bomb without
+# it can take the machine):
+#   (ulimit -v 1048576; target/x86_64-unknown-linux-gnu/release/TARGET artifacts/TARGET/crash-...)
 # then add its bytes as a case in tests/hostile_files.rs.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
@@ -30,20 +31,23 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(shard checkpoint config)
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: cargo install cargo-fuzz" >&2; exit 1; }
 export RUSTC_BOOTSTRAP=1
-cargo fuzz build -s none -a
+host="$(rustc -vV | sed -n 's/^host: //p')"
 found=0
 for t in "${targets[@]}"; do
   mkdir -p "work/$t" "artifacts/$t"
   before=$(ls "artifacts/$t" | wc -l)
   dict=()
   [ -f "dicts/$t.dict" ] && dict=("-dict=dicts/$t.dict")
+  # Build outside the memory limit, then run the binary itself (`cargo fuzz run` would rebuild
+  # under the limit whenever src/ changed in between).
+  cargo fuzz build -s none -a "$t"
   echo "== $t: ${secs}s"
   set +e
   (
     ulimit -v 1048576
-    exec cargo fuzz run -s none -a "$t" "work/$t" "corpus/$t" -- \
+    exec "target/$host/release/$t" -artifact_prefix="artifacts/$t/" \
       -max_total_time="$secs" -timeout=10 -rss_limit_mb=768 -print_final_stats=1 \
-      -fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1 "${dict[@]}"
+      -fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1 "${dict[@]}" "work/$t" "corpus/$t"
   ) >"work/$t.log" 2>&1
   rc=$?
   set -e

@@ -47,14 +47,19 @@ fn sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run() {
     let mut rng = Lcg(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
     let started = Instant::now();
     let (mut kills, mut finished) = (0, false);
+    let step_of_latest = |run: &std::path::Path| latest(run).map_or(0, |(n, _)| n[5..].parse::<u64>().unwrap());
     while !finished {
         assert!(started.elapsed() < Duration::from_secs(90), "did not finish after {kills} kills");
         let resume = latest(&run).is_some();
         let mut child = spawn_train(&f, &cfg, "killed", &sets, resume);
-        let delay = Duration::from_millis(60 + rng.below(400));
-        let t0 = Instant::now();
-        while t0.elapsed() < delay && child.try_wait().unwrap().is_none() {
-            std::thread::sleep(Duration::from_millis(2));
+        // Kill at a random moment a few checkpoints on (so the kill lands whatever the
+        // machine's speed): mid-step or mid-save, 0–30 ms after the k-th new checkpoint.
+        let target = step_of_latest(&run) + 1 + rng.below(4);
+        while kills < 5 && step_of_latest(&run) < target && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if kills < 5 {
+            std::thread::sleep(Duration::from_millis(rng.below(30)));
         }
         match child.try_wait().unwrap() {
             Some(status) => {
@@ -63,11 +68,11 @@ fn sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run() {
                 assert!(status.success(), "run after {kills} kills failed: {status}\n{err}");
                 finished = true;
             }
-            None if kills < 8 => {
+            None if kills < 5 => {
                 child.kill().unwrap();
                 child.wait().unwrap();
                 kills += 1;
-                assert_consistent(&run, &format!("after kill {kills} at {delay:?}"));
+                assert_consistent(&run, &format!("after kill {kills} (target step {target})"));
             }
             None => {
                 finished = child.wait().unwrap().success();
