@@ -262,6 +262,21 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
 }
 
 impl Checkpoint {
+    /// The weights must be of the model state.json describes; checked on the largest tensor
+    /// before that model is built, so a lying state.json cannot make us allocate a giant.
+    pub fn check_config(&self, model: &crate::config::ModelConfig) -> Result<()> {
+        let name = "model.embed_tokens.weight";
+        let want = [model.vocab_size, model.d_model];
+        match self.model.get(name) {
+            Some(t) if t.dims() == want => Ok(()),
+            Some(t) => Err(CheckpointError::invalid(
+                &self.dir.join("model.safetensors"),
+                format!("holds `{name}` of shape {:?}, but state.json describes {want:?}", t.dims()),
+            )),
+            None => Err(CheckpointError::invalid(&self.dir.join("model.safetensors"), format!("tensor `{name}` is missing"))),
+        }
+    }
+
     /// Copies the weights into `params`, naming the file and the tensor on a mismatch.
     pub fn restore(&self, params: &crate::model::Params) -> Result<()> {
         params.load(&self.model).map_err(|m| CheckpointError::invalid(&self.dir.join("model.safetensors"), m))

@@ -176,6 +176,7 @@ fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size:
     let cfg = state.config.clone();
     let dev = train::device(&cfg.run.device)?;
     let ckpt = checkpoint::load(&dir, &dev)?;
+    ckpt.check_config(&cfg.model)?;
     let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
     let model = Transformer::new(&cfg.model, &mut params)?;
     ckpt.restore(&params)?;

@@ -7,13 +7,29 @@ use std::collections::HashMap;
 
 /// An empty vector with room for exactly the tensor's elements, or an error (not an abort)
 /// when that much memory is not to be had.
+/// Beyond the machine's memory counts as "not to be had": with overcommit a huge allocation
+/// "succeeds" and the process is later killed by the kernel instead.
 fn alloc(name: &str, shape: &[usize]) -> Result<Vec<f32>> {
     let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let fits = |n: usize| memory_bytes().is_none_or(|m| (n as u64).saturating_mul(4) <= m);
     let mut v = Vec::new();
     match n {
-        Some(n) if v.try_reserve_exact(n).is_ok() => Ok(v),
-        _ => candle_core::bail!("cannot allocate parameter `{name}` of shape {shape:?}"),
+        Some(n) if fits(n) && v.try_reserve_exact(n).is_ok() => Ok(v),
+        // A plain message: `bail!` would append a backtrace under RUST_BACKTRACE.
+        _ => Err(candle_core::Error::Msg(format!(
+            "cannot allocate parameter `{name}` of shape {shape:?}: more than this machine's memory"
+        ))),
     }
+}
+
+/// Physical memory in bytes (Linux), if known.
+pub fn memory_bytes() -> Option<u64> {
+    static MEM: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *MEM.get_or_init(|| {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kb: u64 = info.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    })
 }
 
 /// Parameters in creation order. Each tensor's initial values depend only on the seed and its

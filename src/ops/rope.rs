@@ -20,8 +20,9 @@ impl RopeTables {
         let inv: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf(2.0 * i as f32 / head_dim as f32)).collect();
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         let n = max_len.checked_mul(half);
-        if !n.is_some_and(|n| cos.try_reserve_exact(n).is_ok() && sin.try_reserve_exact(n).is_ok()) {
-            candle_core::bail!("cannot allocate RoPE tables for max_seq_len {max_len}");
+        let fits = |n: usize| crate::model::params::memory_bytes().is_none_or(|m| (n as u64).saturating_mul(8) <= m);
+        if !n.is_some_and(|n| fits(n) && cos.try_reserve_exact(n).is_ok() && sin.try_reserve_exact(n).is_ok()) {
+            return Err(candle_core::Error::Msg(format!("cannot allocate RoPE tables for max_seq_len {max_len}: more than this machine's memory")));
         }
         for p in 0..max_len {
             for f in &inv {
