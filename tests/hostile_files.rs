@@ -41,12 +41,7 @@ fn motrain_limited(cwd: &Path, args: &[&str]) -> Out {
         .stdin(Stdio::null())
         .output()
         .expect("spawn motrain");
-    Out {
-        code: o.status.code(),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        args: args.iter().map(|s| s.to_string()).collect(),
-    }
+    Out::from(args, o)
 }
 
 /// The tiny dense model every checkpoint here describes (2.2k parameters).
