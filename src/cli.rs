@@ -44,6 +44,23 @@ enum Command {
         batches: Option<usize>,
         #[arg(long)]
         batch_size: Option<usize>,
+        /// MoT: mix groups of this many sequences instead of the trained group size.
+        #[arg(long)]
+        group_size: Option<usize>,
+    },
+    /// Turn a Mixture of Tokens checkpoint into a sparse top-1 MoE and fine-tune it.
+    TransitionTune {
+        #[arg(long, value_name = "MOT_CKPT")]
+        checkpoint: PathBuf,
+        /// Run directory of the converted model.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tuning steps after the conversion (0: convert only).
+        #[arg(long, default_value_t = 0)]
+        steps: usize,
+        /// Override keys of the converted config: --set train.lr=3e-4.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
     /// Tokenize raw text (files, directories, .jsonl with a "text" field) into llm.c shards.
     Prepare {
@@ -127,7 +144,23 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Eval { checkpoint, data, batches, batch_size } => eval(checkpoint, data, batches, batch_size),
+        Command::Eval { checkpoint, data, batches, batch_size, group_size } => eval(checkpoint, data, batches, batch_size, group_size),
+        Command::TransitionTune { checkpoint, out, steps, overrides } => {
+            let r = crate::transition::transition_tune(&checkpoint, &out, steps, &overrides)?;
+            let line = |what: &str, e: &crate::eval::EvalResult| eprintln!("{what:<34} val loss {:.4} | ppl {:.2}", e.loss, e.ppl);
+            line(&format!("before conversion (MoT, step {})", r.from_step), &r.before);
+            line("after conversion (top-1 MoE)", &r.converted);
+            if let Some(t) = &r.tuned {
+                line(&format!("after {} tuning steps", r.steps), t);
+            }
+            let loss = |e: &Option<crate::eval::EvalResult>| e.as_ref().map(|e| e.loss);
+            println!(
+                "{}",
+                json!({"out": r.out.display().to_string(), "from_step": r.from_step, "steps": r.steps,
+                       "loss_before": r.before.loss, "loss_converted": r.converted.loss, "loss_tuned": loss(&r.tuned)})
+            );
+            Ok(())
+        }
         Command::Prepare { tokenizer, input, out, name, val_fraction, shard_tokens } => {
             let tok = Tokenizer::load(&tokenizer)?;
             let opts = prepare::PrepareOptions { name, val_fraction, shard_tokens };
@@ -170,7 +203,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size: Option<usize>) -> Result<()> {
+fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size: Option<usize>, group_size: Option<usize>) -> Result<()> {
     let dir = checkpoint::resolve(&path)?;
     let state = checkpoint::load_state(&dir)?;
     let cfg = state.config.clone();
@@ -178,8 +211,14 @@ fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size:
     let ckpt = checkpoint::load(&dir, &dev)?;
     ckpt.check_config(&cfg.model)?;
     let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
-    let model = Transformer::new(&cfg.model, &mut params)?;
+    let mut model = Transformer::new(&cfg.model, &mut params)?;
     ckpt.restore(&params)?;
+    if let Some(g) = group_size {
+        if g == 0 {
+            return Err(UsageError("--group-size must be at least 1".into()).into());
+        }
+        model = model.with_group_size(g);
+    }
     let glob = match data {
         Some(g) => crate::config::absolute(std::path::Path::new(&g)),
         None => cfg.data.val.clone().ok_or_else(|| UsageError("the run has no data.val: pass --data GLOB".into()))?,
@@ -189,15 +228,27 @@ fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size:
     if batch_size == 0 || batches == 0 {
         return Err(UsageError("--batch-size and --batches must be at least 1".into()).into());
     }
+    let multiple = model.batch_multiple();
+    if batch_size % multiple != 0 {
+        return Err(UsageError(format!(
+            "this Mixture of Tokens model mixes groups of {multiple} sequences, so the eval batch ({batch_size}) must be a multiple of {multiple}; \
+             pass --batch-size, or --group-size to mix smaller groups"
+        ))
+        .into());
+    }
     let stream = EvalStream::new(data::shards::open_all(&glob, &cfg.data.format, cfg.model.vocab_size)?, cfg.data.seq_len);
     let r = crate::eval::evaluate(&model, &stream, batch_size, batches).map_err(|e| UsageError(format!("{e:#}")))
         .context(format!("evaluating on {glob}"))?;
-    eprintln!("step {} | loss {:.4} | ppl {:.2} | {} batches of {} x {} tokens", state.step, r.loss, r.ppl, r.batches, r.batch_size, cfg.data.seq_len);
+    let grouping = if model.mot_layers().next().is_some() { format!(" | MoT groups of {multiple}") } else { String::new() };
+    eprintln!("step {} | loss {:.4} | ppl {:.2} | {} batches of {} x {} tokens{grouping}", state.step, r.loss, r.ppl, r.batches, r.batch_size, cfg.data.seq_len);
     if !r.routing.is_empty() {
         eprint!("{}", crate::metrics::routing_table(&r.routing));
     }
     let mut out = json!({"checkpoint": dir.display().to_string(), "step": state.step, "loss": r.loss, "ppl": r.ppl,
                          "batches": r.batches, "batch_size": r.batch_size, "tokens": r.tokens, "data": glob});
+    if model.mot_layers().next().is_some() {
+        out["group_size"] = json!(multiple);
+    }
     if !r.routing.is_empty() {
         out["routing"] = json!(r.routing);
     }

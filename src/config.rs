@@ -282,6 +282,9 @@ pub struct TrainConfig {
     pub eval_batch_size: usize,
     pub ckpt_every: usize,
     pub keep_checkpoints: usize,
+    /// The step count the learning-rate schedule spans; 0 = `steps`. Transition tuning sets it
+    /// to the MoT run's, so the schedule continues instead of starting over.
+    pub schedule_steps: usize,
     /// What a non-finite loss or gradient norm does: stop the run, or skip that update.
     pub on_nan: NanPolicy,
 }
@@ -313,6 +316,7 @@ impl Default for TrainConfig {
             eval_batch_size: 0,
             ckpt_every: 500,
             keep_checkpoints: 3,
+            schedule_steps: 0,
             on_nan: NanPolicy::Stop,
         }
     }
@@ -515,11 +519,9 @@ impl Config {
         match m.ffn {
             FfnKind::Dense => {}
             FfnKind::Moe => self.validate_moe()?,
-            FfnKind::Mot | FfnKind::Pesc => {
-                return Err(format!(
-                    "`model.ffn` = {:?} is not available in this build of motrain; expected \"dense\" or \"moe\"",
-                    format!("{:?}", m.ffn).to_lowercase()
-                ))
+            FfnKind::Mot => self.validate_mot()?,
+            FfnKind::Pesc => {
+                return Err("`model.ffn` = \"pesc\" is not available in this build of motrain; expected \"dense\", \"moe\" or \"mot\"".into())
             }
         }
         if t.micro_batch_size == 0 || t.batch_size % t.micro_batch_size != 0 {
@@ -598,6 +600,31 @@ impl Config {
         Ok(())
     }
 
+    fn validate_mot(&self) -> std::result::Result<(), String> {
+        let mot = &self.model.mot;
+        if mot.n_experts == 0 || mot.group_size == 0 {
+            return Err("`model.mot.n_experts` and `model.mot.group_size` must be at least 1".into());
+        }
+        if !(mot.temperature > 0.0 && mot.temperature.is_finite()) {
+            return Err(format!("`model.mot.temperature` must be > 0, got {}", mot.temperature));
+        }
+        if mot.expert_size == 0 && self.model.d_ff * mot.group_size < mot.n_experts {
+            return Err(format!(
+                "the FLOP-matched expert width d_ff·group_size/n_experts = {}·{}/{} rounds to 0: set `model.mot.expert_size`",
+                self.model.d_ff, mot.group_size, mot.n_experts
+            ));
+        }
+        let g = mot.group_size;
+        for (key, b) in [("train.micro_batch_size", self.train.micro_batch_size), ("train.eval_batch_size", self.train.eval_batch_size)] {
+            if b % g != 0 {
+                return Err(format!(
+                    "Mixture of Tokens mixes `model.mot.group_size` = {g} sequences at one position, so `{key}` ({b}) must be a multiple of it"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Width of one expert.
     pub fn moe_expert_size(&self) -> usize {
         if self.model.moe.expert_size == 0 {
@@ -640,7 +667,7 @@ fn estimated_elements(m: &ModelConfig) -> f64 {
     let (v, d, f, l, t) = (m.vocab_size as f64, m.d_model as f64, m.d_ff as f64, m.n_layers as f64, m.max_seq_len as f64);
     let experts = match m.ffn {
         FfnKind::Moe => m.moe.n_experts.max(1) as f64 * (m.moe.expert_size.max(m.d_ff)) as f64 / f.max(1.0),
-        FfnKind::Mot => m.mot.n_experts.max(1) as f64,
+        FfnKind::Mot => m.mot.n_experts.max(1) as f64 * crate::model::mot::expert_size(&m.mot, m.d_ff) as f64 / f.max(1.0),
         _ => 1.0,
     };
     2.0 * v * d + t * d + l * (4.0 * d * d + 3.0 * d * f * experts)

@@ -2,7 +2,7 @@
 //! cross-entropy over all of them.
 
 use crate::data::EvalStream;
-use crate::model::moe::RoutingStats;
+use crate::model::routing::LayerStats;
 use crate::model::Transformer;
 use anyhow::Result;
 use serde::Serialize;
@@ -14,8 +14,8 @@ pub struct EvalResult {
     pub batches: usize,
     pub batch_size: usize,
     pub tokens: usize,
-    /// Per MoE layer, averaged over the batches.
-    pub routing: Vec<RoutingStats>,
+    /// Per MoE or MoT layer, averaged over the batches.
+    pub routing: Vec<LayerStats>,
 }
 
 pub fn evaluate(model: &Transformer, stream: &EvalStream, batch_size: usize, max_batches: usize) -> Result<EvalResult> {
@@ -42,6 +42,6 @@ pub fn evaluate(model: &Transformer, stream: &EvalStream, batch_size: usize, max
         batches,
         batch_size,
         tokens: batches * batch_size * stream.seq_len(),
-        routing: RoutingStats::average(&stats),
+        routing: LayerStats::average(&stats),
     })
 }

@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod train;
+pub mod transition;
 
 mod alloc;

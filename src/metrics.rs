@@ -1,6 +1,7 @@
 //! What a run tells its user: the progress bar (or plain lines when stdout is not a terminal)
 //! and `metrics.jsonl`, one JSON object per log or eval line.
 
+use crate::model::routing::LayerStats;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 use std::io::{IsTerminal, Write};
@@ -98,22 +99,44 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// A compact per-layer table of routing statistics: load per expert (% of routed slots),
-/// dropped share, router entropy, aux and z losses, token cosine similarity.
-pub fn routing_table(stats: &[crate::model::moe::RoutingStats]) -> String {
-    let mut out = String::from("layer | load per expert (%)                      | dropped | entropy | aux    | z      | cos\n");
+/// Compact per-layer tables. MoE: load per expert (% of routed slots), dropped share, router
+/// entropy, aux and z losses, token cosine similarity. MoT: temperature, each expert's mean
+/// largest mixing weight (%), and the entropy of its group softmax (min / mean / max over
+/// experts).
+pub fn routing_table(stats: &[LayerStats]) -> String {
+    let mut moe = String::new();
+    let mut mot = String::new();
     for s in stats {
-        let load: Vec<String> = s.load.iter().map(|l| format!("{:.0}", l * 100.0)).collect();
-        out += &format!(
-            "{:>5} | {:<40} | {:>6.2}% | {:>7.3} | {:.4} | {:.4} | {:.3}\n",
-            s.layer,
-            load.join(" "),
-            s.dropped * 100.0,
-            s.entropy,
-            s.aux_loss,
-            s.z_loss,
-            s.token_cosine
-        );
+        match s {
+            LayerStats::Moe(s) => {
+                let load: Vec<String> = s.load.iter().map(|l| format!("{:.0}", l * 100.0)).collect();
+                moe += &format!(
+                    "{:>5} | {:<40} | {:>6.2}% | {:>7.3} | {:.4} | {:.4} | {:.3}\n",
+                    s.layer,
+                    load.join(" "),
+                    s.dropped * 100.0,
+                    s.entropy,
+                    s.aux_loss,
+                    s.z_loss,
+                    s.token_cosine
+                );
+            }
+            LayerStats::Mot(s) => {
+                let peak: Vec<String> = s.max_weight.iter().map(|w| format!("{:.0}", w * 100.0)).collect();
+                let (lo, hi) = s.entropy.iter().fold((f64::MAX, f64::MIN), |(a, b), &h| (a.min(h), b.max(h)));
+                let mean = s.entropy.iter().sum::<f64>() / s.entropy.len().max(1) as f64;
+                mot += &format!("{:>5} | {:>6.3} | {:<40} | {:.3} / {:.3} / {:.3}\n", s.layer, s.temperature, peak.join(" "), lo, mean, hi);
+            }
+        }
+    }
+    let mut out = String::new();
+    if !moe.is_empty() {
+        out += "layer | load per expert (%)                      | dropped | entropy | aux    | z      | cos\n";
+        out += &moe;
+    }
+    if !mot.is_empty() {
+        out += "layer | temp   | top mixing weight per expert (%)         | group entropy min / mean / max\n";
+        out += &mot;
     }
     out
 }

@@ -6,7 +6,9 @@ pub mod attention;
 pub mod ffn;
 pub mod layers;
 pub mod moe;
+pub mod mot;
 pub mod params;
+pub mod routing;
 
 use crate::config::{Bias, FfnKind, ModelConfig, Position};
 use crate::data::Batch;
@@ -16,7 +18,9 @@ pub use attention::KvCache;
 use attention::Attention;
 use candle_core::{Device, Result, Tensor};
 use ffn::DenseFfn;
-use moe::{FfnContext, MoeLayer, RoutingStats};
+use moe::MoeLayer;
+use mot::MotLayer;
+use routing::{FfnContext, LayerStats};
 use layers::{Linear, Norm};
 pub use params::Params;
 
@@ -24,6 +28,7 @@ pub use params::Params;
 pub enum Ffn {
     Dense(DenseFfn),
     Moe(MoeLayer),
+    Mot(MotLayer),
 }
 
 impl Ffn {
@@ -31,6 +36,7 @@ impl Ffn {
         match self {
             Ffn::Dense(f) => f.forward(x),
             Ffn::Moe(m) => m.forward(x, ctx),
+            Ffn::Mot(m) => m.forward(x, ctx),
         }
     }
 }
@@ -55,7 +61,7 @@ pub struct LossParts {
     pub ce: Tensor,
     /// Weighted aux and z losses of the MoE layers, if any: added to `ce` for training.
     pub aux: Option<Tensor>,
-    pub stats: Vec<RoutingStats>,
+    pub stats: Vec<LayerStats>,
 }
 
 impl LossParts {
@@ -75,6 +81,8 @@ pub struct Transformer {
     blocks: Vec<Block>,
     norm: Option<Norm>,
     head: Linear,
+    /// MoT layers group this many sequences instead of `mot.group_size` (eval `--group-size`).
+    group_size: Option<usize>,
 }
 
 impl Transformer {
@@ -104,13 +112,41 @@ impl Transformer {
                     let f = if cfg.moe.expert_size == 0 { cfg.d_ff } else { cfg.moe.expert_size };
                     Ffn::Moe(MoeLayer::new(params, &mlp, i, &cfg.moe, d, f, cfg.activation)?)
                 }
+                (true, FfnKind::Mot) => {
+                    let f = mot::expert_size(&cfg.mot, cfg.d_ff);
+                    Ffn::Mot(MotLayer::new(params, &mlp, i, &cfg.mot, d, f, cfg.activation)?)
+                }
                 _ => Ffn::Dense(DenseFfn::new(params, &mlp, d, cfg.d_ff, cfg.activation, ffn_bias)?),
             };
             blocks.push(Block { norm1, attn, norm2, ffn });
         }
         let norm = if cfg.final_norm { Some(Norm::new(params, "model.norm", cfg.norm, d, cfg.norm_eps)?) } else { None };
         let head = if cfg.tie_embeddings { Linear { w: embed.clone(), b: None } } else { Linear::new(params, "lm_head", v, d, false)? };
-        Ok(Transformer { cfg: cfg.clone(), embed, positions, blocks, norm, head })
+        Ok(Transformer { cfg: cfg.clone(), embed, positions, blocks, norm, head, group_size: None })
+    }
+
+    /// The same model with its MoT layers mixing groups of `g` sequences: to study the effect
+    /// of the group size, or to run with fewer sequences than it was trained with.
+    pub fn with_group_size(mut self, g: usize) -> Transformer {
+        self.group_size = Some(g);
+        self
+    }
+
+    /// Sequences a batch must be a multiple of: the MoT group size, or 1.
+    pub fn batch_multiple(&self) -> usize {
+        if self.mot_layers().next().is_some() {
+            self.group_size.unwrap_or(self.cfg.mot.group_size)
+        } else {
+            1
+        }
+    }
+
+    /// Every MoT layer with its tensor-name prefix (`model.layers.{i}`).
+    pub fn mot_layers(&self) -> impl Iterator<Item = (String, &MotLayer)> {
+        self.blocks.iter().enumerate().filter_map(|(i, b)| match &b.ffn {
+            Ffn::Mot(m) => Some((format!("model.layers.{i}"), m)),
+            _ => None,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -121,7 +157,7 @@ impl Transformer {
     /// follow those already cached.
     pub fn forward(&self, ids: &Tensor, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
-        let mut ctx = FfnContext::new(false, b, s);
+        let mut ctx = self.context(false, b, s);
         self.head.forward(&self.hidden(ids, caches, &mut ctx)?)
     }
 
@@ -153,11 +189,15 @@ impl Transformer {
         let dev = self.device();
         let ids = Tensor::from_slice(&batch.inputs, (batch.rows, batch.seq_len), dev)?;
         let targets = Tensor::from_slice(&batch.targets, batch.rows * batch.seq_len, dev)?;
-        let mut ctx = FfnContext::new(train, batch.rows, batch.seq_len);
+        let mut ctx = self.context(train, batch.rows, batch.seq_len);
         let ce = linear_cross_entropy(&self.hidden(&ids, None, &mut ctx)?, &self.head.w, &targets, train)?;
         let moe = &self.cfg.moe;
         let aux = ctx.auxiliary_loss(moe.aux_loss_weight, moe.z_loss_weight)?;
         Ok(LossParts { ce, aux, stats: ctx.stats })
+    }
+
+    fn context(&self, train: bool, rows: usize, seq: usize) -> FfnContext {
+        FfnContext { group_size: self.group_size, ..FfnContext::new(train, rows, seq) }
     }
 
     pub fn new_caches(&self) -> Vec<KvCache> {
@@ -248,6 +288,17 @@ mod tests {
             c.moe.n_experts = 3;
             c.moe.top_k = 2;
             c.moe.capacity_factor = 0.0;
+        }));
+    }
+
+    #[test]
+    fn mot_model_gradients() {
+        check_model(tiny(|c| {
+            c.ffn = FfnKind::Mot;
+            c.ffn_layers = crate::config::FfnLayers::Named("second_half".into());
+            c.mot.n_experts = 2;
+            c.mot.group_size = 3;
+            c.mot.learn_temperature = true;
         }));
     }
 }

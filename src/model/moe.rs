@@ -6,11 +6,11 @@
 
 use super::ffn::activate;
 use super::params::Params;
+use super::routing::{FfnContext, LayerStats, RoutingStats};
 use crate::config::{Activation, Gate, MoeConfig, RouterKind, Routing};
 use crate::ops::grouped::grouped_matmul;
 use crate::ops::swiglu::swiglu;
 use candle_core::{DType, Result, Tensor, D};
-use serde::Serialize;
 
 /// E experts of width f with stacked weights `[E, f, d]` (gate, up) and `[E, d, f]` (down).
 pub struct Experts {
@@ -160,86 +160,6 @@ pub fn assign_expert_choice(probs: &[f32], e: usize, rows: usize, seq: usize, gr
     Assignment { per_expert, chosen: Vec::new(), dropped }
 }
 
-/// Routing statistics of one MoE layer for one forward call.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct RoutingStats {
-    pub layer: usize,
-    /// Share of routed slots each expert received.
-    pub load: Vec<f64>,
-    /// Share of choices (token choice) or tokens (expert choice) that no expert processed.
-    pub dropped: f64,
-    /// Mean entropy of the router's softmax over experts, in nats.
-    pub entropy: f64,
-    pub aux_loss: f64,
-    pub z_loss: f64,
-    /// Mean pairwise cosine similarity of the layer's input tokens (representation collapse);
-    /// measured in eval only (0 in training lines).
-    pub token_cosine: f64,
-}
-
-impl RoutingStats {
-    /// Per-layer means over several forward calls (micro-batches, eval batches).
-    pub fn average(calls: &[Vec<RoutingStats>]) -> Vec<RoutingStats> {
-        let Some(first) = calls.first() else { return Vec::new() };
-        let k = calls.len() as f64;
-        first
-            .iter()
-            .enumerate()
-            .map(|(i, s0)| {
-                let mut acc = RoutingStats { layer: s0.layer, load: vec![0.0; s0.load.len()], ..Default::default() };
-                for call in calls {
-                    let s = &call[i];
-                    acc.load.iter_mut().zip(&s.load).for_each(|(a, b)| *a += b / k);
-                    acc.dropped += s.dropped / k;
-                    acc.entropy += s.entropy / k;
-                    acc.aux_loss += s.aux_loss / k;
-                    acc.z_loss += s.z_loss / k;
-                    acc.token_cosine += s.token_cosine / k;
-                }
-                acc
-            })
-            .collect()
-    }
-}
-
-/// What a forward pass collects besides its output: auxiliary losses and routing statistics.
-pub struct FfnContext {
-    pub train: bool,
-    /// Batch rows and sequence length of the `[B·S, d]` activations.
-    pub rows: usize,
-    pub seq: usize,
-    pub aux_losses: Vec<Tensor>,
-    pub z_losses: Vec<Tensor>,
-    pub stats: Vec<RoutingStats>,
-}
-
-impl FfnContext {
-    pub fn new(train: bool, rows: usize, seq: usize) -> FfnContext {
-        FfnContext { train, rows, seq, aux_losses: Vec::new(), z_losses: Vec::new(), stats: Vec::new() }
-    }
-
-    /// `w_aux · mean(aux) + w_z · mean(z)` over the layers, or None without MoE layers.
-    pub fn auxiliary_loss(&self, aux_weight: f64, z_weight: f64) -> Result<Option<Tensor>> {
-        let mean = |ts: &[Tensor]| -> Result<Option<Tensor>> {
-            if ts.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some((Tensor::stack(ts, 0)?.sum_all()? / ts.len() as f64)?))
-        };
-        let mut total: Option<Tensor> = None;
-        for (t, w) in [(mean(&self.aux_losses)?, aux_weight), (mean(&self.z_losses)?, z_weight)] {
-            if let (Some(t), true) = (t, w > 0.0) {
-                let t = (t * w)?;
-                total = Some(match total {
-                    Some(acc) => (acc + t)?,
-                    None => t,
-                });
-            }
-        }
-        Ok(total)
-    }
-}
-
 pub struct MoeLayer {
     pub index: usize,
     pub router: Router,
@@ -340,7 +260,7 @@ impl MoeLayer {
         let entropy = p_host.chunks(e).map(|r| -r.iter().filter(|&&v| v > 0.0).map(|v| v * v.ln()).sum::<f64>()).sum::<f64>() / n as f64;
         let load = a.per_expert.iter().map(|t| t.len() as f64 / slots.max(1) as f64).collect();
         let denom = if self.cfg.routing == Routing::TokenChoice { slots } else { n };
-        ctx.stats.push(RoutingStats {
+        ctx.stats.push(LayerStats::Moe(RoutingStats {
             layer: self.index,
             load,
             dropped: a.dropped as f64 / denom.max(1) as f64,
@@ -349,7 +269,7 @@ impl MoeLayer {
             z_loss: z_value,
             // A diagnostic for eval (representation collapse), not worth its cost every step.
             token_cosine: if ctx.train { 0.0 } else { mean_pairwise_cosine(x)? },
-        });
+        }));
         Ok(())
     }
 }
@@ -370,6 +290,13 @@ mod tests {
     use super::*;
     use crate::ops::testing::{central_difference, randn};
     use candle_core::{Device, Var};
+
+    fn moe_stats(ctx: &FfnContext) -> &RoutingStats {
+        match &ctx.stats[0] {
+            LayerStats::Moe(s) => s,
+            LayerStats::Mot(_) => panic!("expected MoE statistics"),
+        }
+    }
 
     fn f64_var(shape: &[usize], seed: u64, scale: f64) -> Var {
         Var::from_tensor(&(randn(shape, seed).to_dtype(DType::F64).unwrap() * scale).unwrap()).unwrap()
@@ -460,9 +387,9 @@ mod tests {
         let aux = 2.0 * (2.0 / 3.0 * mean_p.0 + 1.0 / 3.0 * mean_p.1);
         let lse = |a: f64, b: f64| (a.exp() + b.exp()).ln();
         let z = (lse(2.0, 0.0).powi(2) + lse(0.0, 1.0).powi(2) + lse(1.0, 1.0).powi(2)) / 3.0;
-        assert!((ctx.stats[0].aux_loss - aux).abs() < 1e-12, "{} vs {aux}", ctx.stats[0].aux_loss);
-        assert!((ctx.stats[0].z_loss - z).abs() < 1e-12);
-        assert_eq!(ctx.stats[0].load, vec![2.0 / 3.0, 1.0 / 3.0]);
+        assert!((moe_stats(&ctx).aux_loss - aux).abs() < 1e-12, "{} vs {aux}", moe_stats(&ctx).aux_loss);
+        assert!((moe_stats(&ctx).z_loss - z).abs() < 1e-12);
+        assert_eq!(moe_stats(&ctx).load, vec![2.0 / 3.0, 1.0 / 3.0]);
     }
 
     #[test]
@@ -472,7 +399,7 @@ mod tests {
         let x = randn(&[12, 6], 9).to_dtype(DType::F64).unwrap();
         let run = |l: &MoeLayer, train: bool| {
             let mut ctx = FfnContext::new(train, 4, 3);
-            (l.forward(&x, &mut ctx).unwrap(), ctx.stats[0].dropped)
+            (l.forward(&x, &mut ctx).unwrap(), moe_stats(&ctx).dropped)
         };
         let (dropless, d0) = run(&layer, true);
         let big = MoeLayer { cfg: MoeConfig { capacity_factor: 100.0, ..cfg.clone() }, ..layer };

@@ -5,6 +5,9 @@
 pub mod attention;
 pub mod grouped;
 pub mod linear_ce;
+pub mod mot;
+#[cfg(feature = "cuda")]
+mod mot_cuda;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;

@@ -9,7 +9,7 @@ use crate::config::{Config, NanPolicy};
 use crate::data::{self, EvalStream, TrainLoader};
 use crate::eval::{evaluate, EvalResult};
 use crate::metrics::{format_duration, MetricsLog, Progress};
-use crate::model::moe::RoutingStats;
+use crate::model::routing::LayerStats;
 use crate::model::{Params, Transformer};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -32,7 +32,7 @@ pub struct StepStats {
     /// The update was skipped: the loss or the gradient norm was not finite.
     pub skipped: bool,
     /// Per MoE layer, averaged over the micro-batches.
-    pub routing: Vec<RoutingStats>,
+    pub routing: Vec<LayerStats>,
 }
 
 pub struct Trainer {
@@ -154,7 +154,7 @@ impl Trainer {
         }
         self.step += 1;
         self.tokens += self.tokens_per_step();
-        Ok(StepStats { loss, grad_norm, lr, skipped, routing: RoutingStats::average(&stats) })
+        Ok(StepStats { loss, grad_norm, lr, skipped, routing: LayerStats::average(&stats) })
     }
 
     pub fn eval(&self) -> Result<Option<EvalResult>> {

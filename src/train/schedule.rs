@@ -4,7 +4,8 @@
 use crate::config::{Schedule, TrainConfig};
 
 pub fn learning_rate(t: &TrainConfig, step: usize) -> f64 {
-    let (lr, r, w, n) = (t.lr, t.min_lr_ratio, t.warmup_steps, t.steps);
+    let n = if t.schedule_steps > 0 { t.schedule_steps } else { t.steps };
+    let (lr, r, w) = (t.lr, t.min_lr_ratio, t.warmup_steps);
     if step < w {
         return lr * (step + 1) as f64 / w as f64;
     }

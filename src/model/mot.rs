@@ -1,0 +1,236 @@
+//! Mixture of Tokens (`models.md`, arXiv 2310.15961): a continuous MoE whose experts see
+//! weighted mixtures of tokens from G different sequences at one position.
+//!
+//! 1. group: rows `[kG, kG+G)` at position s form group n = k·S + s;
+//! 2. logits `z = x·Cᵀ`, one per token and expert;
+//! 3. weights `w = softmax(z / T)` over the G tokens of the group, per expert;
+//! 4. merge `m_e = Σ_i w[i,e] · x_i`; 5. experts `y_e = FFN_e(m_e)`;
+//! 6. emit: token i gets `Σ_e w[i,e] · y_e`.
+//!
+//! Steps 3, 4 and 6 are the fused ops of `ops::mot`; the experts are the shared `Experts`.
+
+use super::moe::Experts;
+use super::params::Params;
+use super::routing::{FfnContext, LayerStats, MixingStats};
+use crate::config::{Activation, MotConfig};
+use crate::ops::mot::{emit, group_softmax, merge};
+use candle_core::{DType, Result, Tensor};
+
+pub enum Temperature {
+    Fixed(f64),
+    /// `T = exp(log_temperature)`, a trained scalar.
+    Learned(Tensor),
+}
+
+pub struct MotLayer {
+    pub index: usize,
+    /// `C [E, d]`: the same layout as a MoE router, which it becomes in transition tuning.
+    pub controller: Tensor,
+    pub experts: Experts,
+    pub temperature: Temperature,
+    group_size: usize,
+}
+
+impl MotLayer {
+    pub fn new(p: &mut Params, prefix: &str, index: usize, cfg: &MotConfig, d: usize, f: usize, activation: Activation) -> Result<MotLayer> {
+        let e = cfg.n_experts;
+        let temperature = match cfg.learn_temperature {
+            true => Temperature::Learned(p.constant(&format!("{prefix}.log_temperature"), &[], cfg.temperature.ln() as f32)?),
+            false => Temperature::Fixed(cfg.temperature),
+        };
+        Ok(MotLayer {
+            index,
+            controller: p.matrix(&format!("{prefix}.controller.weight"), &[e, d])?,
+            experts: Experts::new(p, &format!("{prefix}.experts"), e, d, f, activation)?,
+            temperature,
+            group_size: cfg.group_size,
+        })
+    }
+
+    /// `x [B·S, d]` → `[B·S, d]`.
+    pub fn forward(&self, x: &Tensor, ctx: &mut FfnContext) -> Result<Tensor> {
+        let g = ctx.group_size.unwrap_or(self.group_size);
+        let (b, s) = (ctx.rows, ctx.seq);
+        let (d, e) = (x.dim(1)?, self.experts.count());
+        let z = x.matmul(&self.controller.t()?)?.reshape((b, s, e))?; // [B, S, E]
+        let w = group_softmax(&self.scaled(&z)?, g)?; // [B, S, E]
+        let m = merge(&x.reshape((b, s, d))?, &w, g)?; // [E, N, d]
+        let n = m.dim(1)?;
+        let offsets: Vec<usize> = (0..=e).map(|i| i * n).collect();
+        let y = self.experts.forward(&m.reshape((e * n, d))?, &offsets)?.reshape((e, n, d))?;
+        ctx.stats.push(LayerStats::Mot(self.statistics(&w, g)?));
+        emit(&y, &w, g)?.reshape((b * s, d))
+    }
+
+    /// `z / T`.
+    fn scaled(&self, z: &Tensor) -> Result<Tensor> {
+        match &self.temperature {
+            Temperature::Fixed(t) if *t == 1.0 => Ok(z.clone()),
+            Temperature::Fixed(t) => z / *t,
+            Temperature::Learned(log_t) => z.broadcast_div(&log_t.exp()?.to_dtype(z.dtype())?),
+        }
+    }
+
+    pub fn temperature_value(&self) -> Result<f64> {
+        match &self.temperature {
+            Temperature::Fixed(t) => Ok(*t),
+            Temperature::Learned(log_t) => Ok(log_t.to_dtype(DType::F64)?.to_scalar::<f64>()?.exp()),
+        }
+    }
+
+    /// Per expert: the mean over groups of its largest weight and of its softmax's entropy.
+    fn statistics(&self, w: &Tensor, g: usize) -> Result<MixingStats> {
+        let (b, s, e) = w.dims3()?;
+        let w: Vec<f32> = w.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let (mut max_weight, mut entropy) = (vec![0f64; e], vec![0f64; e]);
+        let groups = (b / g * s) as f64;
+        for k in 0..b / g {
+            for p in 0..s {
+                for ex in 0..e {
+                    let (mut mx, mut h) = (0f64, 0f64);
+                    for i in 0..g {
+                        let v = w[((k * g + i) * s + p) * e + ex] as f64;
+                        mx = mx.max(v);
+                        if v > 0.0 {
+                            h -= v * v.ln();
+                        }
+                    }
+                    max_weight[ex] += mx / groups;
+                    entropy[ex] += h / groups;
+                }
+            }
+        }
+        Ok(MixingStats { layer: self.index, temperature: self.temperature_value()?, max_weight, entropy })
+    }
+}
+
+/// The expert width: `expert_size`, or FLOP-matched `d_ff · G / E` so that the expert compute
+/// per token equals a dense FFN's.
+pub fn expert_size(cfg: &MotConfig, d_ff: usize) -> usize {
+    if cfg.expert_size > 0 {
+        cfg.expert_size
+    } else {
+        d_ff * cfg.group_size / cfg.n_experts.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{central_difference, randn};
+    use candle_core::{Device, Var};
+
+    fn f64_var(shape: &[usize], seed: u64, scale: f64) -> Var {
+        Var::from_tensor(&(randn(shape, seed).to_dtype(DType::F64).unwrap() * scale).unwrap()).unwrap()
+    }
+
+    /// A layer over f64 variables (plain formulation), with a learned temperature.
+    fn layer(e: usize, d: usize, f: usize, g: usize, activation: Activation) -> (MotLayer, Vec<Var>) {
+        let mut p = Params::new(&Device::Cpu, 5, 0.5).with_dtype(DType::F64);
+        let cfg = MotConfig { n_experts: e, group_size: g, expert_size: f, temperature: 0.7, learn_temperature: true };
+        let layer = MotLayer::new(&mut p, "mlp", 0, &cfg, d, f, activation).unwrap();
+        let vars = p.iter().map(|(_, v)| v.clone()).collect();
+        (layer, vars)
+    }
+
+    /// Every parameter (controller, learned temperature, experts) and the input, against
+    /// central finite differences.
+    #[test]
+    fn gradients_match_finite_differences() {
+        for (activation, g) in [(Activation::Swiglu, 2), (Activation::Gelu, 4), (Activation::Relu, 1)] {
+            let (b, s, d, e, f) = (4, 3, 5, 3, 4);
+            let (layer, mut vars) = layer(e, d, f, g, activation);
+            let x = f64_var(&[b * s, d], 7, 1.0);
+            vars.push(x.clone());
+            let proj = randn(&[b * s, d], 8).to_dtype(DType::F64).unwrap();
+            let loss = || -> Tensor {
+                let mut ctx = FfnContext::new(true, b, s);
+                (layer.forward(x.as_tensor(), &mut ctx).unwrap() * &proj).unwrap().sum_all().unwrap()
+            };
+            let grads = loss().backward().unwrap();
+            for (i, v) in vars.iter().enumerate() {
+                let grad: Vec<f64> = grads.get(v).unwrap_or_else(|| panic!("var {i} got no gradient")).flatten_all().unwrap().to_vec1().unwrap();
+                let n = v.elem_count();
+                for k in (0..n).step_by((n / 6).max(1)) {
+                    let numeric = central_difference(v, k, || loss().to_scalar::<f64>().unwrap());
+                    assert!((numeric - grad[k]).abs() <= 1e-6 * (1.0 + numeric.abs()), "{activation:?} var {i}[{k}]: autograd {} vs finite difference {numeric}", grad[k]);
+                }
+            }
+        }
+    }
+
+    /// The layer against a per-group loop: for each group, the G tokens, a softmax per expert,
+    /// each expert run on its one merged token, and the emit — no fused op involved.
+    #[test]
+    fn layer_matches_a_naive_per_group_loop() {
+        let (b, s, d, e, f, g) = (6, 4, 8, 5, 6, 3);
+        let mut p = Params::new(&Device::Cpu, 9, 0.5);
+        let cfg = MotConfig { n_experts: e, group_size: g, expert_size: f, temperature: 1.3, learn_temperature: false };
+        let layer = MotLayer::new(&mut p, "mlp", 0, &cfg, d, f, Activation::Swiglu).unwrap();
+        let x = randn(&[b * s, d], 3);
+        let out = layer.forward(&x, &mut FfnContext::new(false, b, s)).unwrap();
+
+        let get = |name: &str| p.get(name).unwrap().as_tensor().clone();
+        let (c, gate, up, down) = (get("mlp.controller.weight"), get("mlp.experts.gate"), get("mlp.experts.up"), get("mlp.experts.down"));
+        let mut expected = vec![Tensor::zeros((1, d), DType::F32, &Device::Cpu).unwrap(); b * s];
+        for k in 0..b / g {
+            for pos in 0..s {
+                let rows: Vec<usize> = (0..g).map(|i| (k * g + i) * s + pos).collect();
+                let xs: Vec<Tensor> = rows.iter().map(|&r| x.narrow(0, r, 1).unwrap()).collect();
+                for ex in 0..e {
+                    let logits: Vec<f32> = xs.iter().map(|xi| (xi.matmul(&c.get(ex).unwrap().unsqueeze(1).unwrap()).unwrap().to_vec2::<f32>().unwrap()[0][0]) / 1.3).collect();
+                    let mx = logits.iter().cloned().fold(f32::MIN, f32::max);
+                    let total: f32 = logits.iter().map(|l| (l - mx).exp()).sum();
+                    let w: Vec<f32> = logits.iter().map(|l| (l - mx).exp() / total).collect();
+                    let mut merged = Tensor::zeros((1, d), DType::F32, &Device::Cpu).unwrap();
+                    for (xi, wi) in xs.iter().zip(&w) {
+                        merged = (merged + (xi * *wi as f64).unwrap()).unwrap();
+                    }
+                    let hg = merged.matmul(&gate.get(ex).unwrap().t().unwrap()).unwrap();
+                    let hu = merged.matmul(&up.get(ex).unwrap().t().unwrap()).unwrap();
+                    let y = (candle_nn::ops::silu(&hg).unwrap() * hu).unwrap().matmul(&down.get(ex).unwrap().t().unwrap()).unwrap();
+                    for (&r, wi) in rows.iter().zip(&w) {
+                        expected[r] = (&expected[r] + (&y * *wi as f64).unwrap()).unwrap();
+                    }
+                }
+            }
+        }
+        let expected = Tensor::cat(&expected, 0).unwrap();
+        crate::ops::testing::assert_close(&out, &expected, 1e-5);
+    }
+
+    #[test]
+    fn statistics_are_uniform_for_a_zero_controller_and_peaked_for_a_large_one() {
+        let (b, s, d, e, g) = (4, 2, 3, 2, 4);
+        let mut p = Params::new(&Device::Cpu, 1, 0.5);
+        let cfg = MotConfig { n_experts: e, group_size: g, expert_size: 4, temperature: 1.0, learn_temperature: false };
+        let mut layer = MotLayer::new(&mut p, "mlp", 3, &cfg, d, 4, Activation::Relu).unwrap();
+        let x = randn(&[b * s, d], 2);
+        let stats = |layer: &MotLayer| {
+            let mut ctx = FfnContext::new(false, b, s);
+            layer.forward(&x, &mut ctx).unwrap();
+            match ctx.stats.pop().unwrap() {
+                LayerStats::Mot(m) => m,
+                LayerStats::Moe(_) => panic!("expected MoT statistics"),
+            }
+        };
+        layer.controller = Tensor::zeros((e, d), DType::F32, &Device::Cpu).unwrap();
+        let uniform = stats(&layer);
+        assert_eq!(uniform.layer, 3);
+        for ex in 0..e {
+            assert!((uniform.max_weight[ex] - 0.25).abs() < 1e-6);
+            assert!((uniform.entropy[ex] - 4f64.ln()).abs() < 1e-5);
+        }
+        layer.controller = (randn(&[e, d], 4) * 1000.0).unwrap();
+        let peaked = stats(&layer);
+        assert!(peaked.max_weight.iter().all(|&m| m > 0.99), "{:?}", peaked.max_weight);
+        assert!(peaked.entropy.iter().all(|&h| h < 0.05), "{:?}", peaked.entropy);
+    }
+
+    #[test]
+    fn flop_matched_expert_size() {
+        let cfg = MotConfig { n_experts: 16, group_size: 32, ..Default::default() };
+        assert_eq!(expert_size(&cfg, 1024), 2048);
+        assert_eq!(expert_size(&MotConfig { expert_size: 100, ..cfg }, 1024), 100);
+    }
+}

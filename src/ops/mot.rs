@@ -1,0 +1,468 @@
+//! The mixing and unmixing steps of Mixture of Tokens (`kernels.md`), as fused ops that read
+//! the `[B, S, d]` activations in place and produce the `[E, N, d]` layout the expert matmuls
+//! want, without materialising the batch transposed into groups.
+//!
+//! Shapes: B batch rows, S positions, E experts, group size G (B % G == 0), K = B/G groups per
+//! position and N = K·S groups in all. Group n = k·S + s holds rows `[kG, kG+G)` at position s.
+//!
+//! Four kernels cover forward and backward, because each step's backward is another step:
+//! - `group_softmax`: `w = softmax over the G rows of a group`, per expert;
+//! - `merge`:  `m[e, n] = Σ_{i∈n} w[i, e] · x_i`            (the mixing step);
+//! - `emit`:   `out_i  = Σ_e w[i, e] · y[e, n(i)]`           (the unmixing step);
+//! - `group_dot`: `r[i, e] = ⟨a_i, c[e, n(i)]⟩`              (the weights' gradient of both).
+//!
+//! `d merge/dx = emit(dm, w)`, `d emit/dy = merge(dout, w)`, and the weights' gradients are
+//! `group_dot(x, dm)` and `group_dot(dout, y)`. The softmax is `B·S·E` elements (d times fewer
+//! than merge), so it stays a separate pass whose backward is a few candle ops.
+
+use super::{fused, slice};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Softmax of `z [B, S, E]` over the G rows of each group, separately per expert.
+pub fn group_softmax(z: &Tensor, g: usize) -> Result<Tensor> {
+    let (b, _, _) = z.dims3()?;
+    check_group(b, g)?;
+    if use_kernel(&[z]) {
+        z.contiguous()?.apply_op1(GroupSoftmax { g })
+    } else {
+        group_softmax_reference(z, g)
+    }
+}
+
+/// Mixing: `x [B, S, d]`, `w [B, S, E]` → `m [E, N, d]`.
+pub fn merge(x: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    check_group(b, g)?;
+    if w.dims3()?.0 != b || w.dim(1)? != s {
+        candle_core::bail!("mot merge: weights {:?} do not match activations {:?}", w.dims(), x.dims());
+    }
+    if use_kernel(&[x, w]) {
+        x.contiguous()?.apply_op2(&w.contiguous()?, Merge { g })
+    } else {
+        merge_reference(x, w, g)
+    }
+}
+
+/// Unmixing: `y [E, N, d]`, `w [B, S, E]` → `out [B, S, d]`.
+pub fn emit(y: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
+    let (b, s, e) = w.dims3()?;
+    check_group(b, g)?;
+    if y.dims3()?.0 != e || y.dim(1)? != b / g * s {
+        candle_core::bail!("mot emit: expert outputs {:?} do not match weights {:?}", y.dims(), w.dims());
+    }
+    if use_kernel(&[y, w]) {
+        y.contiguous()?.apply_op2(&w.contiguous()?, Emit { g })
+    } else {
+        emit_reference(y, w, g)
+    }
+}
+
+fn check_group(b: usize, g: usize) -> Result<()> {
+    if g == 0 || b % g != 0 {
+        candle_core::bail!("Mixture of Tokens groups {g} sequences at one position, so the batch ({b} sequences) must be a multiple of {g}");
+    }
+    Ok(())
+}
+
+/// Our kernels exist for f32 on CPU, and for f32 and bf16 on CUDA.
+fn use_kernel(ts: &[&Tensor]) -> bool {
+    fused(ts) || (cfg!(feature = "cuda") && ts.iter().all(|t| t.device().is_cuda() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::BF16)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plain formulation: transposes into groups and batched matmuls. The reference for tests,
+// and what runs on dtypes the kernels do not cover.
+
+/// `[B, S, F]` → `[K, G, S, F]`, the view in which the group is an axis.
+fn grouped(t: &Tensor, g: usize) -> Result<Tensor> {
+    let (b, s, f) = t.dims3()?;
+    t.reshape((b / g, g, s, f))
+}
+
+pub fn group_softmax_reference(z: &Tensor, g: usize) -> Result<Tensor> {
+    let zg = grouped(z, g)?;
+    let e = zg.broadcast_sub(&zg.max_keepdim(1)?)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(1)?)?.reshape(z.shape())
+}
+
+pub fn merge_reference(x: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
+    let (_, _, d) = x.dims3()?;
+    let e = w.dim(2)?;
+    let xg = grouped(x, g)?.permute((0, 2, 1, 3))?.contiguous()?; // [K, S, G, d]
+    let wg = grouped(w, g)?.permute((0, 2, 3, 1))?.contiguous()?; // [K, S, E, G]
+    let m = wg.matmul(&xg)?; // [K, S, E, d]
+    m.permute((2, 0, 1, 3))?.contiguous()?.reshape((e, (), d))
+}
+
+pub fn emit_reference(y: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
+    let (b, s, e) = w.dims3()?;
+    let d = y.dim(2)?;
+    let yk = y.reshape((e, b / g, s, d))?.permute((1, 2, 0, 3))?.contiguous()?; // [K, S, E, d]
+    let wg = grouped(w, g)?.permute((0, 2, 1, 3))?.contiguous()?; // [K, S, G, E]
+    let out = wg.matmul(&yk)?; // [K, S, G, d]
+    out.permute((0, 2, 1, 3))?.contiguous()?.reshape((b, s, d))
+}
+
+pub fn group_dot_reference(a: &Tensor, c: &Tensor, g: usize) -> Result<Tensor> {
+    let (b, s, d) = a.dims3()?;
+    let e = c.dim(0)?;
+    let ag = grouped(a, g)?.permute((0, 2, 1, 3))?.contiguous()?; // [K, S, G, d]
+    let ck = c.reshape((e, b / g, s, d))?.permute((1, 2, 3, 0))?.contiguous()?; // [K, S, d, E]
+    ag.matmul(&ck)?.permute((0, 2, 1, 3))?.contiguous()?.reshape((b, s, e))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+
+struct GroupSoftmax {
+    g: usize,
+}
+
+struct Merge {
+    g: usize,
+}
+
+struct Emit {
+    g: usize,
+}
+
+/// Forward-only: used inside the backward passes.
+struct GroupDot {
+    g: usize,
+}
+
+impl CustomOp1 for GroupSoftmax {
+    fn name(&self) -> &'static str {
+        "mot-group-softmax"
+    }
+
+    fn cpu_fwd(&self, zs: &CpuStorage, zl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, s, e) = zl.shape().dims3()?;
+        Ok((CpuStorage::F32(cpu::group_softmax(slice(zs, zl)?, b, s, e, self.g)), zl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, zs: &candle_core::CudaStorage, zl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::mot_cuda::group_softmax(zs, zl, self.g)
+    }
+
+    /// `dz = w ⊙ (dw − Σ_group w ⊙ dw)`.
+    fn bwd(&self, _z: &Tensor, w: &Tensor, dw: &Tensor) -> Result<Option<Tensor>> {
+        let wdw = (w * dw)?;
+        let sum = grouped(&wdw, self.g)?.sum_keepdim(1)?; // [K, 1, S, E]
+        let dz = (grouped(&wdw, self.g)? - grouped(w, self.g)?.broadcast_mul(&sum)?)?;
+        Ok(Some(dz.reshape(w.shape())?))
+    }
+}
+
+impl CustomOp2 for Merge {
+    fn name(&self) -> &'static str {
+        "mot-merge"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, s, d) = xl.shape().dims3()?;
+        let e = wl.shape().dims3()?.2;
+        let m = cpu::merge(slice(xs, xl)?, slice(ws, wl)?, b, s, d, e, self.g);
+        Ok((CpuStorage::F32(m), Shape::from((e, b / self.g * s, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::mot_cuda::merge(xs, xl, ws, wl, self.g)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _m: &Tensor, dm: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dm = dm.contiguous()?;
+        let dx = dm.apply_op2_no_bwd(w, &Emit { g: self.g })?;
+        let dw = x.apply_op2_no_bwd(&dm, &GroupDot { g: self.g })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp2 for Emit {
+    fn name(&self) -> &'static str {
+        "mot-emit"
+    }
+
+    fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, s, e) = wl.shape().dims3()?;
+        let d = yl.shape().dims3()?.2;
+        let out = cpu::emit(slice(ys, yl)?, slice(ws, wl)?, b, s, d, e, self.g);
+        Ok((CpuStorage::F32(out), Shape::from((b, s, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::mot_cuda::emit(ys, yl, ws, wl, self.g)
+    }
+
+    fn bwd(&self, y: &Tensor, w: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dout = dout.contiguous()?;
+        let dy = dout.apply_op2_no_bwd(w, &Merge { g: self.g })?;
+        let dw = dout.apply_op2_no_bwd(y, &GroupDot { g: self.g })?;
+        Ok((Some(dy), Some(dw)))
+    }
+}
+
+impl CustomOp2 for GroupDot {
+    fn name(&self) -> &'static str {
+        "mot-group-dot"
+    }
+
+    fn cpu_fwd(&self, as_: &CpuStorage, al: &Layout, cs: &CpuStorage, cl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, s, d) = al.shape().dims3()?;
+        let e = cl.shape().dims3()?.0;
+        let r = cpu::group_dot(slice(as_, al)?, slice(cs, cl)?, b, s, d, e, self.g);
+        Ok((CpuStorage::F32(r), Shape::from((b, s, e))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        as_: &candle_core::CudaStorage,
+        al: &Layout,
+        cs: &candle_core::CudaStorage,
+        cl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::mot_cuda::group_dot(as_, al, cs, cl, self.g)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+/// The CPU kernels. Work is split into tasks of (group row-block k, block of positions), so a
+/// task reads its G input rows once while they sit in L1 and writes rows no other task touches.
+mod cpu {
+    use super::*;
+    use crate::ops::vec::{dot, exp, max};
+
+    /// Positions per task: enough tasks to keep every thread busy, whatever K is.
+    fn positions_per_task(k: usize, s: usize) -> usize {
+        let blocks = (4 * rayon::current_num_threads()).div_ceil(k).max(1);
+        s.div_ceil(blocks).max(1)
+    }
+
+    /// Splits `buf`, seen as `[outer, S, width]`, into the pieces each task writes: task
+    /// `(k, p)` gets, for every outer index `o` with `owner(o) == k` (in order of `o`), rows
+    /// `[p·sb, (p+1)·sb)` of that `[S, width]` slab.
+    fn split<'a>(buf: &'a mut [f32], s: usize, width: usize, sb: usize, k: usize, owner: impl Fn(usize) -> usize) -> Vec<Vec<&'a mut [f32]>> {
+        let per_k = s.div_ceil(sb);
+        let mut tasks: Vec<Vec<&mut [f32]>> = (0..k * per_k).map(|_| Vec::new()).collect();
+        if width == 0 || s == 0 {
+            return tasks;
+        }
+        for (o, slab) in buf.chunks_mut(s * width).enumerate() {
+            for (p, piece) in slab.chunks_mut(sb * width).enumerate() {
+                tasks[owner(o) * per_k + p].push(piece);
+            }
+        }
+        tasks
+    }
+
+    /// `dst += a · src`, a loop the compiler vectorises.
+    #[inline]
+    fn axpy(dst: &mut [f32], a: f32, src: &[f32]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d += a * x;
+        }
+    }
+
+    pub fn group_softmax(z: &[f32], b: usize, s: usize, e: usize, g: usize) -> Vec<f32> {
+        let k = b / g;
+        let sb = positions_per_task(k, s);
+        let mut w = vec![0f32; z.len()];
+        split(&mut w, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(|(t, mut rows)| {
+            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+            let mut col = vec![0f32; g];
+            for ds in 0..rows.first().map_or(0, |r| r.len() / e) {
+                for ex in 0..e {
+                    for (i, c) in col.iter_mut().enumerate() {
+                        *c = z[((kk * g + i) * s + s0 + ds) * e + ex];
+                    }
+                    let m = max(&col);
+                    col.iter_mut().for_each(|c| *c = exp(*c - m));
+                    let total: f32 = col.iter().sum();
+                    for (i, row) in rows.iter_mut().enumerate() {
+                        row[ds * e + ex] = col[i] / total;
+                    }
+                }
+            }
+        });
+        w
+    }
+
+    pub fn merge(x: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
+        let k = b / g;
+        let sb = positions_per_task(k, s);
+        let mut m = vec![0f32; e * k * s * d];
+        // m is [E·K, S, d]: slab o = ex·K + kk belongs to group row-block kk.
+        split(&mut m, s, d, sb, k, |o| o % k).into_par_iter().enumerate().for_each(|(t, mut experts)| {
+            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+            for ds in 0..experts.first().map_or(0, |r| r.len() / d) {
+                let row = |i: usize| (kk * g + i) * s + s0 + ds;
+                for (ex, dst) in experts.iter_mut().enumerate() {
+                    let dst = &mut dst[ds * d..(ds + 1) * d];
+                    for i in 0..g {
+                        axpy(dst, w[row(i) * e + ex], &x[row(i) * d..(row(i) + 1) * d]);
+                    }
+                }
+            }
+        });
+        m
+    }
+
+    pub fn emit(y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
+        let k = b / g;
+        let sb = positions_per_task(k, s);
+        let mut out = vec![0f32; b * s * d];
+        split(&mut out, s, d, sb, k, |o| o / g).into_par_iter().enumerate().for_each(|(t, mut members)| {
+            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+            for ds in 0..members.first().map_or(0, |r| r.len() / d) {
+                let n = kk * s + s0 + ds;
+                for (i, dst) in members.iter_mut().enumerate() {
+                    let dst = &mut dst[ds * d..(ds + 1) * d];
+                    let wi = &w[((kk * g + i) * s + s0 + ds) * e..][..e];
+                    for (ex, &wv) in wi.iter().enumerate() {
+                        axpy(dst, wv, &y[(ex * k * s + n) * d..][..d]);
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    pub fn group_dot(a: &[f32], c: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
+        let k = b / g;
+        let sb = positions_per_task(k, s);
+        let mut r = vec![0f32; b * s * e];
+        split(&mut r, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(|(t, mut members)| {
+            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+            for ds in 0..members.first().map_or(0, |r| r.len() / e) {
+                let n = kk * s + s0 + ds;
+                for (i, dst) in members.iter_mut().enumerate() {
+                    let ai = &a[((kk * g + i) * s + s0 + ds) * d..][..d];
+                    for (ex, v) in dst[ds * e..(ds + 1) * e].iter_mut().enumerate() {
+                        *v = dot(ai, &c[(ex * k * s + n) * d..][..d]);
+                    }
+                }
+            }
+        });
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{assert_close, check_grads, randn};
+    use candle_core::{DType, Device};
+
+    /// (B, S, d, E, G): G = 1, G = B, uneven widths, more experts than rows.
+    const SHAPES: [(usize, usize, usize, usize, usize); 5] = [(4, 3, 5, 3, 2), (6, 7, 9, 4, 1), (4, 5, 3, 2, 4), (8, 2, 17, 11, 4), (3, 1, 4, 5, 3)];
+
+    /// A naive loop over groups, experts and members, written from `models.md` alone.
+    fn naive(x: &[f32], z: &[f32], (b, s, d, e, g): (usize, usize, usize, usize, usize)) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (mut w, mut m, mut out) = (vec![0f32; b * s * e], vec![0f32; e * b / g * s * d], vec![0f32; b * s * d]);
+        for kk in 0..b / g {
+            for p in 0..s {
+                let n = kk * s + p;
+                let row = |i: usize| (kk * g + i) * s + p;
+                for ex in 0..e {
+                    let mx = (0..g).map(|i| z[row(i) * e + ex]).fold(f32::MIN, f32::max);
+                    let total: f32 = (0..g).map(|i| (z[row(i) * e + ex] - mx).exp()).sum();
+                    for i in 0..g {
+                        w[row(i) * e + ex] = (z[row(i) * e + ex] - mx).exp() / total;
+                        for j in 0..d {
+                            m[(ex * (b / g) * s + n) * d + j] += w[row(i) * e + ex] * x[row(i) * d + j];
+                        }
+                    }
+                }
+                // Emit with y = m (the identity expert), so the test needs no expert.
+                for i in 0..g {
+                    for ex in 0..e {
+                        for j in 0..d {
+                            out[row(i) * d + j] += w[row(i) * e + ex] * m[(ex * (b / g) * s + n) * d + j];
+                        }
+                    }
+                }
+            }
+        }
+        (w, m, out)
+    }
+
+    #[test]
+    fn cpu_kernels_match_a_naive_loop() {
+        kernels_match_a_naive_loop(&Device::Cpu);
+    }
+
+    /// The same test on the GPU. Without the `cuda` feature cargo lists it as ignored; built
+    /// with it on a machine without a device, it fails rather than pass without running.
+    #[test]
+    #[cfg_attr(not(feature = "cuda"), ignore = "CUDA skipped: built without the `cuda` feature")]
+    fn cuda_kernels_match_a_naive_loop() {
+        let dev = Device::new_cuda(0).expect("built with the `cuda` feature but no CUDA device is present");
+        kernels_match_a_naive_loop(&dev);
+    }
+
+    fn kernels_match_a_naive_loop(dev: &Device) {
+        {
+            for (i, &(b, s, d, e, g)) in SHAPES.iter().enumerate() {
+                let x = randn(&[b, s, d], 10 + i as u64);
+                let z = randn(&[b, s, e], 20 + i as u64);
+                let (w0, m0, out0) = naive(&x.flatten_all().unwrap().to_vec1().unwrap(), &z.flatten_all().unwrap().to_vec1().unwrap(), (b, s, d, e, g));
+                let (xd, zd) = (x.to_device(dev).unwrap(), z.to_device(dev).unwrap());
+                let w = group_softmax(&zd, g).unwrap();
+                let m = merge(&xd, &w, g).unwrap();
+                let out = emit(&m, &w, g).unwrap();
+                let cpu = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+                assert_close(&w.to_device(&Device::Cpu).unwrap(), &cpu(w0, &[b, s, e]), 1e-6);
+                assert_close(&m.to_device(&Device::Cpu).unwrap(), &cpu(m0, &[e, b / g * s, d]), 1e-5);
+                assert_close(&out.to_device(&Device::Cpu).unwrap(), &cpu(out0, &[b, s, d]), 1e-5);
+                if !dev.is_cpu() {
+                    // bf16 on CUDA: f32 accumulation keeps it within bf16 rounding.
+                    let wb = group_softmax(&zd.to_dtype(DType::BF16).unwrap(), g).unwrap();
+                    let mb = merge(&xd.to_dtype(DType::BF16).unwrap(), &wb, g).unwrap();
+                    assert_close(&mb.to_device(&Device::Cpu).unwrap(), &m.to_device(&Device::Cpu).unwrap(), 0.05 * g as f32);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_match_the_plain_formulation_and_finite_differences() {
+        for &(b, s, d, e, g) in &SHAPES {
+            let x = randn(&[b, s, d], 1);
+            let z = randn(&[b, s, e], 2);
+            let y = randn(&[e, b / g * s, d], 3);
+            let w = group_softmax_reference(&z, g).unwrap();
+            assert_close(&group_softmax(&z, g).unwrap(), &w, 1e-6);
+            assert_close(&merge(&x, &w, g).unwrap(), &merge_reference(&x, &w, g).unwrap(), 1e-5);
+            assert_close(&emit(&y, &w, g).unwrap(), &emit_reference(&y, &w, g).unwrap(), 1e-5);
+            let dot = x.apply_op2_no_bwd(&y, &GroupDot { g }).unwrap();
+            assert_close(&dot, &group_dot_reference(&x, &y, g).unwrap(), 1e-5);
+            check_grads(&[z.clone()], |v| group_softmax(&v[0], g), |v| group_softmax_reference(&v[0], g));
+            check_grads(&[x.clone(), w.clone()], |v| merge(&v[0], &v[1], g), |v| merge_reference(&v[0], &v[1], g));
+            check_grads(&[y.clone(), w.clone()], |v| emit(&v[0], &v[1], g), |v| emit_reference(&v[0], &v[1], g));
+        }
+    }
+
+    #[test]
+    fn a_batch_that_is_not_a_multiple_of_the_group_is_an_error() {
+        let err = group_softmax(&randn(&[3, 2, 4], 1), 2).unwrap_err().to_string();
+        assert!(err.contains("multiple of 2"), "{err}");
+        assert!(merge(&randn(&[4, 2, 3], 1), &randn(&[4, 2, 5], 2), 3).is_err());
+    }
+}
