@@ -8,7 +8,7 @@ use super::ffn::activate;
 use super::params::Params;
 use super::routing::{FfnContext, LayerStats, RoutingStats};
 use crate::config::{Activation, Gate, MoeConfig, RouterKind, Routing};
-use crate::ops::grouped::grouped_matmul;
+use crate::ops::grouped::{grouped_matmul, grouped_matmul_cat};
 use crate::ops::swiglu::swiglu;
 use candle_core::{DType, Result, Tensor, D};
 
@@ -37,10 +37,7 @@ impl Experts {
     /// `[offsets[e], offsets[e+1])`; → `[R, d]`.
     pub fn forward(&self, x: &Tensor, offsets: &[usize]) -> Result<Tensor> {
         let hidden = match &self.gate {
-            Some(gate) => {
-                let w = Tensor::cat(&[gate, &self.up], 1)?; // [E, 2f, d]
-                swiglu(&grouped_matmul(x, &w, offsets)?)?
-            }
+            Some(gate) => swiglu(&grouped_matmul_cat(x, gate, &self.up, offsets)?)?, // [R, 2f]
             None => activate(self.activation, &grouped_matmul(x, &self.up, offsets)?)?,
         };
         grouped_matmul(&hidden, &self.down, offsets)

@@ -67,17 +67,27 @@ where
 
 /// `dst[m×n] = lhs[m×k] · rhs[k×n]`, each operand given by (row stride, column stride), on
 /// all threads of the current pool.
-pub(crate) fn sgemm(
+pub(crate) fn sgemm(mnk: (usize, usize, usize), dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize)) {
+    let n = mnk.1;
+    gemm_into(mnk, dst, n, false, lhs, lhs_strides, rhs, rhs_strides)
+}
+
+/// `dst (+)= lhs · rhs` where the rows of `dst` are `dst_rs` apart (a column block of a wider
+/// matrix); `accumulate` adds to what `dst` holds instead of overwriting it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
     lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
 ) {
-    assert!(dst.len() >= m * n, "sgemm: destination too small");
-    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "sgemm: lhs too small");
-    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "sgemm: rhs too small");
+    assert!(dst_rs >= n && (m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n), "gemm: destination too small");
+    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "gemm: lhs too small");
+    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "gemm: rhs too small");
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above bound every index gemm touches.
@@ -88,15 +98,15 @@ pub(crate) fn sgemm(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
-            false,
+            dst_rs as isize,
+            accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
             lhs_rs as isize,
             rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,

@@ -65,8 +65,13 @@ fn check_group(b: usize, g: usize) -> Result<()> {
     Ok(())
 }
 
-/// Our kernels exist for f32 on CPU, and for f32 and bf16 on CUDA.
+/// Our kernels exist for f32 on CPU, and for f32 and bf16 on CUDA. `MOTRAIN_MOT_OPS=plain` runs
+/// the plain formulation instead, to measure what the kernels buy (`scripts/bench_mot.sh`).
 fn use_kernel(ts: &[&Tensor]) -> bool {
+    static PLAIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *PLAIN.get_or_init(|| std::env::var("MOTRAIN_MOT_OPS").is_ok_and(|v| v == "plain")) {
+        return false;
+    }
     fused(ts) || (cfg!(feature = "cuda") && ts.iter().all(|t| t.device().is_cuda() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::BF16)))
 }
 
@@ -417,26 +422,38 @@ mod tests {
         kernels_match_a_naive_loop(&dev);
     }
 
+    /// Forward against the naive loop, and the gradients of softmax → merge → emit against
+    /// the plain formulation's autograd on the CPU.
     fn kernels_match_a_naive_loop(dev: &Device) {
-        {
-            for (i, &(b, s, d, e, g)) in SHAPES.iter().enumerate() {
-                let x = randn(&[b, s, d], 10 + i as u64);
-                let z = randn(&[b, s, e], 20 + i as u64);
-                let (w0, m0, out0) = naive(&x.flatten_all().unwrap().to_vec1().unwrap(), &z.flatten_all().unwrap().to_vec1().unwrap(), (b, s, d, e, g));
-                let (xd, zd) = (x.to_device(dev).unwrap(), z.to_device(dev).unwrap());
-                let w = group_softmax(&zd, g).unwrap();
-                let m = merge(&xd, &w, g).unwrap();
-                let out = emit(&m, &w, g).unwrap();
-                let cpu = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
-                assert_close(&w.to_device(&Device::Cpu).unwrap(), &cpu(w0, &[b, s, e]), 1e-6);
-                assert_close(&m.to_device(&Device::Cpu).unwrap(), &cpu(m0, &[e, b / g * s, d]), 1e-5);
-                assert_close(&out.to_device(&Device::Cpu).unwrap(), &cpu(out0, &[b, s, d]), 1e-5);
-                if !dev.is_cpu() {
-                    // bf16 on CUDA: f32 accumulation keeps it within bf16 rounding.
-                    let wb = group_softmax(&zd.to_dtype(DType::BF16).unwrap(), g).unwrap();
-                    let mb = merge(&xd.to_dtype(DType::BF16).unwrap(), &wb, g).unwrap();
-                    assert_close(&mb.to_device(&Device::Cpu).unwrap(), &m.to_device(&Device::Cpu).unwrap(), 0.05 * g as f32);
-                }
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+        for (i, &(b, s, d, e, g)) in SHAPES.iter().enumerate() {
+            let x = randn(&[b, s, d], 10 + i as u64);
+            let z = randn(&[b, s, e], 20 + i as u64);
+            let (w0, m0, out0) = naive(&x.flatten_all().unwrap().to_vec1().unwrap(), &z.flatten_all().unwrap().to_vec1().unwrap(), (b, s, d, e, g));
+            let expected = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+            let (xv, zv) = (candle_core::Var::from_tensor(&x.to_device(dev).unwrap()).unwrap(), candle_core::Var::from_tensor(&z.to_device(dev).unwrap()).unwrap());
+            let w = group_softmax(&zv, g).unwrap();
+            let m = merge(&xv, &w, g).unwrap();
+            let out = emit(&m, &w, g).unwrap();
+            assert_close(&cpu(&w), &expected(w0, &[b, s, e]), 1e-6);
+            assert_close(&cpu(&m), &expected(m0, &[e, b / g * s, d]), 1e-5);
+            assert_close(&cpu(&out), &expected(out0, &[b, s, d]), 1e-5);
+
+            let proj = randn(&[b, s, d], 30 + i as u64);
+            let grads = (&out * proj.to_device(dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            let (xr, zr) = (candle_core::Var::from_tensor(&x).unwrap(), candle_core::Var::from_tensor(&z).unwrap());
+            let wr = group_softmax_reference(&zr, g).unwrap();
+            let out_r = emit_reference(&merge_reference(&xr, &wr, g).unwrap(), &wr, g).unwrap();
+            let ref_grads = (out_r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            assert_close(&cpu(grads.get(&xv).unwrap()), ref_grads.get(&xr).unwrap(), 1e-4);
+            assert_close(&cpu(grads.get(&zv).unwrap()), ref_grads.get(&zr).unwrap(), 1e-4);
+            if !dev.is_cpu() {
+                // bf16 on CUDA: f32 accumulation keeps the error at bf16 rounding.
+                let wb = group_softmax(&zv.to_dtype(DType::BF16).unwrap(), g).unwrap();
+                let mb = merge(&xv.to_dtype(DType::BF16).unwrap(), &wb, g).unwrap();
+                assert_close(&cpu(&mb), &cpu(&m), 0.05 * g as f32);
+                let ob = emit(&mb, &wb, g).unwrap();
+                assert_close(&cpu(&ob), &cpu(&out), 0.1 * g as f32);
             }
         }
     }
