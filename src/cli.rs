@@ -48,6 +48,38 @@ enum Command {
         #[arg(long)]
         group_size: Option<usize>,
     },
+    /// Sample text from a checkpoint with a KV cache; one sample streams as it is generated.
+    Generate {
+        #[arg(long, value_name = "CKPT")]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 1)]
+        num_samples: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The tokenizer (default: the run's data.tokenizer).
+        #[arg(long, value_name = "TOK")]
+        tokenizer: Option<String>,
+    },
+    /// Loss curves (train and eval, against steps and tokens) of one or more runs.
+    Plot {
+        /// Run directories (or their metrics.jsonl files).
+        #[arg(required = true, num_args = 1..)]
+        runs: Vec<PathBuf>,
+        /// FILE.svg or FILE.png.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Turn a Mixture of Tokens checkpoint into a sparse top-1 MoE and fine-tune it.
     TransitionTune {
         #[arg(long, value_name = "MOT_CKPT")]
@@ -145,6 +177,15 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval { checkpoint, data, batches, batch_size, group_size } => eval(checkpoint, data, batches, batch_size, group_size),
+        Command::Generate { checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, num_samples, seed, tokenizer } => {
+            let opts = crate::generate::GenerateOptions { max_new_tokens, temperature, top_k, top_p, num_samples, seed, no_cache: false };
+            generate(checkpoint, &prompt, tokenizer, &opts)
+        }
+        Command::Plot { runs, out } => {
+            let summary = crate::plot::plot(&runs, &out).map_err(|e| UsageError(format!("{e:#}")))?;
+            println!("{summary}");
+            Ok(())
+        }
         Command::TransitionTune { checkpoint, out, steps, overrides } => {
             let r = crate::transition::transition_tune(&checkpoint, &out, steps, &overrides)?;
             let line = |what: &str, e: &crate::eval::EvalResult| eprintln!("{what:<34} val loss {:.4} | ppl {:.2}", e.loss, e.ppl);
@@ -203,16 +244,75 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size: Option<usize>, group_size: Option<usize>) -> Result<()> {
-    let dir = checkpoint::resolve(&path)?;
+/// A checkpoint's model, built from its state.json and filled with its weights.
+fn load_model(path: &std::path::Path) -> Result<(PathBuf, checkpoint::TrainState, Transformer)> {
+    let dir = checkpoint::resolve(path)?;
     let state = checkpoint::load_state(&dir)?;
-    let cfg = state.config.clone();
+    let cfg = &state.config;
     let dev = train::device(&cfg.run.device)?;
     let ckpt = checkpoint::load(&dir, &dev)?;
     ckpt.check_config(&cfg.model)?;
     let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
-    let mut model = Transformer::new(&cfg.model, &mut params)?;
+    let model = Transformer::new(&cfg.model, &mut params)?;
     ckpt.restore(&params)?;
+    Ok((dir, state, model))
+}
+
+fn generate(path: PathBuf, prompt: &str, tokenizer: Option<String>, opts: &crate::generate::GenerateOptions) -> Result<()> {
+    use std::io::Write;
+    if let Some(p) = opts.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        return Err(UsageError(format!("--top-p must be in (0, 1], got {p}")).into());
+    }
+    if opts.top_k == Some(0) || !opts.temperature.is_finite() || opts.temperature < 0.0 {
+        return Err(UsageError("--top-k must be at least 1 and --temperature a number >= 0".into()).into());
+    }
+    let (_, state, model) = load_model(&path)?;
+    let spec = tokenizer.or(state.config.data.tokenizer.clone()).ok_or_else(|| {
+        UsageError("the run records no tokenizer (data.tokenizer): pass --tokenizer gpt2 or --tokenizer PATH/tokenizer.json".into())
+    })?;
+    let tok = Tokenizer::load(&spec)?;
+    if tok.vocab_size() > model.cfg.vocab_size {
+        return Err(UsageError(format!("the tokenizer {spec} has {} tokens, more than the model's vocab_size {}", tok.vocab_size(), model.cfg.vocab_size)).into());
+    }
+    let ids = tok.encode(prompt)?;
+    let ids = if ids.is_empty() { vec![tok.eot()] } else { ids };
+    crate::generate::check(&model, ids.len(), opts).map_err(UsageError)?;
+    // One sample streams: print the text of each new token as it comes (decoding the whole
+    // sample each time, so tokens that split a character come out whole).
+    let streaming = opts.num_samples == 1;
+    let mut stdout = std::io::stdout();
+    let mut shown = String::new();
+    let mut sample = Vec::new();
+    if streaming {
+        print!("{prompt}");
+    }
+    let generated = crate::generate::generate(&model, &ids, opts, Some(tok.eot()), |_, t| {
+        if streaming {
+            sample.push(t);
+            let text = tok.decode(&sample);
+            if let Some(new) = text.strip_prefix(shown.as_str()) {
+                print!("{new}");
+                let _ = stdout.flush();
+            }
+            shown = text;
+        }
+    })?;
+    if streaming {
+        println!();
+    } else {
+        for (i, s) in generated.samples.iter().enumerate() {
+            println!("---------- sample {} ----------\n{prompt}{}", i + 1, tok.decode(s));
+        }
+    }
+    if generated.truncated {
+        eprintln!("note: stopped at the model's context of {} tokens (max_seq_len)", model.cfg.max_seq_len);
+    }
+    Ok(())
+}
+
+fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size: Option<usize>, group_size: Option<usize>) -> Result<()> {
+    let (dir, state, mut model) = load_model(&path)?;
+    let cfg = state.config.clone();
     if let Some(g) = group_size {
         if g == 0 {
             return Err(UsageError("--group-size must be at least 1".into()).into());

@@ -11,9 +11,11 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod generate;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod train;
 pub mod transition;
 
