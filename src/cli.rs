@@ -71,6 +71,16 @@ enum Command {
         #[arg(long, value_name = "TOK")]
         tokenizer: Option<String>,
     },
+    /// Write a Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    Export {
+        #[arg(long, value_name = "CKPT")]
+        checkpoint: PathBuf,
+        /// Only `hf`.
+        #[arg(long, default_value = "hf")]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Loss curves (train and eval, against steps and tokens) of one or more runs.
     Plot {
         /// Run directories (or their metrics.jsonl files).
@@ -180,6 +190,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate { checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, num_samples, seed, tokenizer } => {
             let opts = crate::generate::GenerateOptions { max_new_tokens, temperature, top_k, top_p, num_samples, seed, no_cache: false };
             generate(checkpoint, &prompt, tokenizer, &opts)
+        }
+        Command::Export { checkpoint, format, out } => {
+            if format != "hf" {
+                return Err(UsageError(format!("--format {format:?}: the one export format is \"hf\"")).into());
+            }
+            let e = crate::export::export_hf(&checkpoint, &out)?;
+            let tok = e.tokenizer.map_or("no tokenizer.json (the run records none, or uses the built-in gpt2)".to_string(), |t| format!("tokenizer.json from {t}"));
+            println!("wrote {} as {} ({} tensors; {tok})", e.dir.display(), e.architecture.class(), e.tensors);
+            Ok(())
         }
         Command::Plot { runs, out } => {
             let summary = crate::plot::plot(&runs, &out).map_err(|e| UsageError(format!("{e:#}")))?;

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod metrics;
 pub mod model;
