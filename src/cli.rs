@@ -196,7 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 return Err(UsageError(format!("--format {format:?}: the one export format is \"hf\"")).into());
             }
             let e = crate::export::export_hf(&checkpoint, &out)?;
-            let tok = e.tokenizer.map_or("no tokenizer.json (the run records none, or uses the built-in gpt2)".to_string(), |t| format!("tokenizer.json from {t}"));
+            let tok = e.tokenizer.map_or("no tokenizer.json: the run records no data.tokenizer".to_string(), |t| format!("tokenizer.json from {t}"));
             println!("wrote {} as {} ({} tensors; {tok})", e.dir.display(), e.architecture.class(), e.tensors);
             Ok(())
         }

@@ -96,13 +96,17 @@ pub fn export_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
             std::fs::copy(&path, out.join("tokenizer.json")).with_context(|| format!("copying {path}"))?;
             Some(path)
         }
-        _ => None,
+        Some((None, _)) => {
+            crate::data::tokenizer::gpt2_tokenizer(&out.join("tokenizer.json"))?;
+            Some("gpt2 (rebuilt from tiktoken's ranks)".to_string())
+        }
+        None => None,
     };
     Ok(Exported { dir: out.to_path_buf(), architecture: arch, tensors: tensors.len(), tokenizer })
 }
 
-/// The run's tokenizer file (None for the built-in GPT-2 BPE, which has no tokenizer.json of
-/// its own here) and its end-of-text id; None without a recorded tokenizer.
+/// The run's tokenizer file (None for the built-in GPT-2 BPE, whose tokenizer.json export
+/// rebuilds) and its end-of-text id; None without a recorded tokenizer.
 fn tokenizer_ids(cfg: &Config) -> Result<Option<(Option<String>, u32)>> {
     let Some(spec) = &cfg.data.tokenizer else { return Ok(None) };
     let tok = crate::data::Tokenizer::load(spec)?;

@@ -104,3 +104,81 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()
         .map_err(|e| DataError::Tokenizer { path: out.to_path_buf(), message: format!("cannot write: {e}") })?;
     Ok(())
 }
+
+/// GPT-2's BPE as a HF tokenizer.json, rebuilt from tiktoken's ranks (the id of a token is its
+/// rank): the vocabulary in GPT-2's byte-to-unicode alphabet, and the merges that BPE with those
+/// ranks performs — for every token, each split into two tokens of lower rank, ordered by the
+/// token's rank (as `transformers`' tiktoken converter does). `export` writes it for runs on
+/// the built-in `gpt2` tokenizer.
+pub fn gpt2_tokenizer(out: &Path) -> Result<(), DataError> {
+    use std::collections::HashMap;
+    let bpe = tiktoken_rs::r50k_base_singleton();
+    let tokens: Vec<Vec<u8>> = (0..50256u32).map(|id| bpe.decode_bytes(&[id]).unwrap_or_default()).collect();
+    let rank: HashMap<&[u8], u32> = tokens.iter().enumerate().map(|(i, t)| (t.as_slice(), i as u32)).collect();
+    let alphabet = ByteLevel::alphabet(); // GPT-2's bytes_to_unicode, as chars in byte order
+    let mut chars: Vec<char> = alphabet.into_iter().collect();
+    chars.sort_by_key(|&c| byte_of(c));
+    let text = |bytes: &[u8]| -> String { bytes.iter().map(|&b| chars[b as usize]).collect() };
+    let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (text(t), i as u32)).collect();
+    let mut merges: Vec<(u32, u32, u32, String, String)> = Vec::new();
+    for (r, t) in tokens.iter().enumerate().filter(|(_, t)| t.len() > 1) {
+        for i in 1..t.len() {
+            if let (Some(&a), Some(&b)) = (rank.get(&t[..i]), rank.get(&t[i..])) {
+                merges.push((r as u32, a, b, text(&t[..i]), text(&t[i..])));
+            }
+        }
+    }
+    merges.sort();
+    let merges: Vec<(String, String)> = merges.into_iter().map(|m| (m.3, m.4)).collect();
+    let model = BPE::builder()
+        .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+        .build()
+        .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
+    let byte_level = ByteLevel::new(false, true, true);
+    let mut tokenizer = TokenizerBuilder::<BPE, tokenizers::NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
+        .with_model(model)
+        .with_pre_tokenizer(Some(byte_level))
+        .with_post_processor(Some(byte_level))
+        .with_decoder(Some(byte_level))
+        .build()
+        .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
+    tokenizer
+        .add_special_tokens(vec![AddedToken::from(EOT, true)])
+        .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
+    tokenizer
+        .save(out, false)
+        .map_err(|e| DataError::Tokenizer { path: out.to_path_buf(), message: format!("cannot write: {e}") })
+}
+
+/// The byte GPT-2's alphabet maps to `c`: printable bytes map to themselves, the others to
+/// U+0100 and up, in byte order.
+fn byte_of(c: char) -> u32 {
+    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let c = c as u32;
+    if c < 0x100 && printable(c) {
+        return c;
+    }
+    // The k-th non-printable byte maps to 0x100 + k.
+    (0..256).filter(|&b| !printable(b)).nth((c - 0x100) as usize).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_tokenizer_json_encodes_like_tiktoken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        gpt2_tokenizer(&path).unwrap();
+        let hf = Tokenizer::load(path.to_str().unwrap()).unwrap();
+        let gpt2 = Tokenizer::load("gpt2").unwrap();
+        assert_eq!((hf.eot(), hf.vocab_size()), (50256, 50257));
+        let text = "Hello, world! It's 2026 — naïve café… \n\n  indented\tcode() {x+=1;} 日本語 🙂";
+        assert_eq!(hf.encode(text).unwrap(), gpt2.encode(text).unwrap());
+        let ids = gpt2.encode(text).unwrap();
+        assert_eq!(hf.decode(&ids), gpt2.decode(&ids));
+        // As in `transformers`' GPT-2 tokenizer, the end-of-text marker is a special token.
+        assert_eq!(hf.encode("a<|endoftext|>").unwrap(), vec![64, 50256]);
+    }
+}
