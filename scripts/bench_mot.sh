@@ -25,5 +25,7 @@ mib = lambda x: x["peak_rss_bytes"] / 2**20
 print(f"round {r}: dense {t(d):.0f} tok/s | MoT fused {t(m):.0f} tok/s ({t(m)/t(d):.2f}x dense) | "
       f"MoT plain ops {t(p):.0f} tok/s (fused {t(m)/t(p):.2f}x plain) | "
       f"peak RSS dense {mib(d):.0f} MiB, MoT {mib(m):.0f} MiB ({mib(m)/mib(d):.2f}x), plain {mib(p):.0f} MiB")
+o = m["mot_ops"]
+print(f"         mixing ops alone, one layer, forward + backward: fused {o['fused_ms']:.2f} ms, plain {o['plain_ms']:.2f} ms ({o['speedup']:.2f}x)")
 PY
 done

@@ -22,6 +22,18 @@ pub struct BenchResult {
     pub peak_rss_bytes: u64,
     pub threads: usize,
     pub final_loss: f64,
+    /// MoT models: the mixing ops alone, fused against the plain formulation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mot_ops: Option<MixingOps>,
+}
+
+/// Milliseconds for one layer's group softmax, merge and emit, forward and backward, at the
+/// config's shapes: the best of several alternating runs of each formulation.
+#[derive(Debug, Serialize)]
+pub struct MixingOps {
+    pub fused_ms: f64,
+    pub plain_ms: f64,
+    pub speedup: f64,
 }
 
 /// Times `steps` optimizer steps after `warmup` untimed ones.
@@ -36,6 +48,10 @@ pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<Ben
         loss = trainer.train_step()?.loss;
     }
     let secs = start.elapsed().as_secs_f64();
+    let mot_ops = match trainer.cfg.model.ffn {
+        crate::config::FfnKind::Mot => Some(time_mixing_ops(&trainer.cfg, 10)?),
+        _ => None,
+    };
     let tokens_per_step = trainer.tokens_per_step();
     let tokens_per_s = (tokens_per_step * steps as u64) as f64 / secs;
     let fpt = flops_per_token(&trainer.cfg.model, trainer.cfg.data.seq_len);
@@ -52,5 +68,35 @@ pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<Ben
         peak_rss_bytes: peak_rss_bytes(),
         threads: rayon::current_num_threads(),
         final_loss: loss,
+        mot_ops,
     })
+}
+
+fn time_mixing_ops(cfg: &Config, reps: usize) -> Result<MixingOps> {
+    use crate::ops::mot::{emit, emit_reference, group_softmax, group_softmax_reference, merge, merge_reference};
+    use candle_core::{Device, Tensor, Var};
+    let (b, s, d) = (cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.d_model);
+    let (e, g) = (cfg.model.mot.n_experts, cfg.model.mot.group_size);
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, d), &Device::Cpu)?)?;
+    let z = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, e), &Device::Cpu)?)?;
+    // The expert is the identity here: emit takes the merged tokens, of the shape it takes in
+    // the layer.
+    let run = |fused: bool| -> Result<f64> {
+        let t = Instant::now();
+        let out = if fused {
+            let w = group_softmax(&z, g)?;
+            emit(&merge(&x, &w, g)?, &w, g)?
+        } else {
+            let w = group_softmax_reference(&z, g)?;
+            emit_reference(&merge_reference(&x, &w, g)?, &w, g)?
+        };
+        out.sum_all()?.backward()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut fused_ms, mut plain_ms) = (f64::MAX, f64::MAX);
+    for _ in 0..reps {
+        fused_ms = fused_ms.min(run(true)?);
+        plain_ms = plain_ms.min(run(false)?);
+    }
+    Ok(MixingOps { fused_ms, plain_ms, speedup: plain_ms / fused_ms })
 }

@@ -257,6 +257,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 r.gflops_per_s,
                 r.peak_rss_bytes as f64 / 1048576.0
             );
+            if let Some(m) = &r.mot_ops {
+                eprintln!("MoT mixing ops per layer (forward + backward): fused {:.2} ms, plain {:.2} ms ({:.2}x)", m.fused_ms, m.plain_ms, m.speedup);
+            }
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
