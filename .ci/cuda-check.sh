@@ -15,14 +15,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
+# The project's shared recipe when the repository sits beside ../shared, else our copy of it.
 toolchain_script=$root/../shared/tools/cuda-toolchain.sh
+[ -f "$toolchain_script" ] || toolchain_script=$root/.ci/cuda-toolchain.sh
 prefix=${MOTRAIN_CUDA_TOOLCHAIN:-${XDG_CACHE_HOME:-$HOME/.cache}/motrain/cuda-toolchain}
 target=${MOTRAIN_CUDA_TARGET_DIR:-$root/target/cuda}
 
 stage() { printf '\n== cuda-check: %s (%ds so far)\n' "$1" "$SECONDS"; }
 
 if [ ! -f "$toolchain_script" ]; then
-  echo "cuda-check: $toolchain_script not found; CI expects ../shared next to the repository" >&2
+  echo "cuda-check: $toolchain_script not found" >&2
   exit 1
 fi
 
