@@ -117,7 +117,7 @@ fn find_nvcc() -> Result<PathBuf, String> {
         .find(|p| p.is_file())
         .ok_or_else(|| {
             "the `cuda` feature needs nvcc (the CUDA toolkit): put it on PATH or set CUDA_HOME. \
-             Without a GPU, ../shared/tools/cuda-toolchain.sh installs one for build checks (docs/cuda.md)."
+             Without a GPU, .ci/cuda-toolchain.sh installs one for build checks (docs/cuda.md)."
                 .to_string()
         })
 }

@@ -3,7 +3,8 @@
 # and sm_90 (H100). CI has no GPU, so nothing here runs a kernel (docs/cuda.md).
 #
 # - The toolchain is the build-only CUDA 13.0 from PyPI wheels that ../shared/tools/
-#   cuda-toolchain.sh installs (nvcc, headers, link stubs), kept outside the repository.
+#   cuda-toolchain.sh (or our copy, .ci/cuda-toolchain.sh) installs: nvcc, headers, link stubs.
+#   It goes outside the repository, into ~/.cache unless MOTRAIN_CUDA_TOOLCHAIN says otherwise.
 # - The build has its own target dir, so it never invalidates the CPU build of `cargo test`.
 #   Cold, it is dominated by candle's own CUDA kernels (~15 min on 2 cores); keep the dir
 #   between runs to skip that.

@@ -146,7 +146,7 @@ impl Launch {
         out_len: usize,
     ) -> Result<CudaStorage> {
         if out_len == 0 {
-            // CUDA cannot allocate nothing, and candle makes no empty CUDA tensors either.
+            // A zero-byte CUDA allocation is an error, and there is nothing to compute.
             bail!("mot {}: empty tensors are not supported on CUDA", self.kernel);
         }
         let func = dev.get_or_load_custom_func(&kernel_name::<T>(self.kernel), MODULE, PTX)?;
@@ -167,8 +167,8 @@ impl Launch {
                 args.arg(size);
             }
             // SAFETY: the argument list matches the kernel's signature (pointers to T, then
-            // ints), and the checks above bound every index the kernel computes by the lengths
-            // of these buffers.
+            // ints). The callers checked the sizes against each other and `view` against the
+            // buffers, which bounds every index the kernel computes.
             unsafe { args.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
