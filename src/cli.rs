@@ -1,9 +1,8 @@
 //! The command line: clap definitions and one thin function per command.
 
-use crate::checkpoint::{self, CheckpointError};
+use crate::checkpoint::CheckpointError;
 use crate::config::{Config, ConfigError};
 use crate::data::{self, prepare, DataError, EvalStream, Tokenizer};
-use crate::model::{Params, Transformer};
 use crate::train::{self, Start};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -266,20 +265,6 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// A checkpoint's model, built from its state.json and filled with its weights.
-fn load_model(path: &std::path::Path) -> Result<(PathBuf, checkpoint::TrainState, Transformer)> {
-    let dir = checkpoint::resolve(path)?;
-    let state = checkpoint::load_state(&dir)?;
-    let cfg = &state.config;
-    let dev = train::device(&cfg.run.device)?;
-    let ckpt = checkpoint::load(&dir, &dev)?;
-    ckpt.check_config(&cfg.model)?;
-    let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
-    let model = Transformer::new(&cfg.model, &mut params)?;
-    ckpt.restore(&params)?;
-    Ok((dir, state, model))
-}
-
 fn generate(path: PathBuf, prompt: &str, tokenizer: Option<String>, opts: &crate::generate::GenerateOptions) -> Result<()> {
     use std::io::Write;
     if let Some(p) = opts.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
@@ -288,7 +273,8 @@ fn generate(path: PathBuf, prompt: &str, tokenizer: Option<String>, opts: &crate
     if opts.top_k == Some(0) || !opts.temperature.is_finite() || opts.temperature < 0.0 {
         return Err(UsageError("--top-k must be at least 1 and --temperature a number >= 0".into()).into());
     }
-    let (_, state, model) = load_model(&path)?;
+    let (ckpt, model) = train::load_model(&path)?;
+    let state = ckpt.state;
     let spec = tokenizer.or(state.config.data.tokenizer.clone()).ok_or_else(|| {
         UsageError("the run records no tokenizer (data.tokenizer): pass --tokenizer gpt2 or --tokenizer PATH/tokenizer.json".into())
     })?;
@@ -333,7 +319,8 @@ fn generate(path: PathBuf, prompt: &str, tokenizer: Option<String>, opts: &crate
 }
 
 fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size: Option<usize>, group_size: Option<usize>) -> Result<()> {
-    let (dir, state, mut model) = load_model(&path)?;
+    let (ckpt, mut model) = train::load_model(&path)?;
+    let (dir, state) = (ckpt.dir, ckpt.state);
     let cfg = state.config.clone();
     if let Some(g) = group_size {
         if g == 0 {

@@ -54,12 +54,8 @@ pub fn transition_tune(source: &Path, out: &Path, steps: usize, overrides: &[Str
     let val = EvalStream::new(data::shards::open_all(&val_glob, &cfg.data.format, cfg.model.vocab_size)?, cfg.data.seq_len);
     let (batch, batches) = (cfg.train.eval_batch_size, cfg.train.eval_batches);
 
-    let dev = train::device(&cfg.run.device)?;
-    let ckpt = checkpoint::load(&src, &dev)?;
-    ckpt.check_config(&state.config.model)?;
-    let mut mot_params = Params::new(&dev, state.config.run.seed, state.config.model.init_scale);
-    let mot_model = Transformer::new(&state.config.model, &mut mot_params)?;
-    ckpt.restore(&mot_params)?;
+    let (ckpt, mot_model) = train::load_model(&src)?;
+    let dev = mot_model.device().clone();
     let before = evaluate(&mot_model, &val, batch, batches)?;
 
     let weights = convert(&ckpt.model, &mot_model)?;
@@ -103,7 +99,8 @@ fn moe_config(mot: &Config, out: &Path, total_steps: usize, overrides: &[String]
         cfg.train.schedule_steps = mot.train.steps;
     }
     cfg.train.steps = total_steps;
-    let mut table: toml::Table = toml::from_str(&cfg.to_toml()).expect("a Config round-trips through TOML");
+    let mut table: toml::Table = toml::from_str(&cfg.to_toml())
+        .map_err(|e| ConfigError::Invalid { origin: "the converted config".into(), message: e.to_string() })?;
     for arg in overrides {
         crate::config::apply_override(&mut table, arg)?;
     }

@@ -65,6 +65,20 @@ pub fn device(spec: &str) -> Result<Device> {
     }
 }
 
+/// A checkpoint's model, built from its state.json on the device it names and filled with its
+/// weights; the checkpoint comes back too (its state, weights and directory).
+pub fn load_model(path: &Path) -> Result<(Checkpoint, Transformer)> {
+    let dir = checkpoint::resolve(path)?;
+    let cfg = checkpoint::load_state(&dir)?.config;
+    let dev = device(&cfg.run.device)?;
+    let ckpt = checkpoint::load(&dir, &dev)?;
+    ckpt.check_config(&cfg.model)?;
+    let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
+    let model = Transformer::new(&cfg.model, &mut params)?;
+    ckpt.restore(&params)?;
+    Ok((ckpt, model))
+}
+
 impl Trainer {
     /// A freshly initialised model with its optimizer and data.
     pub fn new(cfg: Config) -> Result<Trainer> {
