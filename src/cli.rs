@@ -103,6 +103,33 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// PESC: turn a dense checkpoint into a Mixture of Experts whose experts share the dense FFN
+    /// and differ by adapters (defaults: those of [model.pesc]).
+    Upcycle {
+        #[arg(long, value_name = "DENSE_CKPT")]
+        checkpoint: PathBuf,
+        /// Run directory of the upcycled model.
+        #[arg(long)]
+        out: PathBuf,
+        /// Experts (adapter pairs) per layer [default: 8].
+        #[arg(long)]
+        experts: Option<usize>,
+        /// Experts each token uses [default: 2].
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Adapter bottleneck width [default: 64].
+        #[arg(long)]
+        adapter_dim: Option<usize>,
+        /// Scale of the adapters' output [default: 1.0].
+        #[arg(long)]
+        adapter_scale: Option<f64>,
+        /// Blocks to upcycle: all, second_half, or block indices such as 0,2,3 [default: all].
+        #[arg(long)]
+        layers: Option<String>,
+        /// Override keys of the upcycled config: --set model.pesc.train_only_adapters=false.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Tokenize raw text (files, directories, .jsonl with a "text" field) into llm.c shards.
     Prepare {
         /// `gpt2` or a tokenizer.json.
@@ -218,6 +245,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 json!({"out": r.out.display().to_string(), "from_step": r.from_step, "steps": r.steps,
                        "loss_before": r.before.loss, "loss_converted": r.converted.loss, "loss_tuned": loss(&r.tuned)})
             );
+            Ok(())
+        }
+        Command::Upcycle { checkpoint, out, experts, top_k, adapter_dim, adapter_scale, layers, overrides } => {
+            let opts = crate::upcycle::UpcycleOptions { experts, top_k, adapter_dim, adapter_scale, layers };
+            let r = crate::upcycle::upcycle(&checkpoint, &out, &opts, &overrides)?;
+            eprintln!(
+                "upcycled blocks {:?} of the step-{} dense model: {} parameters ({} added, {} trained); logits vs the dense model: {}",
+                r.layers,
+                r.from_step,
+                r.params,
+                r.added_params,
+                r.trained_params,
+                if r.max_logit_diff == 0.0 { "identical".to_string() } else { format!("max |difference| {:.2e}", r.max_logit_diff) }
+            );
+            eprintln!("fine-tune it with: motrain train --config {} --init-from {}", out.join("config.toml").display(), out.display());
+            println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Command::Prepare { tokenizer, input, out, name, val_fraction, shard_tokens } => {

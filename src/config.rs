@@ -443,6 +443,14 @@ impl Config {
         self.run.out_dir.join(&self.run.name)
     }
 
+    /// Points `run.out_dir` and `run.name` at `dir` (made absolute): for configs that commands
+    /// derive and write into a run directory of the user's choosing.
+    pub fn place_run(&mut self, dir: &Path) {
+        let dir = PathBuf::from(absolute(dir));
+        self.run.out_dir = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        self.run.name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    }
+
     /// Gradient accumulation steps per optimizer step.
     pub fn accumulation(&self) -> usize {
         self.train.batch_size / self.train.micro_batch_size
@@ -520,9 +528,7 @@ impl Config {
             FfnKind::Dense => {}
             FfnKind::Moe => self.validate_moe()?,
             FfnKind::Mot => self.validate_mot()?,
-            FfnKind::Pesc => {
-                return Err("`model.ffn` = \"pesc\" is not available in this build of motrain; expected \"dense\", \"moe\" or \"mot\"".into())
-            }
+            FfnKind::Pesc => self.validate_pesc()?,
         }
         if t.micro_batch_size == 0 || t.batch_size % t.micro_batch_size != 0 {
             return Err(format!(
@@ -625,6 +631,39 @@ impl Config {
         Ok(())
     }
 
+    fn validate_pesc(&self) -> std::result::Result<(), String> {
+        let p = &self.model.pesc;
+        if p.n_experts == 0 || p.adapter_dim == 0 {
+            return Err("`model.pesc.n_experts` and `model.pesc.adapter_dim` must be at least 1".into());
+        }
+        if p.top_k == 0 || p.top_k > p.n_experts {
+            return Err(format!("`model.pesc.top_k` ({}) must be between 1 and `model.pesc.n_experts` ({})", p.top_k, p.n_experts));
+        }
+        if !p.adapter_scale.is_finite() {
+            return Err(format!("`model.pesc.adapter_scale` must be a finite number, got {}", p.adapter_scale));
+        }
+        if !(0.0..1.0).contains(&p.adapter_dropout) {
+            return Err(format!("`model.pesc.adapter_dropout` must be in [0, 1), got {}", p.adapter_dropout));
+        }
+        for (key, v) in [("aux_loss_weight", p.aux_loss_weight), ("z_loss_weight", p.z_loss_weight)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("`model.pesc.{key}` must be >= 0, got {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A config derived from this one (by `transition-tune` or `upcycle`) with the user's
+    /// `--set` overrides applied on top, validated like a file.
+    pub fn with_overrides(&self, overrides: &[String], origin: &str) -> Result<Config> {
+        let mut table: toml::Table =
+            toml::from_str(&self.to_toml()).map_err(|e| ConfigError::Invalid { origin: origin.into(), message: e.to_string() })?;
+        for arg in overrides {
+            apply_override(&mut table, arg)?;
+        }
+        Config::from_table(table, origin)
+    }
+
     /// Width of one expert.
     pub fn moe_expert_size(&self) -> usize {
         if self.model.moe.expert_size == 0 {
@@ -670,7 +709,11 @@ fn estimated_elements(m: &ModelConfig) -> f64 {
         FfnKind::Mot => m.mot.n_experts.max(1) as f64 * crate::model::mot::expert_size(&m.mot, m.d_ff) as f64 / f.max(1.0),
         _ => 1.0,
     };
-    2.0 * v * d + t * d + l * (4.0 * d * d + 3.0 * d * f * experts)
+    let adapters = match m.ffn {
+        FfnKind::Pesc => m.pesc.n_experts as f64 * (2.0 * m.pesc.adapter_dim as f64 + 1.0) * d,
+        _ => 0.0,
+    };
+    2.0 * v * d + t * d + l * (4.0 * d * d + 3.0 * d * f * experts + adapters)
 }
 
 fn one_line(s: &str) -> String {

@@ -19,5 +19,6 @@ pub mod ops;
 pub mod plot;
 pub mod train;
 pub mod transition;
+pub mod upcycle;
 
 mod alloc;

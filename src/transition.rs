@@ -93,18 +93,12 @@ fn moe_config(mot: &Config, out: &Path, total_steps: usize, overrides: &[String]
         z_loss_weight: 0.0,
         ..MoeConfig::default()
     };
-    cfg.run.out_dir = out.parent().map(Path::to_path_buf).unwrap_or_default();
-    cfg.run.name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    cfg.place_run(out);
     if cfg.train.schedule_steps == 0 {
         cfg.train.schedule_steps = mot.train.steps;
     }
     cfg.train.steps = total_steps;
-    let mut table: toml::Table = toml::from_str(&cfg.to_toml())
-        .map_err(|e| ConfigError::Invalid { origin: "the converted config".into(), message: e.to_string() })?;
-    for arg in overrides {
-        crate::config::apply_override(&mut table, arg)?;
-    }
-    Config::from_table(table, "the converted config")
+    cfg.with_overrides(overrides, "the converted config")
 }
 
 /// Renames each MoT layer's tensors (weights, or their Adam moments) to the MoE layout. The temperature folds into the router, `R = C / T`, so the logits are unchanged;

@@ -11,11 +11,14 @@ pub struct Batch {
     pub seq_len: usize,
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
+    /// The stream position of the first window (train: the loader's cursor; eval: the window
+    /// index): names the batch, for noise that must be the same when a run resumes.
+    pub index: u64,
 }
 
 impl Batch {
-    fn with_capacity(rows: usize, seq_len: usize) -> Batch {
-        Batch { rows, seq_len, inputs: Vec::with_capacity(rows * seq_len), targets: Vec::with_capacity(rows * seq_len) }
+    fn with_capacity(rows: usize, seq_len: usize, index: u64) -> Batch {
+        Batch { rows, seq_len, inputs: Vec::with_capacity(rows * seq_len), targets: Vec::with_capacity(rows * seq_len), index }
     }
 
     fn push_window(&mut self, w: &[u32]) {
@@ -54,7 +57,7 @@ impl TrainLoader {
     }
 
     pub fn next_batch(&mut self, rows: usize) -> Batch {
-        let mut batch = Batch::with_capacity(rows, self.seq_len);
+        let mut batch = Batch::with_capacity(rows, self.seq_len, self.cursor);
         let mut window = vec![0u32; self.seq_len + 1];
         for _ in 0..rows {
             let (shard, offset) = self.locate(self.cursor);
@@ -111,7 +114,7 @@ impl EvalStream {
 
     /// Batch `b` of `batch_size` consecutive windows.
     pub fn batch(&self, b: usize, batch_size: usize) -> Batch {
-        let mut batch = Batch::with_capacity(batch_size, self.seq_len);
+        let mut batch = Batch::with_capacity(batch_size, self.seq_len, (b * batch_size) as u64);
         let mut window = vec![0u32; self.seq_len + 1];
         for k in b * batch_size..(b + 1) * batch_size {
             for (j, t) in window.iter_mut().enumerate() {

@@ -8,6 +8,7 @@ pub mod layers;
 pub mod moe;
 pub mod mot;
 pub mod params;
+pub mod pesc;
 pub mod routing;
 
 use crate::config::{Bias, FfnKind, ModelConfig, Position};
@@ -20,6 +21,7 @@ use candle_core::{Device, Result, Tensor};
 use ffn::DenseFfn;
 use moe::MoeLayer;
 use mot::MotLayer;
+use pesc::PescLayer;
 use routing::{FfnContext, LayerStats};
 use layers::{Linear, Norm};
 pub use params::Params;
@@ -29,6 +31,7 @@ pub enum Ffn {
     Dense(DenseFfn),
     Moe(MoeLayer),
     Mot(MotLayer),
+    Pesc(PescLayer),
 }
 
 impl Ffn {
@@ -37,6 +40,7 @@ impl Ffn {
             Ffn::Dense(f) => f.forward(x),
             Ffn::Moe(m) => m.forward(x, ctx),
             Ffn::Mot(m) => m.forward(x, ctx),
+            Ffn::Pesc(p) => p.forward(x, ctx),
         }
     }
 }
@@ -83,6 +87,8 @@ pub struct Transformer {
     head: Linear,
     /// MoT layers group this many sequences instead of `mot.group_size` (eval `--group-size`).
     group_size: Option<usize>,
+    /// The run's seed, from which training-time noise (dropout) derives.
+    seed: u64,
 }
 
 impl Transformer {
@@ -116,13 +122,14 @@ impl Transformer {
                     let f = mot::expert_size(&cfg.mot, cfg.d_ff);
                     Ffn::Mot(MotLayer::new(params, &mlp, i, &cfg.mot, d, f, cfg.activation)?)
                 }
+                (true, FfnKind::Pesc) => Ffn::Pesc(PescLayer::new(params, &mlp, i, &cfg.pesc, d, cfg.d_ff, cfg.activation, ffn_bias)?),
                 _ => Ffn::Dense(DenseFfn::new(params, &mlp, d, cfg.d_ff, cfg.activation, ffn_bias)?),
             };
             blocks.push(Block { norm1, attn, norm2, ffn });
         }
         let norm = if cfg.final_norm { Some(Norm::new(params, "model.norm", cfg.norm, d, cfg.norm_eps)?) } else { None };
         let head = if cfg.tie_embeddings { Linear { w: embed.clone(), b: None } } else { Linear::new(params, "lm_head", v, d, false)? };
-        Ok(Transformer { cfg: cfg.clone(), embed, positions, blocks, norm, head, group_size: None })
+        Ok(Transformer { cfg: cfg.clone(), embed, positions, blocks, norm, head, group_size: None, seed: params.seed() })
     }
 
     /// The same model with its MoT layers mixing groups of `g` sequences: to study the effect
@@ -157,7 +164,7 @@ impl Transformer {
     /// follow those already cached.
     pub fn forward(&self, ids: &Tensor, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
-        let mut ctx = self.context(false, b, s);
+        let mut ctx = self.context(false, b, s, 0);
         self.head.forward(&self.hidden(ids, caches, &mut ctx)?)
     }
 
@@ -189,20 +196,30 @@ impl Transformer {
         let dev = self.device();
         let ids = Tensor::from_slice(&batch.inputs, (batch.rows, batch.seq_len), dev)?;
         let targets = Tensor::from_slice(&batch.targets, batch.rows * batch.seq_len, dev)?;
-        let mut ctx = self.context(train, batch.rows, batch.seq_len);
+        let mut ctx = self.context(train, batch.rows, batch.seq_len, batch.index);
         let ce = linear_cross_entropy(&self.hidden(&ids, None, &mut ctx)?, &self.head.w, &targets, train)?;
-        let moe = &self.cfg.moe;
-        let aux = ctx.auxiliary_loss(moe.aux_loss_weight, moe.z_loss_weight)?;
+        let (aux_weight, z_weight) = match self.cfg.ffn {
+            FfnKind::Pesc => (self.cfg.pesc.aux_loss_weight, self.cfg.pesc.z_loss_weight),
+            _ => (self.cfg.moe.aux_loss_weight, self.cfg.moe.z_loss_weight),
+        };
+        let aux = ctx.auxiliary_loss(aux_weight, z_weight)?;
         Ok(LossParts { ce, aux, stats: ctx.stats })
     }
 
-    fn context(&self, train: bool, rows: usize, seq: usize) -> FfnContext {
-        FfnContext { group_size: self.group_size, ..FfnContext::new(train, rows, seq) }
+    fn context(&self, train: bool, rows: usize, seq: usize, batch_index: u64) -> FfnContext {
+        let noise_seed = crate::data::loader::splitmix64(self.seed ^ crate::data::loader::splitmix64(batch_index));
+        FfnContext { group_size: self.group_size, noise_seed, ..FfnContext::new(train, rows, seq) }
     }
 
     pub fn new_caches(&self) -> Vec<KvCache> {
         vec![KvCache::default(); self.blocks.len()]
     }
+}
+
+/// Whether training updates the parameter `name`: every parameter does, except in a PESC model
+/// with `train_only_adapters`, where only the adapters and routers do.
+pub fn trains(cfg: &ModelConfig, name: &str) -> bool {
+    !(cfg.ffn == FfnKind::Pesc && cfg.pesc.train_only_adapters) || pesc::is_adapter_or_router(name)
 }
 
 /// Training FLOPs per token (PaLM's count): `6·N` for the non-embedding weights a token passes
@@ -222,6 +239,8 @@ pub fn flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
             let (e, g) = (cfg.mot.n_experts as f64, cfg.mot.group_size as f64);
             ffn_mats * d * mot::expert_size(&cfg.mot, cfg.d_ff) as f64 * e / g + 3.0 * d * e
         }
+        // The dense FFN, the router, and top_k adapters of two matrices each.
+        FfnKind::Pesc => dense_ffn + d * cfg.pesc.n_experts as f64 + 2.0 * d * (cfg.pesc.adapter_dim * cfg.pesc.top_k) as f64,
         _ => dense_ffn,
     };
     let mask = crate::config::ffn_layer_mask(cfg).unwrap_or_default();
@@ -246,16 +265,23 @@ mod tests {
     fn batch() -> Batch {
         let inputs: Vec<u32> = (0..15).map(|i| (i * 7 + 3) % 11).collect();
         let targets: Vec<u32> = (0..15).map(|i| (i * 5 + 1) % 11).collect();
-        Batch { rows: 3, seq_len: 5, inputs, targets }
+        Batch { rows: 3, seq_len: 5, inputs, targets, index: 0 }
     }
 
     /// Every parameter's gradient from the f32 model (fused kernels) against central finite
     /// differences of the same model in f64 (plain formulation), and none of them zero.
     fn check_model(cfg: ModelConfig) {
+        check_model_from(cfg, |_| {})
+    }
+
+    /// `check_model` after `prepare` has changed the initial parameters of both copies.
+    fn check_model_from(cfg: ModelConfig, prepare: impl Fn(&Params)) {
         let mut p32 = Params::new(&Device::Cpu, 3, 0.5);
         let m32 = Transformer::new(&cfg, &mut p32).unwrap();
         let mut p64 = Params::new(&Device::Cpu, 3, 0.5).with_dtype(DType::F64);
         let m64 = Transformer::new(&cfg, &mut p64).unwrap();
+        prepare(&p32);
+        prepare(&p64);
         let b = batch();
         let grads = m32.loss(&b, true).unwrap().total().unwrap().backward().unwrap();
         let loss64 = &|| m64.loss(&b, false).unwrap().total().unwrap().to_scalar::<f64>().unwrap();
@@ -304,6 +330,56 @@ mod tests {
             c.moe.top_k = 2;
             c.moe.capacity_factor = 0.0;
         }));
+    }
+
+    fn pesc(c: &mut ModelConfig) {
+        c.ffn = FfnKind::Pesc;
+        c.pesc.n_experts = 3;
+        c.pesc.adapter_dim = 4;
+        c.pesc.adapter_scale = 0.5;
+    }
+
+    /// With Up at its zero init, Down and the router's gate get no gradient; give Up values.
+    fn perturb_adapters(p: &Params) {
+        for (name, v) in p.iter().filter(|(n, _)| n.ends_with("adapters.up")) {
+            let r = crate::ops::testing::randn(v.dims(), 5).to_dtype(v.dtype()).unwrap();
+            v.set(&(r * 0.3).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn pesc_model_gradients() {
+        check_model_from(tiny(pesc), perturb_adapters);
+        check_model_from(
+            tiny(|c| {
+                pesc(c);
+                c.activation = Activation::Gelu;
+                c.bias = Bias::Ffn;
+                c.ffn_layers = crate::config::FfnLayers::List(vec![1]);
+            }),
+            perturb_adapters,
+        );
+    }
+
+    /// The upcycling invariant: a PESC model holding a dense model's tensors (and fresh, zero-Up
+    /// adapters) computes that model's logits, at every position, for every activation.
+    #[test]
+    fn fresh_pesc_model_computes_its_dense_model() {
+        for act in [Activation::Swiglu, Activation::Gelu, Activation::Relu] {
+            let dense_cfg = tiny(|c| c.activation = act);
+            let mut pd = Params::new(&Device::Cpu, 1, 0.5);
+            let dense = Transformer::new(&dense_cfg, &mut pd).unwrap();
+            let pesc_cfg = ModelConfig { ffn: FfnKind::Pesc, ..dense_cfg.clone() };
+            let mut pp = Params::new(&Device::Cpu, 2, 0.5);
+            let upcycled = Transformer::new(&pesc_cfg, &mut pp).unwrap();
+            pp.overwrite(&pd.tensors()).unwrap();
+            let ids = Tensor::from_vec((0..15u32).map(|i| (i * 7 + 2) % 11).collect(), (3, 5), &Device::Cpu).unwrap();
+            let diff = (dense.forward(&ids, None).unwrap() - upcycled.forward(&ids, None).unwrap()).unwrap();
+            let max = diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(max <= 1e-6, "{act:?}: max |Δlogit| {max}");
+            let loss = |m: &Transformer| m.loss(&batch(), true).unwrap().ce.to_scalar::<f32>().unwrap();
+            assert_eq!(loss(&dense), loss(&upcycled), "{act:?}: training loss differs");
+        }
     }
 
     #[test]

@@ -157,6 +157,127 @@ pub fn assign_expert_choice(probs: &[f32], e: usize, rows: usize, seq: usize, gr
     Assignment { per_expert, chosen: Vec::new(), dropped }
 }
 
+/// One forward call's routing: the slots (token, expert) that run, expert by expert, and the
+/// gate of each. The MoE and PESC layers both route this way and differ in what the experts are.
+pub struct Routed {
+    /// The token of every slot, `[R]`, with expert `e`'s slots at `[offsets[e], offsets[e+1])`;
+    /// None when no slot runs.
+    tokens: Option<Tensor>,
+    offsets: Vec<usize>,
+    /// `[R, 1]`, in the graph: the router learns through it.
+    gates: Option<Tensor>,
+}
+
+impl Routed {
+    /// `out_i = Σ_{slots (i, e)} gate · expert_e(input_i)`, `[N, d]`: each expert runs once on
+    /// the rows gathered for it (`experts(rows [R, d], offsets)`), the results scatter back, and
+    /// tokens without a slot get zeros.
+    pub fn combine(&self, input: &Tensor, experts: impl Fn(&Tensor, &[usize]) -> Result<Tensor>) -> Result<Tensor> {
+        let out = input.zeros_like()?;
+        let (Some(tokens), Some(gates)) = (&self.tokens, &self.gates) else { return Ok(out) };
+        let rows = input.index_select(tokens, 0)?; // [R, d]
+        let y = experts(&rows, &self.offsets)?.broadcast_mul(gates)?;
+        out.index_add(tokens, &y, 0)
+    }
+}
+
+/// Routes the tokens `x [N, d]` by `rules` (token or expert choice, top-k, gate, capacity):
+/// the decisions are made on the host from the router's probabilities, the gates stay in the
+/// graph. Records the layer's aux and z losses (token choice) and statistics in `ctx`.
+pub fn route(router: &Router, rules: &MoeConfig, layer: usize, x: &Tensor, ctx: &mut FfnContext) -> Result<Routed> {
+    let n = x.dim(0)?;
+    let e = rules.n_experts;
+    let z = router.scores(x)?; // [N, E]
+    let p = softmax(&z)?;
+    let p_host: Vec<f32> = p.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let (assignment, slots) = match rules.routing {
+        Routing::TokenChoice => {
+            let k = rules.top_k;
+            let cf = rules.capacity_factor;
+            let cap = (ctx.train && cf > 0.0).then(|| ((cf * (n * k) as f64 / e as f64).floor() as usize).max(1));
+            (assign_token_choice(&p_host, e, k, cap), n * k)
+        }
+        Routing::ExpertChoice => {
+            let g = rules.group_size;
+            if ctx.rows % g != 0 {
+                candle_core::bail!("expert choice needs a batch that is a multiple of group_size {g}, got {} sequences", ctx.rows);
+            }
+            let cap = ((rules.capacity_factor * g as f64 / e as f64).floor() as usize).max(1);
+            (assign_expert_choice(&p_host, e, ctx.rows, ctx.seq, g, cap), n)
+        }
+    };
+    // Gate of every routed (token, expert) slot: p, renormalised over the chosen k for
+    // softmax_topk (which is the softmax over the chosen logits).
+    let probs = match (rules.routing, rules.gate) {
+        (Routing::TokenChoice, Gate::SoftmaxTopk) => {
+            let mut mask = vec![0f32; n * e];
+            for (t, c) in assignment.chosen.iter().enumerate() {
+                for &ex in c {
+                    mask[t * e + ex] = 1.0;
+                }
+            }
+            let mask = Tensor::from_vec(mask, (n, e), x.device())?.to_dtype(p.dtype())?;
+            p.broadcast_div(&(&p * &mask)?.sum_keepdim(1)?)?
+        }
+        _ => p.clone(),
+    };
+    let routed: Vec<u32> = assignment.per_expert.concat();
+    let mut offsets = vec![0];
+    let mut flat_gate = Vec::with_capacity(routed.len()); // index into probs [N·E]
+    for (ex, tokens) in assignment.per_expert.iter().enumerate() {
+        offsets.push(offsets[ex] + tokens.len());
+        flat_gate.extend(tokens.iter().map(|&t| t * e as u32 + ex as u32));
+    }
+    let (tokens, gates) = if routed.is_empty() {
+        (None, None)
+    } else {
+        let r = routed.len();
+        let gidx = Tensor::from_vec(flat_gate, r, x.device())?;
+        let gates = probs.flatten_all()?.index_select(&gidx, 0)?.unsqueeze(1)?.to_dtype(x.dtype())?;
+        (Some(Tensor::from_vec(routed, r, x.device())?), Some(gates))
+    };
+    record(rules, layer, x, &z, &p, &assignment, slots, ctx)?;
+    Ok(Routed { tokens, offsets, gates })
+}
+
+/// Aux and z losses into the context (token choice only), and the layer's statistics.
+#[allow(clippy::too_many_arguments)]
+fn record(rules: &MoeConfig, layer: usize, x: &Tensor, z: &Tensor, p: &Tensor, a: &Assignment, slots: usize, ctx: &mut FfnContext) -> Result<()> {
+    let (n, e) = p.dims2()?;
+    let (mut aux_value, mut z_value) = (0.0, 0.0);
+    if rules.routing == Routing::TokenChoice {
+        // Switch: E · Σ_e frac_e · mean_p_e, frac_e counted before dropping.
+        let mut frac = vec![0f64; e];
+        for c in &a.chosen {
+            for &ex in c {
+                frac[ex] += 1.0 / n as f64;
+            }
+        }
+        let frac = Tensor::from_vec(frac, e, p.device())?.to_dtype(p.dtype())?;
+        let aux = ((p.mean(0)? * frac)?.sum_all()? * e as f64)?;
+        let zl = logsumexp(z)?.sqr()?.mean_all()?;
+        aux_value = aux.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        z_value = zl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        ctx.aux_losses.push(aux);
+        ctx.z_losses.push(zl);
+    }
+    let p_host: Vec<f64> = p.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let entropy = p_host.chunks(e).map(|r| -r.iter().filter(|&&v| v > 0.0).map(|v| v * v.ln()).sum::<f64>()).sum::<f64>() / n as f64;
+    let load = a.per_expert.iter().map(|t| t.len() as f64 / slots.max(1) as f64).collect();
+    let denom = if rules.routing == Routing::TokenChoice { slots } else { n };
+    ctx.stats.push(LayerStats::Moe(RoutingStats {
+        layer,
+        load,
+        dropped: a.dropped as f64 / denom.max(1) as f64,
+        entropy,
+        aux_loss: aux_value,
+        z_loss: z_value,
+        // A diagnostic for eval (representation collapse), not worth its cost every step.
+        token_cosine: if ctx.train { 0.0 } else { mean_pairwise_cosine(x)? },
+    }));
+    Ok(())
+}
+
 pub struct MoeLayer {
     pub index: usize,
     pub router: Router,
@@ -177,97 +298,8 @@ impl MoeLayer {
     /// `x [N, d]` → `[N, d]`; tokens no expert processes contribute nothing (the residual
     /// carries them).
     pub fn forward(&self, x: &Tensor, ctx: &mut FfnContext) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let e = self.experts.count();
-        let z = self.router.scores(x)?; // [N, E]
-        let p = softmax(&z)?;
-        let p_host: Vec<f32> = p.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let (assignment, slots) = match self.cfg.routing {
-            Routing::TokenChoice => {
-                let k = self.cfg.top_k;
-                let cf = self.cfg.capacity_factor;
-                let cap = (ctx.train && cf > 0.0).then(|| ((cf * (n * k) as f64 / e as f64).floor() as usize).max(1));
-                (assign_token_choice(&p_host, e, k, cap), n * k)
-            }
-            Routing::ExpertChoice => {
-                let g = self.cfg.group_size;
-                if ctx.rows % g != 0 {
-                    candle_core::bail!("expert choice needs a batch that is a multiple of group_size {g}, got {} sequences", ctx.rows);
-                }
-                let cap = ((self.cfg.capacity_factor * g as f64 / e as f64).floor() as usize).max(1);
-                (assign_expert_choice(&p_host, e, ctx.rows, ctx.seq, g, cap), n)
-            }
-        };
-        // Gate of every routed (token, expert) slot: p, renormalised over the chosen k for
-        // softmax_topk.
-        let probs = match (self.cfg.routing, self.cfg.gate) {
-            (Routing::TokenChoice, Gate::SoftmaxTopk) => {
-                let mut mask = vec![0f32; n * e];
-                for (t, c) in assignment.chosen.iter().enumerate() {
-                    for &ex in c {
-                        mask[t * e + ex] = 1.0;
-                    }
-                }
-                let mask = Tensor::from_vec(mask, (n, e), x.device())?.to_dtype(p.dtype())?;
-                p.broadcast_div(&(&p * &mask)?.sum_keepdim(1)?)?
-            }
-            _ => p.clone(),
-        };
-        let routed: Vec<u32> = assignment.per_expert.concat();
-        let mut out = x.zeros_like()?;
-        if !routed.is_empty() {
-            let idx = Tensor::from_vec(routed.clone(), routed.len(), x.device())?;
-            let xs = x.index_select(&idx, 0)?; // [R, d]
-            let mut offsets = vec![0];
-            let mut flat_gate = Vec::with_capacity(routed.len()); // index into probs [N·E]
-            for (ex, tokens) in assignment.per_expert.iter().enumerate() {
-                offsets.push(offsets[ex] + tokens.len());
-                flat_gate.extend(tokens.iter().map(|&t| t * e as u32 + ex as u32));
-            }
-            let gidx = Tensor::from_vec(flat_gate, routed.len(), x.device())?;
-            let gates = probs.flatten_all()?.index_select(&gidx, 0)?.unsqueeze(1)?.to_dtype(x.dtype())?; // [R, 1]
-            let y = self.experts.forward(&xs, &offsets)?.broadcast_mul(&gates)?;
-            out = out.index_add(&idx, &y, 0)?;
-        }
-        self.record(x, &z, &p, &assignment, slots, ctx)?;
-        Ok(out)
-    }
-
-    /// Aux and z losses into the context (token choice only), and the layer's statistics.
-    fn record(&self, x: &Tensor, z: &Tensor, p: &Tensor, a: &Assignment, slots: usize, ctx: &mut FfnContext) -> Result<()> {
-        let (n, e) = p.dims2()?;
-        let (mut aux_value, mut z_value) = (0.0, 0.0);
-        if self.cfg.routing == Routing::TokenChoice {
-            // Switch: E · Σ_e frac_e · mean_p_e, frac_e counted before dropping.
-            let mut frac = vec![0f64; e];
-            for c in &a.chosen {
-                for &ex in c {
-                    frac[ex] += 1.0 / n as f64;
-                }
-            }
-            let frac = Tensor::from_vec(frac, e, p.device())?.to_dtype(p.dtype())?;
-            let aux = ((p.mean(0)? * frac)?.sum_all()? * e as f64)?;
-            let zl = logsumexp(z)?.sqr()?.mean_all()?;
-            aux_value = aux.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            z_value = zl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            ctx.aux_losses.push(aux);
-            ctx.z_losses.push(zl);
-        }
-        let p_host: Vec<f64> = p.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-        let entropy = p_host.chunks(e).map(|r| -r.iter().filter(|&&v| v > 0.0).map(|v| v * v.ln()).sum::<f64>()).sum::<f64>() / n as f64;
-        let load = a.per_expert.iter().map(|t| t.len() as f64 / slots.max(1) as f64).collect();
-        let denom = if self.cfg.routing == Routing::TokenChoice { slots } else { n };
-        ctx.stats.push(LayerStats::Moe(RoutingStats {
-            layer: self.index,
-            load,
-            dropped: a.dropped as f64 / denom.max(1) as f64,
-            entropy,
-            aux_loss: aux_value,
-            z_loss: z_value,
-            // A diagnostic for eval (representation collapse), not worth its cost every step.
-            token_cosine: if ctx.train { 0.0 } else { mean_pairwise_cosine(x)? },
-        }));
-        Ok(())
+        let routed = route(&self.router, &self.cfg, self.index, x, ctx)?;
+        routed.combine(x, |rows, offsets| self.experts.forward(rows, offsets))
     }
 }
 

@@ -42,11 +42,29 @@ pub struct Params {
     init_scale: f64,
     entries: Vec<(String, Var)>,
     index: HashMap<String, usize>,
+    /// Names that stay fixed in training (PESC's `train_only_adapters`).
+    frozen: Option<Box<dyn Fn(&str) -> bool>>,
 }
 
 impl Params {
     pub fn new(device: &Device, seed: u64, init_scale: f64) -> Params {
-        Params { device: device.clone(), dtype: DType::F32, seed, init_scale, entries: Vec::new(), index: HashMap::new() }
+        Params { device: device.clone(), dtype: DType::F32, seed, init_scale, entries: Vec::new(), index: HashMap::new(), frozen: None }
+    }
+
+    /// The parameters that `frozen` names stay fixed: the model gets them outside the autograd
+    /// graph (sharing the variable's storage, so loading still reaches them), and backward
+    /// computes no gradient for them at all. Set before the model is built.
+    pub fn freezing(mut self, frozen: impl Fn(&str) -> bool + 'static) -> Params {
+        self.frozen = Some(Box::new(frozen));
+        self
+    }
+
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.frozen.as_ref().is_some_and(|f| f(name))
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// The same parameters (same initial values) in another dtype.
@@ -79,10 +97,15 @@ impl Params {
         self.entries.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
+    /// Elements of the parameters that train (all, unless some are frozen).
+    pub fn trainable_count(&self) -> usize {
+        self.entries.iter().filter(|(n, _)| !self.is_frozen(n)).map(|(_, v)| v.elem_count()).sum()
+    }
+
     fn add(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
         assert!(!self.index.contains_key(name), "parameter {name} created twice");
         let var = Var::from_tensor(&t.to_dtype(self.dtype)?.to_device(&self.device)?)?;
-        let out = var.as_tensor().clone();
+        let out = if self.is_frozen(name) { var.as_tensor().detach() } else { var.as_tensor().clone() };
         self.index.insert(name.to_string(), self.entries.len());
         self.entries.push((name.to_string(), var));
         Ok(out)
@@ -156,8 +179,20 @@ impl Params {
 
     /// Overwrites every parameter from `tensors`, which must hold each name with its shape.
     pub fn load(&self, tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
-        for (name, var) in &self.entries {
-            let t = tensors.get(name).ok_or_else(|| format!("tensor `{name}` is missing"))?;
+        if let Some((name, _)) = self.entries.iter().find(|(n, _)| !tensors.contains_key(n)) {
+            return Err(format!("tensor `{name}` is missing"));
+        }
+        self.overwrite(tensors)
+    }
+
+    /// Overwrites the parameters `tensors` names, each with its shape; the others keep their
+    /// values. A name the model does not have is an error.
+    pub fn overwrite(&self, tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+        if let Some(extra) = tensors.keys().filter(|k| !self.index.contains_key(*k)).min() {
+            return Err(format!("tensor `{extra}` is not part of the model the config describes"));
+        }
+        for (name, var) in self.entries.iter().filter(|(n, _)| tensors.contains_key(n)) {
+            let t = &tensors[name];
             if t.dims() != var.dims() {
                 return Err(format!("tensor `{name}` has shape {:?}, but the config gives {:?}", t.dims(), var.dims()));
             }
@@ -165,9 +200,6 @@ impl Params {
             let first_line = |e: candle_core::Error| e.to_string().lines().next().unwrap_or_default().to_string();
             let t = t.to_dtype(self.dtype).and_then(|t| t.to_device(&self.device)).map_err(first_line)?;
             var.set(&t).map_err(first_line)?;
-        }
-        if let Some(extra) = tensors.keys().filter(|k| !self.index.contains_key(*k)).min() {
-            return Err(format!("tensor `{extra}` is not part of the model the config describes"));
         }
         Ok(())
     }

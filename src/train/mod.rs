@@ -83,9 +83,11 @@ impl Trainer {
     /// A freshly initialised model with its optimizer and data.
     pub fn new(cfg: Config) -> Result<Trainer> {
         let dev = device(&cfg.run.device)?;
-        let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
+        let model_cfg = cfg.model.clone();
+        let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale).freezing(move |name| !crate::model::trains(&model_cfg, name));
         let model = Transformer::new(&cfg.model, &mut params)?;
-        let opt = AdamW::new(&params, |_| true, &cfg.train)?;
+        // Moments only for what trains.
+        let opt = AdamW::new(&params, |name| !params.is_frozen(name), &cfg.train)?;
         let shards = data::shards::open_all(&cfg.data.train, &cfg.data.format, cfg.model.vocab_size)?;
         let loader = TrainLoader::new(shards, cfg.data.seq_len, cfg.run.seed)?;
         let val = match &cfg.data.val {
@@ -230,7 +232,15 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
             MetricsLog::open(&run_dir, Some(trainer.step))?
         }
         Start::Fresh | Start::InitFrom(_) => {
-            if !checkpoint::list(&run_dir).is_empty() {
+            // `upcycle` writes a run directory whose one checkpoint is where its training starts.
+            let own_start = match &start {
+                Start::InitFrom(p) => {
+                    let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().is_ok_and(|b| a == b));
+                    checkpoint::resolve(p).is_ok_and(|c| matches!(checkpoint::list(&run_dir).as_slice(), [(_, only)] if same(only, &c)))
+                }
+                _ => false,
+            };
+            if !own_start && !checkpoint::list(&run_dir).is_empty() {
                 return Err(checkpoint::CheckpointError::Invalid {
                     path: run_dir.clone(),
                     message: "already holds checkpoints: pass --resume to continue that run, or set another run.name".into(),
@@ -248,10 +258,11 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
     };
     checkpoint::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
     let t = &cfg.train;
+    let (total, trained) = (trainer.params.count(), trainer.params.trainable_count());
+    let trained = if trained < total { format!(" ({trained} trained)") } else { String::new() };
     println!(
-        "run {} | {} parameters | {} train tokens | {} steps of {} tokens",
+        "run {} | {total} parameters{trained} | {} train tokens | {} steps of {} tokens",
         run_dir.display(),
-        trainer.params.count(),
         trainer.loader.total_tokens(),
         t.steps,
         trainer.tokens_per_step()
