@@ -89,6 +89,8 @@ pub struct Transformer {
     group_size: Option<usize>,
     /// The run's seed, from which training-time noise (dropout) derives.
     seed: u64,
+    /// Experts recompute their hidden activations in backward (`train.recompute_experts`).
+    recompute_experts: bool,
 }
 
 impl Transformer {
@@ -129,13 +131,19 @@ impl Transformer {
         }
         let norm = if cfg.final_norm { Some(Norm::new(params, "model.norm", cfg.norm, d, cfg.norm_eps)?) } else { None };
         let head = if cfg.tie_embeddings { Linear { w: embed.clone(), b: None } } else { Linear::new(params, "lm_head", v, d, false)? };
-        Ok(Transformer { cfg: cfg.clone(), embed, positions, blocks, norm, head, group_size: None, seed: params.seed() })
+        Ok(Transformer { cfg: cfg.clone(), embed, positions, blocks, norm, head, group_size: None, seed: params.seed(), recompute_experts: false })
     }
 
     /// The same model with its MoT layers mixing groups of `g` sequences: to study the effect
     /// of the group size, or to run with fewer sequences than it was trained with.
     pub fn with_group_size(mut self, g: usize) -> Transformer {
         self.group_size = Some(g);
+        self
+    }
+
+    /// The same model with its experts recomputing their hidden activations in backward.
+    pub fn with_recompute_experts(mut self, on: bool) -> Transformer {
+        self.recompute_experts = on;
         self
     }
 
@@ -208,7 +216,7 @@ impl Transformer {
 
     fn context(&self, train: bool, rows: usize, seq: usize, batch_index: u64) -> FfnContext {
         let noise_seed = crate::data::loader::splitmix64(self.seed ^ crate::data::loader::splitmix64(batch_index));
-        FfnContext { group_size: self.group_size, noise_seed, ..FfnContext::new(train, rows, seq) }
+        FfnContext { group_size: self.group_size, noise_seed, recompute: self.recompute_experts, ..FfnContext::new(train, rows, seq) }
     }
 
     pub fn new_caches(&self) -> Vec<KvCache> {
@@ -379,6 +387,41 @@ mod tests {
             assert!(max <= 1e-6, "{act:?}: max |Δlogit| {max}");
             let loss = |m: &Transformer| m.loss(&batch(), true).unwrap().ce.to_scalar::<f32>().unwrap();
             assert_eq!(loss(&dense), loss(&upcycled), "{act:?}: training loss differs");
+        }
+    }
+
+    /// `train.recompute_experts` trades memory for compute and changes nothing else: the same
+    /// loss and gradients, MoT and MoE, gated and not.
+    #[test]
+    fn recomputed_experts_give_the_same_loss_and_gradients() {
+        let mot = |c: &mut ModelConfig| {
+            c.ffn = FfnKind::Mot;
+            c.mot.n_experts = 2;
+            c.mot.group_size = 3;
+        };
+        let moe = |c: &mut ModelConfig| {
+            c.ffn = FfnKind::Moe;
+            c.moe.n_experts = 3;
+            c.moe.top_k = 2;
+        };
+        for cfg in [tiny(mot), tiny(moe), tiny(|c| {
+            moe(c);
+            c.activation = Activation::Gelu;
+        })] {
+            let mut p = Params::new(&Device::Cpu, 3, 0.5);
+            let model = Transformer::new(&cfg, &mut p).unwrap();
+            let run = |m: &Transformer| {
+                let l = m.loss(&batch(), true).unwrap().total().unwrap();
+                (l.to_scalar::<f32>().unwrap(), l.backward().unwrap())
+            };
+            let (l0, g0) = run(&model);
+            let (l1, g1) = run(&model.with_recompute_experts(true));
+            assert!((l0 - l1).abs() < 1e-6, "{:?}: loss {l0} vs {l1}", cfg.ffn);
+            for (name, v) in p.iter() {
+                let (a, b) = (g0.get(v).unwrap(), g1.get(v).unwrap_or_else(|| panic!("{name}: no gradient when recomputing")));
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-5, "{:?} {name}: gradients differ by {d}", cfg.ffn);
+            }
         }
     }
 

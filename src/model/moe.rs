@@ -8,7 +8,8 @@ use super::ffn::activate;
 use super::params::Params;
 use super::routing::{FfnContext, LayerStats, RoutingStats};
 use crate::config::{Activation, Gate, MoeConfig, RouterKind, Routing};
-use crate::ops::grouped::{grouped_matmul, grouped_matmul_cat};
+use crate::ops::fused;
+use crate::ops::grouped::{grouped_matmul, grouped_matmul_cat, grouped_up};
 use crate::ops::swiglu::swiglu;
 use candle_core::{DType, Result, Tensor, D};
 
@@ -34,10 +35,12 @@ impl Experts {
     }
 
     /// Every expert on its rows: `x [R, d]` holds expert `e`'s rows at
-    /// `[offsets[e], offsets[e+1])`; → `[R, d]`.
-    pub fn forward(&self, x: &Tensor, offsets: &[usize]) -> Result<Tensor> {
+    /// `[offsets[e], offsets[e+1])`; → `[R, d]`. With `recompute` (on CPU) the hidden
+    /// activations are not kept for backward but computed again there.
+    pub fn forward(&self, x: &Tensor, offsets: &[usize], recompute: bool) -> Result<Tensor> {
         let hidden = match &self.gate {
-            Some(gate) => swiglu(&grouped_matmul_cat(x, gate, &self.up, offsets)?)?, // [R, 2f]
+            _ if recompute && fused(&[x, &self.up]) => grouped_up(x, self.gate.as_ref(), &self.up, self.activation, offsets)?,
+            Some(gate) => swiglu(&grouped_matmul_cat(x, gate, &self.up, offsets)?)?, // [R, 2f] → [R, f]
             None => activate(self.activation, &grouped_matmul(x, &self.up, offsets)?)?,
         };
         grouped_matmul(&hidden, &self.down, offsets)
@@ -299,7 +302,7 @@ impl MoeLayer {
     /// carries them).
     pub fn forward(&self, x: &Tensor, ctx: &mut FfnContext) -> Result<Tensor> {
         let routed = route(&self.router, &self.cfg, self.index, x, ctx)?;
-        routed.combine(x, |rows, offsets| self.experts.forward(rows, offsets))
+        routed.combine(x, |rows, offsets| self.experts.forward(rows, offsets, ctx.recompute))
     }
 }
 

@@ -97,6 +97,8 @@ pub struct FfnContext {
     /// Seeds training-time noise (PESC adapter dropout): a function of the model's seed and
     /// the batch's place in the data stream, so resume redraws the same noise.
     pub noise_seed: u64,
+    /// Experts recompute their hidden activations in backward (`train.recompute_experts`).
+    pub recompute: bool,
     pub aux_losses: Vec<Tensor>,
     pub z_losses: Vec<Tensor>,
     pub stats: Vec<LayerStats>,
@@ -104,7 +106,7 @@ pub struct FfnContext {
 
 impl FfnContext {
     pub fn new(train: bool, rows: usize, seq: usize) -> FfnContext {
-        FfnContext { train, rows, seq, group_size: None, noise_seed: 0, aux_losses: Vec::new(), z_losses: Vec::new(), stats: Vec::new() }
+        FfnContext { train, rows, seq, group_size: None, noise_seed: 0, recompute: false, aux_losses: Vec::new(), z_losses: Vec::new(), stats: Vec::new() }
     }
 
     /// `w_aux · mean(aux) + w_z · mean(z)` over the layers, or None without MoE layers.

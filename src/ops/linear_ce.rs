@@ -11,10 +11,11 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// `x [N, d]`, `w [V, d]`, `targets [N]` → scalar mean cross-entropy of `x·Wᵀ`.
-/// With `with_grad = false` (eval) only the loss is computed.
+/// With `with_grad = false` (eval) only the loss is computed; a gradient nothing will use (its
+/// input is outside the autograd graph: a frozen head) is not computed either.
 pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, with_grad: bool) -> Result<Tensor> {
     if fused(&[x, w]) {
-        let op = LinearCrossEntropy { with_grad, grads: Mutex::new(None) };
+        let op = LinearCrossEntropy { with_grad, dx: x.track_op(), dw: w.track_op(), grads: Mutex::new(None) };
         x.contiguous()?.apply_op3(&w.contiguous()?, &targets.to_dtype(DType::U32)?.contiguous()?, op)
     } else {
         cross_entropy(&x.matmul(&w.t()?)?, targets)
@@ -34,7 +35,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 struct LinearCrossEntropy {
     with_grad: bool,
-    grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    /// Which of the two gradients to compute.
+    dx: bool,
+    dw: bool,
+    grads: Mutex<Option<(Option<Vec<f32>>, Option<Vec<f32>>)>>,
 }
 
 impl CustomOp3 for LinearCrossEntropy {
@@ -78,10 +82,16 @@ impl CustomOp3 for LinearCrossEntropy {
             })
             .collect();
         if self.with_grad {
-            let mut dx = vec![0f32; n * d];
-            sgemm((n, d, v), &mut dx, &logits, (v, 1), w, (d, 1)); // dL·W
-            let mut dw = vec![0f32; v * d];
-            sgemm((v, d, n), &mut dw, &logits, (1, v), x, (d, 1)); // dLᵀ·x
+            let dx = self.dx.then(|| {
+                let mut dx = vec![0f32; n * d];
+                sgemm((n, d, v), &mut dx, &logits, (v, 1), w, (d, 1)); // dL·W
+                dx
+            });
+            let dw = self.dw.then(|| {
+                let mut dw = vec![0f32; v * d];
+                sgemm((v, d, n), &mut dw, &logits, (1, v), x, (d, 1)); // dLᵀ·x
+                dw
+            });
             *self.grads.lock().unwrap() = Some((dx, dw));
         }
         // Summed in f64 and in row order, so the loss does not depend on threads.
@@ -95,9 +105,9 @@ impl CustomOp3 for LinearCrossEntropy {
         };
         let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         let scale = |t: Tensor| if g == 1.0 { Ok(t) } else { t * g };
-        let dx = scale(Tensor::from_vec(dx, x.shape(), x.device())?)?;
-        let dw = scale(Tensor::from_vec(dw, w.shape(), w.device())?)?;
-        Ok((Some(dx), Some(dw), None))
+        let dx = dx.map(|dx| scale(Tensor::from_vec(dx, x.shape(), x.device())?)).transpose()?;
+        let dw = dw.map(|dw| scale(Tensor::from_vec(dw, w.shape(), w.device())?)).transpose()?;
+        Ok((dx, dw, None))
     }
 }
 

@@ -85,7 +85,7 @@ impl Trainer {
         let dev = device(&cfg.run.device)?;
         let model_cfg = cfg.model.clone();
         let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale).freezing(move |name| !crate::model::trains(&model_cfg, name));
-        let model = Transformer::new(&cfg.model, &mut params)?;
+        let model = Transformer::new(&cfg.model, &mut params)?.with_recompute_experts(cfg.train.recompute_experts);
         // Moments only for what trains.
         let opt = AdamW::new(&params, |name| !params.is_frozen(name), &cfg.train)?;
         let shards = data::shards::open_all(&cfg.data.train, &cfg.data.format, cfg.model.vocab_size)?;
