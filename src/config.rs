@@ -524,7 +524,7 @@ impl Config {
         let elements = estimated_elements(m);
         if elements > (1u64 << 40) as f64 {
             return Err(format!(
-                "the model would hold {elements:.3e} parameters and tables, beyond what motrain can allocate (2^40); check model.vocab_size, d_model, d_ff, n_layers, max_seq_len"
+                "the model would hold {elements:.3e} parameters and tables, beyond what motrain can allocate (2^40); check model.vocab_size, d_model, d_ff, n_layers, max_seq_len and the expert and adapter sizes"
             ));
         }
         self.ffn_layer_mask().map(|_| ())?;

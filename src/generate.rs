@@ -110,7 +110,12 @@ mod tests {
         cfg.ffn = ffn;
         // A larger init than training uses, so the untrained model has opinions to sample.
         let mut p = Params::new(&Device::Cpu, 1, 1.0);
-        Transformer::new(&cfg, &mut p).unwrap()
+        let m = Transformer::new(&cfg, &mut p).unwrap();
+        // PESC's Up starts at zero (the dense model); give the adapters something to say.
+        for (_, up) in p.iter().filter(|(n, _)| n.ends_with("adapters.up")) {
+            up.set(&crate::ops::testing::randn(up.dims(), 4)).unwrap();
+        }
+        m
     }
 
     fn opts(temperature: f64, num_samples: usize, no_cache: bool) -> GenerateOptions {
@@ -119,7 +124,7 @@ mod tests {
 
     #[test]
     fn cached_and_uncached_decoding_give_the_same_tokens() {
-        for (ffn, samples) in [(FfnKind::Dense, 1), (FfnKind::Dense, 3), (FfnKind::Moe, 2), (FfnKind::Mot, 4)] {
+        for (ffn, samples) in [(FfnKind::Dense, 1), (FfnKind::Dense, 3), (FfnKind::Moe, 2), (FfnKind::Mot, 4), (FfnKind::Pesc, 2)] {
             let m = model(ffn);
             for t in [0.0, 1.0] {
                 let cached = generate(&m, &[1, 2, 3], &opts(t, samples, false), None, |_, _| {}).unwrap().samples;

@@ -13,7 +13,8 @@
 //! expert at a time, into a buffer of one expert's rows, at the price of the up projection's
 //! matmuls once more.
 
-use super::{fused, gemm_into, slice, vec};
+use super::swiglu::{swiglu_row, swiglu_row_backward};
+use super::{fused, gemm_into, slice};
 use crate::config::Activation;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -170,12 +171,7 @@ impl GroupedUp {
 /// One row: `h` (gate then up columns for SwiGLU) → `a`, exactly as the plain ops compute it.
 fn activate(act: Activation, h: &[f32], a: &mut [f32]) {
     match act {
-        Activation::Swiglu => {
-            let (g, u) = h.split_at(a.len());
-            for i in 0..a.len() {
-                a[i] = g[i] * vec::sigmoid(g[i]) * u[i];
-            }
-        }
+        Activation::Swiglu => swiglu_row(h, a),
         Activation::Gelu => a.iter_mut().zip(h).for_each(|(a, &v)| *a = (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v),
         Activation::Relu => a.iter_mut().zip(h).for_each(|(a, &v)| *a = v.max(0.0)),
     }
@@ -184,16 +180,7 @@ fn activate(act: Activation, h: &[f32], a: &mut [f32]) {
 /// One row: `dh = da · ∂a/∂h`.
 fn activate_backward(act: Activation, h: &[f32], da: &[f32], dh: &mut [f32]) {
     match act {
-        Activation::Swiglu => {
-            let f = da.len();
-            let (g, u) = h.split_at(f);
-            let (dg, du) = dh.split_at_mut(f);
-            for i in 0..f {
-                let s = vec::sigmoid(g[i]);
-                dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                du[i] = da[i] * g[i] * s;
-            }
-        }
+        Activation::Swiglu => swiglu_row_backward(h, da, dh),
         Activation::Gelu => {
             for i in 0..da.len() {
                 let v = h[i];

@@ -38,12 +38,7 @@ impl CustomOp1 for SwiGlu {
         let w2 = width(l);
         let f = w2 / 2;
         let mut y = vec![0f32; gu.len() / 2];
-        y.par_chunks_mut(f).zip(gu.par_chunks(w2)).with_min_len(super::rows_per_task(w2)).for_each(|(y, row)| {
-            let (g, u) = row.split_at(f);
-            for i in 0..f {
-                y[i] = g[i] * vec::sigmoid(g[i]) * u[i];
-            }
-        });
+        y.par_chunks_mut(f).zip(gu.par_chunks(w2)).with_min_len(super::rows_per_task(w2)).for_each(|(y, row)| swiglu_row(row, y));
         let mut dims = l.shape().dims().to_vec();
         *dims.last_mut().unwrap() = f;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -51,6 +46,27 @@ impl CustomOp1 for SwiGlu {
 
     fn bwd(&self, gu: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(gu.apply_op2_no_bwd(&grad.contiguous()?, &SwiGluBwd)?))
+    }
+}
+
+/// One row: `[g | u]` (width 2f) → `silu(g) · u` (width f).
+pub(crate) fn swiglu_row(gu: &[f32], y: &mut [f32]) {
+    let (g, u) = gu.split_at(y.len());
+    for i in 0..y.len() {
+        y[i] = g[i] * vec::sigmoid(g[i]) * u[i];
+    }
+}
+
+/// One row: `[g | u]` and `dy` → `[dg | du]`.
+pub(crate) fn swiglu_row_backward(gu: &[f32], dy: &[f32], out: &mut [f32]) {
+    let f = dy.len();
+    let (g, u) = gu.split_at(f);
+    let (dg, du) = out.split_at_mut(f);
+    for i in 0..f {
+        let s = vec::sigmoid(g[i]);
+        // d silu(g)/dg = σ(g)·(1 + g·(1 − σ(g)))
+        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        du[i] = dy[i] * g[i] * s;
     }
 }
 
@@ -67,18 +83,10 @@ impl CustomOp2 for SwiGluBwd {
         let w2 = width(l);
         let f = w2 / 2;
         let mut out = vec![0f32; gu.len()];
-        out.par_chunks_mut(w2).zip(gu.par_chunks(w2).zip(dy.par_chunks(f))).with_min_len(super::rows_per_task(w2)).for_each(
-            |(o, (row, d))| {
-                let (g, u) = row.split_at(f);
-                let (dg, du) = o.split_at_mut(f);
-                for i in 0..f {
-                    let s = vec::sigmoid(g[i]);
-                    // d silu(g)/dg = σ(g)·(1 + g·(1 − σ(g)))
-                    dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    du[i] = d[i] * g[i] * s;
-                }
-            },
-        );
+        out.par_chunks_mut(w2)
+            .zip(gu.par_chunks(w2).zip(dy.par_chunks(f)))
+            .with_min_len(super::rows_per_task(w2))
+            .for_each(|(o, (row, d))| swiglu_row_backward(row, d, o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
