@@ -1,5 +1,6 @@
-//! Sparse Mixture of Experts (`models.md`): the shared pieces — stacked `Experts` and the
-//! `Router` (linear or X-MoE) — and the MoE layer with token-choice or expert-choice routing.
+//! Sparse Mixture of Experts (`models.md`): the shared pieces — stacked `Experts`, the `Router`
+//! (linear or X-MoE) and the routing itself (`route` → `Routed`, which PESC uses too) — and the
+//! MoE layer with token-choice or expert-choice routing.
 //! Routing decisions (top-k, capacity, groups) are made on the host from the probabilities;
 //! everything that carries a gradient (router scores, gates, experts) stays in the graph.
 //! Compute scales with the routed tokens: each expert runs on the rows gathered for it.
