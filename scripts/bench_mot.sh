@@ -29,6 +29,8 @@ print(f"round {r}: dense {t(d):.0f} tok/s | MoT fused {t(m):.0f} tok/s ({t(m)/t(
       f"MoT plain ops {t(p):.0f} tok/s (fused {t(m)/t(p):.2f}x plain) | "
       f"peak RSS dense {mib(d):.0f} MiB, MoT {mib(m):.0f} MiB ({mib(m)/mib(d):.2f}x), plain {mib(p):.0f} MiB")
 print(f"         MoT recompute_experts {t(c):.0f} tok/s ({t(c)/t(d):.2f}x dense) | peak RSS {mib(c):.0f} MiB ({mib(c)/mib(d):.2f}x dense)")
+x = m["experts"]
+print(f"         experts alone, one layer, forward + backward: kept {x['kept_ms']:.1f} ms, recomputed {x['recomputed_ms']:.1f} ms ({x['cost']:.2f}x)")
 o = m["mot_ops"]
 print(f"         mixing ops alone, one layer, forward + backward: fused {o['fused_ms']:.2f} ms, plain {o['plain_ms']:.2f} ms ({o['speedup']:.2f}x)")
 PY

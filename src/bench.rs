@@ -25,6 +25,20 @@ pub struct BenchResult {
     /// MoT models: the mixing ops alone, fused against the plain formulation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mot_ops: Option<MixingOps>,
+    /// MoT models: one layer's experts, forward and backward, keeping their hidden activations
+    /// against recomputing them (`train.recompute_experts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts: Option<ExpertTimes>,
+}
+
+/// Milliseconds for one MoT layer's experts on their merged tokens, forward and backward: the
+/// best of several alternating runs each way.
+#[derive(Debug, Serialize)]
+pub struct ExpertTimes {
+    pub kept_ms: f64,
+    pub recomputed_ms: f64,
+    /// recomputed / kept.
+    pub cost: f64,
 }
 
 /// Milliseconds for one layer's group softmax, merge and emit, forward and backward, at the
@@ -48,9 +62,9 @@ pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<Ben
         loss = trainer.train_step()?.loss;
     }
     let secs = start.elapsed().as_secs_f64();
-    let mot_ops = match trainer.cfg.model.ffn {
-        crate::config::FfnKind::Mot => Some(time_mixing_ops(&trainer.cfg, 10)?),
-        _ => None,
+    let (mot_ops, experts) = match trainer.cfg.model.ffn {
+        crate::config::FfnKind::Mot => (Some(time_mixing_ops(&trainer.cfg, 10)?), Some(time_experts(&trainer.cfg, 6)?)),
+        _ => (None, None),
     };
     let tokens_per_step = trainer.tokens_per_step();
     let tokens_per_s = (tokens_per_step * steps as u64) as f64 / secs;
@@ -69,6 +83,7 @@ pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<Ben
         threads: rayon::current_num_threads(),
         final_loss: loss,
         mot_ops,
+        experts,
     })
 }
 
@@ -99,4 +114,28 @@ fn time_mixing_ops(cfg: &Config, reps: usize) -> Result<MixingOps> {
         plain_ms = plain_ms.min(run(false)?);
     }
     Ok(MixingOps { fused_ms, plain_ms, speedup: plain_ms / fused_ms })
+}
+
+fn time_experts(cfg: &Config, reps: usize) -> Result<ExpertTimes> {
+    use crate::model::{moe::Experts, mot::expert_size, Params};
+    use candle_core::{Device, Tensor};
+    let m = &cfg.model;
+    let (e, d, f) = (m.mot.n_experts, m.d_model, expert_size(&m.mot, m.d_ff));
+    // Each expert gets one merged token per group: N = S·B/G rows.
+    let n = cfg.data.seq_len * cfg.train.micro_batch_size / m.mot.group_size;
+    let mut p = Params::new(&Device::Cpu, 0, m.init_scale);
+    let experts = Experts::new(&mut p, "experts", e, d, f, m.activation)?;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (e * n, d), &Device::Cpu)?)?;
+    let offsets: Vec<usize> = (0..=e).map(|i| i * n).collect();
+    let run = |recompute: bool| -> Result<f64> {
+        let t = Instant::now();
+        experts.forward(&x, &offsets, recompute)?.sum_all()?.backward()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut kept_ms, mut recomputed_ms) = (f64::MAX, f64::MAX);
+    for _ in 0..reps {
+        kept_ms = kept_ms.min(run(false)?);
+        recomputed_ms = recomputed_ms.min(run(true)?);
+    }
+    Ok(ExpertTimes { kept_ms, recomputed_ms, cost: recomputed_ms / kept_ms })
 }

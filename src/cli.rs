@@ -302,6 +302,9 @@ pub fn run(cli: Cli) -> Result<()> {
             if let Some(m) = &r.mot_ops {
                 eprintln!("MoT mixing ops per layer (forward + backward): fused {:.2} ms, plain {:.2} ms ({:.2}x)", m.fused_ms, m.plain_ms, m.speedup);
             }
+            if let Some(x) = &r.experts {
+                eprintln!("MoT experts per layer (forward + backward): kept {:.2} ms, recomputed {:.2} ms ({:.2}x)", x.kept_ms, x.recomputed_ms, x.cost);
+            }
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
