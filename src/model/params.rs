@@ -32,6 +32,9 @@ pub fn memory_bytes() -> Option<u64> {
     })
 }
 
+/// A predicate on parameter names.
+type NameFilter = Box<dyn Fn(&str) -> bool>;
+
 /// Parameters in creation order. Each tensor's initial values depend only on the seed and its
 /// name, so adding a tensor never changes the others.
 pub struct Params {
@@ -43,7 +46,7 @@ pub struct Params {
     entries: Vec<(String, Var)>,
     index: HashMap<String, usize>,
     /// Names that stay fixed in training (PESC's `train_only_adapters`).
-    frozen: Option<Box<dyn Fn(&str) -> bool>>,
+    frozen: Option<NameFilter>,
 }
 
 impl Params {

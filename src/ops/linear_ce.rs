@@ -38,8 +38,11 @@ struct LinearCrossEntropy {
     /// Which of the two gradients to compute.
     dx: bool,
     dw: bool,
-    grads: Mutex<Option<(Option<Vec<f32>>, Option<Vec<f32>>)>>,
+    grads: Mutex<Option<Grads>>,
 }
+
+/// `dx` and `dW` of a forward pass, each if it was asked for.
+type Grads = (Option<Vec<f32>>, Option<Vec<f32>>);
 
 impl CustomOp3 for LinearCrossEntropy {
     fn name(&self) -> &'static str {
