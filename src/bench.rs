@@ -96,8 +96,7 @@ fn time_mixing_ops(cfg: &Config, reps: usize) -> Result<MixingOps> {
     let z = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, e), &Device::Cpu)?)?;
     // The expert is the identity here: emit takes the merged tokens, of the shape it takes in
     // the layer.
-    let run = |fused: bool| -> Result<f64> {
-        let t = Instant::now();
+    let (fused_ms, plain_ms) = best_alternating(reps, |fused| {
         let out = if fused {
             let w = group_softmax(&z, g)?;
             emit(&merge(&x, &w, g)?, &w, g)?
@@ -106,13 +105,8 @@ fn time_mixing_ops(cfg: &Config, reps: usize) -> Result<MixingOps> {
             emit_reference(&merge_reference(&x, &w, g)?, &w, g)?
         };
         out.sum_all()?.backward()?;
-        Ok(t.elapsed().as_secs_f64() * 1e3)
-    };
-    let (mut fused_ms, mut plain_ms) = (f64::MAX, f64::MAX);
-    for _ in 0..reps {
-        fused_ms = fused_ms.min(run(true)?);
-        plain_ms = plain_ms.min(run(false)?);
-    }
+        Ok(())
+    })?;
     Ok(MixingOps { fused_ms, plain_ms, speedup: plain_ms / fused_ms })
 }
 
@@ -127,15 +121,25 @@ fn time_experts(cfg: &Config, reps: usize) -> Result<ExpertTimes> {
     let experts = Experts::new(&mut p, "experts", e, d, f, m.activation)?;
     let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (e * n, d), &Device::Cpu)?)?;
     let offsets: Vec<usize> = (0..=e).map(|i| i * n).collect();
-    let run = |recompute: bool| -> Result<f64> {
-        let t = Instant::now();
+    let (recomputed_ms, kept_ms) = best_alternating(reps, |recompute| {
         experts.forward(&x, &offsets, recompute)?.sum_all()?.backward()?;
+        Ok(())
+    })?;
+    Ok(ExpertTimes { kept_ms, recomputed_ms, cost: recomputed_ms / kept_ms })
+}
+
+/// Milliseconds of `run(true)` and `run(false)`: the best of `reps` alternating runs of each,
+/// so that a machine whose speed drifts hurts both alike.
+fn best_alternating(reps: usize, run: impl Fn(bool) -> Result<()>) -> Result<(f64, f64)> {
+    let time = |on: bool| -> Result<f64> {
+        let t = Instant::now();
+        run(on)?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
     };
-    let (mut kept_ms, mut recomputed_ms) = (f64::MAX, f64::MAX);
+    let (mut on_ms, mut off_ms) = (f64::MAX, f64::MAX);
     for _ in 0..reps {
-        kept_ms = kept_ms.min(run(false)?);
-        recomputed_ms = recomputed_ms.min(run(true)?);
+        off_ms = off_ms.min(time(false)?);
+        on_ms = on_ms.min(time(true)?);
     }
-    Ok(ExpertTimes { kept_ms, recomputed_ms, cost: recomputed_ms / kept_ms })
+    Ok((on_ms, off_ms))
 }
