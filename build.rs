@@ -36,14 +36,23 @@ fn main() {
 
 fn build_cuda() -> Result<(), String> {
     println!("cargo:rerun-if-changed={KERNELS}");
-    for var in ["CUDA_COMPUTE_CAP", "NVCC", "NVCC_CCBIN", "CUDA_HOME", "CUDA_PATH", "MOTRAIN_PTXAS_VERBOSE"] {
+    for var in [
+        "CUDA_COMPUTE_CAP",
+        "NVCC",
+        "NVCC_CCBIN",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "MOTRAIN_PTXAS_VERBOSE",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?);
     let cap = compute_cap()?;
     let nvcc = find_nvcc()?;
     // ptxas must come from the same toolkit: an older one rejects a newer PTX ISA version.
-    let ptxas = Some(nvcc.with_file_name("ptxas")).filter(|p| p.is_file()).unwrap_or_else(|| "ptxas".into());
+    let ptxas = Some(nvcc.with_file_name("ptxas"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| "ptxas".into());
 
     let ptx = out_dir.join("mot.ptx");
     compile_ptx(&nvcc, cap, &ptx)?;
@@ -60,7 +69,8 @@ fn build_cuda() -> Result<(), String> {
             compile_ptx(&nvcc, arch, &p)?;
             p
         };
-        let report = assemble(&ptxas, arch, &checked, &out_dir.join(format!("mot-sm_{arch}.cubin")))?;
+        let report =
+            assemble(&ptxas, arch, &checked, &out_dir.join(format!("mot-sm_{arch}.cubin")))?;
         // Kept for anyone who wants the numbers without rebuilding.
         let _ = std::fs::write(out_dir.join(format!("ptxas-sm_{arch}.txt")), &report);
         for line in summarize(&report) {
@@ -86,7 +96,10 @@ fn compute_cap() -> Result<u32, String> {
 
 /// The lowest compute capability among this machine's GPUs, if nvidia-smi can tell.
 fn gpu_compute_cap() -> Option<u32> {
-    let out = Command::new("nvidia-smi").args(["--query-gpu=compute_cap", "--format=csv,noheader"]).output().ok()?;
+    let out = Command::new("nvidia-smi")
+        .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }
@@ -100,7 +113,9 @@ fn parse_compute_cap(raw: &str) -> Result<u32, String> {
     match digits.parse::<u32>() {
         Ok(n) if n < 20 => Ok(n * 10), // "8" means 8.0
         Ok(n) => Ok(n),
-        Err(_) => Err(format!("CUDA_COMPUTE_CAP={raw:?} is not a compute capability like 80, 8.6 or 90")),
+        Err(_) => {
+            Err(format!("CUDA_COMPUTE_CAP={raw:?} is not a compute capability like 80, 8.6 or 90"))
+        }
     }
 }
 
@@ -108,8 +123,12 @@ fn find_nvcc() -> Result<PathBuf, String> {
     if let Some(p) = env::var_os("NVCC").map(PathBuf::from).filter(|p| p.is_file()) {
         return Ok(p);
     }
-    let on_path = env::var_os("PATH").into_iter().flat_map(|p| env::split_paths(&p).collect::<Vec<_>>());
-    let homes = ["CUDA_HOME", "CUDA_PATH"].into_iter().filter_map(env::var_os).map(|h| Path::new(&h).join("bin"));
+    let on_path =
+        env::var_os("PATH").into_iter().flat_map(|p| env::split_paths(&p).collect::<Vec<_>>());
+    let homes = ["CUDA_HOME", "CUDA_PATH"]
+        .into_iter()
+        .filter_map(env::var_os)
+        .map(|h| Path::new(&h).join("bin"));
     on_path
         .chain(homes)
         .chain(std::iter::once(PathBuf::from("/usr/local/cuda/bin")))
@@ -146,12 +165,15 @@ fn assemble(ptxas: &Path, arch: u32, ptx: &Path, cubin: &Path) -> Result<String,
 fn run(cmd: &mut Command) -> Result<String, String> {
     let shown = format!("{cmd:?}");
     let out = cmd.output().map_err(|e| format!("cannot run {shown}: {e}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if out.status.success() {
         return Ok(text);
     }
-    let errors: Vec<&str> =
-        text.lines().filter(|l| !l.starts_with("ptxas info") && !l.contains("bytes stack frame")).collect();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("ptxas info") && !l.contains("bytes stack frame"))
+        .collect();
     Err(format!("{shown} failed ({}):\n{}", out.status, errors.join("\n")))
 }
 

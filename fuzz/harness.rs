@@ -22,7 +22,9 @@ use std::path::Path;
 /// errors when RUST_BACKTRACE is set.
 fn no_backtrace(what: &str, message: &str) {
     let frame = message.lines().skip(1).find(|l| {
-        l.trim_start().split_once(": ").is_some_and(|(n, f)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && f.contains("::"))
+        l.trim_start().split_once(": ").is_some_and(|(n, f)| {
+            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && f.contains("::")
+        })
     });
     assert!(frame.is_none(), "{what}: an error with a backtrace:\n{message}");
 }
@@ -74,11 +76,24 @@ const TINY: &str = "[run]\nname='t'\n[data]\ntrain='x/*.bin'\nseq_len=8\n\
 /// Whether a dense model is small enough to build here: every size capped and under ~1M
 /// parameters (counted as `Transformer::new` creates them, plus the rope tables).
 pub fn small_enough(m: &ModelConfig) -> bool {
-    let caps = [(m.d_model, 256), (m.n_layers, 8), (m.vocab_size, 4096), (m.d_ff, 2048), (m.max_seq_len, 4096), (m.n_heads, 256)];
+    let caps = [
+        (m.d_model, 256),
+        (m.n_layers, 8),
+        (m.vocab_size, 4096),
+        (m.d_ff, 2048),
+        (m.max_seq_len, 4096),
+        (m.n_heads, 256),
+    ];
     if caps.iter().any(|&(v, cap)| v > cap) {
         return false;
     }
-    let (d, f, l, v, s) = (m.d_model as u64, m.d_ff as u64, m.n_layers as u64, m.vocab_size as u64, m.max_seq_len as u64);
+    let (d, f, l, v, s) = (
+        m.d_model as u64,
+        m.d_ff as u64,
+        m.n_layers as u64,
+        m.vocab_size as u64,
+        m.max_seq_len as u64,
+    );
     let attn = 4 * d * d + if m.bias == Bias::All { 4 * d } else { 0 };
     let per_block = attn + 3 * d * f + 3 * f + 4 * d;
     let embed = v * d * if m.tie_embeddings { 1 } else { 2 };
@@ -125,8 +140,11 @@ pub fn split_checkpoint(data: &[u8]) -> Option<(&[u8], &[u8])> {
 /// `Params::load`; when the state does not load, a fixed tiny model gets them instead, so the
 /// tensor checks are reached either way.
 pub fn checkpoint(data: &[u8], dir: &Path) -> CheckpointReach {
-    let mut reach = CheckpointReach { state_loaded: false, tensors_loaded: false, params_loaded: false };
-    let Some((state_bytes, model_bytes)) = split_checkpoint(data) else { return reach };
+    let mut reach =
+        CheckpointReach { state_loaded: false, tensors_loaded: false, params_loaded: false };
+    let Some((state_bytes, model_bytes)) = split_checkpoint(data) else {
+        return reach;
+    };
     std::fs::write(dir.join("state.json"), state_bytes).unwrap();
     let model_path = dir.join("model.safetensors");
     std::fs::write(&model_path, model_bytes).unwrap();
@@ -145,7 +163,9 @@ pub fn checkpoint(data: &[u8], dir: &Path) -> CheckpointReach {
     };
     reach.tensors_loaded = true;
     reach.params_loaded = match state {
-        Ok(s) if small_enough(&s.config.model) => build_and_load(&s.config.model, s.config.run.seed, &tensors),
+        Ok(s) if small_enough(&s.config.model) => {
+            build_and_load(&s.config.model, s.config.run.seed, &tensors)
+        }
         Ok(_) => false,
         Err(_) => build_and_load(&Config::from_toml_str(TINY, "tiny").unwrap().model, 0, &tensors),
     };
@@ -180,7 +200,9 @@ fn round_trip(c: &Config) {
 /// overrides as `--set`), and `apply_override` on the parsed table (or a minimal valid one).
 /// Returns whether any of them produced a config.
 pub fn config(data: &[u8], dir: &Path) -> bool {
-    let Ok(input) = std::str::from_utf8(data) else { return false };
+    let Ok(input) = std::str::from_utf8(data) else {
+        return false;
+    };
     let mut parts = input.split('\0');
     let text = parts.next().unwrap_or_default();
     let overrides: Vec<String> = parts.map(str::to_string).collect();

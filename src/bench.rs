@@ -63,7 +63,9 @@ pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<Ben
     }
     let secs = start.elapsed().as_secs_f64();
     let (mot_ops, experts) = match trainer.cfg.model.ffn {
-        crate::config::FfnKind::Mot => (Some(time_mixing_ops(&trainer.cfg, 10)?), Some(time_experts(&trainer.cfg, 6)?)),
+        crate::config::FfnKind::Mot => {
+            (Some(time_mixing_ops(&trainer.cfg, 10)?), Some(time_experts(&trainer.cfg, 6)?))
+        }
         _ => (None, None),
     };
     let tokens_per_step = trainer.tokens_per_step();
@@ -88,7 +90,9 @@ pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<Ben
 }
 
 fn time_mixing_ops(cfg: &Config, reps: usize) -> Result<MixingOps> {
-    use crate::ops::mot::{emit, emit_reference, group_softmax, group_softmax_reference, merge, merge_reference};
+    use crate::ops::mot::{
+        emit, emit_reference, group_softmax, group_softmax_reference, merge, merge_reference,
+    };
     use candle_core::{Device, Tensor, Var};
     let (b, s, d) = (cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.d_model);
     let (e, g) = (cfg.model.mot.n_experts, cfg.model.mot.group_size);
@@ -111,10 +115,10 @@ fn time_mixing_ops(cfg: &Config, reps: usize) -> Result<MixingOps> {
 }
 
 fn time_experts(cfg: &Config, reps: usize) -> Result<ExpertTimes> {
-    use crate::model::{moe::Experts, mot::expert_size, Params};
+    use crate::model::{experts::Experts, Params};
     use candle_core::{Device, Tensor};
     let m = &cfg.model;
-    let (e, d, f) = (m.mot.n_experts, m.d_model, expert_size(&m.mot, m.d_ff));
+    let (e, d, f) = (m.mot.n_experts, m.d_model, m.mot.expert_width(m.d_ff));
     // Each expert gets one merged token per group: N = S·B/G rows.
     let n = cfg.data.seq_len * cfg.train.micro_batch_size / m.mot.group_size;
     let mut p = Params::new(&Device::Cpu, 0, m.init_scale);

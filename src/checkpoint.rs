@@ -3,10 +3,10 @@
 //! `latest` replaced atomically; retention of the newest N. Loading checks everything it reads.
 
 use crate::config::Config;
+use crate::run_dir::{self, checkpoints_dir, sync, write_atomic, RunDirError};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +15,8 @@ pub enum CheckpointError {
     Invalid { path: PathBuf, message: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
     /// Saving failed (disk full, unwritable directory): not the user's input at fault.
     #[error("saving a checkpoint failed: {0}")]
     Write(Box<CheckpointError>),
@@ -55,43 +57,6 @@ pub struct Checkpoint {
     pub model: HashMap<String, Tensor>,
 }
 
-/// An exclusive lock on a run directory (`flock` on `<run>/lock`), held while training: two
-/// processes never train into the same run. The kernel drops it when the process dies, even by
-/// SIGKILL, so a stale lock file never blocks a resume.
-pub struct RunLock {
-    _file: std::fs::File,
-}
-
-impl RunLock {
-    pub fn acquire(run_dir: &Path) -> Result<RunLock> {
-        use std::os::fd::AsRawFd;
-        std::fs::create_dir_all(run_dir).map_err(|e| CheckpointError::io(run_dir, e))?;
-        let path = run_dir.join("lock");
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| CheckpointError::io(&path, e))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(CheckpointError::invalid(
-                run_dir,
-                format!("another motrain process (pid {}) is training this run; wait for it or choose another run.name", holder.trim()),
-            ));
-        }
-        use std::io::Seek;
-        file.set_len(0).and_then(|_| file.rewind()).and_then(|_| write!(file, "{}", std::process::id())).map_err(|e| CheckpointError::io(&path, e))?;
-        Ok(RunLock { _file: file })
-    }
-}
-
-pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
-    run_dir.join("checkpoints")
-}
-
 fn step_name(step: usize) -> String {
     format!("step-{step:06}")
 }
@@ -99,11 +64,8 @@ fn step_name(step: usize) -> String {
 /// Writes a checkpoint and returns its directory. A crash at any point leaves the previous
 /// checkpoint and `latest` intact.
 pub fn save(
-    run_dir: &Path,
-    state: &TrainState,
-    model: &HashMap<String, Tensor>,
-    optimizer: &HashMap<String, Tensor>,
-    keep: usize,
+    run_dir: &Path, state: &TrainState, model: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>, keep: usize,
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).map_err(|e| CheckpointError::io(&root, e))?;
@@ -114,12 +76,15 @@ pub fn save(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| CheckpointError::Write(Box::new(CheckpointError::io(&tmp, e))))?;
+    std::fs::create_dir_all(&tmp)
+        .map_err(|e| CheckpointError::Write(Box::new(CheckpointError::io(&tmp, e))))?;
     let write = || -> Result<()> {
         let m = tmp.join("model.safetensors");
-        candle_core::safetensors::save(model, &m).map_err(|e| CheckpointError::invalid(&m, e.to_string()))?;
+        candle_core::safetensors::save(model, &m)
+            .map_err(|e| CheckpointError::invalid(&m, e.to_string()))?;
         let o = tmp.join("optimizer.safetensors");
-        candle_core::safetensors::save(optimizer, &o).map_err(|e| CheckpointError::invalid(&o, e.to_string()))?;
+        candle_core::safetensors::save(optimizer, &o)
+            .map_err(|e| CheckpointError::invalid(&o, e.to_string()))?;
         let s = tmp.join("state.json");
         let json = serde_json::to_string_pretty(state).expect("state serialises");
         std::fs::write(&s, json).map_err(|e| CheckpointError::io(&s, e))?;
@@ -135,7 +100,7 @@ pub fn save(
             let _ = std::fs::remove_dir_all(old);
         }
         sync(&root)?;
-        write_atomic(&root.join("latest"), name.as_bytes())
+        Ok(write_atomic(&root.join("latest"), name.as_bytes())?)
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -162,46 +127,9 @@ fn remove_stale_temporaries(root: &Path) {
     }
 }
 
-fn sync(path: &Path) -> Result<()> {
-    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| CheckpointError::io(path, e))
-}
-
-/// Writes a small file by temp file + rename, so readers see the old or the new content.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| CheckpointError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| CheckpointError::io(path, e))?;
-    if let Some(dir) = path.parent() {
-        sync(dir)?;
-    }
-    Ok(())
-}
-
-fn is_complete(dir: &Path) -> bool {
-    ["state.json", "model.safetensors", "optimizer.safetensors"].iter().all(|f| dir.join(f).is_file())
-}
-
-/// Complete checkpoints of a run, oldest first.
-pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
-    let root = checkpoints_dir(run_dir);
-    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(&root)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("step-")?.parse().ok()?;
-            is_complete(&e.path()).then(|| (step, e.path()))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 fn prune(root: &Path, keep: usize) -> Result<()> {
     let run_dir = root.parent().unwrap_or(root);
-    let all = list(run_dir);
+    let all = run_dir::checkpoints(run_dir);
     let latest = std::fs::read_to_string(root.join("latest")).unwrap_or_default();
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
         if dir.file_name().is_some_and(|n| n.to_string_lossy() == latest.trim()) {
@@ -223,26 +151,36 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         let name = std::fs::read_to_string(&latest).map_err(|e| CheckpointError::io(&latest, e))?;
         let dir = checkpoints_dir(path).join(name.trim());
         if !dir.join("state.json").is_file() {
-            return Err(CheckpointError::invalid(&latest, format!("names {:?}, which is not a complete checkpoint", name.trim())));
+            return Err(CheckpointError::invalid(
+                &latest,
+                format!("names {:?}, which is not a complete checkpoint", name.trim()),
+            ));
         }
         return Ok(dir);
     }
     // A crash between renaming a checkpoint into place and writing `latest` leaves no
     // `latest`; the newest complete checkpoint is then the one to use.
-    if let Some((_, dir)) = list(path).pop() {
+    if let Some((_, dir)) = run_dir::checkpoints(path).pop() {
         return Ok(dir);
     }
     if !path.exists() {
         return Err(CheckpointError::invalid(path, "no such checkpoint or run directory"));
     }
-    Err(CheckpointError::invalid(path, "neither a checkpoint (no state.json) nor a run directory with checkpoints/latest"))
+    Err(CheckpointError::invalid(
+        path,
+        "neither a checkpoint (no state.json) nor a run directory with checkpoints/latest",
+    ))
 }
 
 pub fn load_state(dir: &Path) -> Result<TrainState> {
     let p = dir.join("state.json");
     let text = std::fs::read_to_string(&p).map_err(|e| CheckpointError::io(&p, e))?;
-    let state: TrainState = serde_json::from_str(&text).map_err(|e| CheckpointError::invalid(&p, format!("corrupt state: {e}")))?;
-    state.config.validate().map_err(|m| CheckpointError::invalid(&p, format!("config inside is invalid: {m}")))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::invalid(&p, format!("corrupt state: {e}")))?;
+    state
+        .config
+        .validate()
+        .map_err(|m| CheckpointError::invalid(&p, format!("config inside is invalid: {m}")))?;
     Ok(state)
 }
 
@@ -250,7 +188,8 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
     if !path.is_file() {
         return Err(CheckpointError::invalid(path, "missing"));
     }
-    candle_core::safetensors::load(path, device).map_err(|e| CheckpointError::invalid(path, format!("not a valid safetensors file: {e}")))
+    candle_core::safetensors::load(path, device)
+        .map_err(|e| CheckpointError::invalid(path, format!("not a valid safetensors file: {e}")))
 }
 
 /// Loads state and weights of the checkpoint at `path` (see [`resolve`]).
@@ -259,6 +198,20 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     let state = load_state(&dir)?;
     let model = load_tensors(&dir.join("model.safetensors"), device)?;
     Ok(Checkpoint { dir, state, model })
+}
+
+/// A checkpoint's model, built from its state.json on the device it names and filled with its
+/// weights; the checkpoint comes back too (its state, weights and directory).
+pub fn load_model(path: &Path) -> anyhow::Result<(Checkpoint, crate::model::Transformer)> {
+    let dir = resolve(path)?;
+    let cfg = load_state(&dir)?.config;
+    let dev = crate::device::device(&cfg.run.device)?;
+    let ckpt = load(&dir, &dev)?;
+    ckpt.check_config(&cfg.model)?;
+    let mut params = crate::model::Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
+    let model = crate::model::Transformer::new(&cfg.model, &mut params)?;
+    ckpt.restore(&params)?;
+    Ok((ckpt, model))
 }
 
 impl Checkpoint {
@@ -271,15 +224,23 @@ impl Checkpoint {
             Some(t) if t.dims() == want => Ok(()),
             Some(t) => Err(CheckpointError::invalid(
                 &self.dir.join("model.safetensors"),
-                format!("holds `{name}` of shape {:?}, but state.json describes {want:?}", t.dims()),
+                format!(
+                    "holds `{name}` of shape {:?}, but state.json describes {want:?}",
+                    t.dims()
+                ),
             )),
-            None => Err(CheckpointError::invalid(&self.dir.join("model.safetensors"), format!("tensor `{name}` is missing"))),
+            None => Err(CheckpointError::invalid(
+                &self.dir.join("model.safetensors"),
+                format!("tensor `{name}` is missing"),
+            )),
         }
     }
 
     /// Copies the weights into `params`, naming the file and the tensor on a mismatch.
     pub fn restore(&self, params: &crate::model::Params) -> Result<()> {
-        params.load(&self.model).map_err(|m| CheckpointError::invalid(&self.dir.join("model.safetensors"), m))
+        params
+            .load(&self.model)
+            .map_err(|m| CheckpointError::invalid(&self.dir.join("model.safetensors"), m))
     }
 
     pub fn optimizer(&self, device: &Device) -> Result<HashMap<String, Tensor>> {

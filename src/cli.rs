@@ -1,8 +1,9 @@
 //! The command line: clap definitions and one thin function per command.
 
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint::{self, CheckpointError};
 use crate::config::{Config, ConfigError};
 use crate::data::{self, prepare, DataError, EvalStream, Tokenizer};
+use crate::run_dir::RunDirError;
 use crate::train::{self, Start};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -10,7 +11,11 @@ use serde_json::json;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "motrain", version, about = "Pretrain dense, MoE and Mixture-of-Tokens transformers on candle")]
+#[command(
+    name = "motrain",
+    version,
+    about = "Pretrain dense, MoE and Mixture-of-Tokens transformers on candle"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -184,8 +189,14 @@ pub struct UsageError(pub String);
 /// 2 for bad usage, config or input files; 1 for anything else.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     let bad_input = e.chain().any(|c| {
-        let bad_checkpoint = c.downcast_ref::<CheckpointError>().is_some_and(|e| !matches!(e, CheckpointError::Write(_)));
-        c.is::<ConfigError>() || c.is::<DataError>() || bad_checkpoint || c.is::<UsageError>()
+        let bad_checkpoint = c
+            .downcast_ref::<CheckpointError>()
+            .is_some_and(|e| !matches!(e, CheckpointError::Write(_)));
+        c.is::<ConfigError>()
+            || c.is::<DataError>()
+            || c.is::<RunDirError>()
+            || bad_checkpoint
+            || c.is::<UsageError>()
     });
     if bad_input {
         2
@@ -207,33 +218,74 @@ pub fn run(cli: Cli) -> Result<()> {
             println!(
                 "done: {}{}{}",
                 summary.run_dir.display(),
-                summary.final_loss.map(|l| format!(" | final train loss {l:.4}")).unwrap_or_default(),
-                summary.final_eval.map(|e| format!(" | val loss {:.4} | ppl {:.2}", e.loss, e.ppl)).unwrap_or_default()
+                summary
+                    .final_loss
+                    .map(|l| format!(" | final train loss {l:.4}"))
+                    .unwrap_or_default(),
+                summary
+                    .final_eval
+                    .map(|e| format!(" | val loss {:.4} | ppl {:.2}", e.loss, e.ppl))
+                    .unwrap_or_default()
             );
             Ok(())
         }
-        Command::Eval { checkpoint, data, batches, batch_size, group_size } => eval(checkpoint, data, batches, batch_size, group_size),
-        Command::Generate { checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, num_samples, seed, tokenizer } => {
-            let opts = crate::generate::GenerateOptions { max_new_tokens, temperature, top_k, top_p, num_samples, seed, no_cache: false };
+        Command::Eval { checkpoint, data, batches, batch_size, group_size } => {
+            eval(checkpoint, data, batches, batch_size, group_size)
+        }
+        Command::Generate {
+            checkpoint,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            num_samples,
+            seed,
+            tokenizer,
+        } => {
+            let opts = crate::generate::GenerateOptions {
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                num_samples,
+                seed,
+                no_cache: false,
+            };
             generate(checkpoint, &prompt, tokenizer, &opts)
         }
         Command::Export { checkpoint, format, out } => {
             if format != "hf" {
-                return Err(UsageError(format!("--format {format:?}: the one export format is \"hf\"")).into());
+                return Err(UsageError(format!(
+                    "--format {format:?}: the one export format is \"hf\""
+                ))
+                .into());
             }
             let e = crate::export::export_hf(&checkpoint, &out)?;
-            let tok = e.tokenizer.map_or("no tokenizer.json: the run records no data.tokenizer".to_string(), |t| format!("tokenizer.json from {t}"));
-            println!("wrote {} as {} ({} tensors; {tok})", e.dir.display(), e.architecture.class(), e.tensors);
+            let tok = e
+                .tokenizer
+                .map_or("no tokenizer.json: the run records no data.tokenizer".to_string(), |t| {
+                    format!("tokenizer.json from {t}")
+                });
+            println!(
+                "wrote {} as {} ({} tensors; {tok})",
+                e.dir.display(),
+                e.architecture.class(),
+                e.tensors
+            );
             Ok(())
         }
         Command::Plot { runs, out } => {
-            let summary = crate::plot::plot(&runs, &out).map_err(|e| UsageError(format!("{e:#}")))?;
+            let summary =
+                crate::plot::plot(&runs, &out).map_err(|e| UsageError(format!("{e:#}")))?;
             println!("{summary}");
             Ok(())
         }
         Command::TransitionTune { checkpoint, out, steps, overrides } => {
             let r = crate::transition::transition_tune(&checkpoint, &out, steps, &overrides)?;
-            let line = |what: &str, e: &crate::eval::EvalResult| eprintln!("{what:<34} val loss {:.4} | ppl {:.2}", e.loss, e.ppl);
+            let line = |what: &str, e: &crate::eval::EvalResult| {
+                eprintln!("{what:<34} val loss {:.4} | ppl {:.2}", e.loss, e.ppl)
+            };
             line(&format!("before conversion (MoT, step {})", r.from_step), &r.before);
             line("after conversion (top-1 MoE)", &r.converted);
             if let Some(t) = &r.tuned {
@@ -247,8 +299,23 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Upcycle { checkpoint, out, experts, top_k, adapter_dim, adapter_scale, layers, overrides } => {
-            let opts = crate::upcycle::UpcycleOptions { experts, top_k, adapter_dim, adapter_scale, layers };
+        Command::Upcycle {
+            checkpoint,
+            out,
+            experts,
+            top_k,
+            adapter_dim,
+            adapter_scale,
+            layers,
+            overrides,
+        } => {
+            let opts = crate::upcycle::UpcycleOptions {
+                experts,
+                top_k,
+                adapter_dim,
+                adapter_scale,
+                layers,
+            };
             let r = crate::upcycle::upcycle(&checkpoint, &out, &opts, &overrides)?;
             eprintln!(
                 "upcycled blocks {:?} of the step-{} dense model: {} parameters ({} added, {} trained); logits vs the dense model: {}",
@@ -259,7 +326,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 r.trained_params,
                 if r.max_logit_diff == 0.0 { "identical".to_string() } else { format!("max |difference| {:.2e}", r.max_logit_diff) }
             );
-            eprintln!("fine-tune it with: motrain train --config {} --init-from {}", out.join("config.toml").display(), out.display());
+            eprintln!(
+                "fine-tune it with: motrain train --config {} --init-from {}",
+                out.join("config.toml").display(),
+                out.display()
+            );
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
@@ -311,22 +382,32 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn generate(path: PathBuf, prompt: &str, tokenizer: Option<String>, opts: &crate::generate::GenerateOptions) -> Result<()> {
+fn generate(
+    path: PathBuf, prompt: &str, tokenizer: Option<String>, opts: &crate::generate::GenerateOptions,
+) -> Result<()> {
     use std::io::Write;
     if let Some(p) = opts.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
         return Err(UsageError(format!("--top-p must be in (0, 1], got {p}")).into());
     }
     if opts.top_k == Some(0) || !opts.temperature.is_finite() || opts.temperature < 0.0 {
-        return Err(UsageError("--top-k must be at least 1 and --temperature a number >= 0".into()).into());
+        return Err(UsageError(
+            "--top-k must be at least 1 and --temperature a number >= 0".into(),
+        )
+        .into());
     }
-    let (ckpt, model) = train::load_model(&path)?;
+    let (ckpt, model) = checkpoint::load_model(&path)?;
     let state = ckpt.state;
     let spec = tokenizer.or(state.config.data.tokenizer.clone()).ok_or_else(|| {
         UsageError("the run records no tokenizer (data.tokenizer): pass --tokenizer gpt2 or --tokenizer PATH/tokenizer.json".into())
     })?;
     let tok = Tokenizer::load(&spec)?;
     if tok.vocab_size() > model.cfg.vocab_size {
-        return Err(UsageError(format!("the tokenizer {spec} has {} tokens, more than the model's vocab_size {}", tok.vocab_size(), model.cfg.vocab_size)).into());
+        return Err(UsageError(format!(
+            "the tokenizer {spec} has {} tokens, more than the model's vocab_size {}",
+            tok.vocab_size(),
+            model.cfg.vocab_size
+        ))
+        .into());
     }
     let ids = tok.encode(prompt)?;
     let ids = if ids.is_empty() { vec![tok.eot()] } else { ids };
@@ -359,13 +440,19 @@ fn generate(path: PathBuf, prompt: &str, tokenizer: Option<String>, opts: &crate
         }
     }
     if generated.truncated {
-        eprintln!("note: stopped at the model's context of {} tokens (max_seq_len)", model.cfg.max_seq_len);
+        eprintln!(
+            "note: stopped at the model's context of {} tokens (max_seq_len)",
+            model.cfg.max_seq_len
+        );
     }
     Ok(())
 }
 
-fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size: Option<usize>, group_size: Option<usize>) -> Result<()> {
-    let (ckpt, mut model) = train::load_model(&path)?;
+fn eval(
+    path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size: Option<usize>,
+    group_size: Option<usize>,
+) -> Result<()> {
+    let (ckpt, mut model) = checkpoint::load_model(&path)?;
     let (dir, state) = (ckpt.dir, ckpt.state);
     let cfg = state.config.clone();
     if let Some(g) = group_size {
@@ -376,7 +463,11 @@ fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size:
     }
     let glob = match data {
         Some(g) => crate::config::absolute(std::path::Path::new(&g)),
-        None => cfg.data.val.clone().ok_or_else(|| UsageError("the run has no data.val: pass --data GLOB".into()))?,
+        None => cfg
+            .data
+            .val
+            .clone()
+            .ok_or_else(|| UsageError("the run has no data.val: pass --data GLOB".into()))?,
     };
     let batch_size = batch_size.unwrap_or(cfg.train.eval_batch_size);
     let batches = batches.unwrap_or(cfg.train.eval_batches);
@@ -384,18 +475,29 @@ fn eval(path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size:
         return Err(UsageError("--batch-size and --batches must be at least 1".into()).into());
     }
     let multiple = model.batch_multiple();
-    if batch_size % multiple != 0 {
+    if !batch_size.is_multiple_of(multiple) {
         return Err(UsageError(format!(
             "this Mixture of Tokens model mixes groups of {multiple} sequences, so the eval batch ({batch_size}) must be a multiple of {multiple}; \
              pass --batch-size, or --group-size to mix smaller groups"
         ))
         .into());
     }
-    let stream = EvalStream::new(data::shards::open_all(&glob, &cfg.data.format, cfg.model.vocab_size)?, cfg.data.seq_len);
-    let r = crate::eval::evaluate(&model, &stream, batch_size, batches).map_err(|e| UsageError(format!("{e:#}")))
+    let stream = EvalStream::new(
+        data::shards::open_all(&glob, &cfg.data.format, cfg.model.vocab_size)?,
+        cfg.data.seq_len,
+    );
+    let r = crate::eval::evaluate(&model, &stream, batch_size, batches)
+        .map_err(|e| UsageError(format!("{e:#}")))
         .context(format!("evaluating on {glob}"))?;
-    let grouping = if model.mot_layers().next().is_some() { format!(" | MoT groups of {multiple}") } else { String::new() };
-    eprintln!("step {} | loss {:.4} | ppl {:.2} | {} batches of {} x {} tokens{grouping}", state.step, r.loss, r.ppl, r.batches, r.batch_size, cfg.data.seq_len);
+    let grouping = if model.mot_layers().next().is_some() {
+        format!(" | MoT groups of {multiple}")
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "step {} | loss {:.4} | ppl {:.2} | {} batches of {} x {} tokens{grouping}",
+        state.step, r.loss, r.ppl, r.batches, r.batch_size, cfg.data.seq_len
+    );
     if !r.routing.is_empty() {
         eprint!("{}", crate::metrics::routing_table(&r.routing));
     }

@@ -2,7 +2,7 @@
 //! cross-entropy over all of them.
 
 use crate::data::EvalStream;
-use crate::model::routing::LayerStats;
+use crate::model::stats::LayerStats;
 use crate::model::Transformer;
 use anyhow::Result;
 use serde::Serialize;
@@ -18,7 +18,9 @@ pub struct EvalResult {
     pub routing: Vec<LayerStats>,
 }
 
-pub fn evaluate(model: &Transformer, stream: &EvalStream, batch_size: usize, max_batches: usize) -> Result<EvalResult> {
+pub fn evaluate(
+    model: &Transformer, stream: &EvalStream, batch_size: usize, max_batches: usize,
+) -> Result<EvalResult> {
     let batches = stream.batches(batch_size, max_batches);
     if batches == 0 {
         anyhow::bail!(

@@ -8,7 +8,10 @@
 //! Eval and generation are dropless, so the exported model computes exactly what ours does.
 
 use crate::checkpoint;
-use crate::config::{Activation, Bias, Config, ConfigError, FfnKind, Gate, ModelConfig, Norm, Position, RouterKind, Routing};
+use crate::config::{
+    Activation, Bias, Config, ConfigError, FfnKind, Gate, ModelConfig, Norm, Position, RouterKind,
+    Routing,
+};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
@@ -50,7 +53,9 @@ pub fn architecture(m: &ModelConfig) -> std::result::Result<Architecture, String
         (m.final_norm, "model.final_norm = true"),
     ];
     if let Some((_, need)) = modern.iter().find(|(ok, _)| !ok) {
-        return Err(format!("Hugging Face export covers the modern preset (Llama layout); this model lacks {need}"));
+        return Err(format!(
+            "Hugging Face export covers the modern preset (Llama layout); this model lacks {need}"
+        ));
     }
     match m.ffn {
         FfnKind::Dense => Ok(Architecture::Llama),
@@ -58,7 +63,7 @@ pub fn architecture(m: &ModelConfig) -> std::result::Result<Architecture, String
             if m.moe.routing != Routing::TokenChoice || m.moe.router != RouterKind::Linear {
                 return Err("Hugging Face MoE models route by token choice with a linear router; this model has model.moe.routing/router set otherwise".into());
             }
-            let every_block = crate::config::ffn_layer_mask(m)?.iter().all(|&b| b);
+            let every_block = m.ffn_layer_mask()?.iter().all(|&b| b);
             Ok(if every_block && m.moe.gate == Gate::SoftmaxTopk { Architecture::Mixtral } else { Architecture::Qwen2Moe })
         }
         FfnKind::Mot => Err("a Mixture of Tokens model has no Hugging Face counterpart: convert it with `motrain transition-tune` first".into()),
@@ -71,8 +76,10 @@ pub fn export_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
     let dir = checkpoint::resolve(ckpt)?;
     let state = checkpoint::load_state(&dir)?;
     let cfg = &state.config;
-    let arch = architecture(&cfg.model)
-        .map_err(|message| ConfigError::Invalid { origin: format!("cannot export {}", dir.display()), message })?;
+    let arch = architecture(&cfg.model).map_err(|message| ConfigError::Invalid {
+        origin: format!("cannot export {}", dir.display()),
+        message,
+    })?;
     let ckpt = checkpoint::load(&dir, &candle_core::Device::Cpu)?;
     ckpt.check_config(&cfg.model)?;
     let tok = tokenizer_ids(cfg)?;
@@ -80,7 +87,8 @@ pub fn export_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let write_json = |name: &str, v: &Value| -> Result<()> {
         let p = out.join(name);
-        checkpoint::write_atomic(&p, serde_json::to_string_pretty(v)?.as_bytes()).with_context(|| format!("writing {}", p.display()))
+        crate::run_dir::write_atomic(&p, serde_json::to_string_pretty(v)?.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))
     };
     write_json("config.json", &hf_config(&cfg.model, arch, tok.as_ref().map(|t| t.1)))?;
     let mut generation = json!({"do_sample": true, "temperature": 0.8, "max_new_tokens": 200});
@@ -90,10 +98,12 @@ pub fn export_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
     }
     write_json("generation_config.json", &generation)?;
     let model_path = out.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &model_path).with_context(|| format!("writing {}", model_path.display()))?;
+    candle_core::safetensors::save(&tensors, &model_path)
+        .with_context(|| format!("writing {}", model_path.display()))?;
     let tokenizer = match tok {
         Some((Some(path), _)) => {
-            std::fs::copy(&path, out.join("tokenizer.json")).with_context(|| format!("copying {path}"))?;
+            std::fs::copy(&path, out.join("tokenizer.json"))
+                .with_context(|| format!("copying {path}"))?;
             Some(path)
         }
         Some((None, _)) => {
@@ -108,7 +118,9 @@ pub fn export_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
 /// The run's tokenizer file (None for the built-in GPT-2 BPE, whose tokenizer.json export
 /// rebuilds) and its end-of-text id; None without a recorded tokenizer.
 fn tokenizer_ids(cfg: &Config) -> Result<Option<(Option<String>, u32)>> {
-    let Some(spec) = &cfg.data.tokenizer else { return Ok(None) };
+    let Some(spec) = &cfg.data.tokenizer else {
+        return Ok(None);
+    };
     let tok = crate::data::Tokenizer::load(spec)?;
     Ok(Some(((spec != "gpt2").then(|| spec.clone()), tok.eot())))
 }
@@ -135,16 +147,18 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
         c["bos_token_id"] = json!(eot);
         c["eos_token_id"] = json!(eot);
     }
-    let f = if m.moe.expert_size == 0 { m.d_ff } else { m.moe.expert_size };
+    let f = m.moe.expert_width(m.d_ff);
     let extra = match arch {
-        Architecture::Llama => json!({"model_type": "llama", "attention_bias": false, "mlp_bias": false}),
+        Architecture::Llama => {
+            json!({"model_type": "llama", "attention_bias": false, "mlp_bias": false})
+        }
         Architecture::Mixtral => json!({
             "model_type": "mixtral", "intermediate_size": f, "num_local_experts": m.moe.n_experts,
             "num_experts_per_tok": m.moe.top_k, "router_aux_loss_coef": m.moe.aux_loss_weight,
             "sliding_window": null, "output_router_logits": false,
         }),
         Architecture::Qwen2Moe => {
-            let mask = crate::config::ffn_layer_mask(m).unwrap_or_default();
+            let mask = m.ffn_layer_mask().unwrap_or_default();
             let dense: Vec<usize> = (0..m.n_layers).filter(|&i| !mask[i]).collect();
             json!({
                 "model_type": "qwen2_moe", "moe_intermediate_size": f, "shared_expert_intermediate_size": 0,
@@ -163,8 +177,12 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
 
 /// Our tensors under the architecture's names. The head is always written (a copy of the
 /// embedding when tied), which every loader accepts.
-pub fn hf_tensors(m: &ModelConfig, arch: Architecture, ours: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
-    let get = |name: &str| ours.get(name).cloned().with_context(|| format!("the checkpoint lacks tensor `{name}`"));
+pub fn hf_tensors(
+    m: &ModelConfig, arch: Architecture, ours: &HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>> {
+    let get = |name: &str| {
+        ours.get(name).cloned().with_context(|| format!("the checkpoint lacks tensor `{name}`"))
+    };
     let mut out = HashMap::new();
     for (name, t) in ours {
         if !name.contains(".mlp.router.") && !name.contains(".mlp.experts.") {
@@ -174,19 +192,26 @@ pub fn hf_tensors(m: &ModelConfig, arch: Architecture, ours: &HashMap<String, Te
     if m.tie_embeddings {
         out.insert("lm_head.weight".into(), get("model.embed_tokens.weight")?);
     }
-    let mask = crate::config::ffn_layer_mask(m).map_err(anyhow::Error::msg)?;
+    let mask = m.ffn_layer_mask().map_err(anyhow::Error::msg)?;
     for (i, &sparse) in mask.iter().enumerate() {
         let p = format!("model.layers.{i}");
         if arch == Architecture::Qwen2Moe {
             let d = m.d_model;
             for proj in ["q", "k", "v"] {
-                out.insert(format!("{p}.self_attn.{proj}_proj.bias"), Tensor::zeros(d, DType::F32, &candle_core::Device::Cpu)?);
+                out.insert(
+                    format!("{p}.self_attn.{proj}_proj.bias"),
+                    Tensor::zeros(d, DType::F32, &candle_core::Device::Cpu)?,
+                );
             }
         }
         if !sparse || arch == Architecture::Llama {
             continue;
         }
-        let (gate, up, down) = (get(&format!("{p}.mlp.experts.gate"))?, get(&format!("{p}.mlp.experts.up"))?, get(&format!("{p}.mlp.experts.down"))?);
+        let (gate, up, down) = (
+            get(&format!("{p}.mlp.experts.gate"))?,
+            get(&format!("{p}.mlp.experts.up"))?,
+            get(&format!("{p}.mlp.experts.down"))?,
+        );
         let router = get(&format!("{p}.mlp.router.weight"))?;
         let (moe, names) = match arch {
             Architecture::Mixtral => (format!("{p}.block_sparse_moe"), ["w1", "w3", "w2"]),
@@ -202,13 +227,27 @@ pub fn hf_tensors(m: &ModelConfig, arch: Architecture, ours: &HashMap<String, Te
             let (d, dev) = (m.d_model, &candle_core::Device::Cpu);
             // A shared expert of width 0 (and a gate whose output it multiplies): Qwen2-MoE's
             // layout holds one, our model has none.
-            out.insert(format!("{moe}.shared_expert.gate_proj.weight"), Tensor::zeros((0, d), DType::F32, dev)?);
-            out.insert(format!("{moe}.shared_expert.up_proj.weight"), Tensor::zeros((0, d), DType::F32, dev)?);
-            out.insert(format!("{moe}.shared_expert.down_proj.weight"), Tensor::zeros((d, 0), DType::F32, dev)?);
-            out.insert(format!("{moe}.shared_expert_gate.weight"), Tensor::zeros((1, d), DType::F32, dev)?);
+            out.insert(
+                format!("{moe}.shared_expert.gate_proj.weight"),
+                Tensor::zeros((0, d), DType::F32, dev)?,
+            );
+            out.insert(
+                format!("{moe}.shared_expert.up_proj.weight"),
+                Tensor::zeros((0, d), DType::F32, dev)?,
+            );
+            out.insert(
+                format!("{moe}.shared_expert.down_proj.weight"),
+                Tensor::zeros((d, 0), DType::F32, dev)?,
+            );
+            out.insert(
+                format!("{moe}.shared_expert_gate.weight"),
+                Tensor::zeros((1, d), DType::F32, dev)?,
+            );
         }
     }
-    if out.keys().any(|k| k.contains(".mlp.router.") || k.contains(".mlp.experts.gate") && arch == Architecture::Llama) {
+    if out.keys().any(|k| {
+        k.contains(".mlp.router.") || k.contains(".mlp.experts.gate") && arch == Architecture::Llama
+    }) {
         bail!("internal: unconverted tensors left");
     }
     Ok(out)
@@ -221,7 +260,9 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarBuilder;
 
-    fn tiny(modify: impl Fn(&mut ModelConfig)) -> (ModelConfig, Transformer, HashMap<String, Tensor>) {
+    fn tiny(
+        modify: impl Fn(&mut ModelConfig),
+    ) -> (ModelConfig, Transformer, HashMap<String, Tensor>) {
         let text = "[run]\nname='t'\n[data]\ntrain='x'\nseq_len=12\n[model]\nvocab_size=40\nd_model=16\nn_layers=2\nn_heads=2\nd_ff=24\n";
         let mut cfg = Config::from_toml_str(text, "test").unwrap().model;
         modify(&mut cfg);
@@ -234,12 +275,20 @@ mod tests {
 
     /// Our logits for every position of IDS, `[T, V]`.
     fn ours(model: &Transformer) -> Tensor {
-        model.forward(&Tensor::new(&IDS[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None).unwrap()
+        model
+            .forward(&Tensor::new(&IDS[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None)
+            .unwrap()
     }
 
     /// Feeds IDS one token at a time (each loader returns the last position's logits) → `[T, V]`.
     fn stepwise(mut step: impl FnMut(&Tensor, usize) -> Tensor) -> Tensor {
-        let rows: Vec<Tensor> = IDS.iter().enumerate().map(|(i, &t)| step(&Tensor::new(&[[t]], &Device::Cpu).unwrap(), i).flatten_all().unwrap()).collect();
+        let rows: Vec<Tensor> = IDS
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                step(&Tensor::new(&[[t]], &Device::Cpu).unwrap(), i).flatten_all().unwrap()
+            })
+            .collect();
         Tensor::stack(&rows, 0).unwrap()
     }
 
@@ -263,10 +312,13 @@ mod tests {
             assert_eq!(architecture(&cfg), Ok(Architecture::Llama));
             let hf = hf_tensors(&cfg, Architecture::Llama, &tensors).unwrap();
             let vb = VarBuilder::from_tensors(hf, DType::F32, &Device::Cpu);
-            let lc: candle_transformers::models::llama::LlamaConfig = serde_json::from_value(config_json(&cfg, Architecture::Llama)).unwrap();
+            let lc: candle_transformers::models::llama::LlamaConfig =
+                serde_json::from_value(config_json(&cfg, Architecture::Llama)).unwrap();
             let lc = lc.into_config(false);
             let llama = candle_transformers::models::llama::Llama::load(vb, &lc).unwrap();
-            let mut cache = candle_transformers::models::llama::Cache::new(true, DType::F32, &lc, &Device::Cpu).unwrap();
+            let mut cache =
+                candle_transformers::models::llama::Cache::new(true, DType::F32, &lc, &Device::Cpu)
+                    .unwrap();
             let theirs = stepwise(|x, i| llama.forward(x, i, &mut cache).unwrap());
             let d = max_diff(&ours(&model), &theirs);
             eprintln!("llama (tied {tied}): max |Δlogit| = {d:.2e}");
@@ -285,7 +337,8 @@ mod tests {
         assert_eq!(architecture(&cfg), Ok(Architecture::Mixtral));
         let hf = hf_tensors(&cfg, Architecture::Mixtral, &tensors).unwrap();
         let vb = VarBuilder::from_tensors(hf, DType::F32, &Device::Cpu);
-        let mc: candle_transformers::models::mixtral::Config = serde_json::from_value(config_json(&cfg, Architecture::Mixtral)).unwrap();
+        let mc: candle_transformers::models::mixtral::Config =
+            serde_json::from_value(config_json(&cfg, Architecture::Mixtral)).unwrap();
         let mut mixtral = candle_transformers::models::mixtral::Model::new(&mc, vb).unwrap();
         let theirs = stepwise(|x, i| mixtral.forward(x, i).unwrap());
         let d = max_diff(&ours(&model), &theirs);
@@ -304,11 +357,13 @@ mod tests {
                 c.moe.gate = gate;
                 c.moe.expert_size = 20;
             });
-            let arch = if gate == Gate::Softmax { Architecture::Qwen2Moe } else { Architecture::Mixtral };
+            let arch =
+                if gate == Gate::Softmax { Architecture::Qwen2Moe } else { Architecture::Mixtral };
             assert_eq!(architecture(&cfg), Ok(arch));
             let hf = hf_tensors(&cfg, Architecture::Qwen2Moe, &tensors).unwrap();
             let vb = VarBuilder::from_tensors(hf, DType::F32, &Device::Cpu);
-            let qc: candle_transformers::models::qwen2_moe::Config = serde_json::from_value(config_json(&cfg, Architecture::Qwen2Moe)).unwrap();
+            let qc: candle_transformers::models::qwen2_moe::Config =
+                serde_json::from_value(config_json(&cfg, Architecture::Qwen2Moe)).unwrap();
             let mut qwen = candle_transformers::models::qwen2_moe::Model::new(&qc, vb).unwrap();
             let theirs = stepwise(|x, i| qwen.forward(x, i).unwrap());
             let d = max_diff(&ours(&model), &theirs);

@@ -28,7 +28,9 @@ pub struct Generated {
 
 /// Whether `generate` can run: the number of samples against MoT groups, the prompt against the
 /// context. The message explains what to change.
-pub fn check(model: &Transformer, prompt_len: usize, opts: &GenerateOptions) -> std::result::Result<(), String> {
+pub fn check(
+    model: &Transformer, prompt_len: usize, opts: &GenerateOptions,
+) -> std::result::Result<(), String> {
     let (rows, g, context) = (opts.num_samples, model.batch_multiple(), model.cfg.max_seq_len);
     if rows == 0 || rows % g != 0 {
         return Err(format!(
@@ -37,14 +39,19 @@ pub fn check(model: &Transformer, prompt_len: usize, opts: &GenerateOptions) -> 
         ));
     }
     if prompt_len == 0 || prompt_len > context {
-        return Err(format!("the prompt is {prompt_len} tokens; the model takes 1 to {context} (max_seq_len)"));
+        return Err(format!(
+            "the prompt is {prompt_len} tokens; the model takes 1 to {context} (max_seq_len)"
+        ));
     }
     Ok(())
 }
 
 /// Samples `num_samples` continuations of `prompt`, calling `on_token(sample, token)` as each
 /// token is chosen. A sample ends at `stop` or after `max_new_tokens`.
-pub fn generate(model: &Transformer, prompt: &[u32], opts: &GenerateOptions, stop: Option<u32>, mut on_token: impl FnMut(usize, u32)) -> Result<Generated> {
+pub fn generate(
+    model: &Transformer, prompt: &[u32], opts: &GenerateOptions, stop: Option<u32>,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Generated> {
     check(model, prompt.len(), opts).map_err(candle_core::Error::Msg)?;
     let (rows, context) = (opts.num_samples, model.cfg.max_seq_len);
     let new_tokens = opts.max_new_tokens.min(context - prompt.len());
@@ -56,8 +63,14 @@ pub fn generate(model: &Transformer, prompt: &[u32], opts: &GenerateOptions, sto
         (temperature, Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
     };
     // One generator per sample, so sample i is the same whatever the number of samples.
-    let mut samplers: Vec<LogitsProcessor> =
-        (0..rows).map(|i| LogitsProcessor::from_sampling(crate::data::loader::splitmix64(opts.seed ^ crate::data::loader::splitmix64(i as u64)), sampling.clone())).collect();
+    let mut samplers: Vec<LogitsProcessor> = (0..rows)
+        .map(|i| {
+            LogitsProcessor::from_sampling(
+                crate::rng::derive(opts.seed, i as u64),
+                sampling.clone(),
+            )
+        })
+        .collect();
 
     let dev = model.device();
     let mut sequences: Vec<Vec<u32>> = vec![prompt.to_vec(); rows];
@@ -74,7 +87,11 @@ pub fn generate(model: &Transformer, prompt: &[u32], opts: &GenerateOptions, sto
             true => model.forward(&ids, None)?,
             false => model.forward(&ids, Some(&mut caches))?,
         };
-        let last = logits.reshape((rows, len, ()))?.narrow(1, len - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?; // [rows, V]
+        let last = logits
+            .reshape((rows, len, ()))?
+            .narrow(1, len - 1, 1)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?; // [rows, V]
         for (i, sampler) in samplers.iter_mut().enumerate() {
             let token = sampler.sample(&last.get(i)?)?;
             // Finished samples go on in lock-step (MoT mixes them with the others), unseen.
@@ -119,16 +136,34 @@ mod tests {
     }
 
     fn opts(temperature: f64, num_samples: usize, no_cache: bool) -> GenerateOptions {
-        GenerateOptions { max_new_tokens: 12, temperature, top_k: Some(20), top_p: Some(0.95), num_samples, seed: 3, no_cache }
+        GenerateOptions {
+            max_new_tokens: 12,
+            temperature,
+            top_k: Some(20),
+            top_p: Some(0.95),
+            num_samples,
+            seed: 3,
+            no_cache,
+        }
     }
 
     #[test]
     fn cached_and_uncached_decoding_give_the_same_tokens() {
-        for (ffn, samples) in [(FfnKind::Dense, 1), (FfnKind::Dense, 3), (FfnKind::Moe, 2), (FfnKind::Mot, 4), (FfnKind::Pesc, 2)] {
+        for (ffn, samples) in [
+            (FfnKind::Dense, 1),
+            (FfnKind::Dense, 3),
+            (FfnKind::Moe, 2),
+            (FfnKind::Mot, 4),
+            (FfnKind::Pesc, 2),
+        ] {
             let m = model(ffn);
             for t in [0.0, 1.0] {
-                let cached = generate(&m, &[1, 2, 3], &opts(t, samples, false), None, |_, _| {}).unwrap().samples;
-                let full = generate(&m, &[1, 2, 3], &opts(t, samples, true), None, |_, _| {}).unwrap().samples;
+                let cached = generate(&m, &[1, 2, 3], &opts(t, samples, false), None, |_, _| {})
+                    .unwrap()
+                    .samples;
+                let full = generate(&m, &[1, 2, 3], &opts(t, samples, true), None, |_, _| {})
+                    .unwrap()
+                    .samples;
                 assert_eq!(cached, full, "{ffn:?}, temperature {t}");
                 assert!(cached.iter().all(|s| s.len() == 12));
             }
@@ -147,9 +182,13 @@ mod tests {
     #[test]
     fn stops_at_the_stop_token_and_at_the_context() {
         let m = model(FfnKind::Dense);
-        let greedy = generate(&m, &[1], &opts(0.0, 1, false), None, |_, _| {}).unwrap().samples[0].clone();
+        let greedy =
+            generate(&m, &[1], &opts(0.0, 1, false), None, |_, _| {}).unwrap().samples[0].clone();
         let stopped = generate(&m, &[1], &opts(0.0, 1, false), Some(greedy[2]), |_, _| {}).unwrap();
-        assert_eq!(stopped.samples[0], greedy[..greedy.iter().position(|&t| t == greedy[2]).unwrap()]);
+        assert_eq!(
+            stopped.samples[0],
+            greedy[..greedy.iter().position(|&t| t == greedy[2]).unwrap()]
+        );
         let long = GenerateOptions { max_new_tokens: 100, ..opts(0.0, 1, false) };
         let g = generate(&m, &[1; 20], &long, None, |_, _| {}).unwrap();
         assert_eq!((g.samples[0].len(), g.truncated), (4, true), "24-token context");

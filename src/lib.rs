@@ -5,11 +5,14 @@
 //! is the transformer of `models.md` over fused `ops`; `train` runs the loop and writes
 //! `checkpoint`s and `metrics`.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod export;
 pub mod generate;
@@ -17,8 +20,10 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod plot;
+pub mod rng;
+pub mod run_dir;
 pub mod train;
 pub mod transition;
 pub mod upcycle;
 
-mod alloc;
+pub mod alloc;

@@ -1,11 +1,40 @@
 //! What a run tells its user: the progress bar (or plain lines when stdout is not a terminal)
 //! and `metrics.jsonl`, one JSON object per log or eval line.
 
-use crate::model::routing::LayerStats;
+use crate::model::stats::LayerStats;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+
+/// One line of `metrics.jsonl`: a training line (no `split`) or an eval line (`split` =
+/// "val"). Written by `train`, read by `plot`. Non-finite numbers are written as `null` (JSON
+/// has no NaN), which reads back as None.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub step: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
+    pub loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppl: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_s: Option<f64>,
+    /// Updates skipped so far for a non-finite loss (`train.on_nan = "skip"`); absent while 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<u64>,
+    /// Per-layer routing or mixing statistics of MoE, PESC and MoT layers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routing: Vec<LayerStats>,
+}
 
 pub struct MetricsLog {
     path: PathBuf,
@@ -15,28 +44,30 @@ impl MetricsLog {
     /// Opens the log of a run. Lines past `keep_through_step` (from an interrupted run that is
     /// being resumed) are dropped, so the log reads as if the run had never stopped.
     pub fn open(run_dir: &Path, keep_through_step: Option<usize>) -> std::io::Result<MetricsLog> {
-        let path = run_dir.join("metrics.jsonl");
+        let path = crate::run_dir::metrics_path(run_dir);
         if let (Some(step), true) = (keep_through_step, path.exists()) {
             let text = std::fs::read_to_string(&path)?;
             let kept: String = text
                 .lines()
                 .filter(|l| {
-                    serde_json::from_str::<Value>(l).ok().and_then(|v| v.get("step")?.as_u64()).is_some_and(|s| s as usize <= step)
+                    serde_json::from_str::<Record>(l)
+                        .ok()
+                        .and_then(|r| r.step)
+                        .is_some_and(|s| s as usize <= step)
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
-            let tmp = path.with_extension("jsonl.tmp");
-            std::fs::write(&tmp, kept)?;
-            std::fs::rename(&tmp, &path)?;
+            crate::run_dir::write_atomic(&path, kept.as_bytes()).map_err(std::io::Error::other)?;
         } else if keep_through_step.is_none() {
             std::fs::write(&path, "")?;
         }
         Ok(MetricsLog { path })
     }
 
-    pub fn write(&self, record: &Value) -> std::io::Result<()> {
+    pub fn write(&self, record: &Record) -> std::io::Result<()> {
+        let line = serde_json::to_string(record).map_err(std::io::Error::other)?;
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
-        writeln!(f, "{record}")
+        writeln!(f, "{line}")
     }
 }
 
@@ -50,9 +81,11 @@ impl Progress {
         let bar = std::io::stdout().is_terminal().then(|| {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
-                ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-                    .expect("a valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
             );
             bar.set_position(start as u64);
             bar
@@ -95,7 +128,11 @@ pub fn format_duration(s: f64) -> String {
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -109,7 +146,8 @@ pub fn routing_table(stats: &[LayerStats]) -> String {
     for s in stats {
         match s {
             LayerStats::Moe(s) => {
-                let load: Vec<String> = s.load.iter().map(|l| format!("{:.0}", l * 100.0)).collect();
+                let load: Vec<String> =
+                    s.load.iter().map(|l| format!("{:.0}", l * 100.0)).collect();
                 moe += &format!(
                     "{:>5} | {:<40} | {:>6.2}% | {:>7.3} | {:.4} | {:.4} | {:.3}\n",
                     s.layer,
@@ -122,10 +160,20 @@ pub fn routing_table(stats: &[LayerStats]) -> String {
                 );
             }
             LayerStats::Mot(s) => {
-                let peak: Vec<String> = s.max_weight.iter().map(|w| format!("{:.0}", w * 100.0)).collect();
-                let (lo, hi) = s.entropy.iter().fold((f64::MAX, f64::MIN), |(a, b), &h| (a.min(h), b.max(h)));
+                let peak: Vec<String> =
+                    s.max_weight.iter().map(|w| format!("{:.0}", w * 100.0)).collect();
+                let (lo, hi) =
+                    s.entropy.iter().fold((f64::MAX, f64::MIN), |(a, b), &h| (a.min(h), b.max(h)));
                 let mean = s.entropy.iter().sum::<f64>() / s.entropy.len().max(1) as f64;
-                mot += &format!("{:>5} | {:>6.3} | {:<40} | {:.3} / {:.3} / {:.3}\n", s.layer, s.temperature, peak.join(" "), lo, mean, hi);
+                mot += &format!(
+                    "{:>5} | {:>6.3} | {:<40} | {:.3} / {:.3} / {:.3}\n",
+                    s.layer,
+                    s.temperature,
+                    peak.join(" "),
+                    lo,
+                    mean,
+                    hi
+                );
             }
         }
     }

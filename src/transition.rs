@@ -6,7 +6,8 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, ConfigError, FfnKind, Gate, MoeConfig, RouterKind, Routing};
 use crate::data::{self, EvalStream};
 use crate::eval::{evaluate, EvalResult};
-use crate::model::{mot, Params, Transformer};
+use crate::model::{Params, Transformer};
+use crate::run_dir;
 use crate::train::{self, Start};
 use anyhow::{Context, Result};
 use candle_core::Tensor;
@@ -28,7 +29,9 @@ pub struct TransitionReport {
 
 /// Converts the MoT checkpoint at `source` into a MoE run in `out`, writes the converted
 /// checkpoint there, evaluates before and after, and tunes for `steps` steps.
-pub fn transition_tune(source: &Path, out: &Path, steps: usize, overrides: &[String]) -> Result<TransitionReport> {
+pub fn transition_tune(
+    source: &Path, out: &Path, steps: usize, overrides: &[String],
+) -> Result<TransitionReport> {
     let src = checkpoint::resolve(source)?;
     let state = checkpoint::load_state(&src)?;
     let origin = src.join("state.json").display().to_string();
@@ -39,22 +42,26 @@ pub fn transition_tune(source: &Path, out: &Path, steps: usize, overrides: &[Str
         }
         .into());
     }
-    let cfg = moe_config(&state.config, out, state.step + steps, overrides).map_err(|e| match e {
-        ConfigError::Invalid { message, .. } => ConfigError::Invalid { origin: format!("the converted config ({origin})"), message },
-        e => e,
-    })?;
-    if !checkpoint::list(out).is_empty() {
-        return Err(checkpoint::CheckpointError::Invalid {
-            path: out.to_path_buf(),
-            message: "already holds checkpoints: choose an empty --out directory".into(),
-        }
-        .into());
-    }
-    let val_glob = cfg.data.val.clone().context("transition-tune reports eval losses, so the run needs data.val")?;
-    let val = EvalStream::new(data::shards::open_all(&val_glob, &cfg.data.format, cfg.model.vocab_size)?, cfg.data.seq_len);
+    let cfg =
+        moe_config(&state.config, out, state.step + steps, overrides).map_err(|e| match e {
+            ConfigError::Invalid { message, .. } => {
+                ConfigError::Invalid { origin: format!("the converted config ({origin})"), message }
+            }
+            e => e,
+        })?;
+    run_dir::ensure_no_checkpoints(out, "choose an empty --out directory")?;
+    let val_glob = cfg
+        .data
+        .val
+        .clone()
+        .context("transition-tune reports eval losses, so the run needs data.val")?;
+    let val = EvalStream::new(
+        data::shards::open_all(&val_glob, &cfg.data.format, cfg.model.vocab_size)?,
+        cfg.data.seq_len,
+    );
     let (batch, batches) = (cfg.train.eval_batch_size, cfg.train.eval_batches);
 
-    let (ckpt, mot_model) = train::load_model(&src)?;
+    let (ckpt, mot_model) = checkpoint::load_model(&src)?;
     let dev = mot_model.device().clone();
     let before = evaluate(&mot_model, &val, batch, batches)?;
 
@@ -68,16 +75,29 @@ pub fn transition_tune(source: &Path, out: &Path, steps: usize, overrides: &[Str
     // The converted checkpoint is the tuning run's starting point: step, tokens, data cursor
     // and Adam's moments all carry on.
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let start = TrainState { config: cfg.clone(), motrain_version: env!("CARGO_PKG_VERSION").to_string(), ..state.clone() };
+    let start = TrainState {
+        config: cfg.clone(),
+        motrain_version: env!("CARGO_PKG_VERSION").to_string(),
+        ..state.clone()
+    };
     checkpoint::save(out, &start, &weights, &moments, cfg.train.keep_checkpoints)?;
-    checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    run_dir::write_atomic(&run_dir::config_path(out), cfg.to_toml().as_bytes())?;
     let tuned = if steps > 0 { train::run(cfg, Start::Resume)?.final_eval } else { None };
-    Ok(TransitionReport { out: out.to_path_buf(), from_step: state.step, steps, before, converted, tuned })
+    Ok(TransitionReport {
+        out: out.to_path_buf(),
+        from_step: state.step,
+        steps,
+        before,
+        converted,
+        tuned,
+    })
 }
 
 /// The MoT run's config with every MoT layer turned into a top-1 Switch MoE of the same
 /// experts: capacity 1.25 in training, aux loss 0.01, the same learning-rate schedule.
-fn moe_config(mot: &Config, out: &Path, total_steps: usize, overrides: &[String]) -> std::result::Result<Config, ConfigError> {
+fn moe_config(
+    mot: &Config, out: &Path, total_steps: usize, overrides: &[String],
+) -> std::result::Result<Config, ConfigError> {
     let mut cfg = mot.clone();
     let m = &mot.model.mot;
     cfg.model.ffn = FfnKind::Moe;
@@ -86,7 +106,7 @@ fn moe_config(mot: &Config, out: &Path, total_steps: usize, overrides: &[String]
         router: RouterKind::Linear,
         n_experts: m.n_experts,
         top_k: 1,
-        expert_size: mot::expert_size(m, mot.model.d_ff),
+        expert_size: m.expert_width(mot.model.d_ff),
         gate: Gate::Softmax,
         capacity_factor: 1.25,
         aux_loss_weight: 0.01,
@@ -103,8 +123,13 @@ fn moe_config(mot: &Config, out: &Path, total_steps: usize, overrides: &[String]
 
 /// Renames each MoT layer's tensors (weights, or their Adam moments) to the MoE layout. The temperature folds into the router, `R = C / T`, so the logits are unchanged;
 /// a moment of C scales as its gradient does (×T for exp_avg, ×T² for exp_avg_sq).
-fn convert(tensors: &HashMap<String, Tensor>, model: &Transformer) -> Result<HashMap<String, Tensor>> {
-    let temperatures: HashMap<String, f64> = model.mot_layers().map(|(prefix, l)| Ok((prefix, l.temperature_value()?))).collect::<Result<_>>()?;
+fn convert(
+    tensors: &HashMap<String, Tensor>, model: &Transformer,
+) -> Result<HashMap<String, Tensor>> {
+    let temperatures: HashMap<String, f64> = model
+        .mot_layers()
+        .map(|(prefix, l)| Ok((prefix, l.temperature_value()?)))
+        .collect::<Result<_>>()?;
     let mut out = HashMap::new();
     for (name, t) in tensors {
         let Some((prefix, rest)) = name.split_once(".mlp.") else {

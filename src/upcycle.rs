@@ -6,7 +6,8 @@
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, ConfigError, FfnKind, FfnLayers};
 use crate::model::{trains, Params, Transformer};
-use crate::train::{self, optim::AdamW};
+use crate::run_dir;
+use crate::train::optim::AdamW;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
@@ -42,7 +43,9 @@ pub struct UpcycleReport {
 }
 
 /// Upcycles the dense checkpoint at `source` into a PESC run directory `out`.
-pub fn upcycle(source: &Path, out: &Path, opts: &UpcycleOptions, overrides: &[String]) -> Result<UpcycleReport> {
+pub fn upcycle(
+    source: &Path, out: &Path, opts: &UpcycleOptions, overrides: &[String],
+) -> Result<UpcycleReport> {
     let src = checkpoint::resolve(source)?;
     let state = checkpoint::load_state(&src)?;
     let origin = src.join("state.json").display().to_string();
@@ -57,17 +60,18 @@ pub fn upcycle(source: &Path, out: &Path, opts: &UpcycleOptions, overrides: &[St
         .into());
     }
     let cfg = pesc_config(&state.config, out, opts, overrides)?;
-    if !checkpoint::list(out).is_empty() {
-        return Err(checkpoint::CheckpointError::Invalid { path: out.to_path_buf(), message: "already holds checkpoints: choose an empty --out directory".into() }.into());
-    }
+    run_dir::ensure_no_checkpoints(out, "choose an empty --out directory")?;
 
-    let (ckpt, dense) = train::load_model(&src)?;
+    let (ckpt, dense) = checkpoint::load_model(&src)?;
     let dev = dense.device().clone();
     let model_cfg = cfg.model.clone();
-    let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale).freezing(move |name| !trains(&model_cfg, name));
+    let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale)
+        .freezing(move |name| !trains(&model_cfg, name));
     let model = Transformer::new(&cfg.model, &mut params)?;
     // Every dense tensor as it was; routers and adapters as initialised.
-    params.overwrite(&ckpt.model).map_err(|m| anyhow::anyhow!("upcycling {}: {m}", src.display()))?;
+    params
+        .overwrite(&ckpt.model)
+        .map_err(|m| anyhow::anyhow!("upcycling {}: {m}", src.display()))?;
     let max_logit_diff = max_logit_diff(&dense, &model)?;
 
     // A fresh optimizer (zero moments for what trains): the checkpoint is a run at step 0.
@@ -84,9 +88,22 @@ pub fn upcycle(source: &Path, out: &Path, opts: &UpcycleOptions, overrides: &[St
         motrain_version: env!("CARGO_PKG_VERSION").to_string(),
         config: cfg.clone(),
     };
-    checkpoint::save(out, &start, &params.tensors(), &opt.state_tensors()?, cfg.train.keep_checkpoints)?;
-    checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let layers = cfg.ffn_layer_mask().unwrap_or_default().iter().enumerate().filter_map(|(i, &on)| on.then_some(i)).collect();
+    checkpoint::save(
+        out,
+        &start,
+        &params.tensors(),
+        &opt.state_tensors()?,
+        cfg.train.keep_checkpoints,
+    )?;
+    run_dir::write_atomic(&run_dir::config_path(out), cfg.to_toml().as_bytes())?;
+    let layers = cfg
+        .model
+        .ffn_layer_mask()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &on)| on.then_some(i))
+        .collect();
     Ok(UpcycleReport {
         out: out.to_path_buf(),
         from_step: state.step,
@@ -100,7 +117,9 @@ pub fn upcycle(source: &Path, out: &Path, opts: &UpcycleOptions, overrides: &[St
 
 /// The dense run's config with `ffn = "pesc"` in the chosen blocks, the flags in `[model.pesc]`,
 /// the run placed at `out`, and the user's `--set` overrides on top.
-fn pesc_config(dense: &Config, out: &Path, o: &UpcycleOptions, overrides: &[String]) -> Result<Config, ConfigError> {
+fn pesc_config(
+    dense: &Config, out: &Path, o: &UpcycleOptions, overrides: &[String],
+) -> Result<Config, ConfigError> {
     let bad = |message: String| ConfigError::Invalid { origin: "motrain upcycle".into(), message };
     let mut cfg = dense.clone();
     cfg.model.ffn = FfnKind::Pesc;
@@ -120,12 +139,18 @@ fn pesc_config(dense: &Config, out: &Path, o: &UpcycleOptions, overrides: &[Stri
     p.adapter_scale = o.adapter_scale.unwrap_or(p.adapter_scale);
     // The flags' own words, before the config's checks speak of `model.pesc` keys.
     if p.n_experts == 0 || p.adapter_dim == 0 {
-        return Err(bad(format!("--experts ({}) and --adapter-dim ({}) must be at least 1", p.n_experts, p.adapter_dim)));
+        return Err(bad(format!(
+            "--experts ({}) and --adapter-dim ({}) must be at least 1",
+            p.n_experts, p.adapter_dim
+        )));
     }
     if p.top_k == 0 || p.top_k > p.n_experts {
-        return Err(bad(format!("--top-k ({}) must be between 1 and --experts ({})", p.top_k, p.n_experts)));
+        return Err(bad(format!(
+            "--top-k ({}) must be between 1 and --experts ({})",
+            p.top_k, p.n_experts
+        )));
     }
-    if let Err(m) = crate::config::ffn_layer_mask(&cfg.model) {
+    if let Err(m) = cfg.model.ffn_layer_mask() {
         return Err(bad(format!("--layers: {m}")));
     }
     cfg.place_run(out);

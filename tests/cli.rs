@@ -19,14 +19,17 @@ fn safetensors_header(path: &Path) -> serde_json::Map<String, Value> {
     assert!(b.len() >= 8, "{}: too short for safetensors", path.display());
     let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
     assert!(8 + n <= b.len(), "{}: header length {n} past the end", path.display());
-    let v: Value = serde_json::from_slice(&b[8..8 + n]).unwrap_or_else(|e| panic!("{}: header is not JSON: {e}", path.display()));
+    let v: Value = serde_json::from_slice(&b[8..8 + n])
+        .unwrap_or_else(|e| panic!("{}: header is not JSON: {e}", path.display()));
     let mut m = v.as_object().unwrap().clone();
     m.remove("__metadata__");
     m
 }
 
 fn shape(h: &serde_json::Map<String, Value>, name: &str) -> Vec<u64> {
-    let t = h.get(name).unwrap_or_else(|| panic!("tensor {name} missing; have {:?}", h.keys().collect::<Vec<_>>()));
+    let t = h.get(name).unwrap_or_else(|| {
+        panic!("tensor {name} missing; have {:?}", h.keys().collect::<Vec<_>>())
+    });
     assert_eq!(t["dtype"], "F32", "{name} dtype");
     t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect()
 }
@@ -40,12 +43,16 @@ fn train_writes_a_complete_run_and_learns_a_pattern() {
 
     // The resolved config: valid TOML, our values, absolute data paths.
     let text = std::fs::read_to_string(run.join("config.toml")).expect("run dir has config.toml");
-    let t: toml::Table = text.parse().unwrap_or_else(|e| panic!("config.toml is not TOML: {e}\n{text}"));
+    let t: toml::Table =
+        text.parse().unwrap_or_else(|e| panic!("config.toml is not TOML: {e}\n{text}"));
     assert_eq!(t["run"]["name"].as_str(), Some("e2e"));
     assert_eq!(t["model"]["vocab_size"].as_integer(), Some(64));
     assert_eq!(t["train"]["keep_checkpoints"].as_integer(), Some(2));
     let train_glob = t["data"]["train"].as_str().unwrap();
-    assert!(Path::new(train_glob).is_absolute(), "data.train in config.toml should be absolute: {train_glob}");
+    assert!(
+        Path::new(train_glob).is_absolute(),
+        "data.train in config.toml should be absolute: {train_glob}"
+    );
     assert!(train_glob.ends_with("shards/tiny_train_*.bin"), "{train_glob}");
     assert!(
         train_glob.starts_with(&f.root().display().to_string()) || train_glob.contains(f.root().file_name().unwrap().to_str().unwrap()),
@@ -63,7 +70,11 @@ fn train_writes_a_complete_run_and_learns_a_pattern() {
             let x = num(v, k);
             assert!(x.is_finite(), "{k} = {x} in {v}");
         }
-        assert_eq!(v["tokens"].as_u64(), Some(step * 4 * 16), "tokens seen = step * batch * seq_len: {v}");
+        assert_eq!(
+            v["tokens"].as_u64(),
+            Some(step * 4 * 16),
+            "tokens seen = step * batch * seq_len: {v}"
+        );
         assert!(num(v, "lr") > 0.0 && num(v, "lr") <= 1e-2 + 1e-12, "{v}");
         assert!(num(v, "grad_norm") >= 0.0 && num(v, "tokens_per_s") > 0.0, "{v}");
         assert!(num(v, "elapsed_s") >= last_elapsed, "elapsed_s goes backwards: {v}");
@@ -74,7 +85,11 @@ fn train_writes_a_complete_run_and_learns_a_pattern() {
 
     // Eval lines at eval_every and at the end.
     let evals = eval_lines(&run);
-    assert_eq!(evals.iter().map(step_of).collect::<Vec<_>>(), vec![20, 40, 60], "eval lines: {evals:?}");
+    assert_eq!(
+        evals.iter().map(step_of).collect::<Vec<_>>(),
+        vec![20, 40, 60],
+        "eval lines: {evals:?}"
+    );
     for e in &evals {
         assert_eq!(e["split"], "val", "{e}");
         let (loss, ppl) = (num(e, "loss"), num(e, "ppl"));
@@ -85,7 +100,10 @@ fn train_writes_a_complete_run_and_learns_a_pattern() {
     let first = num(&lines[0], "loss");
     let tail: f64 = lines[55..].iter().map(|v| num(v, "loss")).sum::<f64>() / 5.0;
     assert!(first > 3.0, "initial loss {first} should be near ln(64) = 4.16");
-    assert!(tail < 0.5 && tail < first / 8.0, "the loss did not fall: first {first}, mean of the last 5 {tail}");
+    assert!(
+        tail < 0.5 && tail < first / 8.0,
+        "the loss did not fall: first {first}, mean of the last 5 {tail}"
+    );
     assert!(num(&evals[2], "loss") < 0.5, "final val loss {}", evals[2]);
 
     // Checkpoints: latest names a complete directory; retention keeps the newest two.
@@ -112,15 +130,25 @@ fn train_writes_a_complete_run_and_learns_a_pattern() {
     assert_eq!(shape(&h, "model.norm.weight"), vec![32]);
     for i in 0..2 {
         for p in ["q", "k", "v", "o"] {
-            assert_eq!(shape(&h, &format!("model.layers.{i}.self_attn.{p}_proj.weight")), vec![32, 32]);
+            assert_eq!(
+                shape(&h, &format!("model.layers.{i}.self_attn.{p}_proj.weight")),
+                vec![32, 32]
+            );
         }
         assert_eq!(shape(&h, &format!("model.layers.{i}.input_layernorm.weight")), vec![32]);
-        assert_eq!(shape(&h, &format!("model.layers.{i}.post_attention_layernorm.weight")), vec![32]);
+        assert_eq!(
+            shape(&h, &format!("model.layers.{i}.post_attention_layernorm.weight")),
+            vec![32]
+        );
         assert_eq!(shape(&h, &format!("model.layers.{i}.mlp.gate_proj.weight")), vec![64, 32]);
         assert_eq!(shape(&h, &format!("model.layers.{i}.mlp.up_proj.weight")), vec![64, 32]);
         assert_eq!(shape(&h, &format!("model.layers.{i}.mlp.down_proj.weight")), vec![32, 64]);
     }
-    assert!(!h.keys().any(|k| k.ends_with(".bias")), "bias = none: {:?}", h.keys().collect::<Vec<_>>());
+    assert!(
+        !h.keys().any(|k| k.ends_with(".bias")),
+        "bias = none: {:?}",
+        h.keys().collect::<Vec<_>>()
+    );
     assert_eq!(h.len(), 3 + 2 * 9, "unexpected tensors: {:?}", h.keys().collect::<Vec<_>>());
 }
 
@@ -139,7 +167,11 @@ fn paths_in_the_config_are_relative_to_it_and_on_the_command_line_to_the_cwd() {
     // cwd is <root>/cwd, so ../shards is the same directory seen from the cwd (but not from a/b).
     f.train(&cfg, "rel", &["train.steps=3", "data.val=../shards/tiny_val_*.bin"]).ok();
     let run = f.cwd().join("rel_runs").join("rel");
-    assert!(run.join("config.toml").is_file(), "run.out_dir is relative to the cwd: no {}", run.display());
+    assert!(
+        run.join("config.toml").is_file(),
+        "run.out_dir is relative to the cwd: no {}",
+        run.display()
+    );
     let t: toml::Table = std::fs::read_to_string(run.join("config.toml")).unwrap().parse().unwrap();
     for key in ["train", "val"] {
         let p = t["data"][key].as_str().unwrap();
@@ -160,8 +192,14 @@ fn assert_same_training_lines(a: &Path, b: &Path, steps: std::ops::RangeInclusiv
     let la = train_lines(a);
     let lb = train_lines(b);
     for s in steps {
-        let va = la.iter().find(|v| step_of(v) == s).unwrap_or_else(|| panic!("{}: no step {s}", a.display()));
-        let vb = lb.iter().find(|v| step_of(v) == s).unwrap_or_else(|| panic!("{}: no step {s}", b.display()));
+        let va = la
+            .iter()
+            .find(|v| step_of(v) == s)
+            .unwrap_or_else(|| panic!("{}: no step {s}", a.display()));
+        let vb = lb
+            .iter()
+            .find(|v| step_of(v) == s)
+            .unwrap_or_else(|| panic!("{}: no step {s}", b.display()));
         for k in ["loss", "grad_norm", "lr"] {
             assert_eq!(
                 num(va, k).to_bits(),
@@ -180,7 +218,12 @@ fn assert_same_final_checkpoint(a: &Path, b: &Path) {
     let (nb, db) = latest(b).unwrap();
     assert_eq!(na, nb);
     for f in ["model.safetensors", "optimizer.safetensors"] {
-        assert!(read(&da.join(f)) == read(&db.join(f)), "{f} of {} and {} differ", da.display(), db.display());
+        assert!(
+            read(&da.join(f)) == read(&db.join(f)),
+            "{f} of {} and {} differ",
+            da.display(),
+            db.display()
+        );
     }
     let (sa, sb) = (state_json(&da), state_json(&db));
     for k in ["step", "tokens", "data_cursor", "optimizer_t"] {
@@ -194,26 +237,42 @@ fn resume_gives_the_same_losses_as_an_uninterrupted_run() {
     let cfg = f.config();
     // The schedule does not depend on train.steps (constant after warm-up), so stopping at 10 and
     // extending to 20 is the same run as 20 straight.
-    let common = ["train.schedule=constant", "train.warmup_steps=3", "train.ckpt_every=10", "train.eval_every=0"];
-    let with = |extra: &[&'static str]| -> Vec<&'static str> { common.iter().chain(extra).copied().collect() };
+    let common = [
+        "train.schedule=constant",
+        "train.warmup_steps=3",
+        "train.ckpt_every=10",
+        "train.eval_every=0",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        common.iter().chain(extra).copied().collect()
+    };
     f.train(&cfg, "a", &with(&["train.steps=20"])).ok();
     f.train(&cfg, "b", &with(&["train.steps=10"])).ok();
     assert_eq!(latest(&f.run_dir("b")).unwrap().0, "step-000010");
     let out = f.train(&cfg, "b", &with(&["train.steps=20", "--resume"])).ok();
     let (a, b) = (f.run_dir("a"), f.run_dir("b"));
     assert_same_training_lines(&a, &b, 1..=20);
-    assert_eq!(train_lines(&b).iter().map(step_of).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>(), "{}", out.describe());
+    assert_eq!(
+        train_lines(&b).iter().map(step_of).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>(),
+        "{}",
+        out.describe()
+    );
     assert_no_duplicate_steps(&b);
     assert_same_final_checkpoint(&a, &b);
     let elapsed: Vec<f64> = train_lines(&b).iter().map(|v| num(v, "elapsed_s")).collect();
-    assert!(elapsed.windows(2).all(|w| w[1] >= w[0]), "elapsed_s should keep growing across a resume: {elapsed:?}");
+    assert!(
+        elapsed.windows(2).all(|w| w[1] >= w[0]),
+        "elapsed_s should keep growing across a resume: {elapsed:?}"
+    );
 }
 
 #[test]
 fn resume_after_a_crash_is_exact_with_a_cosine_schedule() {
     let f = Fixture::new();
     let cfg = f.config();
-    let extra = ["train.steps=20", "train.ckpt_every=10", "train.eval_every=5", "train.keep_checkpoints=5"];
+    let extra =
+        ["train.steps=20", "train.ckpt_every=10", "train.eval_every=5", "train.keep_checkpoints=5"];
     f.train(&cfg, "straight", &extra).ok();
     f.train(&cfg, "crashed", &extra).ok();
     let run = f.run_dir("crashed");
@@ -226,12 +285,21 @@ fn resume_after_a_crash_is_exact_with_a_cosine_schedule() {
     std::fs::create_dir_all(&tmp).unwrap();
     std::fs::write(tmp.join("model.safetensors"), b"half a file").unwrap();
     let out = f.train(&cfg, "crashed", &[&extra[..], &["--resume"]].concat()).ok();
-    assert!(out.stdout.contains("step-000010") || out.stdout.contains("step 10"), "should say where it resumed\n{}", out.describe());
+    assert!(
+        out.stdout.contains("step-000010") || out.stdout.contains("step 10"),
+        "should say where it resumed\n{}",
+        out.describe()
+    );
     let straight = f.run_dir("straight");
     assert_same_training_lines(&straight, &run, 1..=20);
-    assert_eq!(train_lines(&run).iter().map(step_of).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(
+        train_lines(&run).iter().map(step_of).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
     assert_no_duplicate_steps(&run);
-    let ev = |r: &Path| eval_lines(r).iter().map(|e| (step_of(e), num(e, "loss").to_bits())).collect::<Vec<_>>();
+    let ev = |r: &Path| {
+        eval_lines(r).iter().map(|e| (step_of(e), num(e, "loss").to_bits())).collect::<Vec<_>>()
+    };
     assert_eq!(ev(&straight), ev(&run), "eval lines after resume");
     assert_same_final_checkpoint(&straight, &run);
 }
@@ -242,7 +310,13 @@ fn resume_logs_the_same_losses_when_log_every_does_not_divide_ckpt_every() {
     // step 10 with log_every = 4 must still log, at step 12, what the uninterrupted run logged.
     let f = Fixture::new();
     let cfg = f.config();
-    let extra = ["train.steps=20", "train.log_every=4", "train.ckpt_every=10", "train.eval_every=0", "train.keep_checkpoints=5"];
+    let extra = [
+        "train.steps=20",
+        "train.log_every=4",
+        "train.ckpt_every=10",
+        "train.eval_every=0",
+        "train.keep_checkpoints=5",
+    ];
     f.train(&cfg, "straight", &extra).ok();
     f.train(&cfg, "crashed", &extra).ok();
     let run = f.run_dir("crashed");
@@ -286,14 +360,25 @@ fn a_crash_before_the_first_latest_does_not_strand_the_run() {
 fn eval_without_val_data_asks_for_data() {
     let f = Fixture::new();
     let cfg = f.config();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("val = \"shards/tiny_val_*.bin\"\n", "");
+    let text =
+        std::fs::read_to_string(&cfg).unwrap().replace("val = \"shards/tiny_val_*.bin\"\n", "");
     let p = f.root().join("noval.toml");
     std::fs::write(&p, text).unwrap();
-    f.run(&["train", "--config", p.to_str().unwrap(), "--set", "run.name=noval", "--set", "train.steps=2"]).ok();
+    f.run(&[
+        "train",
+        "--config",
+        p.to_str().unwrap(),
+        "--set",
+        "run.name=noval",
+        "--set",
+        "train.steps=2",
+    ])
+    .ok();
     let run = f.run_dir("noval");
     assert!(eval_lines(&run).is_empty(), "no val data, no eval lines");
     assert_bad_input(&f.run(&["eval", "--checkpoint", run.to_str().unwrap()]), &["--data"]);
-    f.run(&["eval", "--checkpoint", run.to_str().unwrap(), "--data", "../shards/tiny_val_*.bin"]).ok();
+    f.run(&["eval", "--checkpoint", run.to_str().unwrap(), "--data", "../shards/tiny_val_*.bin"])
+        .ok();
 }
 
 #[test]
@@ -308,7 +393,11 @@ fn resuming_a_finished_run_changes_nothing() {
     assert_eq!(read(&run.join("metrics.jsonl")), before_metrics, "metrics.jsonl changed");
     assert_eq!(read(&run.join("checkpoints/step-000010/model.safetensors")), before_model);
     assert_eq!(latest(&run).unwrap().0, "step-000010");
-    assert!(!out.stdout.contains("NaN"), "a finished run should not report a NaN loss\n{}", out.describe());
+    assert!(
+        !out.stdout.contains("NaN"),
+        "a finished run should not report a NaN loss\n{}",
+        out.describe()
+    );
 }
 
 #[test]
@@ -319,7 +408,12 @@ fn same_config_and_seed_give_identical_losses() {
     f.train(&cfg, "one", &extra).ok();
     f.train(&cfg, "two", &extra).ok();
     f.train(&cfg, "seed1", &[&extra[..], &["run.seed=1"]].concat()).ok();
-    let bits = |r: &str| metrics(&f.run_dir(r)).iter().map(|v| (step_of(v), num(v, "loss").to_bits())).collect::<Vec<_>>();
+    let bits = |r: &str| {
+        metrics(&f.run_dir(r))
+            .iter()
+            .map(|v| (step_of(v), num(v, "loss").to_bits()))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(bits("one").len(), 15 + 3);
     assert_eq!(bits("one"), bits("two"), "two runs of one config differ");
     assert_ne!(bits("one"), bits("seed1"), "run.seed has no effect");
@@ -345,18 +439,33 @@ fn init_from_starts_from_the_checkpoint_weights() {
     f.train(&cfg, "fresh", &short).ok();
     f.train(&cfg, "warm", &[&short[..], &["--init-from", teacher.to_str().unwrap()]].concat()).ok();
     let ckpt_dir = teacher.join("checkpoints/step-000040");
-    f.train(&cfg, "warm40", &[&short[..], &["--init-from", ckpt_dir.to_str().unwrap()]].concat()).ok();
+    f.train(&cfg, "warm40", &[&short[..], &["--init-from", ckpt_dir.to_str().unwrap()]].concat())
+        .ok();
 
     let fresh = num(&train_lines(&f.run_dir("fresh"))[0], "loss");
     for name in ["warm", "warm40"] {
         let lines = train_lines(&f.run_dir(name));
-        assert_eq!(lines.iter().map(step_of).collect::<Vec<_>>(), vec![1, 2, 3], "{name}: a new run counts steps from 0");
+        assert_eq!(
+            lines.iter().map(step_of).collect::<Vec<_>>(),
+            vec![1, 2, 3],
+            "{name}: a new run counts steps from 0"
+        );
         let warm = num(&lines[0], "loss");
-        assert!(warm < fresh / 4.0, "{name}: first loss {warm} vs fresh {fresh}: weights not loaded?");
-        assert!(warm < teacher_final + 0.3, "{name}: first loss {warm}, teacher ended at {teacher_final}");
+        assert!(
+            warm < fresh / 4.0,
+            "{name}: first loss {warm} vs fresh {fresh}: weights not loaded?"
+        );
+        assert!(
+            warm < teacher_final + 0.3,
+            "{name}: first loss {warm}, teacher ended at {teacher_final}"
+        );
         assert_eq!(state_json(&latest(&f.run_dir(name)).unwrap().1)["step"].as_u64(), Some(3));
     }
-    assert_eq!(read(&teacher.join("checkpoints/step-000060/model.safetensors")), model_before, "--init-from modified its source");
+    assert_eq!(
+        read(&teacher.join("checkpoints/step-000060/model.safetensors")),
+        model_before,
+        "--init-from modified its source"
+    );
     assert_eq!(latest(&teacher).unwrap().0, "step-000060");
 }
 
@@ -369,7 +478,8 @@ fn eval_prints_loss_and_perplexity_as_json() {
     let cfg = f.config();
     f.train(&cfg, "ev", &[]).ok();
     let run = f.run_dir("ev");
-    let logged: Vec<(u64, f64)> = eval_lines(&run).iter().map(|e| (step_of(e), num(e, "loss"))).collect();
+    let logged: Vec<(u64, f64)> =
+        eval_lines(&run).iter().map(|e| (step_of(e), num(e, "loss"))).collect();
 
     let check = |v: &Value| {
         let (loss, ppl) = (num(v, "loss"), num(v, "ppl"));
@@ -383,10 +493,24 @@ fn eval_prints_loss_and_perplexity_as_json() {
     check(&v);
     assert_eq!(v["step"].as_u64(), Some(60), "{v}");
     let (_, at60) = logged.iter().find(|(s, _)| *s == 60).unwrap();
-    assert!(((num(&v, "loss") - at60) / at60).abs() < 1e-9, "eval {} vs the run's own eval at step 60 {at60}", num(&v, "loss"));
+    assert!(
+        ((num(&v, "loss") - at60) / at60).abs() < 1e-9,
+        "eval {} vs the run's own eval at step 60 {at60}",
+        num(&v, "loss")
+    );
 
     // --batches / --batch-size.
-    let out = f.run(&["eval", "--checkpoint", run.to_str().unwrap(), "--batches", "1", "--batch-size", "2"]).ok();
+    let out = f
+        .run(&[
+            "eval",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--batches",
+            "1",
+            "--batch-size",
+            "2",
+        ])
+        .ok();
     let small = out.last_json();
     check(&small);
     assert_eq!(small["batches"].as_u64(), Some(1), "{small}");
@@ -394,7 +518,11 @@ fn eval_prints_loss_and_perplexity_as_json() {
     if let Some(t) = small.get("tokens") {
         assert_eq!(t.as_u64(), Some(2 * 16), "{small}");
     }
-    assert_ne!(num(&small, "loss").to_bits(), num(&v, "loss").to_bits(), "--batches 1 --batch-size 2 had no effect");
+    assert_ne!(
+        num(&small, "loss").to_bits(),
+        num(&v, "loss").to_bits(),
+        "--batches 1 --batch-size 2 had no effect"
+    );
 
     // A checkpoint directory.
     let dir40 = run.join("checkpoints/step-000040");
@@ -403,10 +531,24 @@ fn eval_prints_loss_and_perplexity_as_json() {
     check(&v40);
     assert_eq!(v40["step"].as_u64(), Some(40), "{v40}");
     let (_, at40) = logged.iter().find(|(s, _)| *s == 40).unwrap();
-    assert!(((num(&v40, "loss") - at40) / at40).abs() < 1e-9, "eval {} vs the run's eval at step 40 {at40}", num(&v40, "loss"));
+    assert!(
+        ((num(&v40, "loss") - at40) / at40).abs() < 1e-9,
+        "eval {} vs the run's eval at step 40 {at40}",
+        num(&v40, "loss")
+    );
 
     // --data, relative to the cwd.
-    let out = f.run(&["eval", "--checkpoint", run.to_str().unwrap(), "--data", "../shards/tiny_train_*.bin", "--batches", "2"]).ok();
+    let out = f
+        .run(&[
+            "eval",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--data",
+            "../shards/tiny_train_*.bin",
+            "--batches",
+            "2",
+        ])
+        .ok();
     check(&out.last_json());
 }
 
@@ -435,8 +577,9 @@ fn bench_prints_speed_as_json() {
 // tokenizer + prepare
 
 const WORDS: &[&str] = &[
-    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then", "runs", "into", "forest", "where", "a",
-    "small", "bird", "sings", "softly", "under", "green", "trees", "while", "river", "flows", "past", "old", "stone", "bridge",
+    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then", "runs", "into",
+    "forest", "where", "a", "small", "bird", "sings", "softly", "under", "green", "trees", "while",
+    "river", "flows", "past", "old", "stone", "bridge",
 ];
 
 fn corpus(dir: &Path) -> Vec<String> {
@@ -462,21 +605,44 @@ fn tokenizer_train_and_prepare_write_valid_shards() {
     let input = f.root().join("text");
     let docs = corpus(&input);
     let tok = f.root().join("tok.json");
-    f.run(&["tokenizer", "train", "--input", input.to_str().unwrap(), "--vocab-size", "300", "--out", tok.to_str().unwrap()]).ok();
-    let hf = tokenizers::Tokenizer::from_file(&tok).expect("tok.json loads with the tokenizers crate");
+    f.run(&[
+        "tokenizer",
+        "train",
+        "--input",
+        input.to_str().unwrap(),
+        "--vocab-size",
+        "300",
+        "--out",
+        tok.to_str().unwrap(),
+    ])
+    .ok();
+    let hf =
+        tokenizers::Tokenizer::from_file(&tok).expect("tok.json loads with the tokenizers crate");
     let vocab = hf.get_vocab_size(true);
     assert!(vocab <= 300 && vocab > 257, "vocab size {vocab}");
     let eot = hf.token_to_id("<|endoftext|>").expect("tokenizer has <|endoftext|>");
 
     let out_dir = f.root().join("prepared");
     f.run(&[
-        "prepare", "--tokenizer", tok.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", out_dir.to_str().unwrap(),
-        "--name", "x", "--val-fraction", "0.2",
+        "prepare",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--name",
+        "x",
+        "--val-fraction",
+        "0.2",
     ])
     .ok();
     let train = read_shard(&out_dir.join("x_train_000000.bin"));
     let val = read_shard(&out_dir.join("x_val_000000.bin"));
-    let mut names: Vec<String> = std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     assert_eq!(names, vec!["x_train_000000.bin", "x_val_000000.bin"], "files in --out");
 
@@ -485,16 +651,27 @@ fn tokenizer_train_and_prepare_write_valid_shards() {
     assert!(all.iter().all(|&t| (t as usize) < vocab), "ids below the vocab size");
     let total = all.len();
     let expect_val = (total as f64 * 0.2).round() as i64;
-    assert!((val.len() as i64 - expect_val).abs() <= 1, "val {} of {total} tokens, expected ~{expect_val}", val.len());
+    assert!(
+        (val.len() as i64 - expect_val).abs() <= 1,
+        "val {} of {total} tokens, expected ~{expect_val}",
+        val.len()
+    );
     // Exactly one end-of-text before each document, and the documents decode back to the files.
-    assert_eq!(all.iter().filter(|&&t| t == eot).count(), docs.len(), "one end-of-text per document");
+    assert_eq!(
+        all.iter().filter(|&&t| t == eot).count(),
+        docs.len(),
+        "one end-of-text per document"
+    );
     let mut direct = 0;
     for (i, doc) in all.split(|&t| t == eot).skip(1).enumerate() {
         let text = hf.decode(doc, false).unwrap();
         assert_eq!(text, docs[i], "document {i} does not round-trip");
         direct += hf.encode(docs[i].as_str(), false).unwrap().get_ids().len() + 1;
     }
-    assert_eq!(direct, total, "token count: train + val = sum of encoded documents + one end-of-text each");
+    assert_eq!(
+        direct, total,
+        "token count: train + val = sum of encoded documents + one end-of-text each"
+    );
 
     // The prepared shards train.
     let cfg = f.root().join("p.toml");
@@ -517,8 +694,17 @@ fn prepare_with_the_builtin_gpt2_tokenizer() {
     let docs = corpus(&input);
     let out_dir = f.root().join("g");
     f.run(&[
-        "prepare", "--tokenizer", "gpt2", "--input", input.to_str().unwrap(), "--out", out_dir.to_str().unwrap(), "--name", "g",
-        "--val-fraction", "0.2",
+        "prepare",
+        "--tokenizer",
+        "gpt2",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--name",
+        "g",
+        "--val-fraction",
+        "0.2",
     ])
     .ok();
     let train = read_shard(&out_dir.join("g_train_000000.bin"));
@@ -531,8 +717,20 @@ fn prepare_with_the_builtin_gpt2_tokenizer() {
     let one = f.root().join("hello.txt");
     std::fs::write(&one, "Hello world").unwrap();
     let out2 = f.root().join("h");
-    f.run(&["prepare", "--tokenizer", "gpt2", "--input", one.to_str().unwrap(), "--out", out2.to_str().unwrap(), "--name", "h", "--val-fraction", "0"])
-        .ok();
+    f.run(&[
+        "prepare",
+        "--tokenizer",
+        "gpt2",
+        "--input",
+        one.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+        "--name",
+        "h",
+        "--val-fraction",
+        "0",
+    ])
+    .ok();
     assert_eq!(read_shard(&out2.join("h_train_000000.bin")), vec![50256, 15496, 995]);
 }
 
@@ -567,7 +765,10 @@ fn unknown_keys_are_named_with_their_table() {
     assert_bad_input(&f.run(&["train", "--config", p.to_str().unwrap()]), &["train", "wibble"]);
     std::fs::write(&p, format!("{text}\n[trainer]\nsteps = 3\n")).unwrap();
     assert_bad_input(&f.run(&["train", "--config", p.to_str().unwrap()]), &["trainer"]);
-    assert!(!f.run_dir("x").exists() && !f.run_dir("base").exists(), "a bad config created a run directory");
+    assert!(
+        !f.run_dir("x").exists() && !f.run_dir("base").exists(),
+        "a bad config created a run directory"
+    );
 }
 
 #[test]
@@ -623,7 +824,11 @@ fn token_id_beyond_the_vocab_is_named() {
     let mut toks = pattern_tokens(1000, 64);
     toks[777] = 200;
     write_shard(&f.root().join("shards/big_val_000000.bin"), &toks);
-    let out = f.train(&f.config(), "x", &[&format!("data.val={}/shards/big_val_*.bin", f.root().display())]);
+    let out = f.train(
+        &f.config(),
+        "x",
+        &[&format!("data.val={}/shards/big_val_*.bin", f.root().display())],
+    );
     assert_bad_input(&out, &["big_val_000000.bin", "200", "vocab_size"]);
 }
 
@@ -640,12 +845,22 @@ fn eval_of_a_corrupt_checkpoint_is_named() {
     f.train(&f.config(), "c", &["train.steps=4", "train.ckpt_every=2"]).ok();
     let run = f.run_dir("c");
     let model = run.join("checkpoints/step-000004/model.safetensors");
-    std::fs::write(&model, random_tokens(3000, 65535, 9).iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-    assert_bad_input(&f.run(&["eval", "--checkpoint", run.to_str().unwrap()]), &["model.safetensors"]);
+    std::fs::write(
+        &model,
+        random_tokens(3000, 65535, 9).iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    assert_bad_input(
+        &f.run(&["eval", "--checkpoint", run.to_str().unwrap()]),
+        &["model.safetensors"],
+    );
     // A valid header whose data is cut short (a half-written file).
     let good = read(&run.join("checkpoints/step-000002/model.safetensors"));
     std::fs::write(&model, &good[..good.len() / 2]).unwrap();
-    assert_bad_input(&f.run(&["eval", "--checkpoint", run.to_str().unwrap()]), &["model.safetensors"]);
+    assert_bad_input(
+        &f.run(&["eval", "--checkpoint", run.to_str().unwrap()]),
+        &["model.safetensors"],
+    );
     // A corrupt state.json.
     let dir2 = run.join("checkpoints/step-000002");
     std::fs::write(dir2.join("state.json"), "{\"step\": ").unwrap();
@@ -657,8 +872,14 @@ fn eval_batch_larger_than_the_val_data_is_a_usage_error() {
     let f = Fixture::new();
     f.train(&f.config(), "c", &["train.steps=2"]).ok();
     let run = f.run_dir("c");
-    assert_bad_input(&f.run(&["eval", "--checkpoint", run.to_str().unwrap(), "--batch-size", "1000"]), &["batch"]);
-    assert_bad_input(&f.run(&["eval", "--checkpoint", run.to_str().unwrap(), "--batches", "0"]), &["batches"]);
+    assert_bad_input(
+        &f.run(&["eval", "--checkpoint", run.to_str().unwrap(), "--batch-size", "1000"]),
+        &["batch"],
+    );
+    assert_bad_input(
+        &f.run(&["eval", "--checkpoint", run.to_str().unwrap(), "--batches", "0"]),
+        &["batches"],
+    );
 }
 
 #[test]
@@ -671,8 +892,16 @@ fn init_from_with_mismatched_shapes_names_the_tensor() {
     assert_bad_input(&out, &["model.safetensors"]);
     let msg = out.error_lines().join("\n");
     let names = safetensors_header(&latest(&src).unwrap().1.join("model.safetensors"));
-    assert!(names.keys().any(|n| msg.contains(n.as_str())), "the error should name the tensor\n{}", out.describe());
-    assert!(msg.contains("32") && msg.contains("16"), "the error should give both shapes\n{}", out.describe());
+    assert!(
+        names.keys().any(|n| msg.contains(n.as_str())),
+        "the error should name the tensor\n{}",
+        out.describe()
+    );
+    assert!(
+        msg.contains("32") && msg.contains("16"),
+        "the error should give both shapes\n{}",
+        out.describe()
+    );
     assert!(latest(&f.run_dir("dst")).is_none(), "a failed --init-from wrote a checkpoint");
 }
 
@@ -707,11 +936,22 @@ fn fresh_train_refuses_a_run_dir_with_checkpoints() {
     f.train(&cfg, "taken", &["train.steps=4", "train.ckpt_every=2"]).ok();
     let run = f.run_dir("taken");
     let snapshot = |run: &Path| {
-        ["metrics.jsonl", "config.toml", "checkpoints/latest", "checkpoints/step-000004/model.safetensors", "checkpoints/step-000004/optimizer.safetensors", "checkpoints/step-000004/state.json"]
-            .map(|p| read(&run.join(p)))
+        [
+            "metrics.jsonl",
+            "config.toml",
+            "checkpoints/latest",
+            "checkpoints/step-000004/model.safetensors",
+            "checkpoints/step-000004/optimizer.safetensors",
+            "checkpoints/step-000004/state.json",
+        ]
+        .map(|p| read(&run.join(p)))
     };
     let before = snapshot(&run);
-    for extra in [vec!["train.steps=4"], vec!["train.steps=6", "model.d_model=16"], vec!["--init-from", run.to_str().unwrap()]] {
+    for extra in [
+        vec!["train.steps=4"],
+        vec!["train.steps=6", "model.d_model=16"],
+        vec!["--init-from", run.to_str().unwrap()],
+    ] {
         let out = f.train(&cfg, "taken", &extra);
         // Exit 1 or 2 (a user mistake, so 2 is the better code), an `error:` line naming the run.
         assert_bad_input_code(&out, None, &["taken", "--resume"]);
@@ -726,13 +966,21 @@ fn check_after_kill(f: &Fixture, run: &Path, what: &str) -> u64 {
     let ck = run.join("checkpoints");
     let (name, dir) = latest(run).unwrap_or_else(|| panic!("{what}: no checkpoints/latest"));
     assert!(!name.starts_with(".tmp-"), "{what}: latest names a temporary directory {name:?}");
-    let step: u64 = name.strip_prefix("step-").and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{what}: latest holds {name:?}"));
+    let step: u64 = name
+        .strip_prefix("step-")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: latest holds {name:?}"));
     for file in ["model.safetensors", "optimizer.safetensors", "state.json"] {
         assert!(dir.join(file).is_file(), "{what}: latest = {name} but {file} is missing");
     }
     assert_eq!(state_json(&dir)["step"].as_u64(), Some(step), "{what}: state.json of {name}");
     let out = f.run(&["eval", "--checkpoint", run.to_str().unwrap(), "--batches", "1"]);
-    assert_eq!(out.code, Some(0), "{what}: eval of the run after a kill failed (latest = {name})\n{}", out.describe());
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{what}: eval of the run after a kill failed (latest = {name})\n{}",
+        out.describe()
+    );
     assert_eq!(out.last_json()["step"].as_u64(), Some(step), "{what}");
     let tmps: Vec<String> = std::fs::read_dir(&ck)
         .unwrap()
@@ -751,10 +999,22 @@ fn a_kill_during_checkpoint_writes_leaves_the_last_checkpoint_usable() {
     let name = "killed";
     let run = f.run_dir(name);
     // Far more steps than the kills leave time for; the last resume then stops 10 steps later.
-    let sets = ["model.d_model=64", "model.d_ff=256", "train.ckpt_every=1", "train.eval_every=0", "train.keep_checkpoints=2"];
+    let sets = [
+        "model.d_model=64",
+        "model.d_ff=256",
+        "train.ckpt_every=1",
+        "train.eval_every=0",
+        "train.keep_checkpoints=2",
+    ];
     let spawn = |resume: bool| -> Child {
         let mut c = Command::new(bin());
-        c.current_dir(f.cwd()).args(["train", "--config", cfg.to_str().unwrap(), "--set", &format!("run.name={name}")]);
+        c.current_dir(f.cwd()).args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            &format!("run.name={name}"),
+        ]);
         for s in sets {
             c.args(["--set", s]);
         }
@@ -762,9 +1022,16 @@ fn a_kill_during_checkpoint_writes_leaves_the_last_checkpoint_usable() {
         if resume {
             c.arg("--resume");
         }
-        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn motrain")
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn motrain")
     };
-    let jitter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64 % 97;
+    let jitter =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+            as u64
+            % 97;
     let mut last_step = 0;
     for (i, base) in [250u64, 430, 610, 790, 1010].into_iter().enumerate() {
         let delay = Duration::from_millis(base + jitter * (i as u64 + 1) % 97);
@@ -825,6 +1092,9 @@ fn gradient_accumulation_matches_one_big_batch() {
     let (a, b) = (losses(&f.run_dir("whole")), losses(&f.run_dir("accum")));
     assert_eq!(a.len(), 6);
     for ((s, x), (_, y)) in a.iter().zip(&b) {
-        assert!((x - y).abs() < 1e-4, "step {s}: batch 4 gives loss {x}, 2 × 2 accumulated gives {y}");
+        assert!(
+            (x - y).abs() < 1e-4,
+            "step {s}: batch 4 gives loss {x}, 2 × 2 accumulated gives {y}"
+        );
     }
 }

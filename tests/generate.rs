@@ -11,14 +11,38 @@ fn setup(f: &Fixture, name: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
     let text = f.root().join("text.txt");
     std::fs::write(&text, "to be or not to be, that is the question. ".repeat(50)).unwrap();
     let tok = f.root().join("tok.json");
-    f.run(&["tokenizer", "train", "--input", text.to_str().unwrap(), "--vocab-size", "270", "--out", tok.to_str().unwrap()]).ok();
+    f.run(&[
+        "tokenizer",
+        "train",
+        "--input",
+        text.to_str().unwrap(),
+        "--vocab-size",
+        "270",
+        "--out",
+        tok.to_str().unwrap(),
+    ])
+    .ok();
     let cfg = f.config_for("v300.toml", "tiny", 300);
     f.train(&cfg, name, &[&["train.steps=4", "train.eval_every=0"], extra].concat()).ok();
     (f.run_dir(name), tok)
 }
 
 fn generate(f: &Fixture, run: &std::path::Path, tok: &std::path::Path, extra: &[&str]) -> Out {
-    let args = [&["generate", "--checkpoint", run.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--prompt", "to be", "--max-new-tokens", "8"], extra].concat();
+    let args = [
+        &[
+            "generate",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--prompt",
+            "to be",
+            "--max-new-tokens",
+            "8",
+        ],
+        extra,
+    ]
+    .concat();
     f.run(&args)
 }
 
@@ -30,7 +54,13 @@ fn samples_are_reproducible_and_several_come_at_once() {
     let b = generate(&f, &run, &tok, &["--seed", "5"]).ok();
     assert!(a.stdout.starts_with("to be"), "the prompt comes first: {:?}", a.stdout);
     assert_eq!(a.stdout, b.stdout, "the same seed gives the same text");
-    let three = generate(&f, &run, &tok, &["--seed", "5", "--num-samples", "3", "--top-k", "10", "--top-p", "0.9"]).ok();
+    let three = generate(
+        &f,
+        &run,
+        &tok,
+        &["--seed", "5", "--num-samples", "3", "--top-k", "10", "--top-p", "0.9"],
+    )
+    .ok();
     assert_eq!(three.stdout.matches("---------- sample").count(), 3);
     let bad = generate(&f, &run, &tok, &["--top-p", "1.5"]);
     assert_bad_input(&bad, &["--top-p"]);
@@ -41,7 +71,8 @@ fn samples_are_reproducible_and_several_come_at_once() {
 #[test]
 fn mot_samples_in_lock_step_groups() {
     let f = Fixture::new();
-    let (run, tok) = setup(&f, "mot", &["model.ffn=mot", "model.mot.n_experts=4", "model.mot.group_size=2"]);
+    let (run, tok) =
+        setup(&f, "mot", &["model.ffn=mot", "model.mot.n_experts=4", "model.mot.group_size=2"]);
     let one = generate(&f, &run, &tok, &[]);
     assert_bad_input(&one, &["groups of 2", "--num-samples", "transition-tune"]);
     let two = generate(&f, &run, &tok, &["--num-samples", "2"]).ok();

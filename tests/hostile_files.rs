@@ -24,24 +24,16 @@ use motrain::data::shards::Shard;
 use motrain::model::{Params, Transformer};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 // ---------------------------------------------------------------------------------------------
 // helpers
 
 /// `motrain ARGS...` in `cwd`, under a 4 GiB address-space limit and a 60 s CPU limit.
 fn motrain_limited(cwd: &Path, args: &[&str]) -> Out {
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -v 4194304 && ulimit -t 60 && exec \"$0\" \"$@\"")
-        .arg(bin())
-        .args(args)
-        .current_dir(cwd)
-        .env("RUST_BACKTRACE", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn motrain");
-    Out::from(args, o)
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg("ulimit -v 4194304 && ulimit -t 60 && exec \"$0\" \"$@\"").arg(bin());
+    run_motrain(sh, cwd, args)
 }
 
 /// The tiny dense model every checkpoint here describes (2.2k parameters).
@@ -138,7 +130,7 @@ impl Ckpt {
 /// A safetensors file: 8-byte little-endian header length, the header JSON, then `data`.
 fn safetensors(header: &Value, data: &[u8]) -> Vec<u8> {
     let mut h = serde_json::to_vec(header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -157,7 +149,10 @@ fn header_of(bytes: &[u8]) -> serde_json::Map<String, Value> {
 fn assert_tensors_refused(c: &Ckpt, case: &str) {
     match load_tensors(&c.model_path(), &candle_core::Device::Cpu) {
         Ok(t) => panic!("{case}: load_tensors accepted it ({} tensors)", t.len()),
-        Err(e) => assert!(e.to_string().contains("model.safetensors"), "{case}: the error does not name the file: {e}"),
+        Err(e) => assert!(
+            e.to_string().contains("model.safetensors"),
+            "{case}: the error does not name the file: {e}"
+        ),
     }
 }
 
@@ -181,7 +176,8 @@ fn the_fuzz_seeds_replay() {
     let scratch = tempfile::tempdir().unwrap();
     let mut seen = 0;
     for target in ["shard", "checkpoint", "config"] {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(corpus.join(target)).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(corpus.join(target)).unwrap().map(|e| e.unwrap().path()).collect();
         files.sort();
         for f in files {
             let data = std::fs::read(&f).unwrap();
@@ -191,7 +187,10 @@ fn the_fuzz_seeds_replay() {
                 "checkpoint" => {
                     let reach = harness::checkpoint(&data, scratch.path());
                     if name.starts_with("tiny_checkpoint") {
-                        assert!(reach.state_loaded && reach.tensors_loaded && reach.params_loaded, "{name}: {reach:?}");
+                        assert!(
+                            reach.state_loaded && reach.tensors_loaded && reach.params_loaded,
+                            "{name}: {reach:?}"
+                        );
                     }
                 }
                 _ => assert!(harness::config(&data, scratch.path()), "{name}: no config loaded"),
@@ -226,7 +225,8 @@ fn lying_safetensors(c: &Ckpt) -> Vec<(&'static str, Vec<u8>)> {
     let embed = "model.embed_tokens.weight";
     let f32s = |n: usize| vec![0u8; 4 * n];
     let real = header_of(&c.model);
-    let data_len = c.model.len() - 8 - u64::from_le_bytes(c.model[..8].try_into().unwrap()) as usize;
+    let data_len =
+        c.model.len() - 8 - u64::from_le_bytes(c.model[..8].try_into().unwrap()) as usize;
     // The real file with one tensor's entry replaced.
     let with_entry = |name: &str, entry: Value| {
         let mut h = real.clone();
@@ -242,8 +242,20 @@ fn lying_safetensors(c: &Ckpt) -> Vec<(&'static str, Vec<u8>)> {
     length_prefix_max[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     vec![
         // data offsets
-        ("offsets beyond the end of the file", with_entry(embed, json!({"dtype": "F32", "shape": [16, 8], "data_offsets": [start, data_len as u64 + 4096]}))),
-        ("one tensor alone, its data cut short", safetensors(&json!({embed: {"dtype": "F32", "shape": [16, 8], "data_offsets": [0, 512]}}), &f32s(100))),
+        (
+            "offsets beyond the end of the file",
+            with_entry(
+                embed,
+                json!({"dtype": "F32", "shape": [16, 8], "data_offsets": [start, data_len as u64 + 4096]}),
+            ),
+        ),
+        (
+            "one tensor alone, its data cut short",
+            safetensors(
+                &json!({embed: {"dtype": "F32", "shape": [16, 8], "data_offsets": [0, 512]}}),
+                &f32s(100),
+            ),
+        ),
         (
             "overlapping tensors",
             safetensors(
@@ -251,21 +263,99 @@ fn lying_safetensors(c: &Ckpt) -> Vec<(&'static str, Vec<u8>)> {
                 &f32s(192),
             ),
         ),
-        ("reversed offsets", with_entry(embed, json!({"dtype": "F32", "shape": [16, 8], "data_offsets": [end, start]}))),
-        ("offsets that leave a gap", safetensors(&json!({embed: {"dtype": "F32", "shape": [16, 8], "data_offsets": [64, 576]}}), &f32s(144))),
-        ("offsets not numbers", safetensors(&json!({embed: {"dtype": "F32", "shape": [16, 8], "data_offsets": ["0", "512"]}}), &f32s(128))),
-        ("negative offset", safetensors(&json!({embed: {"dtype": "F32", "shape": [16, 8], "data_offsets": [-512, 0]}}), &f32s(128))),
+        (
+            "reversed offsets",
+            with_entry(
+                embed,
+                json!({"dtype": "F32", "shape": [16, 8], "data_offsets": [end, start]}),
+            ),
+        ),
+        (
+            "offsets that leave a gap",
+            safetensors(
+                &json!({embed: {"dtype": "F32", "shape": [16, 8], "data_offsets": [64, 576]}}),
+                &f32s(144),
+            ),
+        ),
+        (
+            "offsets not numbers",
+            safetensors(
+                &json!({embed: {"dtype": "F32", "shape": [16, 8], "data_offsets": ["0", "512"]}}),
+                &f32s(128),
+            ),
+        ),
+        (
+            "negative offset",
+            safetensors(
+                &json!({embed: {"dtype": "F32", "shape": [16, 8], "data_offsets": [-512, 0]}}),
+                &f32s(128),
+            ),
+        ),
         // shapes
-        ("shape product below the byte length", with_entry(embed, json!({"dtype": "F32", "shape": [16, 4], "data_offsets": [start, end]}))),
-        ("shape product above the byte length", with_entry(embed, json!({"dtype": "F32", "shape": [16, 16], "data_offsets": [start, end]}))),
-        ("shape product overflowing u64", safetensors(&json!({embed: {"dtype": "F32", "shape": [1u64 << 40, 1u64 << 40], "data_offsets": [0, 512]}}), &f32s(128))),
-        ("negative dimension", safetensors(&json!({embed: {"dtype": "F32", "shape": [-16, 8], "data_offsets": [0, 512]}}), &f32s(128))),
+        (
+            "shape product below the byte length",
+            with_entry(
+                embed,
+                json!({"dtype": "F32", "shape": [16, 4], "data_offsets": [start, end]}),
+            ),
+        ),
+        (
+            "shape product above the byte length",
+            with_entry(
+                embed,
+                json!({"dtype": "F32", "shape": [16, 16], "data_offsets": [start, end]}),
+            ),
+        ),
+        (
+            "shape product overflowing u64",
+            safetensors(
+                &json!({embed: {"dtype": "F32", "shape": [1u64 << 40, 1u64 << 40], "data_offsets": [0, 512]}}),
+                &f32s(128),
+            ),
+        ),
+        (
+            "negative dimension",
+            safetensors(
+                &json!({embed: {"dtype": "F32", "shape": [-16, 8], "data_offsets": [0, 512]}}),
+                &f32s(128),
+            ),
+        ),
         // dtypes
-        ("F16 on F32-sized data", with_entry(embed, json!({"dtype": "F16", "shape": [16, 8], "data_offsets": [start, end]}))),
-        ("unknown dtype string", with_entry(embed, json!({"dtype": "Q4_K", "shape": [16, 8], "data_offsets": [start, end]}))),
-        ("lower-case dtype", with_entry(embed, json!({"dtype": "f32", "shape": [16, 8], "data_offsets": [start, end]}))),
-        ("BOOL weights", safetensors(&json!({embed: {"dtype": "BOOL", "shape": [16, 8], "data_offsets": [0, 128]}}), &[0u8; 128])),
-        ("F4 dtype on F32-sized data", with_entry(embed, json!({"dtype": "F4", "shape": [16, 8], "data_offsets": [start, end]}))),
+        (
+            "F16 on F32-sized data",
+            with_entry(
+                embed,
+                json!({"dtype": "F16", "shape": [16, 8], "data_offsets": [start, end]}),
+            ),
+        ),
+        (
+            "unknown dtype string",
+            with_entry(
+                embed,
+                json!({"dtype": "Q4_K", "shape": [16, 8], "data_offsets": [start, end]}),
+            ),
+        ),
+        (
+            "lower-case dtype",
+            with_entry(
+                embed,
+                json!({"dtype": "f32", "shape": [16, 8], "data_offsets": [start, end]}),
+            ),
+        ),
+        (
+            "BOOL weights",
+            safetensors(
+                &json!({embed: {"dtype": "BOOL", "shape": [16, 8], "data_offsets": [0, 128]}}),
+                &[0u8; 128],
+            ),
+        ),
+        (
+            "F4 dtype on F32-sized data",
+            with_entry(
+                embed,
+                json!({"dtype": "F4", "shape": [16, 8], "data_offsets": [start, end]}),
+            ),
+        ),
         // the header and its length prefix
         ("empty file", vec![]),
         ("shorter than the length prefix", vec![8, 0, 0]),
@@ -274,7 +364,10 @@ fn lying_safetensors(c: &Ckpt) -> Vec<(&'static str, Vec<u8>)> {
         ("length prefix zero", 0u64.to_le_bytes().to_vec()),
         ("header not JSON", [&24u64.to_le_bytes()[..], b"this is not json at all!"].concat()),
         ("header a JSON array", safetensors(&json!([1, 2, 3]), &[])),
-        ("header entry missing its dtype", safetensors(&json!({embed: {"shape": [16, 8], "data_offsets": [0, 512]}}), &f32s(128))),
+        (
+            "header entry missing its dtype",
+            safetensors(&json!({embed: {"shape": [16, 8], "data_offsets": [0, 512]}}), &f32s(128)),
+        ),
         ("header not UTF-8", [&9u64.to_le_bytes()[..], b"{\"\xff\xfe\": 1}"].concat()),
     ]
 }
@@ -297,13 +390,32 @@ fn wrong_tensors_are_refused_by_params_load() {
     let embed = "model.embed_tokens.weight";
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("no tensors", safetensors(&json!({}), &[])),
-        ("one stray tensor", safetensors(&json!({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}), &[0; 8])),
-        ("embedding of zero rows", safetensors(&json!({embed: {"dtype": "F32", "shape": [0, 8], "data_offsets": [0, 0]}}), &[])),
-        ("scalar embedding", safetensors(&json!({embed: {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}), &[0; 4])),
+        (
+            "one stray tensor",
+            safetensors(
+                &json!({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}),
+                &[0; 8],
+            ),
+        ),
+        (
+            "embedding of zero rows",
+            safetensors(
+                &json!({embed: {"dtype": "F32", "shape": [0, 8], "data_offsets": [0, 0]}}),
+                &[],
+            ),
+        ),
+        (
+            "scalar embedding",
+            safetensors(
+                &json!({embed: {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}),
+                &[0; 4],
+            ),
+        ),
     ];
     for (case, bytes) in cases {
         c.write_model(&bytes);
-        let tensors = load_tensors(&c.model_path(), &candle_core::Device::Cpu).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let tensors = load_tensors(&c.model_path(), &candle_core::Device::Cpu)
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
         let mut params = Params::new(&candle_core::Device::Cpu, 0, state.config.model.init_scale);
         Transformer::new(&state.config.model, &mut params).unwrap();
         assert!(params.load(&tensors).is_err(), "{case}: Params::load accepted it");
@@ -318,7 +430,10 @@ fn wrong_tensors_are_refused_by_params_load() {
 
 /// A file holding the embedding alone, as F4 (4 bits a value).
 fn f4_embedding() -> Vec<u8> {
-    safetensors(&json!({"model.embed_tokens.weight": {"dtype": "F4", "shape": [16, 8], "data_offsets": [0, 64]}}), &[0x11; 64])
+    safetensors(
+        &json!({"model.embed_tokens.weight": {"dtype": "F4", "shape": [16, 8], "data_offsets": [0, 64]}}),
+        &[0x11; 64],
+    )
 }
 
 #[test]
@@ -327,7 +442,13 @@ fn lying_safetensors_fail_eval_with_an_error_naming_the_file() {
     let mut cases = lying_safetensors(&c);
     let embed = "model.embed_tokens.weight";
     cases.push(("no tensors", safetensors(&json!({}), &[])));
-    cases.push(("a tensor of the wrong shape", safetensors(&json!({embed: {"dtype": "F32", "shape": [8, 16], "data_offsets": [0, 512]}}), &[0; 512])));
+    cases.push((
+        "a tensor of the wrong shape",
+        safetensors(
+            &json!({embed: {"dtype": "F32", "shape": [8, 16], "data_offsets": [0, 512]}}),
+            &[0; 512],
+        ),
+    ));
     for (case, bytes) in cases {
         c.write_model(&bytes);
         assert_eval_refused(&c, case, "model.safetensors");
@@ -352,13 +473,31 @@ fn lying_states(c: &Ckpt) -> Vec<(String, Vec<u8>)> {
         ("empty file".into(), vec![]),
         ("not JSON".into(), b"step = 2".to_vec()),
         ("truncated JSON".into(), serde_json::to_vec(&c.state).unwrap()[..40].to_vec()),
-        ("trailing garbage".into(), [serde_json::to_vec(&c.state).unwrap(), b"}}".to_vec()].concat()),
+        (
+            "trailing garbage".into(),
+            [serde_json::to_vec(&c.state).unwrap(), b"}}".to_vec()].concat(),
+        ),
         ("a JSON array".into(), b"[1, 2, 3]".to_vec()),
         ("JSON null".into(), b"null".to_vec()),
         ("not UTF-8".into(), b"{\"step\": \xff\xfe}".to_vec()),
     ];
-    for key in ["step", "tokens", "data_cursor", "optimizer_t", "seed", "elapsed_s", "motrain_version", "config", "config.model", "config.model.vocab_size", "config.run.name"] {
-        cases.push((format!("missing {key}"), serde_json::to_vec(&c.state_with(key, None)).unwrap()));
+    for key in [
+        "step",
+        "tokens",
+        "data_cursor",
+        "optimizer_t",
+        "seed",
+        "elapsed_s",
+        "motrain_version",
+        "config",
+        "config.model",
+        "config.model.vocab_size",
+        "config.run.name",
+    ] {
+        cases.push((
+            format!("missing {key}"),
+            serde_json::to_vec(&c.state_with(key, None)).unwrap(),
+        ));
     }
     let wrong: Vec<(&str, Value)> = vec![
         ("step", json!("two")),
@@ -383,7 +522,10 @@ fn lying_states(c: &Ckpt) -> Vec<(String, Vec<u8>)> {
         ("config.model.bogus", json!(1)),
     ];
     for (key, v) in wrong {
-        cases.push((format!("{key} = {v}"), serde_json::to_vec(&c.state_with(key, Some(v))).unwrap()));
+        cases.push((
+            format!("{key} = {v}"),
+            serde_json::to_vec(&c.state_with(key, Some(v))).unwrap(),
+        ));
     }
     cases
 }
@@ -395,7 +537,10 @@ fn lying_states_are_refused_by_load_state() {
         c.write_state(&bytes);
         match load_state(&c.dir()) {
             Ok(_) => panic!("{case}: load_state accepted it"),
-            Err(e) => assert!(e.to_string().contains("state.json"), "{case}: the error does not name the file: {e}"),
+            Err(e) => assert!(
+                e.to_string().contains("state.json"),
+                "{case}: the error does not name the file: {e}"
+            ),
         }
     }
 }
@@ -416,7 +561,8 @@ fn a_latest_pointer_that_lies_is_named() {
     let run = c.tmp.path().join("run");
     let ckpts = run.join("checkpoints");
     std::fs::create_dir_all(&ckpts).unwrap();
-    for latest in [&b""[..], b"step-999999", b"../../..", b"\xff\xfe", b"step-000002\nstep-000004"] {
+    for latest in [&b""[..], b"step-999999", b"../../..", b"\xff\xfe", b"step-000002\nstep-000004"]
+    {
         std::fs::write(ckpts.join("latest"), latest).unwrap();
         let out = motrain_limited(c.tmp.path(), &["eval", "--checkpoint", run.to_str().unwrap()]);
         assert_bad_input(&out, &["latest"]);
@@ -433,21 +579,30 @@ fn a_latest_pointer_that_lies_is_named() {
 #[test]
 fn a_state_with_absurd_n_layers_is_refused() {
     let c = Ckpt::new();
-    c.write_state(&serde_json::to_vec(&c.state_with("config.model.n_layers", Some(json!(1u64 << 60)))).unwrap());
+    c.write_state(
+        &serde_json::to_vec(&c.state_with("config.model.n_layers", Some(json!(1u64 << 60))))
+            .unwrap(),
+    );
     assert_eval_refused(&c, "n_layers = 2^60", "state.json");
 }
 
 #[test]
 fn a_state_with_absurd_vocab_size_is_refused() {
     let c = Ckpt::new();
-    c.write_state(&serde_json::to_vec(&c.state_with("config.model.vocab_size", Some(json!(1u64 << 50)))).unwrap());
+    c.write_state(
+        &serde_json::to_vec(&c.state_with("config.model.vocab_size", Some(json!(1u64 << 50))))
+            .unwrap(),
+    );
     assert_eval_refused(&c, "vocab_size = 2^50", "state.json");
 }
 
 #[test]
 fn a_state_with_absurd_max_seq_len_is_refused() {
     let c = Ckpt::new();
-    c.write_state(&serde_json::to_vec(&c.state_with("config.model.max_seq_len", Some(json!(1u64 << 62)))).unwrap());
+    c.write_state(
+        &serde_json::to_vec(&c.state_with("config.model.max_seq_len", Some(json!(1u64 << 62))))
+            .unwrap(),
+    );
     assert_eval_refused(&c, "max_seq_len = 2^62", "state.json");
 }
 
@@ -456,14 +611,21 @@ fn a_config_with_absurd_n_layers_is_refused() {
     let c = Ckpt::new();
     let glob = c.tmp.path().join("shards/tiny_val_*.bin").display().to_string();
     let cfg = c.tmp.path().join("huge.toml");
-    std::fs::write(&cfg, tiny_toml(&glob).replace("n_layers = 1", &format!("n_layers = {}", 1u64 << 60))).unwrap();
+    std::fs::write(
+        &cfg,
+        tiny_toml(&glob).replace("n_layers = 1", &format!("n_layers = {}", 1u64 << 60)),
+    )
+    .unwrap();
     let out = motrain_limited(c.tmp.path(), &["train", "--config", cfg.to_str().unwrap()]);
     assert_bad_input(&out, &["n_layers"]);
     // The same through --set.
     let tiny = c.tmp.path().join("tiny.toml");
     std::fs::write(&tiny, tiny_toml(&glob)).unwrap();
     let set = format!("model.n_layers={}", 1u64 << 60);
-    let out = motrain_limited(c.tmp.path(), &["train", "--config", tiny.to_str().unwrap(), "--set", &set]);
+    let out = motrain_limited(
+        c.tmp.path(),
+        &["train", "--config", tiny.to_str().unwrap(), "--set", &set],
+    );
     assert_bad_input(&out, &["n_layers"]);
 }
 
@@ -472,7 +634,11 @@ fn a_config_with_absurd_vocab_size_is_refused() {
     let c = Ckpt::new();
     let glob = c.tmp.path().join("shards/tiny_val_*.bin").display().to_string();
     let cfg = c.tmp.path().join("huge.toml");
-    std::fs::write(&cfg, tiny_toml(&glob).replace("vocab_size = 16", &format!("vocab_size = {}", 1u64 << 50))).unwrap();
+    std::fs::write(
+        &cfg,
+        tiny_toml(&glob).replace("vocab_size = 16", &format!("vocab_size = {}", 1u64 << 50)),
+    )
+    .unwrap();
     let out = motrain_limited(c.tmp.path(), &["train", "--config", cfg.to_str().unwrap()]);
     assert_bad_input(&out, &["vocab_size"]);
 }
@@ -486,11 +652,18 @@ fn a_config_with_absurd_vocab_size_is_refused() {
 #[test]
 fn a_state_bigger_than_its_weights_is_refused_before_allocating() {
     let c = Ckpt::new();
-    c.write_state(&serde_json::to_vec(&c.state_with("config.model.vocab_size", Some(json!(1u64 << 31)))).unwrap());
+    c.write_state(
+        &serde_json::to_vec(&c.state_with("config.model.vocab_size", Some(json!(1u64 << 31))))
+            .unwrap(),
+    );
     let out = c.eval();
     assert_bad_input(&out, &[]);
     let errors = out.error_lines().join("\n");
-    assert!(errors.contains("state.json") || errors.contains("model.safetensors"), "the error names neither file\n{}", out.describe());
+    assert!(
+        errors.contains("state.json") || errors.contains("model.safetensors"),
+        "the error names neither file\n{}",
+        out.describe()
+    );
 }
 
 #[test]
@@ -498,7 +671,11 @@ fn a_config_too_big_to_allocate_is_one_error_line() {
     let c = Ckpt::new();
     let glob = c.tmp.path().join("shards/tiny_val_*.bin").display().to_string();
     let cfg = c.tmp.path().join("big.toml");
-    std::fs::write(&cfg, tiny_toml(&glob).replace("vocab_size = 16", &format!("vocab_size = {}", 1u64 << 31))).unwrap();
+    std::fs::write(
+        &cfg,
+        tiny_toml(&glob).replace("vocab_size = 16", &format!("vocab_size = {}", 1u64 << 31)),
+    )
+    .unwrap();
     let out = motrain_limited(c.tmp.path(), &["train", "--config", cfg.to_str().unwrap()]);
     assert_bad_input_code(&out, None, &[]);
 }
@@ -536,7 +713,10 @@ fn lying_shards_are_refused_by_shard_open() {
         std::fs::write(&p, &bytes).unwrap();
         match Shard::open(&p, format, Some(16)) {
             Ok(s) => panic!("{format} {case}: accepted ({} tokens)", s.len()),
-            Err(e) => assert!(e.to_string().contains("s.bin"), "{format} {case}: the error does not name the file: {e}"),
+            Err(e) => assert!(
+                e.to_string().contains("s.bin"),
+                "{format} {case}: the error does not name the file: {e}"
+            ),
         }
     }
 }
@@ -592,7 +772,18 @@ fn hostile_configs_are_errors_not_panics() {
         assert!(Config::from_toml_str(text, "hostile").is_err(), "accepted: {text:?}");
     }
     let mut table: toml::Table = min.parse().unwrap();
-    for arg in ["", "=", "model", ".=1", "model..d=1", "model.=1", "=1", "run.name.x=1", "model.d_model=[", "model.d_model=\u{0}"] {
+    for arg in [
+        "",
+        "=",
+        "model",
+        ".=1",
+        "model..d=1",
+        "model.=1",
+        "=1",
+        "run.name.x=1",
+        "model.d_model=[",
+        "model.d_model=\u{0}",
+    ] {
         let mut t = table.clone();
         if apply_override(&mut t, arg).is_ok() {
             let _ = Config::from_table(t, "hostile");

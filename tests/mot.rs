@@ -7,15 +7,28 @@ mod common;
 
 use common::*;
 
-const MOT: [&str; 6] = ["model.ffn=mot", "model.mot.n_experts=4", "model.mot.group_size=2", "train.steps=12", "train.eval_every=12", "train.ckpt_every=6"];
+const MOT: [&str; 6] = [
+    "model.ffn=mot",
+    "model.mot.n_experts=4",
+    "model.mot.group_size=2",
+    "train.steps=12",
+    "train.eval_every=12",
+    "train.ckpt_every=6",
+];
 
-fn safetensors(path: &std::path::Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+fn safetensors(
+    path: &std::path::Path,
+) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = read(path);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
             (name, (view.shape().to_vec(), data))
         })
         .collect()
@@ -28,15 +41,24 @@ fn mot_trains_and_reports_mixing_statistics() {
     f.train(&cfg, "mot", &[&MOT[..], &["model.mot.learn_temperature=true"]].concat()).ok();
     let run = f.run_dir("mot");
     for l in train_lines(&run) {
-        let layers = l["routing"].as_array().unwrap_or_else(|| panic!("no mixing statistics in {l}"));
+        let layers =
+            l["routing"].as_array().unwrap_or_else(|| panic!("no mixing statistics in {l}"));
         assert_eq!(layers.len(), 2, "one entry per MoT layer");
         for s in layers {
             assert_eq!(s["kind"], "mot");
-            let peak: Vec<f64> = s["max_weight"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-            let entropy: Vec<f64> = s["entropy"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let peak: Vec<f64> =
+                s["max_weight"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let entropy: Vec<f64> =
+                s["entropy"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
             assert_eq!((peak.len(), entropy.len()), (4, 4));
-            assert!(peak.iter().all(|&p| (0.5..=1.0).contains(&p)), "the top weight of a group of 2 is in [1/2, 1]: {s}");
-            assert!(entropy.iter().all(|&h| (0.0..=2f64.ln() + 1e-9).contains(&h)), "entropy within [0, ln 2]: {s}");
+            assert!(
+                peak.iter().all(|&p| (0.5..=1.0).contains(&p)),
+                "the top weight of a group of 2 is in [1/2, 1]: {s}"
+            );
+            assert!(
+                entropy.iter().all(|&h| (0.0..=2f64.ln() + 1e-9).contains(&h)),
+                "entropy within [0, ln 2]: {s}"
+            );
             assert!(s["temperature"].as_f64().unwrap() > 0.0);
         }
     }
@@ -47,19 +69,29 @@ fn mot_trains_and_reports_mixing_statistics() {
     assert_eq!(tensors["model.layers.1.mlp.experts.up"].0, vec![4, 32, 32]);
     assert_eq!(tensors["model.layers.1.mlp.experts.down"].0, vec![4, 32, 32]);
     assert_eq!(tensors["model.layers.1.mlp.log_temperature"].0, Vec::<usize>::new());
-    assert!(tensors["model.layers.1.mlp.log_temperature"].1[0] != 0.0, "the learned temperature trained");
+    assert!(
+        tensors["model.layers.1.mlp.log_temperature"].1[0] != 0.0,
+        "the learned temperature trained"
+    );
 
     let ckpt = run.to_str().unwrap();
     let out = f.run(&["eval", "--checkpoint", ckpt]).ok();
     let j = out.last_json();
     assert_eq!(j["group_size"], 2);
     assert_eq!(j["routing"][0]["kind"], "mot");
-    assert!(out.stderr.contains("top mixing weight per expert"), "eval prints the mixing table:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains("top mixing weight per expert"),
+        "eval prints the mixing table:\n{}",
+        out.stderr
+    );
 
     let regrouped = f.run(&["eval", "--checkpoint", ckpt, "--group-size", "4"]).ok().last_json();
     assert_eq!(regrouped["group_size"], 4);
     assert_ne!(regrouped["loss"], j["loss"], "a different group size mixes different tokens");
-    let single = f.run(&["eval", "--checkpoint", ckpt, "--group-size", "1", "--batch-size", "1"]).ok().last_json();
+    let single = f
+        .run(&["eval", "--checkpoint", ckpt, "--group-size", "1", "--batch-size", "1"])
+        .ok()
+        .last_json();
     assert_eq!((single["group_size"].as_u64(), single["batch_size"].as_u64()), (Some(1), Some(1)));
 
     let bad = f.run(&["eval", "--checkpoint", ckpt, "--batch-size", "3"]);
@@ -83,7 +115,15 @@ fn batches_that_are_not_multiples_of_the_group_are_refused() {
 fn mot_resume_is_exact() {
     let f = Fixture::new();
     let cfg = f.config();
-    let sets = [&MOT[..], &["model.mot.learn_temperature=true", "model.ffn_layers=second_half", "train.schedule=constant"]].concat();
+    let sets = [
+        &MOT[..],
+        &[
+            "model.mot.learn_temperature=true",
+            "model.ffn_layers=second_half",
+            "train.schedule=constant",
+        ],
+    ]
+    .concat();
     f.train(&cfg, "a", &sets).ok();
     f.train(&cfg, "b", &[&sets[..], &["train.steps=6"]].concat()).ok();
     f.train(&cfg, "b", &[&sets[..], &["--resume"]].concat()).ok();
@@ -97,19 +137,35 @@ fn transition_tuning_converts_evaluates_and_tunes() {
     f.train(&cfg, "mot", &MOT).ok();
     let mot = f.run_dir("mot");
     let out_dir = f.runs().join("switch");
-    let out = f.run(&["transition-tune", "--checkpoint", mot.to_str().unwrap(), "--out", out_dir.to_str().unwrap(), "--steps", "4"]).ok();
-    for needle in ["before conversion (MoT, step 12)", "after conversion (top-1 MoE)", "after 4 tuning steps"] {
+    let out = f
+        .run(&[
+            "transition-tune",
+            "--checkpoint",
+            mot.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--steps",
+            "4",
+        ])
+        .ok();
+    for needle in
+        ["before conversion (MoT, step 12)", "after conversion (top-1 MoE)", "after 4 tuning steps"]
+    {
         assert!(out.stderr.contains(needle), "missing {needle:?} in:\n{}", out.stderr);
     }
     let j = out.last_json();
-    let (before, converted, tuned) = (num(&j, "loss_before"), num(&j, "loss_converted"), num(&j, "loss_tuned"));
+    let (before, converted, tuned) =
+        (num(&j, "loss_before"), num(&j, "loss_converted"), num(&j, "loss_tuned"));
     assert!(before.is_finite() && converted.is_finite() && tuned.is_finite(), "{j}");
     assert!(tuned < converted, "tuning recovers from the conversion: {j}");
 
     // The converted checkpoint keeps every tensor: the controller is now the router.
     let mot_w = safetensors(&latest(&mot).unwrap().1.join("model.safetensors"));
     let conv = safetensors(&out_dir.join("checkpoints/step-000012/model.safetensors"));
-    assert_eq!(conv["model.layers.0.mlp.router.weight"], mot_w["model.layers.0.mlp.controller.weight"]);
+    assert_eq!(
+        conv["model.layers.0.mlp.router.weight"],
+        mot_w["model.layers.0.mlp.controller.weight"]
+    );
     assert_eq!(conv["model.layers.1.mlp.experts.down"], mot_w["model.layers.1.mlp.experts.down"]);
     assert!(!conv.keys().any(|k| k.contains("controller")));
     assert_eq!(conv.len(), mot_w.len());
@@ -125,16 +181,34 @@ fn transition_tuning_converts_evaluates_and_tunes() {
         assert_eq!(l["routing"][0]["kind"], "moe");
     }
     // It is a MoE now: one sequence at a time is the same model.
-    let e = f.run(&["eval", "--checkpoint", out_dir.to_str().unwrap(), "--batch-size", "1"]).ok().last_json();
+    let e = f
+        .run(&["eval", "--checkpoint", out_dir.to_str().unwrap(), "--batch-size", "1"])
+        .ok()
+        .last_json();
     assert!(e.get("group_size").is_none());
     assert!(num(&e, "loss").is_finite());
 
     // A second conversion into the same directory would overwrite it: refused.
-    let again = f.run(&["transition-tune", "--checkpoint", mot.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
+    let again = f.run(&[
+        "transition-tune",
+        "--checkpoint",
+        mot.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
     assert_bad_input(&again, &["already holds checkpoints"]);
     // --steps 0 converts only.
     let only = f.runs().join("convert-only");
-    let j = f.run(&["transition-tune", "--checkpoint", mot.to_str().unwrap(), "--out", only.to_str().unwrap()]).ok().last_json();
+    let j = f
+        .run(&[
+            "transition-tune",
+            "--checkpoint",
+            mot.to_str().unwrap(),
+            "--out",
+            only.to_str().unwrap(),
+        ])
+        .ok()
+        .last_json();
     assert!(j["loss_tuned"].is_null());
     assert_eq!(latest(&only).unwrap().0, "step-000012");
 }
@@ -144,7 +218,13 @@ fn transition_tuning_needs_a_mot_checkpoint() {
     let f = Fixture::new();
     let cfg = f.config();
     f.train(&cfg, "dense", &["train.steps=2"]).ok();
-    let out = f.run(&["transition-tune", "--checkpoint", f.run_dir("dense").to_str().unwrap(), "--out", f.runs().join("x").to_str().unwrap()]);
+    let out = f.run(&[
+        "transition-tune",
+        "--checkpoint",
+        f.run_dir("dense").to_str().unwrap(),
+        "--out",
+        f.runs().join("x").to_str().unwrap(),
+    ]);
     assert_bad_input(&out, &["Mixture of Tokens checkpoint", "model.ffn"]);
     assert!(!f.runs().join("x").exists());
 }

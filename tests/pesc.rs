@@ -10,7 +10,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -29,7 +30,8 @@ fn dense(f: &Fixture) -> PathBuf {
 
 fn upcycle(f: &Fixture, dense: &Path, name: &str, extra: &[&str]) -> Out {
     let out = f.run_dir(name);
-    let mut args = vec!["upcycle", "--checkpoint", dense.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let mut args =
+        vec!["upcycle", "--checkpoint", dense.to_str().unwrap(), "--out", out.to_str().unwrap()];
     args.extend_from_slice(extra);
     f.run(&args)
 }
@@ -41,7 +43,8 @@ fn eval_loss(f: &Fixture, run: &Path) -> f64 {
 /// `train --config RUN/config.toml --init-from RUN --set ...`.
 fn fine_tune(f: &Fixture, run: &Path, sets: &[&str]) -> Out {
     let cfg = run.join("config.toml");
-    let mut args = vec!["train", "--config", cfg.to_str().unwrap(), "--init-from", run.to_str().unwrap()];
+    let mut args =
+        vec!["train", "--config", cfg.to_str().unwrap(), "--init-from", run.to_str().unwrap()];
     for s in sets {
         args.extend_from_slice(&["--set", s]);
     }
@@ -54,7 +57,12 @@ fn upcycled_model_is_the_dense_model_and_fine_tunes_only_adapters() {
     let dense = dense(&f);
     let report = upcycle(&f, &dense, "pesc", &["--experts", "4", "--adapter-dim", "8"]).ok();
     let j = report.last_json();
-    assert_eq!(j["max_logit_diff"], 0.0, "the upcycled model must compute the dense model:\n{}", report.describe());
+    assert_eq!(
+        j["max_logit_diff"],
+        0.0,
+        "the upcycled model must compute the dense model:\n{}",
+        report.describe()
+    );
     assert_eq!(j["layers"], serde_json::json!([0, 1]));
     // 2 blocks × (router 4·32 + adapters 2·4·8·32).
     assert_eq!(j["added_params"], 2 * (4 * 32 + 2 * 4 * 8 * 32));
@@ -74,13 +82,28 @@ fn upcycled_model_is_the_dense_model_and_fine_tunes_only_adapters() {
     assert_eq!(dims("model.layers.0.mlp.router.weight"), [4, 32]);
     assert_eq!(dims("model.layers.0.mlp.adapters.down"), [4, 8, 32]);
     assert_eq!(dims("model.layers.0.mlp.adapters.up"), [4, 32, 8]);
-    assert_eq!(dims("model.layers.1.mlp.gate_proj.weight"), [64, 32], "the dense FFN keeps its names");
-    assert!(values(&before["model.layers.1.mlp.adapters.up"]).iter().all(|&v| v == 0.0), "Up starts at zero");
+    assert_eq!(
+        dims("model.layers.1.mlp.gate_proj.weight"),
+        [64, 32],
+        "the dense FFN keeps its names"
+    );
+    assert!(
+        values(&before["model.layers.1.mlp.adapters.up"]).iter().all(|&v| v == 0.0),
+        "Up starts at zero"
+    );
     assert_eq!(before.len(), dense_weights.len() + 6);
-    assert!((eval_loss(&f, &dense) - eval_loss(&f, &run)).abs() < 1e-6, "eval loss differs at step 0");
+    assert!(
+        (eval_loss(&f, &dense) - eval_loss(&f, &run)).abs() < 1e-6,
+        "eval loss differs at step 0"
+    );
 
-    let out = fine_tune(&f, &run, &["train.steps=10", "train.eval_every=10", "train.ckpt_every=10"]).ok();
-    assert!(out.stdout.contains(&format!("({} trained)", j["trained_params"])), "{}", out.describe());
+    let out =
+        fine_tune(&f, &run, &["train.steps=10", "train.eval_every=10", "train.ckpt_every=10"]).ok();
+    assert!(
+        out.stdout.contains(&format!("({} trained)", j["trained_params"])),
+        "{}",
+        out.describe()
+    );
     let (name, tuned_dir) = latest(&run).unwrap();
     assert_eq!(name, "step-000010");
     let after = tensors(&tuned_dir.join("model.safetensors"));
@@ -88,9 +111,13 @@ fn upcycled_model_is_the_dense_model_and_fine_tunes_only_adapters() {
         let changed = values(&after[n]) != values(t);
         assert_eq!(changed, is_adapter_or_router(n), "{n}: changed = {changed}");
     }
-    let moments: BTreeSet<String> = tensors(&tuned_dir.join("optimizer.safetensors")).into_keys().collect();
-    let want: BTreeSet<String> =
-        before.keys().filter(|n| is_adapter_or_router(n)).flat_map(|n| [format!("{n}.exp_avg"), format!("{n}.exp_avg_sq")]).collect();
+    let moments: BTreeSet<String> =
+        tensors(&tuned_dir.join("optimizer.safetensors")).into_keys().collect();
+    let want: BTreeSet<String> = before
+        .keys()
+        .filter(|n| is_adapter_or_router(n))
+        .flat_map(|n| [format!("{n}.exp_avg"), format!("{n}.exp_avg_sq")])
+        .collect();
     assert_eq!(moments, want, "the optimizer holds state for what trains, and only that");
 
     for l in train_lines(&run) {
@@ -99,7 +126,10 @@ fn upcycled_model_is_the_dense_model_and_fine_tunes_only_adapters() {
         for r in routing {
             let load: f64 = r["load"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
             assert!((load - 1.0).abs() < 1e-9 && r["dropped"] == 0.0, "PESC is dropless: {r}");
-            assert!(r["entropy"].as_f64().unwrap() > 0.0 && r["aux_loss"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(
+                r["entropy"].as_f64().unwrap() > 0.0 && r["aux_loss"].as_f64().unwrap() > 0.0,
+                "{r}"
+            );
         }
     }
     let ev = f.run(&["eval", "--checkpoint", run.to_str().unwrap()]).ok();
@@ -112,15 +142,35 @@ fn upcycled_model_is_the_dense_model_and_fine_tunes_only_adapters() {
 fn full_fine_tune_and_resume_with_dropout_is_exact() {
     let f = Fixture::new();
     let dense = dense(&f);
-    upcycle(&f, &dense, "pesc", &["--layers", "1", "--set", "model.pesc.train_only_adapters=false", "--set", "model.pesc.adapter_dropout=0.1"]).ok();
+    upcycle(
+        &f,
+        &dense,
+        "pesc",
+        &[
+            "--layers",
+            "1",
+            "--set",
+            "model.pesc.train_only_adapters=false",
+            "--set",
+            "model.pesc.adapter_dropout=0.1",
+        ],
+    )
+    .ok();
     let run = f.run_dir("pesc");
     let before = tensors(&latest(&run).unwrap().1.join("model.safetensors"));
-    assert!(!before.contains_key("model.layers.0.mlp.router.weight"), "--layers 1 leaves block 0 dense");
+    assert!(
+        !before.contains_key("model.layers.0.mlp.router.weight"),
+        "--layers 1 leaves block 0 dense"
+    );
     let sets = ["train.steps=8", "train.ckpt_every=4", "train.schedule=constant"];
     fine_tune(&f, &run, &[&sets[..], &["run.name=a"]].concat()).ok();
     let a = f.run_dir("a");
     let after = tensors(&latest(&a).unwrap().1.join("model.safetensors"));
-    assert_ne!(values(&after["model.embed_tokens.weight"]), values(&before["model.embed_tokens.weight"]), "everything trains");
+    assert_ne!(
+        values(&after["model.embed_tokens.weight"]),
+        values(&before["model.embed_tokens.weight"]),
+        "everything trains"
+    );
     fine_tune(&f, &run, &[&sets[..], &["run.name=b", "train.steps=4"]].concat()).ok();
     let cfg = f.run_dir("b").join("config.toml");
     f.run(&["train", "--config", cfg.to_str().unwrap(), "--resume", "--set", "train.steps=8"]).ok();
@@ -141,7 +191,11 @@ fn upcycle_refuses_bad_input_and_writes_nothing() {
     for (extra, needles) in cases {
         let out = upcycle(&f, &dense, "bad", extra);
         assert_bad_input(&out, needles);
-        assert!(!f.run_dir("bad").exists(), "a refused upcycle wrote {}", f.run_dir("bad").display());
+        assert!(
+            !f.run_dir("bad").exists(),
+            "a refused upcycle wrote {}",
+            f.run_dir("bad").display()
+        );
     }
     let missing = f.root().join("nowhere");
     assert_bad_input(&upcycle(&f, &missing, "bad", &[]), &["nowhere"]);

@@ -7,16 +7,28 @@ use common::*;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn spawn_train(f: &Fixture, cfg: &std::path::Path, name: &str, sets: &[&str], resume: bool) -> Child {
+fn spawn_train(
+    f: &Fixture, cfg: &std::path::Path, name: &str, sets: &[&str], resume: bool,
+) -> Child {
     let mut c = Command::new(bin());
-    c.current_dir(f.cwd()).args(["train", "--config", cfg.to_str().unwrap(), "--set", &format!("run.name={name}")]);
+    c.current_dir(f.cwd()).args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &format!("run.name={name}"),
+    ]);
     for s in sets {
         c.args(["--set", s]);
     }
     if resume {
         c.arg("--resume");
     }
-    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn motrain")
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn motrain")
 }
 
 /// No directory a loader could pick up is half-written: `latest` names a complete checkpoint.
@@ -40,14 +52,24 @@ fn sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run() {
     let f = Fixture::empty();
     f.shards("k", &random_tokens(20_000, 256, 7), &random_tokens(2_000, 256, 8));
     let cfg = f.config_for("k.toml", "k", 256);
-    let sets = ["model.d_model=64", "model.d_ff=128", "train.steps=40", "train.ckpt_every=1", "train.eval_every=10", "train.keep_checkpoints=2"];
+    let sets = [
+        "model.d_model=64",
+        "model.d_ff=128",
+        "train.steps=40",
+        "train.ckpt_every=1",
+        "train.eval_every=10",
+        "train.keep_checkpoints=2",
+    ];
     f.train(&cfg, "straight", &sets).ok();
 
     let run = f.run_dir("killed");
-    let mut rng = Lcg(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    let mut rng =
+        Lcg(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64);
     let started = Instant::now();
     let (mut kills, mut finished) = (0, false);
-    let step_of_latest = |run: &std::path::Path| latest(run).map_or(0, |(n, _)| n[5..].parse::<u64>().unwrap());
+    let step_of_latest =
+        |run: &std::path::Path| latest(run).map_or(0, |(n, _)| n[5..].parse::<u64>().unwrap());
     while !finished {
         assert!(started.elapsed() < Duration::from_secs(90), "did not finish after {kills} kills");
         let resume = latest(&run).is_some();
@@ -81,11 +103,18 @@ fn sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run() {
     }
     assert!(kills >= 3, "only {kills} kills landed: the run finished too fast to test anything");
     let a = f.run_dir("straight");
-    assert_eq!(losses(&run), losses(&a), "the loss log of the killed run differs from the uninterrupted one");
+    assert_eq!(
+        losses(&run),
+        losses(&a),
+        "the loss log of the killed run differs from the uninterrupted one"
+    );
     let (ma, mb) = (latest(&a).unwrap().1, latest(&run).unwrap().1);
     assert_eq!(latest(&run).unwrap().0, "step-000040");
     for file in ["model.safetensors", "optimizer.safetensors"] {
-        assert!(read(&ma.join(file)) == read(&mb.join(file)), "{file} differs from the uninterrupted run after {kills} kills");
+        assert!(
+            read(&ma.join(file)) == read(&mb.join(file)),
+            "{file} differs from the uninterrupted run after {kills} kills"
+        );
     }
 }
 
@@ -93,13 +122,28 @@ fn sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run() {
 fn a_nan_with_on_nan_stop_saves_nothing_corrupt_and_names_the_step() {
     let f = Fixture::new();
     let cfg = f.config();
-    let out = motrain_env(&f, &[("MOTRAIN_FAULT_NAN_STEP", "7")], &cfg, "nanstop", &["train.ckpt_every=3", "train.steps=20"]);
+    let out = motrain_env(
+        &f,
+        &[("MOTRAIN_FAULT_NAN_STEP", "7")],
+        &cfg,
+        "nanstop",
+        &["train.ckpt_every=3", "train.steps=20"],
+    );
     assert_eq!(out.code, Some(1), "{}", out.describe());
-    assert!(out.stderr.lines().any(|l| l.starts_with("error:") && l.contains("step 7") && l.contains("NaN")), "{}", out.describe());
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.starts_with("error:") && l.contains("step 7") && l.contains("NaN")),
+        "{}",
+        out.describe()
+    );
     assert!(!out.stderr.contains("panicked"));
     let run = f.run_dir("nanstop");
     assert_eq!(latest(&run).unwrap().0, "step-000006");
-    assert!(losses(&run).iter().all(|(s, l)| *s <= 6 && l.is_finite()), "a line past step 6 or a non-finite loss was logged");
+    assert!(
+        losses(&run).iter().all(|(s, l)| *s <= 6 && l.is_finite()),
+        "a line past step 6 or a non-finite loss was logged"
+    );
     let eval = f.run(&["eval", "--checkpoint", run.to_str().unwrap()]).ok();
     assert!(num(&eval.last_json(), "loss").is_finite());
 }
@@ -108,12 +152,19 @@ fn a_nan_with_on_nan_stop_saves_nothing_corrupt_and_names_the_step() {
 fn a_nan_with_on_nan_skip_skips_that_update_and_counts_it() {
     let f = Fixture::new();
     let cfg = f.config();
-    let sets = ["train.on_nan=skip", "train.ckpt_every=1", "train.steps=10", "train.keep_checkpoints=20"];
+    let sets =
+        ["train.on_nan=skip", "train.ckpt_every=1", "train.steps=10", "train.keep_checkpoints=20"];
     motrain_env(&f, &[("MOTRAIN_FAULT_NAN_STEP", "5")], &cfg, "nanskip", &sets).ok();
     let run = f.run_dir("nanskip");
     let ck = |s: u32| run.join("checkpoints").join(format!("step-{s:06}"));
-    assert!(read(&ck(4).join("model.safetensors")) == read(&ck(5).join("model.safetensors")), "step 5 changed the weights");
-    assert!(read(&ck(5).join("model.safetensors")) != read(&ck(6).join("model.safetensors")), "step 6 did not train");
+    assert!(
+        read(&ck(4).join("model.safetensors")) == read(&ck(5).join("model.safetensors")),
+        "step 5 changed the weights"
+    );
+    assert!(
+        read(&ck(5).join("model.safetensors")) != read(&ck(6).join("model.safetensors")),
+        "step 6 did not train"
+    );
     assert_eq!(state_json(&ck(10))["skipped_steps"], 1);
     assert_eq!(state_json(&ck(10))["optimizer_t"], 9);
     let lines = train_lines(&run);
@@ -139,7 +190,8 @@ fn a_second_process_cannot_train_into_a_locked_run() {
     assert_bad_input(&second, &["another motrain process", "pid"]);
     // The kernel released the lock with the killed process: a resume now proceeds.
     let steps = latest(&run).map(|(n, _)| n[5..].parse::<u32>().unwrap()).unwrap() + 2;
-    f.train(&cfg, "locked", &["train.eval_every=0", &format!("train.steps={steps}"), "--resume"]).ok();
+    f.train(&cfg, "locked", &["train.eval_every=0", &format!("train.steps={steps}"), "--resume"])
+        .ok();
 }
 
 /// A tmpfs too small for a second checkpoint: the save fails like on a full disk.
@@ -150,7 +202,9 @@ fn a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_stops_cleanly() {
     let mnt = f.root().join("small");
     std::fs::create_dir_all(&mnt).unwrap();
     // 52k parameters: model + two moments ≈ 630 KB per checkpoint; room for one and a half.
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=960k", "tmpfs", mnt.to_str().unwrap()]).status();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=960k", "tmpfs", mnt.to_str().unwrap()])
+        .status();
     if !mounted.is_ok_and(|s| s.success()) {
         eprintln!("SKIPPED a_full_disk_during_a_save: cannot mount a tmpfs here (needs root)");
         return;
@@ -163,24 +217,51 @@ fn a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_stops_cleanly() {
     }
     let _guard = Unmount(mnt.clone());
     let out_dir = format!("run.out_dir={}", mnt.display());
-    let out = f.train(&cfg, "full", &[&out_dir, "model.d_model=48", "model.d_ff=96", "train.ckpt_every=5", "train.steps=20", "train.keep_checkpoints=3"]);
+    let out = f.train(
+        &cfg,
+        "full",
+        &[
+            &out_dir,
+            "model.d_model=48",
+            "model.d_ff=96",
+            "train.ckpt_every=5",
+            "train.steps=20",
+            "train.keep_checkpoints=3",
+        ],
+    );
     assert_eq!(out.code, Some(1), "{}", out.describe());
-    assert!(out.stderr.lines().any(|l| l.starts_with("error:") && l.contains("No space left")), "{}", out.describe());
+    assert!(
+        out.stderr.lines().any(|l| l.starts_with("error:") && l.contains("No space left")),
+        "{}",
+        out.describe()
+    );
     assert!(!out.stderr.contains("panicked"));
     let run = mnt.join("full");
     let (name, _) = latest(&run).expect("the first checkpoint survives");
     assert_eq!(name, "step-000005");
     assert_consistent(&run, "after the failed save");
-    let leftovers: Vec<_> = std::fs::read_dir(run.join("checkpoints")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "the failed save left its temporary directory behind");
     let eval = f.run(&["eval", "--checkpoint", run.to_str().unwrap()]).ok();
     assert!(num(&eval.last_json(), "loss").is_finite());
 }
 
 /// `motrain train` with extra environment variables.
-fn motrain_env(f: &Fixture, env: &[(&str, &str)], cfg: &std::path::Path, name: &str, sets: &[&str]) -> Out {
+fn motrain_env(
+    f: &Fixture, env: &[(&str, &str)], cfg: &std::path::Path, name: &str, sets: &[&str],
+) -> Out {
     let mut c = Command::new(bin());
-    c.current_dir(f.cwd()).args(["train", "--config", cfg.to_str().unwrap(), "--set", &format!("run.name={name}")]);
+    c.current_dir(f.cwd()).args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &format!("run.name={name}"),
+    ]);
     for s in sets {
         c.args(["--set", s]);
     }

@@ -3,6 +3,7 @@
 
 use super::shards::Shard;
 use super::DataError;
+use crate::rng::splitmix64;
 
 /// A batch of `rows` windows: inputs and next-token targets, each `[rows, seq_len]` row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,7 +19,13 @@ pub struct Batch {
 
 impl Batch {
     fn with_capacity(rows: usize, seq_len: usize, index: u64) -> Batch {
-        Batch { rows, seq_len, inputs: Vec::with_capacity(rows * seq_len), targets: Vec::with_capacity(rows * seq_len), index }
+        Batch {
+            rows,
+            seq_len,
+            inputs: Vec::with_capacity(rows * seq_len),
+            targets: Vec::with_capacity(rows * seq_len),
+            index,
+        }
     }
 
     fn push_window(&mut self, w: &[u32]) {
@@ -47,7 +54,10 @@ impl TrainLoader {
             starts.push(total);
         }
         if total == 0 {
-            return Err(DataError::TooShort { needed: seq_len + 1, what: "the train shards".into() });
+            return Err(DataError::TooShort {
+                needed: seq_len + 1,
+                what: "the train shards".into(),
+            });
         }
         Ok(TrainLoader { shards, starts, seq_len, seed, cursor: 0 })
     }
@@ -70,7 +80,8 @@ impl TrainLoader {
 
     fn locate(&self, index: u64) -> (usize, usize) {
         let total = *self.starts.last().unwrap();
-        let p = splitmix64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ splitmix64(index)) % total;
+        let p =
+            splitmix64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ splitmix64(index)) % total;
         let shard = self.starts.partition_point(|&end| end <= p);
         let before = if shard == 0 { 0 } else { self.starts[shard - 1] };
         (shard, (p - before) as usize)
@@ -130,14 +141,6 @@ impl EvalStream {
         let before = if shard == 0 { 0 } else { self.ends[shard - 1] };
         self.shards[shard].get(i - before)
     }
-}
-
-/// SplitMix64: a stateless, well-mixed hash of a counter.
-pub fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

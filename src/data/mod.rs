@@ -1,6 +1,7 @@
 //! Everything about tokens on disk: shard I/O, tokenizers, `prepare`, and the windows that
 //! training and eval read.
 
+pub mod inputs;
 pub mod loader;
 pub mod prepare;
 pub mod shards;

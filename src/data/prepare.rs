@@ -1,6 +1,7 @@
 //! Raw text to llm.c shards: one document per text file (or per line of a .jsonl file's
 //! `text`), each preceded by the end-of-text token, the tail of the stream held out for val.
 
+use super::inputs::text_files;
 use super::shards::write_shard;
 use super::tokenizer::Tokenizer;
 use super::DataError;
@@ -20,49 +21,30 @@ pub struct PrepareReport {
     pub files: Vec<PathBuf>,
 }
 
-/// The text files named by the inputs: files as given, directories expanded to their sorted
-/// regular files (not recursively).
-pub fn text_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
-    let mut files = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(input)
-                .map_err(|e| DataError::io(input, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file())
-                .collect();
-            entries.sort();
-            files.extend(entries);
-        } else if input.is_file() {
-            files.push(input.clone());
-        } else {
-            return Err(DataError::io(input, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
-        }
-    }
-    if files.is_empty() {
-        return Err(DataError::Invalid("--input names no files".into()));
-    }
-    Ok(files)
-}
-
 fn documents(path: &Path) -> Result<Vec<String>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let text = String::from_utf8(bytes).map_err(|e| DataError::Shard {
         path: path.to_path_buf(),
-        message: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+        message: format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ),
     })?;
     if path.extension().is_some_and(|e| e == "jsonl") {
         text.lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, line)| {
-                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| DataError::Shard {
-                    path: path.to_path_buf(),
-                    message: format!("line {}: {e}", i + 1),
-                })?;
-                v.get("text").and_then(|t| t.as_str()).map(str::to_string).ok_or_else(|| DataError::Shard {
-                    path: path.to_path_buf(),
-                    message: format!("line {}: no string field \"text\"", i + 1),
+                let v: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| DataError::Shard {
+                        path: path.to_path_buf(),
+                        message: format!("line {}: {e}", i + 1),
+                    })?;
+                v.get("text").and_then(|t| t.as_str()).map(str::to_string).ok_or_else(|| {
+                    DataError::Shard {
+                        path: path.to_path_buf(),
+                        message: format!("line {}: no string field \"text\"", i + 1),
+                    }
                 })
             })
             .collect()
@@ -71,9 +53,14 @@ fn documents(path: &Path) -> Result<Vec<String>, DataError> {
     }
 }
 
-pub fn prepare(tok: &Tokenizer, inputs: &[PathBuf], out: &Path, opts: &PrepareOptions) -> Result<PrepareReport, DataError> {
+pub fn prepare(
+    tok: &Tokenizer, inputs: &[PathBuf], out: &Path, opts: &PrepareOptions,
+) -> Result<PrepareReport, DataError> {
     if !(0.0..1.0).contains(&opts.val_fraction) {
-        return Err(DataError::Invalid(format!("--val-fraction must be in [0, 1), got {}", opts.val_fraction)));
+        return Err(DataError::Invalid(format!(
+            "--val-fraction must be in [0, 1), got {}",
+            opts.val_fraction
+        )));
     }
     if opts.shard_tokens == 0 {
         return Err(DataError::Invalid("--shard-tokens must be at least 1".into()));
@@ -83,7 +70,8 @@ pub fn prepare(tok: &Tokenizer, inputs: &[PathBuf], out: &Path, opts: &PrepareOp
     for f in &files {
         docs.extend(documents(f)?);
     }
-    let encoded: Vec<Vec<u32>> = docs.par_iter().map(|d| tok.encode(d)).collect::<Result<_, _>>()?;
+    let encoded: Vec<Vec<u32>> =
+        docs.par_iter().map(|d| tok.encode(d)).collect::<Result<_, _>>()?;
     let mut stream = Vec::with_capacity(encoded.iter().map(|d| d.len() + 1).sum());
     for d in &encoded {
         stream.push(tok.eot());
@@ -100,5 +88,10 @@ pub fn prepare(tok: &Tokenizer, inputs: &[PathBuf], out: &Path, opts: &PrepareOp
             written.push(path);
         }
     }
-    Ok(PrepareReport { documents: docs.len(), train_tokens: train.len(), val_tokens: val.len(), files: written })
+    Ok(PrepareReport {
+        documents: docs.len(),
+        train_tokens: train.len(),
+        val_tokens: val.len(),
+        files: written,
+    })
 }

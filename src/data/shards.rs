@@ -2,7 +2,6 @@
 //! allows, and writing.
 
 use super::DataError;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const HEADER_BYTES: usize = 1024;
@@ -34,12 +33,18 @@ impl Shard {
         let bad = |msg: String| DataError::Shard { path: path.to_path_buf(), message: msg };
         let (offset, width, len) = if format == "nanogpt" {
             if map.len() % 2 != 0 {
-                return Err(bad(format!("size {} is odd, but a nanoGPT .bin holds uint16 tokens", map.len())));
+                return Err(bad(format!(
+                    "size {} is odd, but a nanoGPT .bin holds uint16 tokens",
+                    map.len()
+                )));
             }
             (0, 2, map.len() / 2)
         } else {
             if map.len() < HEADER_BYTES {
-                return Err(bad(format!("{} bytes is shorter than the 1024-byte llm.c header", map.len())));
+                return Err(bad(format!(
+                    "{} bytes is shorter than the 1024-byte llm.c header",
+                    map.len()
+                )));
             }
             let h = |i: usize| i32::from_le_bytes(map[4 * i..4 * i + 4].try_into().unwrap());
             let width = match (h(0), h(1)) {
@@ -127,17 +132,16 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<(),
             bytes.extend_from_slice(&(t as u16).to_le_bytes());
         }
     }
-    let tmp = path.with_extension("bin.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-    f.write_all(&bytes).map_err(|e| DataError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| DataError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))?;
-    Ok(())
+    crate::run_dir::write_atomic(path, &bytes).map_err(|e| match e {
+        crate::run_dir::RunDirError::Io { path, source } => DataError::Io { path, source },
+        e => DataError::Invalid(e.to_string()),
+    })
 }
 
 /// The files a glob names, sorted; an error when there are none.
 pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>, DataError> {
-    let paths = glob::glob(pattern).map_err(|e| DataError::Glob { pattern: pattern.into(), message: e.to_string() })?;
+    let paths = glob::glob(pattern)
+        .map_err(|e| DataError::Glob { pattern: pattern.into(), message: e.to_string() })?;
     let mut files: Vec<PathBuf> = paths.filter_map(|p| p.ok()).filter(|p| p.is_file()).collect();
     files.sort();
     if files.is_empty() {
@@ -166,7 +170,10 @@ mod tests {
             let mut back = vec![0; 500];
             s.read(0, &mut back);
             assert_eq!(back, toks);
-            assert!(Shard::open(&p, "llmc", Some(10)).unwrap_err().to_string().contains("not below"));
+            assert!(Shard::open(&p, "llmc", Some(10))
+                .unwrap_err()
+                .to_string()
+                .contains("not below"));
         }
     }
 

@@ -27,8 +27,10 @@ impl Tokenizer {
                 message: "no such file (expected `gpt2` or the path of a tokenizer.json)".into(),
             });
         }
-        let tok = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| DataError::Tokenizer { path: path.to_path_buf(), message: format!("not a valid tokenizer.json: {e}") })?;
+        let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            message: format!("not a valid tokenizer.json: {e}"),
+        })?;
         let eot = ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]"]
             .iter()
             .find_map(|t| tok.token_to_id(t))
@@ -56,17 +58,23 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
         match self {
             Tokenizer::Gpt2(bpe) => Ok(bpe.encode_ordinary(text)),
-            Tokenizer::Hf(t, _) => t
-                .encode(text, false)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| DataError::Tokenizer { path: PathBuf::from("tokenizer"), message: e.to_string() }),
+            Tokenizer::Hf(t, _) => {
+                t.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| {
+                    DataError::Tokenizer {
+                        path: PathBuf::from("tokenizer"),
+                        message: e.to_string(),
+                    }
+                })
+            }
         }
     }
 
     /// Decodes ids to text; bytes that do not (yet) form valid UTF-8 come out as U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
-            Tokenizer::Gpt2(bpe) => String::from_utf8_lossy(&bpe.decode_bytes(ids).unwrap_or_default()).into_owned(),
+            Tokenizer::Gpt2(bpe) => {
+                String::from_utf8_lossy(&bpe.decode_bytes(ids).unwrap_or_default()).into_owned()
+            }
             Tokenizer::Hf(t, _) => t.decode(ids, false).unwrap_or_default(),
         }
     }
@@ -77,7 +85,8 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()
     if vocab_size < 257 {
         return Err(DataError::Invalid(format!("--vocab-size {vocab_size} is too small: a byte-level BPE needs at least 257 (256 bytes + end-of-text)")));
     }
-    let files: Vec<String> = super::prepare::text_files(inputs)?.iter().map(|p| p.display().to_string()).collect();
+    let files: Vec<String> =
+        super::inputs::text_files(inputs)?.iter().map(|p| p.display().to_string()).collect();
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(vocab_size)
@@ -86,22 +95,29 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let byte_level = ByteLevel::new(false, true, true);
-    let mut tokenizer = TokenizerBuilder::<BPE, tokenizers::NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(byte_level))
-        .with_post_processor(Some(byte_level))
-        .with_decoder(Some(byte_level))
-        .build()
-        .map_err(|e| DataError::Invalid(format!("building the tokenizer: {e}")))?;
+    let mut tokenizer = TokenizerBuilder::<
+        BPE,
+        tokenizers::NormalizerWrapper,
+        ByteLevel,
+        ByteLevel,
+        ByteLevel,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(byte_level))
+    .with_post_processor(Some(byte_level))
+    .with_decoder(Some(byte_level))
+    .build()
+    .map_err(|e| DataError::Invalid(format!("building the tokenizer: {e}")))?;
     tokenizer
         .train_from_files(&mut trainer, files)
         .map_err(|e| DataError::Invalid(format!("training the tokenizer: {e}")))?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     }
-    tokenizer
-        .save(out, false)
-        .map_err(|e| DataError::Tokenizer { path: out.to_path_buf(), message: format!("cannot write: {e}") })?;
+    tokenizer.save(out, false).map_err(|e| DataError::Tokenizer {
+        path: out.to_path_buf(),
+        message: format!("cannot write: {e}"),
+    })?;
     Ok(())
 }
 
@@ -113,13 +129,16 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()
 pub fn gpt2_tokenizer(out: &Path) -> Result<(), DataError> {
     use std::collections::HashMap;
     let bpe = tiktoken_rs::r50k_base_singleton();
-    let tokens: Vec<Vec<u8>> = (0..50256u32).map(|id| bpe.decode_bytes(&[id]).unwrap_or_default()).collect();
-    let rank: HashMap<&[u8], u32> = tokens.iter().enumerate().map(|(i, t)| (t.as_slice(), i as u32)).collect();
+    let tokens: Vec<Vec<u8>> =
+        (0..50256u32).map(|id| bpe.decode_bytes(&[id]).unwrap_or_default()).collect();
+    let rank: HashMap<&[u8], u32> =
+        tokens.iter().enumerate().map(|(i, t)| (t.as_slice(), i as u32)).collect();
     let alphabet = ByteLevel::alphabet(); // GPT-2's bytes_to_unicode, as chars in byte order
     let mut chars: Vec<char> = alphabet.into_iter().collect();
     chars.sort_by_key(|&c| byte_of(c));
     let text = |bytes: &[u8]| -> String { bytes.iter().map(|&b| chars[b as usize]).collect() };
-    let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (text(t), i as u32)).collect();
+    let vocab: HashMap<String, u32> =
+        tokens.iter().enumerate().map(|(i, t)| (text(t), i as u32)).collect();
     let mut merges: Vec<(u32, u32, u32, String, String)> = Vec::new();
     for (r, t) in tokens.iter().enumerate().filter(|(_, t)| t.len() > 1) {
         for i in 1..t.len() {
@@ -135,25 +154,34 @@ pub fn gpt2_tokenizer(out: &Path) -> Result<(), DataError> {
         .build()
         .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
     let byte_level = ByteLevel::new(false, true, true);
-    let mut tokenizer = TokenizerBuilder::<BPE, tokenizers::NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-        .with_model(model)
-        .with_pre_tokenizer(Some(byte_level))
-        .with_post_processor(Some(byte_level))
-        .with_decoder(Some(byte_level))
-        .build()
-        .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
+    let mut tokenizer = TokenizerBuilder::<
+        BPE,
+        tokenizers::NormalizerWrapper,
+        ByteLevel,
+        ByteLevel,
+        ByteLevel,
+    >::new()
+    .with_model(model)
+    .with_pre_tokenizer(Some(byte_level))
+    .with_post_processor(Some(byte_level))
+    .with_decoder(Some(byte_level))
+    .build()
+    .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
     tokenizer
         .add_special_tokens(vec![AddedToken::from(EOT, true)])
         .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
-    tokenizer
-        .save(out, false)
-        .map_err(|e| DataError::Tokenizer { path: out.to_path_buf(), message: format!("cannot write: {e}") })
+    tokenizer.save(out, false).map_err(|e| DataError::Tokenizer {
+        path: out.to_path_buf(),
+        message: format!("cannot write: {e}"),
+    })
 }
 
 /// The byte GPT-2's alphabet maps to `c`: printable bytes map to themselves, the others to
 /// U+0100 and up, in byte order.
 fn byte_of(c: char) -> u32 {
-    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
     let c = c as u32;
     if c < 0x100 && printable(c) {
         return c;

@@ -34,8 +34,12 @@ impl KvCache {
 }
 
 impl Attention {
-    pub fn new(p: &mut Params, prefix: &str, d: usize, n_heads: usize, bias: bool, rope: Option<RopeTables>) -> Result<Attention> {
-        let lin = |p: &mut Params, n: &str| Linear::new(p, &format!("{prefix}.{n}_proj"), d, d, bias);
+    pub fn new(
+        p: &mut Params, prefix: &str, d: usize, n_heads: usize, bias: bool,
+        rope: Option<RopeTables>,
+    ) -> Result<Attention> {
+        let lin =
+            |p: &mut Params, n: &str| Linear::new(p, &format!("{prefix}.{n}_proj"), d, d, bias);
         Ok(Attention {
             q: lin(p, "q")?,
             k: lin(p, "k")?,
@@ -48,7 +52,9 @@ impl Attention {
     }
 
     /// `x [B·S, d]` → `[B·S, d]`. With a cache, the S new positions follow the cached ones.
-    pub fn forward(&self, x: &Tensor, b: usize, s: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(
+        &self, x: &Tensor, b: usize, s: usize, cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (h, dh) = (self.n_heads, self.head_dim);
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let heads = |l: &Linear| l.forward(x)?.reshape((b, s, h, dh)); // [B, S, H, dh]

@@ -14,7 +14,9 @@ pub struct DenseFfn {
 }
 
 impl DenseFfn {
-    pub fn new(p: &mut Params, prefix: &str, d: usize, f: usize, activation: Activation, bias: bool) -> Result<DenseFfn> {
+    pub fn new(
+        p: &mut Params, prefix: &str, d: usize, f: usize, activation: Activation, bias: bool,
+    ) -> Result<DenseFfn> {
         let gate = match activation {
             Activation::Swiglu => Some(Linear::new(p, &format!("{prefix}.gate_proj"), f, d, bias)?),
             _ => None,

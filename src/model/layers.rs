@@ -13,7 +13,9 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(p: &mut Params, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Linear> {
+    pub fn new(
+        p: &mut Params, name: &str, out_f: usize, in_f: usize, bias: bool,
+    ) -> Result<Linear> {
         let w = p.matrix(&format!("{name}.weight"), &[out_f, in_f])?;
         let b = if bias { Some(p.constant(&format!("{name}.bias"), &[out_f], 0.0)?) } else { None };
         Ok(Linear { w, b })
@@ -50,7 +52,9 @@ impl Norm {
         let w = p.constant(&format!("{name}.weight"), &[d], 1.0)?;
         Ok(match kind {
             NormKind::Rmsnorm => Norm::Rms { w, eps },
-            NormKind::Layernorm => Norm::Layer { w, b: p.constant(&format!("{name}.bias"), &[d], 0.0)?, eps },
+            NormKind::Layernorm => {
+                Norm::Layer { w, b: p.constant(&format!("{name}.bias"), &[d], 0.0)?, eps }
+            }
         })
     }
 

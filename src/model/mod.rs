@@ -3,28 +3,34 @@
 //! Activations travel as `[B·S, d]`; attention alone sees the `[B, H, S, dh]` view.
 
 pub mod attention;
+pub mod context;
+pub mod estimate;
+pub mod experts;
 pub mod ffn;
 pub mod layers;
 pub mod moe;
 pub mod mot;
 pub mod params;
 pub mod pesc;
-pub mod routing;
+pub mod router;
+pub mod stats;
 
 use crate::config::{Bias, FfnKind, ModelConfig, Position};
 use crate::data::Batch;
 use crate::ops::linear_ce::linear_cross_entropy;
 use crate::ops::rope::RopeTables;
-pub use attention::KvCache;
 use attention::Attention;
+pub use attention::KvCache;
 use candle_core::{Device, Result, Tensor};
+use context::FfnContext;
+pub use estimate::flops_per_token;
 use ffn::DenseFfn;
+use layers::{Linear, Norm};
 use moe::MoeLayer;
 use mot::MotLayer;
-use pesc::PescLayer;
-use routing::{FfnContext, LayerStats};
-use layers::{Linear, Norm};
 pub use params::Params;
+use pesc::PescLayer;
+use stats::LayerStats;
 
 /// The FFN of one block.
 pub enum Ffn {
@@ -53,7 +59,9 @@ pub struct Block {
 }
 
 impl Block {
-    fn forward(&self, h: &Tensor, cache: Option<&mut KvCache>, ctx: &mut FfnContext) -> Result<Tensor> {
+    fn forward(
+        &self, h: &Tensor, cache: Option<&mut KvCache>, ctx: &mut FfnContext,
+    ) -> Result<Tensor> {
         let h = (h + self.attn.forward(&self.norm1.forward(h)?, ctx.rows, ctx.seq, cache)?)?;
         &h + self.ffn.forward(&self.norm2.forward(&h)?, ctx)?
     }
@@ -99,39 +107,86 @@ impl Transformer {
         let (d, v) = (cfg.d_model, cfg.vocab_size);
         let embed = params.normal("model.embed_tokens.weight", &[v, d], 1)?;
         let positions = match cfg.position {
-            Position::Learned => Some(params.normal("model.embed_positions.weight", &[cfg.max_seq_len, d], 1)?),
+            Position::Learned => {
+                Some(params.normal("model.embed_positions.weight", &[cfg.max_seq_len, d], 1)?)
+            }
             Position::Rope => None,
         };
         let rope = match cfg.position {
-            Position::Rope => Some(RopeTables::new(d / cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)?),
+            Position::Rope => {
+                Some(RopeTables::new(d / cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)?)
+            }
             Position::Learned => None,
         };
-        let mask = crate::config::ffn_layer_mask(cfg).map_err(candle_core::Error::msg)?;
+        let mask = cfg.ffn_layer_mask().map_err(candle_core::Error::msg)?;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
+        for (i, &sparse) in mask.iter().enumerate() {
             let prefix = format!("model.layers.{i}");
-            let norm1 = Norm::new(params, &format!("{prefix}.input_layernorm"), cfg.norm, d, cfg.norm_eps)?;
-            let attn = Attention::new(params, &format!("{prefix}.self_attn"), d, cfg.n_heads, cfg.bias == Bias::All, rope.clone())?;
-            let norm2 = Norm::new(params, &format!("{prefix}.post_attention_layernorm"), cfg.norm, d, cfg.norm_eps)?;
+            let norm1 =
+                Norm::new(params, &format!("{prefix}.input_layernorm"), cfg.norm, d, cfg.norm_eps)?;
+            let attn = Attention::new(
+                params,
+                &format!("{prefix}.self_attn"),
+                d,
+                cfg.n_heads,
+                cfg.bias == Bias::All,
+                rope.clone(),
+            )?;
+            let norm2 = Norm::new(
+                params,
+                &format!("{prefix}.post_attention_layernorm"),
+                cfg.norm,
+                d,
+                cfg.norm_eps,
+            )?;
             let ffn_bias = matches!(cfg.bias, Bias::Ffn | Bias::All);
             let mlp = format!("{prefix}.mlp");
-            let ffn = match (mask[i], cfg.ffn) {
+            let ffn = match (sparse, cfg.ffn) {
                 (true, FfnKind::Moe) => {
-                    let f = if cfg.moe.expert_size == 0 { cfg.d_ff } else { cfg.moe.expert_size };
+                    let f = cfg.moe.expert_width(cfg.d_ff);
                     Ffn::Moe(MoeLayer::new(params, &mlp, i, &cfg.moe, d, f, cfg.activation)?)
                 }
                 (true, FfnKind::Mot) => {
-                    let f = mot::expert_size(&cfg.mot, cfg.d_ff);
+                    let f = cfg.mot.expert_width(cfg.d_ff);
                     Ffn::Mot(MotLayer::new(params, &mlp, i, &cfg.mot, d, f, cfg.activation)?)
                 }
-                (true, FfnKind::Pesc) => Ffn::Pesc(PescLayer::new(params, &mlp, i, &cfg.pesc, d, cfg.d_ff, cfg.activation, ffn_bias)?),
-                _ => Ffn::Dense(DenseFfn::new(params, &mlp, d, cfg.d_ff, cfg.activation, ffn_bias)?),
+                (true, FfnKind::Pesc) => Ffn::Pesc(PescLayer::new(
+                    params,
+                    &mlp,
+                    i,
+                    &cfg.pesc,
+                    d,
+                    cfg.d_ff,
+                    cfg.activation,
+                    ffn_bias,
+                )?),
+                _ => {
+                    Ffn::Dense(DenseFfn::new(params, &mlp, d, cfg.d_ff, cfg.activation, ffn_bias)?)
+                }
             };
             blocks.push(Block { norm1, attn, norm2, ffn });
         }
-        let norm = if cfg.final_norm { Some(Norm::new(params, "model.norm", cfg.norm, d, cfg.norm_eps)?) } else { None };
-        let head = if cfg.tie_embeddings { Linear { w: embed.clone(), b: None } } else { Linear::new(params, "lm_head", v, d, false)? };
-        Ok(Transformer { cfg: cfg.clone(), embed, positions, blocks, norm, head, group_size: None, seed: params.seed(), recompute_experts: false })
+        let norm = if cfg.final_norm {
+            Some(Norm::new(params, "model.norm", cfg.norm, d, cfg.norm_eps)?)
+        } else {
+            None
+        };
+        let head = if cfg.tie_embeddings {
+            Linear { w: embed.clone(), b: None }
+        } else {
+            Linear::new(params, "lm_head", v, d, false)?
+        };
+        Ok(Transformer {
+            cfg: cfg.clone(),
+            embed,
+            positions,
+            blocks,
+            norm,
+            head,
+            group_size: None,
+            seed: params.seed(),
+            recompute_experts: false,
+        })
     }
 
     /// The same model with its MoT layers mixing groups of `g` sequences: to study the effect
@@ -177,16 +232,25 @@ impl Transformer {
     }
 
     /// The final hidden states `[B·S, d]`, before the head.
-    fn hidden(&self, ids: &Tensor, mut caches: Option<&mut [KvCache]>, ctx: &mut FfnContext) -> Result<Tensor> {
+    fn hidden(
+        &self, ids: &Tensor, mut caches: Option<&mut [KvCache]>, ctx: &mut FfnContext,
+    ) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let offset = caches.as_ref().map_or(0, |c| c[0].len());
         let mut h = self.embed.index_select(&ids.flatten_all()?, 0)?; // [B·S, d]
         if let Some(pos) = &self.positions {
             if offset + s > self.cfg.max_seq_len {
-                candle_core::bail!("position {} is beyond max_seq_len {}", offset + s - 1, self.cfg.max_seq_len);
+                candle_core::bail!(
+                    "position {} is beyond max_seq_len {}",
+                    offset + s - 1,
+                    self.cfg.max_seq_len
+                );
             }
             let d = self.cfg.d_model;
-            h = h.reshape((b, s, d))?.broadcast_add(&pos.narrow(0, offset, s)?)?.reshape((b * s, d))?;
+            h = h
+                .reshape((b, s, d))?
+                .broadcast_add(&pos.narrow(0, offset, s)?)?
+                .reshape((b * s, d))?;
         }
         for (i, block) in self.blocks.iter().enumerate() {
             h = block.forward(&h, caches.as_mut().map(|c| &mut c[i]), ctx)?;
@@ -205,7 +269,12 @@ impl Transformer {
         let ids = Tensor::from_slice(&batch.inputs, (batch.rows, batch.seq_len), dev)?;
         let targets = Tensor::from_slice(&batch.targets, batch.rows * batch.seq_len, dev)?;
         let mut ctx = self.context(train, batch.rows, batch.seq_len, batch.index);
-        let ce = linear_cross_entropy(&self.hidden(&ids, None, &mut ctx)?, &self.head.w, &targets, train)?;
+        let ce = linear_cross_entropy(
+            &self.hidden(&ids, None, &mut ctx)?,
+            &self.head.w,
+            &targets,
+            train,
+        )?;
         let (aux_weight, z_weight) = match self.cfg.ffn {
             FfnKind::Pesc => (self.cfg.pesc.aux_loss_weight, self.cfg.pesc.z_loss_weight),
             _ => (self.cfg.moe.aux_loss_weight, self.cfg.moe.z_loss_weight),
@@ -215,8 +284,13 @@ impl Transformer {
     }
 
     fn context(&self, train: bool, rows: usize, seq: usize, batch_index: u64) -> FfnContext {
-        let noise_seed = crate::data::loader::splitmix64(self.seed ^ crate::data::loader::splitmix64(batch_index));
-        FfnContext { group_size: self.group_size, noise_seed, recompute: self.recompute_experts, ..FfnContext::new(train, rows, seq) }
+        let noise_seed = crate::rng::derive(self.seed, batch_index);
+        FfnContext {
+            group_size: self.group_size,
+            noise_seed,
+            recompute: self.recompute_experts,
+            ..FfnContext::new(train, rows, seq)
+        }
     }
 
     pub fn new_caches(&self) -> Vec<KvCache> {
@@ -230,37 +304,11 @@ pub fn trains(cfg: &ModelConfig, name: &str) -> bool {
     !(cfg.ffn == FfnKind::Pesc && cfg.pesc.train_only_adapters) || pesc::is_adapter_or_router(name)
 }
 
-/// Training FLOPs per token (PaLM's count): `6·N` for the non-embedding weights a token passes
-/// through, plus `12·L·d·S` for attention scores and mixing. A MoE token passes through its
-/// `top_k` experts and the router; a MoT token through `E/G` experts' worth of weights (one
-/// mixed token per group and expert) and the controller, merge and emit (`3·d·E`).
-pub fn flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
-    let (d, l, v) = (cfg.d_model as f64, cfg.n_layers as f64, cfg.vocab_size as f64);
-    let ffn_mats = if cfg.activation == crate::config::Activation::Swiglu { 3.0 } else { 2.0 };
-    let dense_ffn = ffn_mats * d * cfg.d_ff as f64;
-    let sparse_ffn = match cfg.ffn {
-        FfnKind::Moe => {
-            let f = if cfg.moe.expert_size == 0 { cfg.d_ff } else { cfg.moe.expert_size } as f64;
-            ffn_mats * d * f * cfg.moe.top_k as f64 + d * cfg.moe.n_experts as f64
-        }
-        FfnKind::Mot => {
-            let (e, g) = (cfg.mot.n_experts as f64, cfg.mot.group_size as f64);
-            ffn_mats * d * mot::expert_size(&cfg.mot, cfg.d_ff) as f64 * e / g + 3.0 * d * e
-        }
-        // The dense FFN, the router, and top_k adapters of two matrices each.
-        FfnKind::Pesc => dense_ffn + d * cfg.pesc.n_experts as f64 + 2.0 * d * (cfg.pesc.adapter_dim * cfg.pesc.top_k) as f64,
-        _ => dense_ffn,
-    };
-    let mask = crate::config::ffn_layer_mask(cfg).unwrap_or_default();
-    let ffn: f64 = mask.iter().map(|&sparse| if sparse { sparse_ffn } else { dense_ffn }).sum();
-    6.0 * (l * 4.0 * d * d + ffn + v * d) + 12.0 * l * d * seq_len as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Activation, Norm};
-    use crate::ops::testing::central_difference;
+    use crate::ops::testing::{assert_matches_fd, grad_of};
     use candle_core::DType;
 
     fn tiny(modify: impl Fn(&mut ModelConfig)) -> ModelConfig {
@@ -294,14 +342,10 @@ mod tests {
         let grads = m32.loss(&b, true).unwrap().total().unwrap().backward().unwrap();
         let loss64 = &|| m64.loss(&b, false).unwrap().total().unwrap().to_scalar::<f64>().unwrap();
         for ((name, v32), (_, v64)) in p32.iter().zip(p64.iter()) {
-            let g: Vec<f32> = grads.get(v32).unwrap_or_else(|| panic!("{name}: no gradient")).flatten_all().unwrap().to_vec1().unwrap();
+            // The f32 model's (fused kernels) gradient against the f64 model's differences.
+            let g = grad_of(&grads, v32, name);
             assert!(g.iter().any(|&x| x != 0.0), "{name}: gradient is zero at step 0");
-            let n = v64.elem_count();
-            for k in (0..n).step_by((n / 4).max(1)) {
-                let numeric = central_difference(v64, k, loss64);
-                let analytic = g[k] as f64;
-                assert!((numeric - analytic).abs() <= 1e-3 * (1e-2 + numeric.abs()), "{name}[{k}]: f32 fused {analytic} vs f64 finite difference {numeric}");
-            }
+            assert_matches_fd(name, v64, &g, 4, (1e-3, 1e-2), loss64);
         }
     }
 
@@ -381,11 +425,18 @@ mod tests {
             let mut pp = Params::new(&Device::Cpu, 2, 0.5);
             let upcycled = Transformer::new(&pesc_cfg, &mut pp).unwrap();
             pp.overwrite(&pd.tensors()).unwrap();
-            let ids = Tensor::from_vec((0..15u32).map(|i| (i * 7 + 2) % 11).collect(), (3, 5), &Device::Cpu).unwrap();
-            let diff = (dense.forward(&ids, None).unwrap() - upcycled.forward(&ids, None).unwrap()).unwrap();
+            let ids = Tensor::from_vec(
+                (0..15u32).map(|i| (i * 7 + 2) % 11).collect(),
+                (3, 5),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let diff = (dense.forward(&ids, None).unwrap() - upcycled.forward(&ids, None).unwrap())
+                .unwrap();
             let max = diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(max <= 1e-6, "{act:?}: max |Δlogit| {max}");
-            let loss = |m: &Transformer| m.loss(&batch(), true).unwrap().ce.to_scalar::<f32>().unwrap();
+            let loss =
+                |m: &Transformer| m.loss(&batch(), true).unwrap().ce.to_scalar::<f32>().unwrap();
             assert_eq!(loss(&dense), loss(&upcycled), "{act:?}: training loss differs");
         }
     }
@@ -404,10 +455,14 @@ mod tests {
             c.moe.n_experts = 3;
             c.moe.top_k = 2;
         };
-        for cfg in [tiny(mot), tiny(moe), tiny(|c| {
-            moe(c);
-            c.activation = Activation::Gelu;
-        })] {
+        for cfg in [
+            tiny(mot),
+            tiny(moe),
+            tiny(|c| {
+                moe(c);
+                c.activation = Activation::Gelu;
+            }),
+        ] {
             let mut p = Params::new(&Device::Cpu, 3, 0.5);
             let model = Transformer::new(&cfg, &mut p).unwrap();
             let run = |m: &Transformer| {
@@ -418,8 +473,12 @@ mod tests {
             let (l1, g1) = run(&model.with_recompute_experts(true));
             assert!((l0 - l1).abs() < 1e-6, "{:?}: loss {l0} vs {l1}", cfg.ffn);
             for (name, v) in p.iter() {
-                let (a, b) = (g0.get(v).unwrap(), g1.get(v).unwrap_or_else(|| panic!("{name}: no gradient when recomputing")));
-                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let (a, b) = (
+                    g0.get(v).unwrap(),
+                    g1.get(v).unwrap_or_else(|| panic!("{name}: no gradient when recomputing")),
+                );
+                let d =
+                    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(d < 1e-5, "{:?} {name}: gradients differ by {d}", cfg.ffn);
             }
         }

@@ -9,9 +9,10 @@
 //!
 //! Steps 3, 4 and 6 are the fused ops of `ops::mot`; the experts are the shared `Experts`.
 
-use super::moe::Experts;
+use super::context::FfnContext;
+use super::experts::Experts;
 use super::params::Params;
-use super::routing::{FfnContext, LayerStats, MixingStats};
+use super::stats::{LayerStats, MixingStats};
 use crate::config::{Activation, MotConfig};
 use crate::ops::mot::{emit, group_softmax, merge};
 use candle_core::{DType, Result, Tensor};
@@ -32,10 +33,17 @@ pub struct MotLayer {
 }
 
 impl MotLayer {
-    pub fn new(p: &mut Params, prefix: &str, index: usize, cfg: &MotConfig, d: usize, f: usize, activation: Activation) -> Result<MotLayer> {
+    pub fn new(
+        p: &mut Params, prefix: &str, index: usize, cfg: &MotConfig, d: usize, f: usize,
+        activation: Activation,
+    ) -> Result<MotLayer> {
         let e = cfg.n_experts;
         let temperature = match cfg.learn_temperature {
-            true => Temperature::Learned(p.constant(&format!("{prefix}.log_temperature"), &[], cfg.temperature.ln() as f32)?),
+            true => Temperature::Learned(p.constant(
+                &format!("{prefix}.log_temperature"),
+                &[],
+                cfg.temperature.ln() as f32,
+            )?),
             false => Temperature::Fixed(cfg.temperature),
         };
         Ok(MotLayer {
@@ -57,7 +65,10 @@ impl MotLayer {
         let m = merge(&x.reshape((b, s, d))?, &w, g)?; // [E, N, d]
         let n = m.dim(1)?;
         let offsets: Vec<usize> = (0..=e).map(|i| i * n).collect();
-        let y = self.experts.forward(&m.reshape((e * n, d))?, &offsets, ctx.recompute)?.reshape((e, n, d))?;
+        let y = self
+            .experts
+            .forward(&m.reshape((e * n, d))?, &offsets, ctx.recompute)?
+            .reshape((e, n, d))?;
         ctx.stats.push(LayerStats::Mot(self.statistics(&w, g)?));
         emit(&y, &w, g)?.reshape((b * s, d))
     }
@@ -74,7 +85,9 @@ impl MotLayer {
     pub fn temperature_value(&self) -> Result<f64> {
         match &self.temperature {
             Temperature::Fixed(t) => Ok(*t),
-            Temperature::Learned(log_t) => Ok(log_t.to_dtype(DType::F64)?.to_scalar::<f64>()?.exp()),
+            Temperature::Learned(log_t) => {
+                Ok(log_t.to_dtype(DType::F64)?.to_scalar::<f64>()?.exp())
+            }
         }
     }
 
@@ -100,34 +113,38 @@ impl MotLayer {
                 }
             }
         }
-        Ok(MixingStats { layer: self.index, temperature: self.temperature_value()?, max_weight, entropy })
-    }
-}
-
-/// The expert width: `expert_size`, or FLOP-matched `d_ff · G / E` so that the expert compute
-/// per token equals a dense FFN's.
-pub fn expert_size(cfg: &MotConfig, d_ff: usize) -> usize {
-    if cfg.expert_size > 0 {
-        cfg.expert_size
-    } else {
-        d_ff * cfg.group_size / cfg.n_experts.max(1)
+        Ok(MixingStats {
+            layer: self.index,
+            temperature: self.temperature_value()?,
+            max_weight,
+            entropy,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{central_difference, randn};
+    use crate::ops::testing::{assert_matches_fd, grad_of, randn};
     use candle_core::{Device, Var};
 
     fn f64_var(shape: &[usize], seed: u64, scale: f64) -> Var {
-        Var::from_tensor(&(randn(shape, seed).to_dtype(DType::F64).unwrap() * scale).unwrap()).unwrap()
+        Var::from_tensor(&(randn(shape, seed).to_dtype(DType::F64).unwrap() * scale).unwrap())
+            .unwrap()
     }
 
     /// A layer over f64 variables (plain formulation), with a learned temperature.
-    fn layer(e: usize, d: usize, f: usize, g: usize, activation: Activation) -> (MotLayer, Vec<Var>) {
+    fn layer(
+        e: usize, d: usize, f: usize, g: usize, activation: Activation,
+    ) -> (MotLayer, Vec<Var>) {
         let mut p = Params::new(&Device::Cpu, 5, 0.5).with_dtype(DType::F64);
-        let cfg = MotConfig { n_experts: e, group_size: g, expert_size: f, temperature: 0.7, learn_temperature: true };
+        let cfg = MotConfig {
+            n_experts: e,
+            group_size: g,
+            expert_size: f,
+            temperature: 0.7,
+            learn_temperature: true,
+        };
         let layer = MotLayer::new(&mut p, "mlp", 0, &cfg, d, f, activation).unwrap();
         let vars = p.iter().map(|(_, v)| v.clone()).collect();
         (layer, vars)
@@ -137,7 +154,9 @@ mod tests {
     /// central finite differences.
     #[test]
     fn gradients_match_finite_differences() {
-        for (activation, g) in [(Activation::Swiglu, 2), (Activation::Gelu, 4), (Activation::Relu, 1)] {
+        for (activation, g) in
+            [(Activation::Swiglu, 2), (Activation::Gelu, 4), (Activation::Relu, 1)]
+        {
             let (b, s, d, e, f) = (4, 3, 5, 3, 4);
             let (layer, mut vars) = layer(e, d, f, g, activation);
             let x = f64_var(&[b * s, d], 7, 1.0);
@@ -145,16 +164,18 @@ mod tests {
             let proj = randn(&[b * s, d], 8).to_dtype(DType::F64).unwrap();
             let loss = || -> Tensor {
                 let mut ctx = FfnContext::new(true, b, s);
-                (layer.forward(x.as_tensor(), &mut ctx).unwrap() * &proj).unwrap().sum_all().unwrap()
+                (layer.forward(x.as_tensor(), &mut ctx).unwrap() * &proj)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
             };
             let grads = loss().backward().unwrap();
             for (i, v) in vars.iter().enumerate() {
-                let grad: Vec<f64> = grads.get(v).unwrap_or_else(|| panic!("var {i} got no gradient")).flatten_all().unwrap().to_vec1().unwrap();
-                let n = v.elem_count();
-                for k in (0..n).step_by((n / 6).max(1)) {
-                    let numeric = central_difference(v, k, || loss().to_scalar::<f64>().unwrap());
-                    assert!((numeric - grad[k]).abs() <= 1e-6 * (1.0 + numeric.abs()), "{activation:?} var {i}[{k}]: autograd {} vs finite difference {numeric}", grad[k]);
-                }
+                let what = format!("{activation:?} var {i}");
+                let grad = grad_of(&grads, v, &what);
+                assert_matches_fd(&what, v, &grad, 6, (1e-6, 1.0), || {
+                    loss().to_scalar::<f64>().unwrap()
+                });
             }
         }
     }
@@ -165,20 +186,40 @@ mod tests {
     fn layer_matches_a_naive_per_group_loop() {
         let (b, s, d, e, f, g) = (6, 4, 8, 5, 6, 3);
         let mut p = Params::new(&Device::Cpu, 9, 0.5);
-        let cfg = MotConfig { n_experts: e, group_size: g, expert_size: f, temperature: 1.3, learn_temperature: false };
+        let cfg = MotConfig {
+            n_experts: e,
+            group_size: g,
+            expert_size: f,
+            temperature: 1.3,
+            learn_temperature: false,
+        };
         let layer = MotLayer::new(&mut p, "mlp", 0, &cfg, d, f, Activation::Swiglu).unwrap();
         let x = randn(&[b * s, d], 3);
         let out = layer.forward(&x, &mut FfnContext::new(false, b, s)).unwrap();
 
         let get = |name: &str| p.get(name).unwrap().as_tensor().clone();
-        let (c, gate, up, down) = (get("mlp.controller.weight"), get("mlp.experts.gate"), get("mlp.experts.up"), get("mlp.experts.down"));
+        let (c, gate, up, down) = (
+            get("mlp.controller.weight"),
+            get("mlp.experts.gate"),
+            get("mlp.experts.up"),
+            get("mlp.experts.down"),
+        );
         let mut expected = vec![Tensor::zeros((1, d), DType::F32, &Device::Cpu).unwrap(); b * s];
         for k in 0..b / g {
             for pos in 0..s {
                 let rows: Vec<usize> = (0..g).map(|i| (k * g + i) * s + pos).collect();
                 let xs: Vec<Tensor> = rows.iter().map(|&r| x.narrow(0, r, 1).unwrap()).collect();
                 for ex in 0..e {
-                    let logits: Vec<f32> = xs.iter().map(|xi| (xi.matmul(&c.get(ex).unwrap().unsqueeze(1).unwrap()).unwrap().to_vec2::<f32>().unwrap()[0][0]) / 1.3).collect();
+                    let logits: Vec<f32> = xs
+                        .iter()
+                        .map(|xi| {
+                            (xi.matmul(&c.get(ex).unwrap().unsqueeze(1).unwrap())
+                                .unwrap()
+                                .to_vec2::<f32>()
+                                .unwrap()[0][0])
+                                / 1.3
+                        })
+                        .collect();
                     let mx = logits.iter().cloned().fold(f32::MIN, f32::max);
                     let total: f32 = logits.iter().map(|l| (l - mx).exp()).sum();
                     let w: Vec<f32> = logits.iter().map(|l| (l - mx).exp() / total).collect();
@@ -188,7 +229,10 @@ mod tests {
                     }
                     let hg = merged.matmul(&gate.get(ex).unwrap().t().unwrap()).unwrap();
                     let hu = merged.matmul(&up.get(ex).unwrap().t().unwrap()).unwrap();
-                    let y = (candle_nn::ops::silu(&hg).unwrap() * hu).unwrap().matmul(&down.get(ex).unwrap().t().unwrap()).unwrap();
+                    let y = (candle_nn::ops::silu(&hg).unwrap() * hu)
+                        .unwrap()
+                        .matmul(&down.get(ex).unwrap().t().unwrap())
+                        .unwrap();
                     for (&r, wi) in rows.iter().zip(&w) {
                         expected[r] = (&expected[r] + (&y * *wi as f64).unwrap()).unwrap();
                     }
@@ -203,7 +247,13 @@ mod tests {
     fn statistics_are_uniform_for_a_zero_controller_and_peaked_for_a_large_one() {
         let (b, s, d, e, g) = (4, 2, 3, 2, 4);
         let mut p = Params::new(&Device::Cpu, 1, 0.5);
-        let cfg = MotConfig { n_experts: e, group_size: g, expert_size: 4, temperature: 1.0, learn_temperature: false };
+        let cfg = MotConfig {
+            n_experts: e,
+            group_size: g,
+            expert_size: 4,
+            temperature: 1.0,
+            learn_temperature: false,
+        };
         let mut layer = MotLayer::new(&mut p, "mlp", 3, &cfg, d, 4, Activation::Relu).unwrap();
         let x = randn(&[b * s, d], 2);
         let stats = |layer: &MotLayer| {
@@ -230,7 +280,7 @@ mod tests {
     #[test]
     fn flop_matched_expert_size() {
         let cfg = MotConfig { n_experts: 16, group_size: 32, ..Default::default() };
-        assert_eq!(expert_size(&cfg, 1024), 2048);
-        assert_eq!(expert_size(&MotConfig { expert_size: 100, ..cfg }, 1024), 100);
+        assert_eq!(cfg.expert_width(1024), 2048);
+        assert_eq!(MotConfig { expert_size: 100, ..cfg }.expert_width(1024), 100);
     }
 }

@@ -1,8 +1,8 @@
 //! The named parameters of a model: creation with the initialisation of `models.md`, lookup by
 //! the tensor names of `product.md`, and loading with shape checks.
 
+use crate::rng;
 use candle_core::{DType, Device, Result, Tensor, Var};
-use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
 /// An empty vector with room for exactly the tensor's elements, or an error (not an abort)
@@ -11,24 +11,11 @@ use std::collections::HashMap;
 /// "succeeds" and the process is later killed by the kernel instead.
 fn alloc(name: &str, shape: &[usize]) -> Result<Vec<f32>> {
     let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    let fits = |n: usize| memory_bytes().is_none_or(|m| (n as u64).saturating_mul(4) <= m);
-    let mut v = Vec::new();
-    match n {
-        Some(n) if fits(n) && v.try_reserve_exact(n).is_ok() => Ok(v),
-        // A plain message: `bail!` would append a backtrace under RUST_BACKTRACE.
-        _ => Err(candle_core::Error::Msg(format!(
+    // A plain message: `bail!` would append a backtrace under RUST_BACKTRACE.
+    n.and_then(crate::alloc::reserve_exact).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
             "cannot allocate parameter `{name}` of shape {shape:?}: more than this machine's memory"
-        ))),
-    }
-}
-
-/// Physical memory in bytes (Linux), if known.
-pub fn memory_bytes() -> Option<u64> {
-    static MEM: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    *MEM.get_or_init(|| {
-        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let kb: u64 = info.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
+        ))
     })
 }
 
@@ -51,7 +38,15 @@ pub struct Params {
 
 impl Params {
     pub fn new(device: &Device, seed: u64, init_scale: f64) -> Params {
-        Params { device: device.clone(), dtype: DType::F32, seed, init_scale, entries: Vec::new(), index: HashMap::new(), frozen: None }
+        Params {
+            device: device.clone(),
+            dtype: DType::F32,
+            seed,
+            init_scale,
+            entries: Vec::new(),
+            index: HashMap::new(),
+            frozen: None,
+        }
     }
 
     /// The parameters that `frozen` names stay fixed: the model gets them outside the autograd
@@ -108,15 +103,18 @@ impl Params {
     fn add(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
         assert!(!self.index.contains_key(name), "parameter {name} created twice");
         let var = Var::from_tensor(&t.to_dtype(self.dtype)?.to_device(&self.device)?)?;
-        let out = if self.is_frozen(name) { var.as_tensor().detach() } else { var.as_tensor().clone() };
+        let out =
+            if self.is_frozen(name) { var.as_tensor().detach() } else { var.as_tensor().clone() };
         self.index.insert(name.to_string(), self.entries.len());
         self.entries.push((name.to_string(), var));
         Ok(out)
     }
 
-    fn rng(&self, name: &str) -> rand_chacha::ChaCha8Rng {
-        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        rand_chacha::ChaCha8Rng::seed_from_u64(crate::data::loader::splitmix64(self.seed ^ h))
+    fn rng(&self, name: &str) -> rng::SeededRng {
+        let h = name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        rng::seeded(rng::splitmix64(self.seed ^ h))
     }
 
     /// Truncated normal, std `sqrt(init_scale / fan_in)`, cut at `±2·init_scale`.
@@ -127,8 +125,7 @@ impl Params {
         let mut v = alloc(name, shape)?;
         let n = v.capacity();
         while v.len() < n {
-            let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
-            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos() * std;
+            let z = rng::normal_f32(&mut rng) * std;
             if z.abs() <= cut {
                 v.push(z);
             }
@@ -149,12 +146,7 @@ impl Params {
         let mut rng = self.rng(name);
         let mut vecs: Vec<Vec<f64>> = Vec::with_capacity(m);
         while vecs.len() < m {
-            let mut v: Vec<f64> = (0..n)
-                .map(|_| {
-                    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
-                    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-                })
-                .collect();
+            let mut v: Vec<f64> = (0..n).map(|_| rng::normal_f64(&mut rng)).collect();
             for u in &vecs {
                 let dot: f64 = v.iter().zip(u).map(|(a, b)| a * b).sum();
                 v.iter_mut().zip(u).for_each(|(a, b)| *a -= dot * b);
@@ -197,11 +189,20 @@ impl Params {
         for (name, var) in self.entries.iter().filter(|(n, _)| tensors.contains_key(n)) {
             let t = &tensors[name];
             if t.dims() != var.dims() {
-                return Err(format!("tensor `{name}` has shape {:?}, but the config gives {:?}", t.dims(), var.dims()));
+                return Err(format!(
+                    "tensor `{name}` has shape {:?}, but the config gives {:?}",
+                    t.dims(),
+                    var.dims()
+                ));
             }
             // First line only: candle appends a backtrace when RUST_BACKTRACE is set.
-            let first_line = |e: candle_core::Error| e.to_string().lines().next().unwrap_or_default().to_string();
-            let t = t.to_dtype(self.dtype).and_then(|t| t.to_device(&self.device)).map_err(first_line)?;
+            let first_line = |e: candle_core::Error| {
+                e.to_string().lines().next().unwrap_or_default().to_string()
+            };
+            let t = t
+                .to_dtype(self.dtype)
+                .and_then(|t| t.to_device(&self.device))
+                .map_err(first_line)?;
             var.set(&t).map_err(first_line)?;
         }
         Ok(())

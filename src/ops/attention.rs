@@ -19,11 +19,19 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     }
 }
 
-pub fn causal_attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (q, k, v) = (q.transpose(1, 2)?.contiguous()?, k.transpose(1, 2)?.contiguous()?, v.transpose(1, 2)?.contiguous()?);
+pub fn causal_attention_reference(
+    q: &Tensor, k: &Tensor, v: &Tensor, scale: f64,
+) -> Result<Tensor> {
+    let (q, k, v) = (
+        q.transpose(1, 2)?.contiguous()?,
+        k.transpose(1, 2)?.contiguous()?,
+        v.transpose(1, 2)?.contiguous()?,
+    );
     let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, Sq, Sk]
     let (sq, sk) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
-    let mask: Vec<f32> = (0..sq).flat_map(|i| (0..sk).map(move |j| if j <= i + sk - sq { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask: Vec<f32> = (0..sq)
+        .flat_map(|i| (0..sk).map(move |j| if j <= i + sk - sq { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
     let mask = Tensor::from_vec(mask, (sq, sk), scores.device())?.to_dtype(scores.dtype())?;
     let z = scores.broadcast_add(&mask)?;
     let e = z.broadcast_sub(&z.max_keepdim(D::Minus1)?)?.exp()?;
@@ -40,34 +48,43 @@ struct View(*const f32, isize, isize);
 /// # Safety
 /// Every view must be valid for the `m×k`, `k×n` and `m×n` index ranges its strides reach, and
 /// `dst` must not alias the inputs or be written by another thread at the same time.
-unsafe fn gemm_raw(m: usize, n: usize, k: usize, dst: View, accumulate: bool, lhs: View, rhs: View) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0 as *mut f32,
-        dst.2,
-        dst.1,
-        accumulate,
-        lhs.0,
-        lhs.2,
-        lhs.1,
-        rhs.0,
-        rhs.2,
-        rhs.1,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+unsafe fn gemm_raw(
+    m: usize, n: usize, k: usize, dst: View, accumulate: bool, lhs: View, rhs: View,
+) {
+    // SAFETY: the caller guarantees that every view covers the index ranges gemm reaches and
+    // that `dst` is written by no one else (see `# Safety`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0 as *mut f32,
+            dst.2,
+            dst.1,
+            accumulate,
+            lhs.0,
+            lhs.2,
+            lhs.1,
+            rhs.0,
+            rhs.2,
+            rhs.1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// A pointer that rayon tasks may share because each writes disjoint elements.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
+// SAFETY: the pointer is only offset and written through by tasks that each own a disjoint
+// range of the allocation (one attention head's rows), which outlives the parallel loop.
 unsafe impl Send for SharedMut {}
+// SAFETY: as for Send: no two tasks touch the same element.
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
@@ -91,7 +108,12 @@ impl Dims {
         let (b, sq, h, dh) = ql.shape().dims4()?;
         let (b2, sk, h2, dh2) = kl.shape().dims4()?;
         if (b2, h2, dh2) != (b, h, dh) || vl.shape() != kl.shape() || sk < sq {
-            candle_core::bail!("attention: q {:?}, k {:?}, v {:?}", ql.shape(), kl.shape(), vl.shape());
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?}",
+                ql.shape(),
+                kl.shape(),
+                vl.shape()
+            );
         }
         Ok(Dims { b, sq, sk, h, dh })
     }
@@ -118,7 +140,10 @@ impl CustomOp3 for Attention {
         "causal-attention"
     }
 
-    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (slice(qs, ql)?, slice(ks, kl)?, slice(vs, vl)?);
         let d = Dims::of(ql, kl, vl)?;
         let (sq, sk, dh, rs) = (d.sq, d.sk, d.dh, d.rs());
@@ -131,7 +156,11 @@ impl CustomOp3 for Attention {
             // SAFETY: views stay inside q/k/v/out by construction of the offsets and strides;
             // each task writes only its own head's rows of `out` and its own `p`.
             unsafe {
-                let (qv, kv, vv) = (View(q[qo..].as_ptr(), rs, 1), View(k[ko..].as_ptr(), rs, 1), View(v[ko..].as_ptr(), rs, 1));
+                let (qv, kv, vv) = (
+                    View(q[qo..].as_ptr(), rs, 1),
+                    View(k[ko..].as_ptr(), rs, 1),
+                    View(v[ko..].as_ptr(), rs, 1),
+                );
                 let kt = View(kv.0, 1, rs); // Kᵀ: [dh, Sk]
                 gemm_raw(sq, sk, dh, View(p.as_ptr(), sk as isize, 1), false, qv, kt);
                 softmax_rows(p, sq, sk, self.scale);
@@ -143,7 +172,9 @@ impl CustomOp3 for Attention {
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, q: &Tensor, k: &Tensor, v: &Tensor, _out: &Tensor, grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(probs) = self.probs.lock().unwrap().take() else {
             candle_core::bail!("causal-attention: backward called twice")
         };
@@ -180,7 +211,9 @@ fn softmax_rows(p: &mut [f32], sq: usize, sk: usize, scale: f32) {
 }
 
 /// Returns dq, dk, dv concatenated (flat), each in its input's layout.
-fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, probs: &[f32], scale: f32) -> Result<Tensor> {
+fn attention_bwd(
+    q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, probs: &[f32], scale: f32,
+) -> Result<Tensor> {
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
@@ -233,7 +266,8 @@ fn attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, probs: &[f32], 
                 let dv = View(base.at(nq + nk + ko), rs, 1);
                 gemm_raw(sq, dh, sk, dq, false, dsv, kv); // dQ = dS·K
                 gemm_raw(sk, dh, sq, dk, false, View(ds.as_ptr(), 1, sk as isize), qv); // dK = dSᵀ·Q
-                gemm_raw(sk, dh, sq, dv, false, View(pv.0, 1, sk as isize), gv); // dV = Pᵀ·dO
+                gemm_raw(sk, dh, sq, dv, false, View(pv.0, 1, sk as isize), gv);
+                // dV = Pᵀ·dO
             }
         },
     );
@@ -248,13 +282,25 @@ mod tests {
     #[test]
     fn attention_matches_reference_and_gradients() {
         let (q, k, v) = (randn(&[2, 5, 3, 4], 1), randn(&[2, 5, 3, 4], 2), randn(&[2, 5, 3, 4], 3));
-        assert_close(&causal_attention(&q, &k, &v, 0.5).unwrap(), &causal_attention_reference(&q, &k, &v, 0.5).unwrap(), 1e-5);
-        check_grads(&[q, k, v], |t| causal_attention(&t[0], &t[1], &t[2], 0.5), |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.5));
+        assert_close(
+            &causal_attention(&q, &k, &v, 0.5).unwrap(),
+            &causal_attention_reference(&q, &k, &v, 0.5).unwrap(),
+            1e-5,
+        );
+        check_grads(
+            &[q, k, v],
+            |t| causal_attention(&t[0], &t[1], &t[2], 0.5),
+            |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.5),
+        );
     }
 
     #[test]
     fn cached_prefix_offsets_the_mask() {
         let (q, k, v) = (randn(&[1, 2, 2, 4], 4), randn(&[1, 6, 2, 4], 5), randn(&[1, 6, 2, 4], 6));
-        assert_close(&causal_attention(&q, &k, &v, 0.3).unwrap(), &causal_attention_reference(&q, &k, &v, 0.3).unwrap(), 1e-5);
+        assert_close(
+            &causal_attention(&q, &k, &v, 0.3).unwrap(),
+            &causal_attention_reference(&q, &k, &v, 0.3).unwrap(),
+            1e-5,
+        );
     }
 }

@@ -35,9 +35,16 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize]) -> Result<Tenso
 pub fn grouped_matmul_cat(x: &Tensor, a: &Tensor, b: &Tensor, offsets: &[usize]) -> Result<Tensor> {
     check(x, &[a, b], offsets)?;
     if fused(&[x, a, b]) {
-        x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, Grouped::new(offsets, &[a, b])?)
+        x.contiguous()?.apply_op3(
+            &a.contiguous()?,
+            &b.contiguous()?,
+            Grouped::new(offsets, &[a, b])?,
+        )
     } else {
-        Tensor::cat(&[grouped_matmul_reference(x, a, offsets)?, grouped_matmul_reference(x, b, offsets)?], 1)
+        Tensor::cat(
+            &[grouped_matmul_reference(x, a, offsets)?, grouped_matmul_reference(x, b, offsets)?],
+            1,
+        )
     }
 }
 
@@ -50,7 +57,11 @@ fn check(x: &Tensor, ws: &[&Tensor], offsets: &[usize]) -> Result<()> {
     for w in ws {
         let (we, _, wi) = w.dims3()?;
         if we != e || wi != din {
-            candle_core::bail!("grouped matmul: weights {:?} do not fit {e} experts and inputs {:?}", w.dims(), x.dims());
+            candle_core::bail!(
+                "grouped matmul: weights {:?} do not fit {e} experts and inputs {:?}",
+                w.dims(),
+                x.dims()
+            );
         }
     }
     Ok(())
@@ -73,7 +84,9 @@ pub fn grouped_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[usize]) -> Re
 /// `act(x_e · W_eᵀ)` for every expert on its rows, recomputed in backward: `x [R, in]`, `up`
 /// `[E, f, in]` and, for SwiGLU, `gate [E, f, in]` (→ `silu(x·Gᵀ) ⊙ (x·Uᵀ)`) → `[R, f]`.
 /// CPU f32 only (`fused`); elsewhere the experts use the plain ops.
-pub fn grouped_up(x: &Tensor, gate: Option<&Tensor>, up: &Tensor, activation: Activation, offsets: &[usize]) -> Result<Tensor> {
+pub fn grouped_up(
+    x: &Tensor, gate: Option<&Tensor>, up: &Tensor, activation: Activation, offsets: &[usize],
+) -> Result<Tensor> {
     let ws: Vec<&Tensor> = gate.into_iter().chain([up]).collect();
     check(x, &ws, offsets)?;
     if !fused(&[x, up]) || (activation == Activation::Swiglu) != gate.is_some() {
@@ -94,7 +107,9 @@ struct GroupedUp {
 
 impl GroupedUp {
     /// Expert `e`'s rows alone, as a one-expert grouped matmul over its slice of each stack.
-    fn expert<'a>(&self, e: usize, ws: &[&'a [f32]], din: usize) -> (Grouped, usize, Vec<&'a [f32]>) {
+    fn expert<'a>(
+        &self, e: usize, ws: &[&'a [f32]], din: usize,
+    ) -> (Grouped, usize, Vec<&'a [f32]>) {
         let (b0, b1) = (self.grouped.offsets[e], self.grouped.offsets[e + 1]);
         let f = self.grouped.outs[0];
         let one = Grouped { offsets: Arc::new(vec![0, b1 - b0]), outs: self.grouped.outs.clone() };
@@ -112,13 +127,19 @@ impl GroupedUp {
             }
             let h = one.forward(&x[b0 * din..(b0 + n) * din], &we, din); // [n, width]
             let act = self.activation;
-            a[b0 * f..(b0 + n) * f].par_chunks_mut(f).zip(h.par_chunks(width)).with_min_len(super::rows_per_task(width)).for_each(|(a, h)| activate(act, h, a));
+            a[b0 * f..(b0 + n) * f]
+                .par_chunks_mut(f)
+                .zip(h.par_chunks(width))
+                .with_min_len(super::rows_per_task(width))
+                .for_each(|(a, h)| activate(act, h, a));
         }
         a
     }
 
     /// `dx` and each stack's `dW` from `da [R, f]`, one expert at a time.
-    fn backward(&self, x: &[f32], ws: &[&[f32]], da: &[f32], din: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
+    fn backward(
+        &self, x: &[f32], ws: &[&[f32]], da: &[f32], din: usize,
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
         let (f, width) = (self.grouped.outs[0], self.grouped.width());
         let mut dx = vec![0f32; x.len()];
         let mut dws = vec![vec![0f32; ws[0].len()]; ws.len()];
@@ -144,15 +165,26 @@ impl GroupedUp {
         (dx, dws)
     }
 
-    fn run_forward(&self, xs: &CpuStorage, xl: &Layout, ws: &[&[f32]]) -> Result<(CpuStorage, Shape)> {
+    fn run_forward(
+        &self, xs: &CpuStorage, xl: &Layout, ws: &[&[f32]],
+    ) -> Result<(CpuStorage, Shape)> {
         let (r, din) = xl.shape().dims2()?;
-        Ok((CpuStorage::F32(self.forward(slice(xs, xl)?, ws, din)), Shape::from((r, self.grouped.outs[0]))))
+        Ok((
+            CpuStorage::F32(self.forward(slice(xs, xl)?, ws, din)),
+            Shape::from((r, self.grouped.outs[0])),
+        ))
     }
 
     /// Gradients for `x` and the stacks, computed on the host from the tensors' storage.
-    fn run_backward(&self, x: &Tensor, ws: &[&Tensor], da: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    fn run_backward(
+        &self, x: &Tensor, ws: &[&Tensor], da: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let da = da.contiguous()?;
-        let guards: Vec<_> = [x, &da].into_iter().chain(ws.iter().copied()).map(|t| t.storage_and_layout()).collect();
+        let guards: Vec<_> = [x, &da]
+            .into_iter()
+            .chain(ws.iter().copied())
+            .map(|t| t.storage_and_layout())
+            .collect();
         let host = |i: usize| -> Result<&[f32]> {
             match &*guards[i].0 {
                 Storage::Cpu(c) => slice(c, guards[i].1),
@@ -163,7 +195,11 @@ impl GroupedUp {
         let din = x.dim(1)?;
         let (dx, dws) = self.backward(host(0)?, &w_slices, host(1)?, din);
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
-        let dws = dws.into_iter().zip(ws).map(|(d, w)| Tensor::from_vec(d, w.shape(), w.device())).collect::<Result<_>>()?;
+        let dws = dws
+            .into_iter()
+            .zip(ws)
+            .map(|(d, w)| Tensor::from_vec(d, w.shape(), w.device()))
+            .collect::<Result<_>>()?;
         Ok((dx, dws))
     }
 }
@@ -172,7 +208,11 @@ impl GroupedUp {
 fn activate(act: Activation, h: &[f32], a: &mut [f32]) {
     match act {
         Activation::Swiglu => swiglu_row(h, a),
-        Activation::Gelu => a.iter_mut().zip(h).for_each(|(a, &v)| *a = (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v),
+        Activation::Gelu => a.iter_mut().zip(h).for_each(|(a, &v)| {
+            *a = (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+                * 0.5
+                * v
+        }),
         Activation::Relu => a.iter_mut().zip(h).for_each(|(a, &v)| *a = v.max(0.0)),
     }
 }
@@ -184,7 +224,8 @@ fn activate_backward(act: Activation, h: &[f32], da: &[f32], dh: &mut [f32]) {
         Activation::Gelu => {
             for i in 0..da.len() {
                 let v = h[i];
-                let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+                let cdf = 0.5
+                    * (1.0 + candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
                 let pdf = (-0.5 * v * v).exp() * 0.398_942_3; // 1/√(2π)
                 dh[i] = da[i] * (cdf + v * pdf);
             }
@@ -202,11 +243,15 @@ impl CustomOp2 for GroupedUp {
         "grouped-up"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.run_forward(xs, xl, &[slice(ws, wl)?])
     }
 
-    fn bwd(&self, x: &Tensor, up: &Tensor, _a: &Tensor, da: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, x: &Tensor, up: &Tensor, _a: &Tensor, da: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, mut dws) = self.run_backward(x, &[up], da)?;
         Ok((Some(dx), dws.pop()))
     }
@@ -217,11 +262,16 @@ impl CustomOp3 for GroupedUp {
         "grouped-up-swiglu"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, xs: &CpuStorage, xl: &Layout, g: &CpuStorage, gl: &Layout, u: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.run_forward(xs, xl, &[slice(g, gl)?, slice(u, ul)?])
     }
 
-    fn bwd(&self, x: &Tensor, gate: &Tensor, up: &Tensor, _a: &Tensor, da: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, x: &Tensor, gate: &Tensor, up: &Tensor, _a: &Tensor, da: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dws) = self.run_backward(x, &[gate, up], da)?;
         let mut dws = dws.into_iter();
         Ok((Some(dx), dws.next(), dws.next()))
@@ -237,7 +287,10 @@ struct Grouped {
 
 impl Grouped {
     fn new(offsets: &[usize], ws: &[&Tensor]) -> Result<Grouped> {
-        Ok(Grouped { offsets: Arc::new(offsets.to_vec()), outs: ws.iter().map(|w| w.dim(1)).collect::<Result<_>>()? })
+        Ok(Grouped {
+            offsets: Arc::new(offsets.to_vec()),
+            outs: ws.iter().map(|w| w.dim(1)).collect::<Result<_>>()?,
+        })
     }
 
     fn width(&self) -> usize {
@@ -258,7 +311,16 @@ impl Grouped {
             for (e, b) in self.offsets.windows(2).enumerate() {
                 if b[1] > b[0] {
                     let we = &w[e * dout * din..(e + 1) * dout * din];
-                    gemm_into((b[1] - b[0], dout, din), &mut y[b[0] * width + col..], width, false, &x[b[0] * din..b[1] * din], (din, 1), we, (1, din));
+                    gemm_into(
+                        (b[1] - b[0], dout, din),
+                        &mut y[b[0] * width + col..],
+                        width,
+                        false,
+                        &x[b[0] * din..b[1] * din],
+                        (din, 1),
+                        we,
+                        (1, din),
+                    );
                 }
             }
         }
@@ -275,7 +337,16 @@ impl Grouped {
             for (e, b) in self.offsets.windows(2).enumerate() {
                 if b[1] > b[0] {
                     let we = &w[e * dout * din..(e + 1) * dout * din];
-                    gemm_into((b[1] - b[0], din, dout), &mut dx[b[0] * din..b[1] * din], din, j > 0, &g[b[0] * width + col..], (width, 1), we, (din, 1));
+                    gemm_into(
+                        (b[1] - b[0], din, dout),
+                        &mut dx[b[0] * din..b[1] * din],
+                        din,
+                        j > 0,
+                        &g[b[0] * width + col..],
+                        (width, 1),
+                        we,
+                        (din, 1),
+                    );
                 }
             }
         }
@@ -290,7 +361,16 @@ impl Grouped {
         for (e, b) in self.offsets.windows(2).enumerate() {
             if b[1] > b[0] {
                 let dst = &mut dw[e * dout * din..(e + 1) * dout * din];
-                gemm_into((dout, din, b[1] - b[0]), dst, din, false, &g[b[0] * width + col..], (1, width), &x[b[0] * din..b[1] * din], (din, 1));
+                gemm_into(
+                    (dout, din, b[1] - b[0]),
+                    dst,
+                    din,
+                    false,
+                    &g[b[0] * width + col..],
+                    (1, width),
+                    &x[b[0] * din..b[1] * din],
+                    (din, 1),
+                );
             }
         }
         dw
@@ -307,7 +387,9 @@ impl Grouped {
             [a, b] => g.apply_op3_no_bwd(a, b, &GroupedDx(self.clone()))?,
             _ => candle_core::bail!("grouped matmul: one or two weight stacks"),
         };
-        let dws = (0..ws.len()).map(|j| g.apply_op2_no_bwd(x, &GroupedDw { op: self.clone(), j })).collect::<Result<_>>()?;
+        let dws = (0..ws.len())
+            .map(|j| g.apply_op2_no_bwd(x, &GroupedDw { op: self.clone(), j }))
+            .collect::<Result<_>>()?;
         Ok((dx, dws))
     }
 }
@@ -317,12 +399,19 @@ impl CustomOp2 for Grouped {
         "grouped-matmul"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let din = xl.shape().dims2()?.1;
-        Ok((CpuStorage::F32(self.forward(slice(xs, xl)?, &[slice(ws, wl)?], din)), self.output_shape(xl)?))
+        Ok((
+            CpuStorage::F32(self.forward(slice(xs, xl)?, &[slice(ws, wl)?], din)),
+            self.output_shape(xl)?,
+        ))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, mut dws) = self.backward(x, &[w], g)?;
         Ok((Some(dx), dws.pop()))
     }
@@ -333,12 +422,20 @@ impl CustomOp3 for Grouped {
         "grouped-matmul-cat"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, xs: &CpuStorage, xl: &Layout, a: &CpuStorage, al: &Layout, b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let din = xl.shape().dims2()?.1;
-        Ok((CpuStorage::F32(self.forward(slice(xs, xl)?, &[slice(a, al)?, slice(b, bl)?], din)), self.output_shape(xl)?))
+        Ok((
+            CpuStorage::F32(self.forward(slice(xs, xl)?, &[slice(a, al)?, slice(b, bl)?], din)),
+            self.output_shape(xl)?,
+        ))
     }
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, x: &Tensor, a: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dws) = self.backward(x, &[a, b], g)?;
         let mut dws = dws.into_iter();
         Ok((Some(dx), dws.next(), dws.next()))
@@ -362,7 +459,9 @@ impl CustomOp2 for GroupedDx {
         "grouped-matmul-dx"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, gs: &CpuStorage, gl: &Layout, ws: &CpuStorage, wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.run(slice(gs, gl)?, &[slice(ws, wl)?], wl)
     }
 }
@@ -372,7 +471,10 @@ impl CustomOp3 for GroupedDx {
         "grouped-matmul-cat-dx"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, gs: &CpuStorage, gl: &Layout, a: &CpuStorage, al: &Layout, b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.run(slice(gs, gl)?, &[slice(a, al)?, slice(b, bl)?], al)
     }
 }
@@ -388,10 +490,15 @@ impl CustomOp2 for GroupedDw {
         "grouped-matmul-dw"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let din = xl.shape().dims2()?.1;
         let dw = self.op.dw(slice(gs, gl)?, slice(xs, xl)?, self.j, din);
-        Ok((CpuStorage::F32(dw), Shape::from((self.op.offsets.len() - 1, self.op.outs[self.j], din))))
+        Ok((
+            CpuStorage::F32(dw),
+            Shape::from((self.op.offsets.len() - 1, self.op.outs[self.j], din)),
+        ))
     }
 }
 
@@ -407,16 +514,30 @@ mod tests {
     fn grouped_matmul_matches_reference_and_gradients() {
         let x = randn(&[9, 4], 1);
         let w = randn(&[4, 3, 4], 2);
-        assert_close(&grouped_matmul(&x, &w, &OFFSETS).unwrap(), &grouped_matmul_reference(&x, &w, &OFFSETS).unwrap(), 1e-5);
-        check_grads(&[x, w], |v| grouped_matmul(&v[0], &v[1], &OFFSETS), |v| grouped_matmul_reference(&v[0], &v[1], &OFFSETS));
+        assert_close(
+            &grouped_matmul(&x, &w, &OFFSETS).unwrap(),
+            &grouped_matmul_reference(&x, &w, &OFFSETS).unwrap(),
+            1e-5,
+        );
+        check_grads(
+            &[x, w],
+            |v| grouped_matmul(&v[0], &v[1], &OFFSETS),
+            |v| grouped_matmul_reference(&v[0], &v[1], &OFFSETS),
+        );
     }
 
     #[test]
     fn two_stacks_side_by_side_match_the_concatenated_weights() {
         let x = randn(&[9, 4], 1);
         let (a, b) = (randn(&[4, 3, 4], 2), randn(&[4, 5, 4], 3));
-        let reference = |v: &[Tensor]| grouped_matmul_reference(&v[0], &Tensor::cat(&[&v[1], &v[2]], 1)?, &OFFSETS);
-        assert_close(&grouped_matmul_cat(&x, &a, &b, &OFFSETS).unwrap(), &reference(&[x.clone(), a.clone(), b.clone()]).unwrap(), 1e-5);
+        let reference = |v: &[Tensor]| {
+            grouped_matmul_reference(&v[0], &Tensor::cat(&[&v[1], &v[2]], 1)?, &OFFSETS)
+        };
+        assert_close(
+            &grouped_matmul_cat(&x, &a, &b, &OFFSETS).unwrap(),
+            &reference(&[x.clone(), a.clone(), b.clone()]).unwrap(),
+            1e-5,
+        );
         check_grads(&[x, a, b], |v| grouped_matmul_cat(&v[0], &v[1], &v[2], &OFFSETS), reference);
     }
 
@@ -426,14 +547,31 @@ mod tests {
     fn grouped_up_matches_the_plain_ops() {
         let x = randn(&[9, 4], 1);
         let (g, u) = (randn(&[4, 3, 4], 2), randn(&[4, 3, 4], 3));
-        let swiglu_ref = |v: &[Tensor]| crate::ops::swiglu::swiglu_reference(&grouped_matmul_cat(&v[0], &v[1], &v[2], &OFFSETS)?);
-        let fused = |v: &[Tensor]| grouped_up(&v[0], Some(&v[1]), &v[2], Activation::Swiglu, &OFFSETS);
-        assert_close(&fused(&[x.clone(), g.clone(), u.clone()]).unwrap(), &swiglu_ref(&[x.clone(), g.clone(), u.clone()]).unwrap(), 1e-5);
+        let swiglu_ref = |v: &[Tensor]| {
+            crate::ops::swiglu::swiglu_reference(&grouped_matmul_cat(
+                &v[0], &v[1], &v[2], &OFFSETS,
+            )?)
+        };
+        let fused =
+            |v: &[Tensor]| grouped_up(&v[0], Some(&v[1]), &v[2], Activation::Swiglu, &OFFSETS);
+        assert_close(
+            &fused(&[x.clone(), g.clone(), u.clone()]).unwrap(),
+            &swiglu_ref(&[x.clone(), g.clone(), u.clone()]).unwrap(),
+            1e-5,
+        );
         check_grads(&[x.clone(), g, u.clone()], fused, swiglu_ref);
-        for (act, plain) in [(Activation::Gelu, Tensor::gelu_erf as fn(&Tensor) -> Result<Tensor>), (Activation::Relu, Tensor::relu)] {
-            let reference = |v: &[Tensor]| plain(&grouped_matmul_reference(&v[0], &v[1], &OFFSETS)?);
+        for (act, plain) in [
+            (Activation::Gelu, Tensor::gelu_erf as fn(&Tensor) -> Result<Tensor>),
+            (Activation::Relu, Tensor::relu),
+        ] {
+            let reference =
+                |v: &[Tensor]| plain(&grouped_matmul_reference(&v[0], &v[1], &OFFSETS)?);
             let fused = |v: &[Tensor]| grouped_up(&v[0], None, &v[1], act, &OFFSETS);
-            assert_close(&fused(&[x.clone(), u.clone()]).unwrap(), &reference(&[x.clone(), u.clone()]).unwrap(), 1e-5);
+            assert_close(
+                &fused(&[x.clone(), u.clone()]).unwrap(),
+                &reference(&[x.clone(), u.clone()]).unwrap(),
+                1e-5,
+            );
             check_grads(&[x.clone(), u.clone()], fused, reference);
         }
     }
@@ -441,6 +579,12 @@ mod tests {
     #[test]
     fn bad_offsets_are_an_error() {
         assert!(grouped_matmul(&randn(&[3, 2], 1), &randn(&[2, 2, 2], 2), &[0, 2, 2]).is_err());
-        assert!(grouped_matmul_cat(&randn(&[3, 2], 1), &randn(&[2, 2, 2], 2), &randn(&[2, 2, 3], 2), &[0, 2, 3]).is_err());
+        assert!(grouped_matmul_cat(
+            &randn(&[3, 2], 1),
+            &randn(&[2, 2, 2], 2),
+            &randn(&[2, 2, 3], 2),
+            &[0, 2, 3]
+        )
+        .is_err());
     }
 }

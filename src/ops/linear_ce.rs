@@ -13,10 +13,21 @@ use std::sync::Mutex;
 /// `x [N, d]`, `w [V, d]`, `targets [N]` → scalar mean cross-entropy of `x·Wᵀ`.
 /// With `with_grad = false` (eval) only the loss is computed; a gradient nothing will use (its
 /// input is outside the autograd graph: a frozen head) is not computed either.
-pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, with_grad: bool) -> Result<Tensor> {
+pub fn linear_cross_entropy(
+    x: &Tensor, w: &Tensor, targets: &Tensor, with_grad: bool,
+) -> Result<Tensor> {
     if fused(&[x, w]) {
-        let op = LinearCrossEntropy { with_grad, dx: x.track_op(), dw: w.track_op(), grads: Mutex::new(None) };
-        x.contiguous()?.apply_op3(&w.contiguous()?, &targets.to_dtype(DType::U32)?.contiguous()?, op)
+        let op = LinearCrossEntropy {
+            with_grad,
+            dx: x.track_op(),
+            dw: w.track_op(),
+            grads: Mutex::new(None),
+        };
+        x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &targets.to_dtype(DType::U32)?.contiguous()?,
+            op,
+        )
     } else {
         cross_entropy(&x.matmul(&w.t()?)?, targets)
     }
@@ -25,7 +36,8 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, with_grad:
 /// The plain formulation: mean of `logsumexp(row) − row[target]`, in f32 at least (bf16 logits
 /// are widened; f64 stays f64 for the gradient checks).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logits = if logits.dtype() == DType::F64 { logits.clone() } else { logits.to_dtype(DType::F32)? };
+    let logits =
+        if logits.dtype() == DType::F64 { logits.clone() } else { logits.to_dtype(DType::F32)? };
     let max = logits.max_keepdim(1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
@@ -49,14 +61,24 @@ impl CustomOp3 for LinearCrossEntropy {
         "linear-cross-entropy"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(xs, xl)?, slice(ws, wl)?);
-        let Some((a, b)) = tl.contiguous_offsets() else { candle_core::bail!("linear-cross-entropy: targets must be contiguous") };
+        let Some((a, b)) = tl.contiguous_offsets() else {
+            candle_core::bail!("linear-cross-entropy: targets must be contiguous")
+        };
         let targets = &ts.as_slice::<u32>()?[a..b];
         let (n, d) = xl.shape().dims2()?;
         let (v, d2) = wl.shape().dims2()?;
         if d != d2 || targets.len() != n {
-            candle_core::bail!("linear-cross-entropy: x {:?}, w {:?}, {} targets", xl.shape(), wl.shape(), targets.len());
+            candle_core::bail!(
+                "linear-cross-entropy: x {:?}, w {:?}, {} targets",
+                xl.shape(),
+                wl.shape(),
+                targets.len()
+            );
         }
         if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("target {t} is not below the vocabulary size {v}");
@@ -102,7 +124,9 @@ impl CustomOp3 for LinearCrossEntropy {
         Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _t: &Tensor, _loss: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, x: &Tensor, w: &Tensor, _t: &Tensor, _loss: &Tensor, grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some((dx, dw)) = self.grads.lock().unwrap().take() else {
             candle_core::bail!("linear-cross-entropy: backward of a forward run without gradients")
         };

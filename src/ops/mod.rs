@@ -14,6 +14,7 @@ pub mod swiglu;
 pub mod vec;
 
 #[cfg(test)]
+#[cfg(test)]
 pub mod testing;
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
@@ -23,7 +24,10 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fused op: expected a contiguous tensor, got strides {:?}", l.stride()),
+        None => candle_core::bail!(
+            "fused op: expected a contiguous tensor, got strides {:?}",
+            l.stride()
+        ),
     }
 }
 
@@ -67,7 +71,10 @@ where
 
 /// `dst[m×n] = lhs[m×k] · rhs[k×n]`, each operand given by (row stride, column stride), on
 /// all threads of the current pool.
-pub(crate) fn sgemm(mnk: (usize, usize, usize), dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize)) {
+pub(crate) fn sgemm(
+    mnk: (usize, usize, usize), dst: &mut [f32], lhs: &[f32], lhs_strides: (usize, usize),
+    rhs: &[f32], rhs_strides: (usize, usize),
+) {
     let n = mnk.1;
     gemm_into(mnk, dst, n, false, lhs, lhs_strides, rhs, rhs_strides)
 }
@@ -76,20 +83,24 @@ pub(crate) fn sgemm(mnk: (usize, usize, usize), dst: &mut [f32], lhs: &[f32], lh
 /// matrix); `accumulate` adds to what `dst` holds instead of overwriting it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
+    (m, n, k): (usize, usize, usize), dst: &mut [f32], dst_rs: usize, accumulate: bool,
+    lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32], (rhs_rs, rhs_cs): (usize, usize),
 ) {
-    assert!(dst_rs >= n && (m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n), "gemm: destination too small");
-    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "gemm: lhs too small");
-    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "gemm: rhs too small");
+    assert!(
+        dst_rs >= n && (m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n),
+        "gemm: destination too small"
+    );
+    assert!(
+        m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
+        "gemm: lhs too small"
+    );
+    assert!(
+        k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
+        "gemm: rhs too small"
+    );
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism =
+        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above bound every index gemm touches.
     unsafe {
         gemm::gemm(

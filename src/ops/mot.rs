@@ -35,7 +35,11 @@ pub fn merge(x: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
     let (b, s, _) = x.dims3()?;
     check_group(b, g)?;
     if w.dims3()?.0 != b || w.dim(1)? != s {
-        candle_core::bail!("mot merge: weights {:?} do not match activations {:?}", w.dims(), x.dims());
+        candle_core::bail!(
+            "mot merge: weights {:?} do not match activations {:?}",
+            w.dims(),
+            x.dims()
+        );
     }
     if use_kernel(&[x, w]) {
         x.contiguous()?.apply_op2(&w.contiguous()?, Merge { g })
@@ -49,7 +53,11 @@ pub fn emit(y: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
     let (b, s, e) = w.dims3()?;
     check_group(b, g)?;
     if y.dims3()?.0 != e || y.dim(1)? != b / g * s {
-        candle_core::bail!("mot emit: expert outputs {:?} do not match weights {:?}", y.dims(), w.dims());
+        candle_core::bail!(
+            "mot emit: expert outputs {:?} do not match weights {:?}",
+            y.dims(),
+            w.dims()
+        );
     }
     if use_kernel(&[y, w]) {
         y.contiguous()?.apply_op2(&w.contiguous()?, Emit { g })
@@ -59,7 +67,7 @@ pub fn emit(y: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
 }
 
 fn check_group(b: usize, g: usize) -> Result<()> {
-    if g == 0 || b % g != 0 {
+    if g == 0 || !b.is_multiple_of(g) {
         candle_core::bail!("Mixture of Tokens groups {g} sequences at one position, so the batch ({b} sequences) must be a multiple of {g}");
     }
     Ok(())
@@ -72,7 +80,12 @@ fn use_kernel(ts: &[&Tensor]) -> bool {
     if *PLAIN.get_or_init(|| std::env::var("MOTRAIN_MOT_OPS").is_ok_and(|v| v == "plain")) {
         return false;
     }
-    fused(ts) || (cfg!(feature = "cuda") && ts.iter().all(|t| t.device().is_cuda() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::BF16)))
+    fused(ts)
+        || (cfg!(feature = "cuda")
+            && ts.iter().all(|t| {
+                t.device().is_cuda()
+                    && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::BF16)
+            }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -144,11 +157,16 @@ impl CustomOp1 for GroupSoftmax {
 
     fn cpu_fwd(&self, zs: &CpuStorage, zl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, s, e) = zl.shape().dims3()?;
-        Ok((CpuStorage::F32(cpu::group_softmax(slice(zs, zl)?, b, s, e, self.g)), zl.shape().clone()))
+        Ok((
+            CpuStorage::F32(cpu::group_softmax(slice(zs, zl)?, b, s, e, self.g)),
+            zl.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, zs: &candle_core::CudaStorage, zl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self, zs: &candle_core::CudaStorage, zl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::mot_cuda::group_softmax(zs, zl, self.g)
     }
 
@@ -166,7 +184,9 @@ impl CustomOp2 for Merge {
         "mot-merge"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, s, d) = xl.shape().dims3()?;
         let e = wl.shape().dims3()?.2;
         let m = cpu::merge(slice(xs, xl)?, slice(ws, wl)?, b, s, d, e, self.g);
@@ -175,16 +195,15 @@ impl CustomOp2 for Merge {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        ws: &candle_core::CudaStorage,
+        &self, xs: &candle_core::CudaStorage, xl: &Layout, ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::mot_cuda::merge(xs, xl, ws, wl, self.g)
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _m: &Tensor, dm: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, x: &Tensor, w: &Tensor, _m: &Tensor, dm: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dm = dm.contiguous()?;
         let dx = dm.apply_op2_no_bwd(w, &Emit { g: self.g })?;
         let dw = x.apply_op2_no_bwd(&dm, &GroupDot { g: self.g })?;
@@ -197,7 +216,9 @@ impl CustomOp2 for Emit {
         "mot-emit"
     }
 
-    fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, ys: &CpuStorage, yl: &Layout, ws: &CpuStorage, wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, s, e) = wl.shape().dims3()?;
         let d = yl.shape().dims3()?.2;
         let out = cpu::emit(slice(ys, yl)?, slice(ws, wl)?, b, s, d, e, self.g);
@@ -206,16 +227,15 @@ impl CustomOp2 for Emit {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
-        &self,
-        ys: &candle_core::CudaStorage,
-        yl: &Layout,
-        ws: &candle_core::CudaStorage,
+        &self, ys: &candle_core::CudaStorage, yl: &Layout, ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::mot_cuda::emit(ys, yl, ws, wl, self.g)
     }
 
-    fn bwd(&self, y: &Tensor, w: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, y: &Tensor, w: &Tensor, _out: &Tensor, dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dout = dout.contiguous()?;
         let dy = dout.apply_op2_no_bwd(w, &Merge { g: self.g })?;
         let dw = dout.apply_op2_no_bwd(y, &GroupDot { g: self.g })?;
@@ -228,7 +248,9 @@ impl CustomOp2 for GroupDot {
         "mot-group-dot"
     }
 
-    fn cpu_fwd(&self, as_: &CpuStorage, al: &Layout, cs: &CpuStorage, cl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, as_: &CpuStorage, al: &Layout, cs: &CpuStorage, cl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, s, d) = al.shape().dims3()?;
         let e = cl.shape().dims3()?.0;
         let r = cpu::group_dot(slice(as_, al)?, slice(cs, cl)?, b, s, d, e, self.g);
@@ -237,10 +259,7 @@ impl CustomOp2 for GroupDot {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
-        &self,
-        as_: &candle_core::CudaStorage,
-        al: &Layout,
-        cs: &candle_core::CudaStorage,
+        &self, as_: &candle_core::CudaStorage, al: &Layout, cs: &candle_core::CudaStorage,
         cl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::mot_cuda::group_dot(as_, al, cs, cl, self.g)
@@ -263,7 +282,10 @@ mod cpu {
     /// Splits `buf`, seen as `[outer, S, width]`, into the pieces each task writes: task
     /// `(k, p)` gets, for every outer index `o` with `owner(o) == k` (in order of `o`), rows
     /// `[p·sb, (p+1)·sb)` of that `[S, width]` slab.
-    fn split<'a>(buf: &'a mut [f32], s: usize, width: usize, sb: usize, k: usize, owner: impl Fn(usize) -> usize) -> Vec<Vec<&'a mut [f32]>> {
+    fn split(
+        buf: &mut [f32], s: usize, width: usize, sb: usize, k: usize,
+        owner: impl Fn(usize) -> usize,
+    ) -> Vec<Vec<&mut [f32]>> {
         let per_k = s.div_ceil(sb);
         let mut tasks: Vec<Vec<&mut [f32]>> = (0..k * per_k).map(|_| Vec::new()).collect();
         if width == 0 || s == 0 {
@@ -289,82 +311,96 @@ mod cpu {
         let k = b / g;
         let sb = positions_per_task(k, s);
         let mut w = vec![0f32; z.len()];
-        split(&mut w, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(|(t, mut rows)| {
-            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-            let mut col = vec![0f32; g];
-            for ds in 0..rows.first().map_or(0, |r| r.len() / e) {
-                for ex in 0..e {
-                    for (i, c) in col.iter_mut().enumerate() {
-                        *c = z[((kk * g + i) * s + s0 + ds) * e + ex];
-                    }
-                    let m = max(&col);
-                    col.iter_mut().for_each(|c| *c = exp(*c - m));
-                    let total: f32 = col.iter().sum();
-                    for (i, row) in rows.iter_mut().enumerate() {
-                        row[ds * e + ex] = col[i] / total;
+        split(&mut w, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
+            |(t, mut rows)| {
+                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                let mut col = vec![0f32; g];
+                for ds in 0..rows.first().map_or(0, |r| r.len() / e) {
+                    for ex in 0..e {
+                        for (i, c) in col.iter_mut().enumerate() {
+                            *c = z[((kk * g + i) * s + s0 + ds) * e + ex];
+                        }
+                        let m = max(&col);
+                        col.iter_mut().for_each(|c| *c = exp(*c - m));
+                        let total: f32 = col.iter().sum();
+                        for (i, row) in rows.iter_mut().enumerate() {
+                            row[ds * e + ex] = col[i] / total;
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         w
     }
 
-    pub fn merge(x: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
+    pub fn merge(
+        x: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize,
+    ) -> Vec<f32> {
         let k = b / g;
         let sb = positions_per_task(k, s);
         let mut m = vec![0f32; e * k * s * d];
         // m is [E·K, S, d]: slab o = ex·K + kk belongs to group row-block kk.
-        split(&mut m, s, d, sb, k, |o| o % k).into_par_iter().enumerate().for_each(|(t, mut experts)| {
-            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-            for ds in 0..experts.first().map_or(0, |r| r.len() / d) {
-                let row = |i: usize| (kk * g + i) * s + s0 + ds;
-                for (ex, dst) in experts.iter_mut().enumerate() {
-                    let dst = &mut dst[ds * d..(ds + 1) * d];
-                    for i in 0..g {
-                        axpy(dst, w[row(i) * e + ex], &x[row(i) * d..(row(i) + 1) * d]);
+        split(&mut m, s, d, sb, k, |o| o % k).into_par_iter().enumerate().for_each(
+            |(t, mut experts)| {
+                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                for ds in 0..experts.first().map_or(0, |r| r.len() / d) {
+                    let row = |i: usize| (kk * g + i) * s + s0 + ds;
+                    for (ex, dst) in experts.iter_mut().enumerate() {
+                        let dst = &mut dst[ds * d..(ds + 1) * d];
+                        for i in 0..g {
+                            axpy(dst, w[row(i) * e + ex], &x[row(i) * d..(row(i) + 1) * d]);
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         m
     }
 
-    pub fn emit(y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
+    pub fn emit(
+        y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize,
+    ) -> Vec<f32> {
         let k = b / g;
         let sb = positions_per_task(k, s);
         let mut out = vec![0f32; b * s * d];
-        split(&mut out, s, d, sb, k, |o| o / g).into_par_iter().enumerate().for_each(|(t, mut members)| {
-            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-            for ds in 0..members.first().map_or(0, |r| r.len() / d) {
-                let n = kk * s + s0 + ds;
-                for (i, dst) in members.iter_mut().enumerate() {
-                    let dst = &mut dst[ds * d..(ds + 1) * d];
-                    let wi = &w[((kk * g + i) * s + s0 + ds) * e..][..e];
-                    for (ex, &wv) in wi.iter().enumerate() {
-                        axpy(dst, wv, &y[(ex * k * s + n) * d..][..d]);
+        split(&mut out, s, d, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
+            |(t, mut members)| {
+                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                for ds in 0..members.first().map_or(0, |r| r.len() / d) {
+                    let n = kk * s + s0 + ds;
+                    for (i, dst) in members.iter_mut().enumerate() {
+                        let dst = &mut dst[ds * d..(ds + 1) * d];
+                        let wi = &w[((kk * g + i) * s + s0 + ds) * e..][..e];
+                        for (ex, &wv) in wi.iter().enumerate() {
+                            axpy(dst, wv, &y[(ex * k * s + n) * d..][..d]);
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         out
     }
 
-    pub fn group_dot(a: &[f32], c: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
+    pub fn group_dot(
+        a: &[f32], c: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize,
+    ) -> Vec<f32> {
         let k = b / g;
         let sb = positions_per_task(k, s);
         let mut r = vec![0f32; b * s * e];
-        split(&mut r, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(|(t, mut members)| {
-            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-            for ds in 0..members.first().map_or(0, |r| r.len() / e) {
-                let n = kk * s + s0 + ds;
-                for (i, dst) in members.iter_mut().enumerate() {
-                    let ai = &a[((kk * g + i) * s + s0 + ds) * d..][..d];
-                    for (ex, v) in dst[ds * e..(ds + 1) * e].iter_mut().enumerate() {
-                        *v = dot(ai, &c[(ex * k * s + n) * d..][..d]);
+        split(&mut r, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
+            |(t, mut members)| {
+                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                for ds in 0..members.first().map_or(0, |r| r.len() / e) {
+                    let n = kk * s + s0 + ds;
+                    for (i, dst) in members.iter_mut().enumerate() {
+                        let ai = &a[((kk * g + i) * s + s0 + ds) * d..][..d];
+                        for (ex, v) in dst[ds * e..(ds + 1) * e].iter_mut().enumerate() {
+                            *v = dot(ai, &c[(ex * k * s + n) * d..][..d]);
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         r
     }
 }
@@ -376,11 +412,15 @@ mod tests {
     use candle_core::{DType, Device};
 
     /// (B, S, d, E, G): G = 1, G = B, uneven widths, more experts than rows.
-    const SHAPES: [(usize, usize, usize, usize, usize); 5] = [(4, 3, 5, 3, 2), (6, 7, 9, 4, 1), (4, 5, 3, 2, 4), (8, 2, 17, 11, 4), (3, 1, 4, 5, 3)];
+    const SHAPES: [(usize, usize, usize, usize, usize); 5] =
+        [(4, 3, 5, 3, 2), (6, 7, 9, 4, 1), (4, 5, 3, 2, 4), (8, 2, 17, 11, 4), (3, 1, 4, 5, 3)];
 
     /// A naive loop over groups, experts and members, written from `models.md` alone.
-    fn naive(x: &[f32], z: &[f32], (b, s, d, e, g): (usize, usize, usize, usize, usize)) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (mut w, mut m, mut out) = (vec![0f32; b * s * e], vec![0f32; e * b / g * s * d], vec![0f32; b * s * d]);
+    fn naive(
+        x: &[f32], z: &[f32], (b, s, d, e, g): (usize, usize, usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (mut w, mut m, mut out) =
+            (vec![0f32; b * s * e], vec![0f32; e * b / g * s * d], vec![0f32; b * s * d]);
         for kk in 0..b / g {
             for p in 0..s {
                 let n = kk * s + p;
@@ -391,7 +431,8 @@ mod tests {
                     for i in 0..g {
                         w[row(i) * e + ex] = (z[row(i) * e + ex] - mx).exp() / total;
                         for j in 0..d {
-                            m[(ex * (b / g) * s + n) * d + j] += w[row(i) * e + ex] * x[row(i) * d + j];
+                            m[(ex * (b / g) * s + n) * d + j] +=
+                                w[row(i) * e + ex] * x[row(i) * d + j];
                         }
                     }
                 }
@@ -399,7 +440,8 @@ mod tests {
                 for i in 0..g {
                     for ex in 0..e {
                         for j in 0..d {
-                            out[row(i) * d + j] += w[row(i) * e + ex] * m[(ex * (b / g) * s + n) * d + j];
+                            out[row(i) * d + j] +=
+                                w[row(i) * e + ex] * m[(ex * (b / g) * s + n) * d + j];
                         }
                     }
                 }
@@ -418,7 +460,8 @@ mod tests {
     #[test]
     #[cfg_attr(not(feature = "cuda"), ignore = "CUDA skipped: built without the `cuda` feature")]
     fn cuda_kernels_match_a_naive_loop() {
-        let dev = Device::new_cuda(0).expect("built with the `cuda` feature but no CUDA device is present");
+        let dev = Device::new_cuda(0)
+            .expect("built with the `cuda` feature but no CUDA device is present");
         kernels_match_a_naive_loop(&dev);
     }
 
@@ -429,9 +472,17 @@ mod tests {
         for (i, &(b, s, d, e, g)) in SHAPES.iter().enumerate() {
             let x = randn(&[b, s, d], 10 + i as u64);
             let z = randn(&[b, s, e], 20 + i as u64);
-            let (w0, m0, out0) = naive(&x.flatten_all().unwrap().to_vec1().unwrap(), &z.flatten_all().unwrap().to_vec1().unwrap(), (b, s, d, e, g));
-            let expected = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
-            let (xv, zv) = (candle_core::Var::from_tensor(&x.to_device(dev).unwrap()).unwrap(), candle_core::Var::from_tensor(&z.to_device(dev).unwrap()).unwrap());
+            let (w0, m0, out0) = naive(
+                &x.flatten_all().unwrap().to_vec1().unwrap(),
+                &z.flatten_all().unwrap().to_vec1().unwrap(),
+                (b, s, d, e, g),
+            );
+            let expected =
+                |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+            let (xv, zv) = (
+                candle_core::Var::from_tensor(&x.to_device(dev).unwrap()).unwrap(),
+                candle_core::Var::from_tensor(&z.to_device(dev).unwrap()).unwrap(),
+            );
             let w = group_softmax(&zv, g).unwrap();
             let m = merge(&xv, &w, g).unwrap();
             let out = emit(&m, &w, g).unwrap();
@@ -440,8 +491,16 @@ mod tests {
             assert_close(&cpu(&out), &expected(out0, &[b, s, d]), 1e-5);
 
             let proj = randn(&[b, s, d], 30 + i as u64);
-            let grads = (&out * proj.to_device(dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
-            let (xr, zr) = (candle_core::Var::from_tensor(&x).unwrap(), candle_core::Var::from_tensor(&z).unwrap());
+            let grads = (&out * proj.to_device(dev).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (xr, zr) = (
+                candle_core::Var::from_tensor(&x).unwrap(),
+                candle_core::Var::from_tensor(&z).unwrap(),
+            );
             let wr = group_softmax_reference(&zr, g).unwrap();
             let out_r = emit_reference(&merge_reference(&xr, &wr, g).unwrap(), &wr, g).unwrap();
             let ref_grads = (out_r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
@@ -470,9 +529,21 @@ mod tests {
             assert_close(&emit(&y, &w, g).unwrap(), &emit_reference(&y, &w, g).unwrap(), 1e-5);
             let dot = x.apply_op2_no_bwd(&y, &GroupDot { g }).unwrap();
             assert_close(&dot, &group_dot_reference(&x, &y, g).unwrap(), 1e-5);
-            check_grads(&[z.clone()], |v| group_softmax(&v[0], g), |v| group_softmax_reference(&v[0], g));
-            check_grads(&[x.clone(), w.clone()], |v| merge(&v[0], &v[1], g), |v| merge_reference(&v[0], &v[1], g));
-            check_grads(&[y.clone(), w.clone()], |v| emit(&v[0], &v[1], g), |v| emit_reference(&v[0], &v[1], g));
+            check_grads(
+                std::slice::from_ref(&z),
+                |v| group_softmax(&v[0], g),
+                |v| group_softmax_reference(&v[0], g),
+            );
+            check_grads(
+                &[x.clone(), w.clone()],
+                |v| merge(&v[0], &v[1], g),
+                |v| merge_reference(&v[0], &v[1], g),
+            );
+            check_grads(
+                &[y.clone(), w.clone()],
+                |v| emit(&v[0], &v[1], g),
+                |v| emit_reference(&v[0], &v[1], g),
+            );
         }
     }
 

@@ -10,7 +10,9 @@
 //! Shapes: B batch rows, S positions, E experts, group size G (B % G == 0), N = (B/G)·S groups.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{kernel_name, CudaDType, CudaStorageSlice, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape, WithDType};
 
@@ -47,7 +49,9 @@ pub fn group_softmax(z: &CudaStorage, zl: &Layout, g: usize) -> Result<(CudaStor
 }
 
 /// `m [E, N, d]`: `m[e, n] = Σ_{b∈n} w[b, s, e] · x[b, s]`, from `x [B, S, d]`, `w [B, S, E]`.
-pub fn merge(x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, g: usize) -> Result<(CudaStorage, Shape)> {
+pub fn merge(
+    x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, g: usize,
+) -> Result<(CudaStorage, Shape)> {
     let (b, s, d) = dims3(xl, "merge", "activations")?;
     let (wb, ws, e) = dims3(wl, "merge", "weights")?;
     if (wb, ws) != (b, s) {
@@ -63,40 +67,64 @@ pub fn merge(x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, g: usiz
         (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w)) => {
             launch.run(dev, &[view(x, xl, "activations")?, view(w, wl, "weights")?], e * n * d)?
         }
-        _ => bail!("mot merge on CUDA takes f32 or bf16 of one dtype, got {:?} and {:?}", x.dtype(), w.dtype()),
+        _ => bail!(
+            "mot merge on CUDA takes f32 or bf16 of one dtype, got {:?} and {:?}",
+            x.dtype(),
+            w.dtype()
+        ),
     };
     Ok((out, Shape::from((e, n, d))))
 }
 
 /// `out [B, S, d]`: `out[b, s] = Σ_e w[b, s, e] · y[e, n(b, s)]`, from `y [E, N, d]`, `w [B, S, E]`.
-pub fn emit(y: &CudaStorage, yl: &Layout, w: &CudaStorage, wl: &Layout, g: usize) -> Result<(CudaStorage, Shape)> {
+pub fn emit(
+    y: &CudaStorage, yl: &Layout, w: &CudaStorage, wl: &Layout, g: usize,
+) -> Result<(CudaStorage, Shape)> {
     let (b, s, e) = dims3(wl, "emit", "weights")?;
     let (ye, yn, d) = dims3(yl, "emit", "expert outputs")?;
     let n = groups(b, s, g, "emit")?;
     if (ye, yn) != (e, n) {
-        bail!("mot emit: expert outputs {:?} do not match weights {:?} with groups of {g}", yl.dims(), wl.dims());
+        bail!(
+            "mot emit: expert outputs {:?} do not match weights {:?} with groups of {g}",
+            yl.dims(),
+            wl.dims()
+        );
     }
     let launch = Launch::over_columns("mot_emit", n, d, ints(&[b, s, d, e, g])?);
     let dev = y.device();
     let out = match (&y.slice, &w.slice) {
-        (CudaStorageSlice::F32(y), CudaStorageSlice::F32(w)) => {
-            launch.run(dev, &[view(y, yl, "expert outputs")?, view(w, wl, "weights")?], b * s * d)?
-        }
-        (CudaStorageSlice::BF16(y), CudaStorageSlice::BF16(w)) => {
-            launch.run(dev, &[view(y, yl, "expert outputs")?, view(w, wl, "weights")?], b * s * d)?
-        }
-        _ => bail!("mot emit on CUDA takes f32 or bf16 of one dtype, got {:?} and {:?}", y.dtype(), w.dtype()),
+        (CudaStorageSlice::F32(y), CudaStorageSlice::F32(w)) => launch.run(
+            dev,
+            &[view(y, yl, "expert outputs")?, view(w, wl, "weights")?],
+            b * s * d,
+        )?,
+        (CudaStorageSlice::BF16(y), CudaStorageSlice::BF16(w)) => launch.run(
+            dev,
+            &[view(y, yl, "expert outputs")?, view(w, wl, "weights")?],
+            b * s * d,
+        )?,
+        _ => bail!(
+            "mot emit on CUDA takes f32 or bf16 of one dtype, got {:?} and {:?}",
+            y.dtype(),
+            w.dtype()
+        ),
     };
     Ok((out, Shape::from((b, s, d))))
 }
 
 /// `r [B, S, E]`: `r[b, s, e] = ⟨a[b, s], c[e, n(b, s)]⟩`, from `a [B, S, d]`, `c [E, N, d]`.
-pub fn group_dot(a: &CudaStorage, al: &Layout, c: &CudaStorage, cl: &Layout, g: usize) -> Result<(CudaStorage, Shape)> {
+pub fn group_dot(
+    a: &CudaStorage, al: &Layout, c: &CudaStorage, cl: &Layout, g: usize,
+) -> Result<(CudaStorage, Shape)> {
     let (b, s, d) = dims3(al, "group_dot", "rows")?;
     let (e, cn, cd) = dims3(cl, "group_dot", "group rows")?;
     let n = groups(b, s, g, "group_dot")?;
     if (cn, cd) != (n, d) {
-        bail!("mot group_dot: group rows {:?} do not match rows {:?} with groups of {g}", cl.dims(), al.dims());
+        bail!(
+            "mot group_dot: group rows {:?} do not match rows {:?} with groups of {g}",
+            cl.dims(),
+            al.dims()
+        );
     }
     // A block takes MEMBERS_PER_BLOCK members of a group; its warps share out the experts, and
     // more than 8 warps would mostly wait on the same rows.
@@ -115,7 +143,11 @@ pub fn group_dot(a: &CudaStorage, al: &Layout, c: &CudaStorage, cl: &Layout, g: 
         (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(c)) => {
             launch.run(dev, &[view(a, al, "rows")?, view(c, cl, "group rows")?], b * s * e)?
         }
-        _ => bail!("mot group_dot on CUDA takes f32 or bf16 of one dtype, got {:?} and {:?}", a.dtype(), c.dtype()),
+        _ => bail!(
+            "mot group_dot on CUDA takes f32 or bf16 of one dtype, got {:?} and {:?}",
+            a.dtype(),
+            c.dtype()
+        ),
     };
     Ok((out, Shape::from((b, s, e))))
 }
@@ -140,10 +172,7 @@ impl Launch {
     /// Runs the kernel for dtype `T` on `inputs` and returns its freshly allocated output of
     /// `out_len` elements.
     fn run<T: CudaDType + DeviceRepr + WithDType>(
-        &self,
-        dev: &CudaDevice,
-        inputs: &[CudaView<'_, T>],
-        out_len: usize,
+        &self, dev: &CudaDevice, inputs: &[CudaView<'_, T>], out_len: usize,
     ) -> Result<CudaStorage> {
         if out_len == 0 {
             // A zero-byte CUDA allocation is an error, and there is nothing to compute.
@@ -179,8 +208,14 @@ impl Launch {
 fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((start, end)) if end <= s.len() => Ok(s.slice(start..end)),
-        Some((start, end)) => bail!("mot: {what} span elements {start}..{end} of a buffer of {}", s.len()),
-        None => bail!("mot: {what} must be contiguous, got shape {:?} with strides {:?}", l.dims(), l.stride()),
+        Some((start, end)) => {
+            bail!("mot: {what} span elements {start}..{end} of a buffer of {}", s.len())
+        }
+        None => bail!(
+            "mot: {what} must be contiguous, got shape {:?} with strides {:?}",
+            l.dims(),
+            l.stride()
+        ),
     }
 }
 

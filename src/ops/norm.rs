@@ -47,20 +47,26 @@ impl CustomOp2 for RmsNorm {
         "rms-norm"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(xs, xl)?, slice(ws, wl)?);
         let d = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(|(yr, xr)| {
-            let r = rstd(xr, self.eps);
-            for i in 0..d {
-                yr[i] = w[i] * xr[i] * r;
-            }
-        });
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
+            |(yr, xr)| {
+                let r = rstd(xr, self.eps);
+                for i in 0..d {
+                    yr[i] = w[i] * xr[i] * r;
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let rows = x.elem_count() / w.elem_count();
         let both = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormBwd { eps: self.eps })?;
         let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
@@ -79,14 +85,19 @@ impl CustomOp3 for RmsNormBwd {
         "rms-norm-bwd"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w, g) = (slice(xs, xl)?, slice(ws, wl)?, slice(gs, gl)?);
         let d = w.len();
         let rows = x.len() / d;
         let mut out = vec![0f32; x.len() + d];
         let (dx, dw) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(g.par_chunks(d))).with_min_len(rows_per_task(d)).for_each(
-            |(dxr, (xr, gr))| {
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .with_min_len(rows_per_task(d))
+            .for_each(|(dxr, (xr, gr))| {
                 let r = rstd(xr, self.eps);
                 // dx = r·(g∘w) − r³·x·mean(g∘w∘x)
                 let mut gwx = 0f32;
@@ -97,8 +108,7 @@ impl CustomOp3 for RmsNormBwd {
                 for i in 0..d {
                     dxr[i] = r * gr[i] * w[i] - c * xr[i];
                 }
-            },
-        );
+            });
         let sums = column_sums(rows, d, 1, |row, acc| {
             let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
             let r = rstd(xr, self.eps);
@@ -130,20 +140,27 @@ impl CustomOp3 for LayerNorm {
         "layer-norm"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
         let d = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(|(yr, xr)| {
-            let (mu, r) = mean_rstd(xr, self.eps);
-            for i in 0..d {
-                yr[i] = w[i] * (xr[i] - mu) * r + b[i];
-            }
-        });
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
+            |(yr, xr)| {
+                let (mu, r) = mean_rstd(xr, self.eps);
+                for i in 0..d {
+                    yr[i] = w[i] * (xr[i] - mu) * r + b[i];
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let rows = x.elem_count() / w.elem_count();
         let all = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormBwd { eps: self.eps })?;
         let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
@@ -163,14 +180,19 @@ impl CustomOp3 for LayerNormBwd {
         "layer-norm-bwd"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w, g) = (slice(xs, xl)?, slice(ws, wl)?, slice(gs, gl)?);
         let d = w.len();
         let rows = x.len() / d;
         let mut out = vec![0f32; x.len() + 2 * d];
         let (dx, dwb) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(g.par_chunks(d))).with_min_len(rows_per_task(d)).for_each(
-            |(dxr, (xr, gr))| {
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .with_min_len(rows_per_task(d))
+            .for_each(|(dxr, (xr, gr))| {
                 let (mu, r) = mean_rstd(xr, self.eps);
                 // dx = r·(gw − mean(gw) − x̂·mean(gw·x̂)), gw = g∘w
                 let (mut m1, mut m2) = (0f32, 0f32);
@@ -185,8 +207,7 @@ impl CustomOp3 for LayerNormBwd {
                     let xh = (xr[i] - mu) * r;
                     dxr[i] = r * (gr[i] * w[i] - m1 - xh * m2);
                 }
-            },
-        );
+            });
         let sums = column_sums(rows, d, 2, |row, acc| {
             let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
             let (mu, r) = mean_rstd(xr, self.eps);
@@ -210,8 +231,16 @@ mod tests {
     fn rms_norm_matches_reference_and_gradients() {
         let x = randn(&[6, 5, 16], 1);
         let w = (randn(&[16], 2) + 1.0).unwrap();
-        assert_close(&rms_norm(&x, &w, 1e-5).unwrap(), &rms_norm_reference(&x, &w, 1e-5).unwrap(), 1e-5);
-        check_grads(&[x, w], |v| rms_norm(&v[0], &v[1], 1e-5), |v| rms_norm_reference(&v[0], &v[1], 1e-5));
+        assert_close(
+            &rms_norm(&x, &w, 1e-5).unwrap(),
+            &rms_norm_reference(&x, &w, 1e-5).unwrap(),
+            1e-5,
+        );
+        check_grads(
+            &[x, w],
+            |v| rms_norm(&v[0], &v[1], 1e-5),
+            |v| rms_norm_reference(&v[0], &v[1], 1e-5),
+        );
     }
 
     #[test]
@@ -219,7 +248,15 @@ mod tests {
         let x = randn(&[7, 12], 3);
         let w = (randn(&[12], 4) + 1.0).unwrap();
         let b = randn(&[12], 5);
-        assert_close(&layer_norm(&x, &w, &b, 1e-5).unwrap(), &layer_norm_reference(&x, &w, &b, 1e-5).unwrap(), 1e-5);
-        check_grads(&[x, w, b], |v| layer_norm(&v[0], &v[1], &v[2], 1e-5), |v| layer_norm_reference(&v[0], &v[1], &v[2], 1e-5));
+        assert_close(
+            &layer_norm(&x, &w, &b, 1e-5).unwrap(),
+            &layer_norm_reference(&x, &w, &b, 1e-5).unwrap(),
+            1e-5,
+        );
+        check_grads(
+            &[x, w, b],
+            |v| layer_norm(&v[0], &v[1], &v[2], 1e-5),
+            |v| layer_norm_reference(&v[0], &v[1], &v[2], 1e-5),
+        );
     }
 }

@@ -17,13 +17,17 @@ pub struct RopeTables {
 impl RopeTables {
     pub fn new(head_dim: usize, max_len: usize, theta: f64) -> Result<RopeTables> {
         let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf(2.0 * i as f32 / head_dim as f32)).collect();
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        let n = max_len.checked_mul(half);
-        let fits = |n: usize| crate::model::params::memory_bytes().is_none_or(|m| (n as u64).saturating_mul(8) <= m);
-        if !n.is_some_and(|n| fits(n) && cos.try_reserve_exact(n).is_ok() && sin.try_reserve_exact(n).is_ok()) {
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta as f32).powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let n = max_len
+            .checked_mul(half)
+            .filter(|&n| crate::alloc::fits_in_memory((n as u64).saturating_mul(8)));
+        let (Some(mut cos), Some(mut sin)) =
+            (n.and_then(crate::alloc::reserve_exact), n.and_then(crate::alloc::reserve_exact))
+        else {
             return Err(candle_core::Error::Msg(format!("cannot allocate RoPE tables for max_seq_len {max_len}: more than this machine's memory")));
-        }
+        };
         for p in 0..max_len {
             for f in &inv {
                 let a = p as f32 * f;
@@ -39,7 +43,9 @@ impl RopeTables {
     }
 
     /// `[len, 1, dh]` tables starting at `offset`, `cat(freqs, freqs)` as in HF.
-    fn full(&self, offset: usize, len: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    fn full(
+        &self, offset: usize, len: usize, device: &Device, dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
         let h = self.half;
         let take = |t: &[f32]| -> Result<Tensor> {
             let mut v = Vec::with_capacity(len * 2 * h);
@@ -57,7 +63,11 @@ impl RopeTables {
 pub fn rope(x: &Tensor, tables: &RopeTables, offset: usize) -> Result<Tensor> {
     let s = x.dim(1)?;
     if offset + s > tables.max_len() {
-        candle_core::bail!("position {} is beyond max_seq_len {}", offset + s - 1, tables.max_len());
+        candle_core::bail!(
+            "position {} is beyond max_seq_len {}",
+            offset + s - 1,
+            tables.max_len()
+        );
     }
     if fused(&[x]) {
         x.contiguous()?.apply_op1(Rope { tables: tables.clone(), offset, sign: 1.0 })
@@ -94,17 +104,19 @@ impl CustomOp1 for Rope {
         let half = dh / 2;
         let mut y = vec![0f32; x.len()];
         // One task per (batch, position): all heads share that position's angles.
-        y.par_chunks_mut(h * dh).zip(x.par_chunks(h * dh)).enumerate().with_min_len(16).for_each(|(bs, (yr, xr))| {
-            let p = (self.offset + bs % s) * self.tables.half;
-            let (c, sn) = (&self.tables.cos[p..p + half], &self.tables.sin[p..p + half]);
-            for (dst, src) in yr.chunks_mut(dh).zip(xr.chunks(dh)) {
-                for i in 0..half {
-                    let (x1, x2, sv) = (src[i], src[i + half], self.sign * sn[i]);
-                    dst[i] = x1 * c[i] - x2 * sv;
-                    dst[i + half] = x2 * c[i] + x1 * sv;
+        y.par_chunks_mut(h * dh).zip(x.par_chunks(h * dh)).enumerate().with_min_len(16).for_each(
+            |(bs, (yr, xr))| {
+                let p = (self.offset + bs % s) * self.tables.half;
+                let (c, sn) = (&self.tables.cos[p..p + half], &self.tables.sin[p..p + half]);
+                for (dst, src) in yr.chunks_mut(dh).zip(xr.chunks(dh)) {
+                    for i in 0..half {
+                        let (x1, x2, sv) = (src[i], src[i + half], self.sign * sn[i]);
+                        dst[i] = x1 * c[i] - x2 * sv;
+                        dst[i + half] = x2 * c[i] + x1 * sv;
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 

@@ -38,7 +38,10 @@ impl CustomOp1 for SwiGlu {
         let w2 = width(l);
         let f = w2 / 2;
         let mut y = vec![0f32; gu.len() / 2];
-        y.par_chunks_mut(f).zip(gu.par_chunks(w2)).with_min_len(super::rows_per_task(w2)).for_each(|(y, row)| swiglu_row(row, y));
+        y.par_chunks_mut(f)
+            .zip(gu.par_chunks(w2))
+            .with_min_len(super::rows_per_task(w2))
+            .for_each(|(y, row)| swiglu_row(row, y));
         let mut dims = l.shape().dims().to_vec();
         *dims.last_mut().unwrap() = f;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -78,7 +81,9 @@ impl CustomOp2 for SwiGluBwd {
         "swiglu-bwd"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, s: &CpuStorage, l: &Layout, ds: &CpuStorage, dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (gu, dy) = (slice(s, l)?, slice(ds, dl)?);
         let w2 = width(l);
         let f = w2 / 2;

@@ -5,14 +5,9 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut rng = crate::rng::seeded(seed);
     let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-        })
-        .collect();
+    let v: Vec<f32> = (0..n).map(|_| crate::rng::normal_f32(&mut rng)).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
@@ -51,10 +46,19 @@ where
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     for (i, v) in vars.iter().enumerate() {
-        let g = grads.get(v).unwrap_or_else(|| panic!("input {i} got no gradient")).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = grads
+            .get(v)
+            .unwrap_or_else(|| panic!("input {i} got no gradient"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let rg = ref_grads.get(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (k, (a, b)) in g.iter().zip(&rg).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "input {i} elem {k}: fused {a} vs autograd {b}");
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "input {i} elem {k}: fused {a} vs autograd {b}"
+            );
         }
         let base: Vec<f64> = inputs64[i].flatten_all().unwrap().to_vec1().unwrap();
         for _ in 0..12.min(base.len()) {
@@ -89,4 +93,27 @@ pub fn central_difference(v: &Var, k: usize, loss: impl Fn() -> f64) -> f64 {
         l
     };
     (at(1e-6) - at(-1e-6)) / 2e-6
+}
+
+/// A variable's gradient from `grads`, flattened to f64; panics naming `what` if it has none.
+pub fn grad_of(grads: &candle_core::backprop::GradStore, v: &Var, what: &str) -> Vec<f64> {
+    let g = grads.get(v).unwrap_or_else(|| panic!("{what}: no gradient"));
+    g.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Holds `analytic`, the flattened gradient of `v`, to central differences of `loss` at
+/// `samples` evenly spaced elements: `|numeric − analytic| ≤ rtol · (floor + |numeric|)`.
+pub fn assert_matches_fd(
+    what: &str, v: &Var, analytic: &[f64], samples: usize, (rtol, floor): (f64, f64),
+    loss: impl Fn() -> f64,
+) {
+    let n = v.elem_count();
+    for k in (0..n).step_by((n / samples).max(1)) {
+        let numeric = central_difference(v, k, &loss);
+        assert!(
+            (numeric - analytic[k]).abs() <= rtol * (floor + numeric.abs()),
+            "{what}[{k}]: autograd {} vs finite difference {numeric}",
+            analytic[k]
+        );
+    }
 }

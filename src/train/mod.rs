@@ -8,13 +8,13 @@ use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config::{Config, NanPolicy};
 use crate::data::{self, EvalStream, TrainLoader};
 use crate::eval::{evaluate, EvalResult};
-use crate::metrics::{format_duration, MetricsLog, Progress};
-use crate::model::routing::LayerStats;
+use crate::metrics::{format_duration, MetricsLog, Progress, Record};
+use crate::model::stats::LayerStats;
 use crate::model::{Params, Transformer};
+use crate::run_dir;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use optim::AdamW;
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -50,61 +50,54 @@ pub struct Trainer {
     nan_fault_step: Option<usize>,
 }
 
-/// The device `run.device` asks for.
-pub fn device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(if candle_core::utils::cuda_is_available() { Device::new_cuda(0)? } else { Device::Cpu }),
-        s => {
-            let n = s.strip_prefix("cuda:").map_or(Ok(0), str::parse::<usize>).context("run.device")?;
-            if !candle_core::utils::cuda_is_available() {
-                bail!("run.device = {s:?}, but this motrain was built without the `cuda` feature or no CUDA device is present");
-            }
-            Ok(Device::new_cuda(n)?)
-        }
-    }
-}
-
-/// A checkpoint's model, built from its state.json on the device it names and filled with its
-/// weights; the checkpoint comes back too (its state, weights and directory).
-pub fn load_model(path: &Path) -> Result<(Checkpoint, Transformer)> {
-    let dir = checkpoint::resolve(path)?;
-    let cfg = checkpoint::load_state(&dir)?.config;
-    let dev = device(&cfg.run.device)?;
-    let ckpt = checkpoint::load(&dir, &dev)?;
-    ckpt.check_config(&cfg.model)?;
-    let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
-    let model = Transformer::new(&cfg.model, &mut params)?;
-    ckpt.restore(&params)?;
-    Ok((ckpt, model))
-}
-
 impl Trainer {
     /// A freshly initialised model with its optimizer and data.
     pub fn new(cfg: Config) -> Result<Trainer> {
-        let dev = device(&cfg.run.device)?;
+        let dev = crate::device::device(&cfg.run.device)?;
         let model_cfg = cfg.model.clone();
-        let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale).freezing(move |name| !crate::model::trains(&model_cfg, name));
-        let model = Transformer::new(&cfg.model, &mut params)?.with_recompute_experts(cfg.train.recompute_experts);
+        let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale)
+            .freezing(move |name| !crate::model::trains(&model_cfg, name));
+        let model = Transformer::new(&cfg.model, &mut params)?
+            .with_recompute_experts(cfg.train.recompute_experts);
         // Moments only for what trains.
         let opt = AdamW::new(&params, |name| !params.is_frozen(name), &cfg.train)?;
-        let shards = data::shards::open_all(&cfg.data.train, &cfg.data.format, cfg.model.vocab_size)?;
+        let shards =
+            data::shards::open_all(&cfg.data.train, &cfg.data.format, cfg.model.vocab_size)?;
         let loader = TrainLoader::new(shards, cfg.data.seq_len, cfg.run.seed)?;
         let val = match &cfg.data.val {
-            Some(glob) => Some(EvalStream::new(data::shards::open_all(glob, &cfg.data.format, cfg.model.vocab_size)?, cfg.data.seq_len)),
+            Some(glob) => Some(EvalStream::new(
+                data::shards::open_all(glob, &cfg.data.format, cfg.model.vocab_size)?,
+                cfg.data.seq_len,
+            )),
             None => None,
         };
-        let nan_fault_step = std::env::var("MOTRAIN_FAULT_NAN_STEP").ok().and_then(|s| s.parse().ok());
-        Ok(Trainer { cfg, params, model, opt, loader, val, step: 0, tokens: 0, skipped_steps: 0, elapsed_before: 0.0, nan_fault_step })
+        let nan_fault_step =
+            std::env::var("MOTRAIN_FAULT_NAN_STEP").ok().and_then(|s| s.parse().ok());
+        Ok(Trainer {
+            cfg,
+            params,
+            model,
+            opt,
+            loader,
+            val,
+            step: 0,
+            tokens: 0,
+            skipped_steps: 0,
+            elapsed_before: 0.0,
+            nan_fault_step,
+        })
     }
 
     /// Continues exactly where `ckpt` stopped: weights, moments, step, data cursor.
     pub fn resume_from(&mut self, ckpt: &Checkpoint) -> Result<()> {
         ckpt.restore(&self.params)?;
         let moments = ckpt.optimizer(self.params.device())?;
-        self.opt
-            .load_state(&moments, ckpt.state.optimizer_t)
-            .map_err(|m| checkpoint::CheckpointError::Invalid { path: ckpt.dir.join("optimizer.safetensors"), message: m })?;
+        self.opt.load_state(&moments, ckpt.state.optimizer_t).map_err(|m| {
+            checkpoint::CheckpointError::Invalid {
+                path: ckpt.dir.join("optimizer.safetensors"),
+                message: m,
+            }
+        })?;
         self.step = ckpt.state.step;
         self.tokens = ckpt.state.tokens;
         self.loader.cursor = ckpt.state.data_cursor;
@@ -149,7 +142,8 @@ impl Trainer {
                 });
             }
         }
-        let grads: Vec<Tensor> = acc.into_iter().map(|g| g.expect("one micro-batch at least")).collect();
+        let grads: Vec<Tensor> =
+            acc.into_iter().map(|g| g.expect("one micro-batch at least")).collect();
         let grad_norm = global_norm(&grads)?;
         let loss = loss_sum / accum as f64;
         let lr = schedule::learning_rate(&self.cfg.train, self.step);
@@ -165,7 +159,8 @@ impl Trainer {
             }
         } else {
             let clip = self.cfg.train.grad_clip;
-            let scale = if clip > 0.0 && grad_norm > clip { clip / (grad_norm + 1e-6) } else { 1.0 };
+            let scale =
+                if clip > 0.0 && grad_norm > clip { clip / (grad_norm + 1e-6) } else { 1.0 };
             self.opt.step(&grads, lr, scale)?;
         }
         self.step += 1;
@@ -175,7 +170,12 @@ impl Trainer {
 
     pub fn eval(&self) -> Result<Option<EvalResult>> {
         match &self.val {
-            Some(stream) => Ok(Some(evaluate(&self.model, stream, self.cfg.train.eval_batch_size, self.cfg.train.eval_batches)?)),
+            Some(stream) => Ok(Some(evaluate(
+                &self.model,
+                stream,
+                self.cfg.train.eval_batch_size,
+                self.cfg.train.eval_batches,
+            )?)),
             None => Ok(None),
         }
     }
@@ -195,7 +195,13 @@ impl Trainer {
     }
 
     pub fn save(&self, run_dir: &Path, elapsed: f64) -> Result<PathBuf> {
-        let dir = checkpoint::save(run_dir, &self.state(elapsed), &self.params.tensors(), &self.opt.state_tensors()?, self.cfg.train.keep_checkpoints)?;
+        let dir = checkpoint::save(
+            run_dir,
+            &self.state(elapsed),
+            &self.params.tensors(),
+            &self.opt.state_tensors()?,
+            self.cfg.train.keep_checkpoints,
+        )?;
         Ok(dir)
     }
 }
@@ -219,44 +225,54 @@ pub struct RunSummary {
 /// The `train` command: a run directory, the loop, logs, evals and checkpoints.
 pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
     let run_dir = cfg.run_dir();
-    let _lock = checkpoint::RunLock::acquire(&run_dir)?;
+    let _lock = run_dir::RunLock::acquire(&run_dir)?;
     let mut trainer = Trainer::new(cfg)?;
     let cfg = trainer.cfg.clone();
     let metrics = match &start {
         Start::Resume => {
             let ckpt = checkpoint::load(&run_dir, trainer.params.device()).map_err(|e| {
-                anyhow::Error::new(e).context(format!("--resume: no usable checkpoint in {}", run_dir.display()))
+                anyhow::Error::new(e)
+                    .context(format!("--resume: no usable checkpoint in {}", run_dir.display()))
             })?;
             trainer.resume_from(&ckpt)?;
-            println!("resumed {} at step {} ({} tokens)", ckpt.dir.display(), trainer.step, trainer.tokens);
+            println!(
+                "resumed {} at step {} ({} tokens)",
+                ckpt.dir.display(),
+                trainer.step,
+                trainer.tokens
+            );
             MetricsLog::open(&run_dir, Some(trainer.step))?
         }
         Start::Fresh | Start::InitFrom(_) => {
             // `upcycle` writes a run directory whose one checkpoint is where its training starts.
             let own_start = match &start {
                 Start::InitFrom(p) => {
-                    let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().is_ok_and(|b| a == b));
-                    checkpoint::resolve(p).is_ok_and(|c| matches!(checkpoint::list(&run_dir).as_slice(), [(_, only)] if same(only, &c)))
+                    let same = |a: &Path, b: &Path| {
+                        a.canonicalize()
+                            .ok()
+                            .is_some_and(|a| b.canonicalize().is_ok_and(|b| a == b))
+                    };
+                    checkpoint::resolve(p).is_ok_and(|c| matches!(run_dir::checkpoints(&run_dir).as_slice(), [(_, only)] if same(only, &c)))
                 }
                 _ => false,
             };
-            if !own_start && !checkpoint::list(&run_dir).is_empty() {
-                return Err(checkpoint::CheckpointError::Invalid {
-                    path: run_dir.clone(),
-                    message: "already holds checkpoints: pass --resume to continue that run, or set another run.name".into(),
-                }
-                .into());
+            if !own_start {
+                run_dir::ensure_no_checkpoints(
+                    &run_dir,
+                    "pass --resume to continue that run, or set another run.name",
+                )?;
             }
             if let Start::InitFrom(p) = &start {
                 let ckpt = checkpoint::load(p, trainer.params.device())?;
                 ckpt.restore(&trainer.params)?;
                 println!("initialised from {} (step {})", ckpt.dir.display(), ckpt.state.step);
             }
-            std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("creating {}", run_dir.display()))?;
             MetricsLog::open(&run_dir, None)?
         }
     };
-    checkpoint::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+    run_dir::write_atomic(&run_dir::config_path(&run_dir), cfg.to_toml().as_bytes())?;
     let t = &cfg.train;
     let (total, trained) = (trainer.params.count(), trainer.params.trainable_count());
     let trained = if trained < total { format!(" ({trained} trained)") } else { String::new() };
@@ -270,7 +286,10 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
     let progress = Progress::new(t.steps, trainer.step);
     let started = Instant::now();
     if trainer.step >= t.steps {
-        println!("the run is already at step {} of {}: nothing to train (raise train.steps to go on)", trainer.step, t.steps);
+        println!(
+            "the run is already at step {} of {}: nothing to train (raise train.steps to go on)",
+            trainer.step, t.steps
+        );
     }
     let (mut window_start, mut window_tokens) = (Instant::now(), 0u64);
     let mut last_loss = None;
@@ -293,17 +312,18 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
             // The step's own loss, as nanoGPT logs it: a resumed run then logs the same numbers.
             let loss = stats.loss;
             let eta = (t.steps - step) as f64 * trainer.tokens_per_step() as f64 / tps;
-            let mut record = json!({
-                "step": step, "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                "tokens": trainer.tokens, "tokens_per_s": tps, "elapsed_s": trainer.elapsed_before + elapsed,
-            });
-            if trainer.skipped_steps > 0 {
-                record["skipped_steps"] = json!(trainer.skipped_steps);
-            }
-            if !stats.routing.is_empty() {
-                record["routing"] = json!(stats.routing);
-            }
-            metrics.write(&record)?;
+            metrics.write(&Record {
+                step: Some(step as u64),
+                loss: Some(loss),
+                lr: Some(stats.lr),
+                grad_norm: Some(stats.grad_norm),
+                tokens: Some(trainer.tokens),
+                tokens_per_s: Some(tps),
+                elapsed_s: Some(trainer.elapsed_before + elapsed),
+                skipped_steps: (trainer.skipped_steps > 0).then_some(trainer.skipped_steps),
+                routing: stats.routing.clone(),
+                ..Record::default()
+            })?;
             let line = format!(
                 "step {step:>6}/{} | loss {loss:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | eta {}",
                 t.steps,
@@ -320,12 +340,19 @@ pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
         }
         if (t.eval_every > 0 && step % t.eval_every == 0) || done {
             if let Some(e) = trainer.eval()? {
-                let mut record = json!({"step": step, "split": "val", "loss": e.loss, "ppl": e.ppl, "tokens": trainer.tokens});
-                if !e.routing.is_empty() {
-                    record["routing"] = json!(e.routing);
-                }
-                metrics.write(&record)?;
-                progress.line(&format!("eval step {step:>6} | val loss {:.4} | ppl {:.2}", e.loss, e.ppl));
+                metrics.write(&Record {
+                    step: Some(step as u64),
+                    split: Some("val".into()),
+                    loss: Some(e.loss),
+                    ppl: Some(e.ppl),
+                    tokens: Some(trainer.tokens),
+                    routing: e.routing.clone(),
+                    ..Record::default()
+                })?;
+                progress.line(&format!(
+                    "eval step {step:>6} | val loss {:.4} | ppl {:.2}",
+                    e.loss, e.ppl
+                ));
                 if !e.routing.is_empty() {
                     progress.line(crate::metrics::routing_table(&e.routing).trim_end());
                 }

@@ -32,7 +32,9 @@ pub struct AdamW {
 
 impl AdamW {
     /// State for every parameter that `trainable` admits.
-    pub fn new(params: &Params, trainable: impl Fn(&str) -> bool, cfg: &TrainConfig) -> Result<AdamW> {
+    pub fn new(
+        params: &Params, trainable: impl Fn(&str) -> bool, cfg: &TrainConfig,
+    ) -> Result<AdamW> {
         let mut slots = Vec::new();
         for (name, var) in params.iter().filter(|(n, _)| trainable(n)) {
             let moments = if var.device().is_cpu() {
@@ -40,7 +42,12 @@ impl AdamW {
             } else {
                 Moments::Device { m: var.zeros_like()?, v: var.zeros_like()? }
             };
-            slots.push(Slot { name: name.to_string(), var: var.clone(), decay: var.rank() >= 2, moments });
+            slots.push(Slot {
+                name: name.to_string(),
+                var: var.clone(),
+                decay: var.rank() >= 2,
+                moments,
+            });
         }
         Ok(AdamW { slots, t: 0, betas: cfg.betas, eps: cfg.eps, weight_decay: cfg.weight_decay })
     }
@@ -69,7 +76,8 @@ impl AdamW {
                     let g = (g * k.gscale as f64)?;
                     let nm = ((&*m * k.b1 as f64)? + (&g * (1.0 - k.b1) as f64)?)?;
                     let nv = ((&*v * k.b2 as f64)? + (g.sqr()? * (1.0 - k.b2) as f64)?)?;
-                    let upd = ((&nm / k.bc1 as f64)? / ((&nv / k.bc2 as f64)?.sqrt()? + k.eps as f64)?)?;
+                    let upd =
+                        ((&nm / k.bc1 as f64)? / ((&nv / k.bc2 as f64)?.sqrt()? + k.eps as f64)?)?;
                     let p = ((slot.var.as_tensor() * wd as f64)? - (upd * k.lr as f64)?)?;
                     slot.var.set(&p)?;
                     *m = nm;
@@ -85,9 +93,10 @@ impl AdamW {
         let mut out = HashMap::new();
         for s in &self.slots {
             let (m, v) = match &s.moments {
-                Moments::Host { m, v } => {
-                    (Tensor::from_slice(m, s.var.shape(), &candle_core::Device::Cpu)?, Tensor::from_slice(v, s.var.shape(), &candle_core::Device::Cpu)?)
-                }
+                Moments::Host { m, v } => (
+                    Tensor::from_slice(m, s.var.shape(), &candle_core::Device::Cpu)?,
+                    Tensor::from_slice(v, s.var.shape(), &candle_core::Device::Cpu)?,
+                ),
                 Moments::Device { m, v } => (m.clone(), v.clone()),
             };
             out.insert(format!("{}.exp_avg", s.name), m);
@@ -96,13 +105,21 @@ impl AdamW {
         Ok(out)
     }
 
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> std::result::Result<(), String> {
+    pub fn load_state(
+        &mut self, tensors: &HashMap<String, Tensor>, t: u64,
+    ) -> std::result::Result<(), String> {
         for s in &mut self.slots {
             let get = |suffix: &str| -> std::result::Result<Tensor, String> {
                 let key = format!("{}.{suffix}", s.name);
-                let t = tensors.get(&key).ok_or_else(|| format!("optimizer tensor `{key}` is missing"))?;
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| format!("optimizer tensor `{key}` is missing"))?;
                 if t.dims() != s.var.dims() {
-                    return Err(format!("optimizer tensor `{key}` has shape {:?}, expected {:?}", t.dims(), s.var.dims()));
+                    return Err(format!(
+                        "optimizer tensor `{key}` has shape {:?}, expected {:?}",
+                        t.dims(),
+                        s.var.dims()
+                    ));
                 }
                 t.to_dtype(DType::F32).map_err(|e| e.to_string())
             };
@@ -114,7 +131,10 @@ impl AdamW {
                 },
                 Moments::Device { .. } => {
                     let dev = s.var.device();
-                    Moments::Device { m: m.to_device(dev).map_err(|e| e.to_string())?, v: v.to_device(dev).map_err(|e| e.to_string())? }
+                    Moments::Device {
+                        m: m.to_device(dev).map_err(|e| e.to_string())?,
+                        v: v.to_device(dev).map_err(|e| e.to_string())?,
+                    }
                 }
             };
         }
@@ -145,9 +165,13 @@ impl InplaceOp2 for HostUpdate<'_> {
         "adamw"
     }
 
-    fn cpu_fwd(&self, ps: &mut CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self, ps: &mut CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout,
+    ) -> Result<()> {
         let g = slice(gs, gl)?;
-        let Some((a, b)) = pl.contiguous_offsets() else { candle_core::bail!("adamw: parameter is not contiguous") };
+        let Some((a, b)) = pl.contiguous_offsets() else {
+            candle_core::bail!("adamw: parameter is not contiguous")
+        };
         let CpuStorage::F32(p) = ps else { candle_core::bail!("adamw: parameters must be f32") };
         let p = &mut p[a..b];
         let (mut m, mut v) = (self.m.lock().unwrap(), self.v.lock().unwrap());
@@ -181,9 +205,15 @@ mod tests {
         let mut params = Params::new(&Device::Cpu, 0, 0.1);
         let w = params.matrix("w", &[2, 2]).unwrap();
         let b = params.constant("b", &[2], 0.5).unwrap();
-        let cfg = TrainConfig { betas: [0.9, 0.95], eps: 1e-8, weight_decay: 0.1, ..Default::default() };
+        let cfg =
+            TrainConfig { betas: [0.9, 0.95], eps: 1e-8, weight_decay: 0.1, ..Default::default() };
         let mut opt = AdamW::new(&params, |_| true, &cfg).unwrap();
-        let p0: Vec<f64> = w.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().chain(b.to_vec1::<f32>().unwrap()).map(|x| x as f64).collect();
+        // w and b as one vector of 6.
+        let flat = || -> Vec<f32> {
+            let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            w.into_iter().chain(b.to_vec1::<f32>().unwrap()).collect()
+        };
+        let p0: Vec<f64> = flat().into_iter().map(|x| x as f64).collect();
         let gs = [[0.1f32, -0.2, 0.3, 0.4, 1.0, -1.0], [0.2, 0.1, -0.3, 0.0, 0.5, 0.5]];
         let (lr, scale) = (0.01f64, 0.5f64);
         for g in &gs {
@@ -203,7 +233,7 @@ mod tests {
                 p[i] = p[i] * wd - lr * mh / (vh.sqrt() + 1e-8);
             }
         }
-        let got: Vec<f32> = w.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().chain(b.to_vec1::<f32>().unwrap()).collect();
+        let got = flat();
         for i in 0..6 {
             assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{i}: {} vs {}", got[i], p[i]);
         }

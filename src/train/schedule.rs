@@ -13,7 +13,9 @@ pub fn learning_rate(t: &TrainConfig, step: usize) -> f64 {
     let progress = ((step - w) as f64 / span).min(1.0);
     match t.schedule {
         Schedule::Constant => lr,
-        Schedule::Cosine => lr * (r + (1.0 - r) / 2.0 * (1.0 + (std::f64::consts::PI * progress).cos())),
+        Schedule::Cosine => {
+            lr * (r + (1.0 - r) / 2.0 * (1.0 + (std::f64::consts::PI * progress).cos()))
+        }
         Schedule::Linear => lr * (1.0 - (1.0 - r) * progress),
         Schedule::Wsd => {
             let decay = (n as f64 * 0.2).max(1.0);
@@ -32,7 +34,14 @@ mod tests {
     use super::*;
 
     fn cfg(s: Schedule) -> TrainConfig {
-        TrainConfig { lr: 1.0, min_lr_ratio: 0.1, warmup_steps: 10, steps: 110, schedule: s, ..Default::default() }
+        TrainConfig {
+            lr: 1.0,
+            min_lr_ratio: 0.1,
+            warmup_steps: 10,
+            steps: 110,
+            schedule: s,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -50,8 +50,15 @@ impl Out {
 
     /// The last non-empty stdout line, parsed as one JSON object.
     pub fn last_json(&self) -> Value {
-        let line = self.stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_else(|| panic!("no stdout\n{}", self.describe()));
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {line:?}\n{}", self.describe()));
+        let line = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_else(|| panic!("no stdout\n{}", self.describe()));
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!("last stdout line is not JSON ({e}): {line:?}\n{}", self.describe())
+        });
         assert!(v.is_object(), "last stdout line is not a JSON object: {line}");
         v
     }
@@ -68,7 +75,13 @@ fn indent(s: &str) -> String {
 
 /// Runs `motrain ARGS...` in `cwd` and waits for it.
 pub fn motrain(cwd: &Path, args: &[&str]) -> Out {
-    let o = Command::new(bin())
+    run_motrain(Command::new(bin()), cwd, args)
+}
+
+/// Runs `program ARGS...` (motrain, or a wrapper that execs it) in `cwd` as every test runs
+/// motrain, and waits for it.
+pub fn run_motrain(mut program: Command, cwd: &Path, args: &[&str]) -> Out {
+    let o = program
         .args(args)
         .current_dir(cwd)
         // A panic or an anyhow debug print would show a backtrace with this set: user input must
@@ -85,19 +98,31 @@ pub fn motrain(cwd: &Path, args: &[&str]) -> Out {
 pub fn assert_bad_input_code(out: &Out, code: Option<i32>, needles: &[&str]) {
     match code {
         Some(c) => assert_eq!(out.code, Some(c), "wrong exit code\n{}", out.describe()),
-        None => assert!(matches!(out.code, Some(c) if c != 0), "expected a non-zero exit code\n{}", out.describe()),
+        None => assert!(
+            matches!(out.code, Some(c) if c != 0),
+            "expected a non-zero exit code\n{}",
+            out.describe()
+        ),
     }
     let errors = out.error_lines();
     assert!(!errors.is_empty(), "no stderr line starts with `error:`\n{}", out.describe());
     let text = errors.join("\n").to_lowercase();
     for n in needles {
-        assert!(text.contains(&n.to_lowercase()), "the error does not name {n:?}\n{}", out.describe());
+        assert!(
+            text.contains(&n.to_lowercase()),
+            "the error does not name {n:?}\n{}",
+            out.describe()
+        );
     }
     let lower = out.stderr.to_lowercase();
     for bad in ["panicked", "backtrace", "internal error", "stack backtrace"] {
         assert!(!lower.contains(bad), "stderr mentions {bad:?}\n{}", out.describe());
     }
-    assert!(out.stderr.lines().count() <= 8, "the error should be one or a few lines\n{}", out.describe());
+    assert!(
+        out.stderr.lines().count() <= 8,
+        "the error should be one or a few lines\n{}",
+        out.describe()
+    );
 }
 
 pub fn assert_bad_input(out: &Out, needles: &[&str]) {
@@ -284,7 +309,10 @@ pub fn metrics(run_dir: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     text.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: line {l:?} is not JSON: {e}", p.display())))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: line {l:?} is not JSON: {e}", p.display()))
+        })
         .collect()
 }
 
@@ -336,6 +364,12 @@ pub fn assert_no_duplicate_steps(run_dir: &Path) {
     let mut seen = std::collections::HashSet::new();
     for v in metrics(run_dir) {
         let key = (v.get("split").map(|s| s.to_string()), step_of(&v));
-        assert!(seen.insert(key.clone()), "{}: step {} logged twice ({:?})", run_dir.display(), key.1, key.0);
+        assert!(
+            seen.insert(key.clone()),
+            "{}: step {} logged twice ({:?})",
+            run_dir.display(),
+            key.1,
+            key.0
+        );
     }
 }

@@ -1,11 +1,11 @@
-//! What a forward pass records besides its output: the auxiliary losses of sparse layers and
-//! the per-layer statistics of routing (MoE) and mixing (MoT) that training logs and eval print.
+//! The per-layer statistics of routing (MoE, PESC) and mixing (MoT) that a forward pass
+//! records, training logs and eval prints.
 
-use candle_core::{Result, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Routing statistics of one MoE layer for one forward call.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default)]
 pub struct RoutingStats {
     pub layer: usize,
     /// Share of routed slots each expert received.
@@ -24,7 +24,8 @@ pub struct RoutingStats {
 /// Mixing statistics of one MoT layer for one forward call. Every expert receives exactly one
 /// mixed token per group, so what tells a healthy expert from a dead one is how its weights
 /// spread over the group.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default)]
 pub struct MixingStats {
     pub layer: usize,
     pub temperature: f64,
@@ -36,7 +37,7 @@ pub struct MixingStats {
 }
 
 /// One layer's statistics; serialised with `"kind": "moe"` or `"kind": "mot"`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LayerStats {
     Moe(RoutingStats),
@@ -47,13 +48,20 @@ impl LayerStats {
     /// Per-layer means over several forward calls (micro-batches, eval batches), which all
     /// ran the same model and so list the same layers in the same order.
     pub fn average(calls: &[Vec<LayerStats>]) -> Vec<LayerStats> {
-        let Some(first) = calls.first() else { return Vec::new() };
+        let Some(first) = calls.first() else {
+            return Vec::new();
+        };
         let k = calls.len() as f64;
-        let mean = |acc: &mut [f64], v: &[f64]| acc.iter_mut().zip(v).for_each(|(a, b)| *a += b / k);
+        let mean =
+            |acc: &mut [f64], v: &[f64]| acc.iter_mut().zip(v).for_each(|(a, b)| *a += b / k);
         (0..first.len())
             .map(|i| match &first[i] {
                 LayerStats::Moe(s0) => {
-                    let mut acc = RoutingStats { layer: s0.layer, load: vec![0.0; s0.load.len()], ..Default::default() };
+                    let mut acc = RoutingStats {
+                        layer: s0.layer,
+                        load: vec![0.0; s0.load.len()],
+                        ..Default::default()
+                    };
                     for s in calls.iter().filter_map(|c| match &c[i] {
                         LayerStats::Moe(s) => Some(s),
                         LayerStats::Mot(_) => None,
@@ -69,7 +77,12 @@ impl LayerStats {
                 }
                 LayerStats::Mot(s0) => {
                     let e = s0.max_weight.len();
-                    let mut acc = MixingStats { layer: s0.layer, max_weight: vec![0.0; e], entropy: vec![0.0; e], ..Default::default() };
+                    let mut acc = MixingStats {
+                        layer: s0.layer,
+                        max_weight: vec![0.0; e],
+                        entropy: vec![0.0; e],
+                        ..Default::default()
+                    };
                     for s in calls.iter().filter_map(|c| match &c[i] {
                         LayerStats::Mot(s) => Some(s),
                         LayerStats::Moe(_) => None,
@@ -82,51 +95,5 @@ impl LayerStats {
                 }
             })
             .collect()
-    }
-}
-
-/// What a forward pass carries besides the activations: its shape, the training flag, and
-/// what the FFN layers record.
-pub struct FfnContext {
-    pub train: bool,
-    /// Batch rows and sequence length of the `[B·S, d]` activations.
-    pub rows: usize,
-    pub seq: usize,
-    /// MoT: group this many sequences instead of the trained group size (eval `--group-size`).
-    pub group_size: Option<usize>,
-    /// Seeds training-time noise (PESC adapter dropout): a function of the model's seed and
-    /// the batch's place in the data stream, so resume redraws the same noise.
-    pub noise_seed: u64,
-    /// Experts recompute their hidden activations in backward (`train.recompute_experts`).
-    pub recompute: bool,
-    pub aux_losses: Vec<Tensor>,
-    pub z_losses: Vec<Tensor>,
-    pub stats: Vec<LayerStats>,
-}
-
-impl FfnContext {
-    pub fn new(train: bool, rows: usize, seq: usize) -> FfnContext {
-        FfnContext { train, rows, seq, group_size: None, noise_seed: 0, recompute: false, aux_losses: Vec::new(), z_losses: Vec::new(), stats: Vec::new() }
-    }
-
-    /// `w_aux · mean(aux) + w_z · mean(z)` over the layers, or None without MoE layers.
-    pub fn auxiliary_loss(&self, aux_weight: f64, z_weight: f64) -> Result<Option<Tensor>> {
-        let mean = |ts: &[Tensor]| -> Result<Option<Tensor>> {
-            if ts.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some((Tensor::stack(ts, 0)?.sum_all()? / ts.len() as f64)?))
-        };
-        let mut total: Option<Tensor> = None;
-        for (t, w) in [(mean(&self.aux_losses)?, aux_weight), (mean(&self.z_losses)?, z_weight)] {
-            if let (Some(t), true) = (t, w > 0.0) {
-                let t = (t * w)?;
-                total = Some(match total {
-                    Some(acc) => (acc + t)?,
-                    None => t,
-                });
-            }
-        }
-        Ok(total)
     }
 }

@@ -1,0 +1,190 @@
+//! The config file: parsing TOML and `--set` overrides into the typed schema, resolving the
+//! zero-means-derived defaults, and the resolved config written into a run. The schema lives in
+//! `schema`, the checks in `validate`, override and path handling in `overrides`.
+
+mod overrides;
+mod schema;
+mod validate;
+
+pub use overrides::{absolute, apply_override};
+pub use schema::*;
+
+use overrides::{anchor_data_paths, one_line};
+use std::path::{Path, PathBuf};
+
+/// Everything that can be wrong with a config file or an override.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: malformed TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+    #[error("--set {arg}: {message}")]
+    Override { arg: String, message: String },
+}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+impl Config {
+    /// Reads a config file, applies `--set` overrides, resolves paths and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let origin = path.display().to_string();
+        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Syntax { origin: origin.clone(), message: one_line(&e.to_string()) }
+        })?;
+        // Paths in [data] are relative to the file, paths from `--set` to the current directory,
+        // so anchor the file's own paths before the overrides land.
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        anchor_data_paths(&mut value, &base);
+        for arg in overrides {
+            apply_override(&mut value, arg)?;
+        }
+        let config = Self::from_table(value, &origin)?;
+        Ok(config)
+    }
+
+    /// Parses an already resolved table (a run's config.toml or a checkpoint's state.json).
+    pub fn from_table(value: toml::Table, origin: &str) -> Result<Config> {
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(value))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner().message().to_string();
+                let message = if path == "." || path.is_empty() {
+                    inner
+                } else {
+                    format!("key `{path}`: {inner}")
+                };
+                ConfigError::Invalid { origin: origin.to_string(), message }
+            })?;
+        config.resolve();
+        config
+            .validate()
+            .map_err(|message| ConfigError::Invalid { origin: origin.to_string(), message })?;
+        Ok(config)
+    }
+
+    /// Parses the text of a resolved config.toml.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config> {
+        let value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Syntax { origin: origin.into(), message: one_line(&e.to_string()) }
+        })?;
+        Self::from_table(value, origin)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a Config always serialises")
+    }
+
+    /// Fills the zero-means-derived defaults so that every later reader sees one number.
+    fn resolve(&mut self) {
+        if self.model.max_seq_len == 0 {
+            self.model.max_seq_len = self.data.seq_len;
+        }
+        if self.train.micro_batch_size == 0 {
+            self.train.micro_batch_size = self.train.batch_size;
+        }
+        if self.train.eval_batch_size == 0 {
+            self.train.eval_batch_size = self.train.micro_batch_size;
+        }
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.run.out_dir.join(&self.run.name)
+    }
+
+    /// Points `run.out_dir` and `run.name` at `dir` (made absolute): for configs that commands
+    /// derive and write into a run directory of the user's choosing.
+    pub fn place_run(&mut self, dir: &Path) {
+        let dir = PathBuf::from(absolute(dir));
+        self.run.out_dir = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        self.run.name =
+            dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    }
+
+    /// Gradient accumulation steps per optimizer step.
+    pub fn accumulation(&self) -> usize {
+        self.train.batch_size / self.train.micro_batch_size
+    }
+
+    /// A config derived from this one (by `transition-tune` or `upcycle`) with the user's
+    /// `--set` overrides applied on top, validated like a file.
+    pub fn with_overrides(&self, overrides: &[String], origin: &str) -> Result<Config> {
+        let mut table: toml::Table = toml::from_str(&self.to_toml())
+            .map_err(|e| ConfigError::Invalid { origin: origin.into(), message: e.to_string() })?;
+        for arg in overrides {
+            apply_override(&mut table, arg)?;
+        }
+        Config::from_table(table, origin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> std::result::Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(&p, &[])
+    }
+
+    const MIN: &str = "[run]\nname='t'\n[data]\ntrain='x/*.bin'\n[model]\nvocab_size=100\n";
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.model.d_model, 128);
+        assert_eq!(c.model.max_seq_len, 128);
+        assert_eq!(c.train.micro_batch_size, 32);
+        assert_eq!(c.train.eval_batch_size, 32);
+        assert!(c.data.train.ends_with("x/*.bin") && Path::new(&c.data.train).is_absolute());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_table() {
+        let e = parse(&format!("{MIN}bogus=1\n")).unwrap_err().to_string();
+        assert!(e.contains("model.bogus") || e.contains("bogus"), "{e}");
+        assert!(e.contains("model"), "{e}");
+    }
+
+    #[test]
+    fn overrides_parse_toml_and_bare_words() {
+        let mut t: toml::Table = MIN.parse().unwrap();
+        apply_override(&mut t, "model.d_model=64").unwrap();
+        apply_override(&mut t, "model.norm=layernorm").unwrap();
+        apply_override(&mut t, "train.betas=[0.8, 0.9]").unwrap();
+        let c = Config::from_table(t, "test").unwrap();
+        assert_eq!(c.model.d_model, 64);
+        assert_eq!(c.model.norm, Norm::Layernorm);
+        assert_eq!(c.train.betas, [0.8, 0.9]);
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        for (set, needle) in [
+            ("model.n_heads=3", "divisible"),
+            ("model.norm=\"batchnorm\"", "model.norm"),
+            ("train.micro_batch_size=5", "multiple"),
+            ("model.d_model=\"big\"", "model.d_model"),
+            ("model.ffn_layers=[9]", "block 9"),
+            ("run.dtype=\"bf16\"", "cuda"),
+        ] {
+            let mut t: toml::Table = MIN.parse().unwrap();
+            apply_override(&mut t, set).unwrap();
+            let e = Config::from_table(t, "test").unwrap_err().to_string();
+            assert!(e.contains(needle), "{set}: {e}");
+        }
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = parse(MIN).unwrap();
+        let back = Config::from_toml_str(&c.to_toml(), "back").unwrap();
+        assert_eq!(c, back);
+    }
+}

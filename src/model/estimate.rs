@@ -1,0 +1,34 @@
+//! What a model costs, from its config alone: training FLOPs per token (the figure `bench`
+//! reports as GFLOP/s). Parameter counts come from the built model (`Params::count`).
+
+use crate::config::{Activation, FfnKind, ModelConfig};
+
+/// Training FLOPs per token (PaLM's count): `6·N` for the non-embedding weights a token passes
+/// through, plus `12·L·d·S` for attention scores and mixing. A MoE token passes through its
+/// `top_k` experts and the router; a MoT token through `E/G` experts' worth of weights (one
+/// mixed token per group and expert) and the controller, merge and emit (`3·d·E`).
+pub fn flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
+    let (d, l, v) = (cfg.d_model as f64, cfg.n_layers as f64, cfg.vocab_size as f64);
+    let ffn_mats = if cfg.activation == Activation::Swiglu { 3.0 } else { 2.0 };
+    let dense_ffn = ffn_mats * d * cfg.d_ff as f64;
+    let sparse_ffn = match cfg.ffn {
+        FfnKind::Moe => {
+            let f = cfg.moe.expert_width(cfg.d_ff) as f64;
+            ffn_mats * d * f * cfg.moe.top_k as f64 + d * cfg.moe.n_experts as f64
+        }
+        FfnKind::Mot => {
+            let (e, g) = (cfg.mot.n_experts as f64, cfg.mot.group_size as f64);
+            ffn_mats * d * cfg.mot.expert_width(cfg.d_ff) as f64 * e / g + 3.0 * d * e
+        }
+        // The dense FFN, the router, and top_k adapters of two matrices each.
+        FfnKind::Pesc => {
+            dense_ffn
+                + d * cfg.pesc.n_experts as f64
+                + 2.0 * d * (cfg.pesc.adapter_dim * cfg.pesc.top_k) as f64
+        }
+        _ => dense_ffn,
+    };
+    let mask = cfg.ffn_layer_mask().unwrap_or_default();
+    let ffn: f64 = mask.iter().map(|&sparse| if sparse { sparse_ffn } else { dense_ffn }).sum();
+    6.0 * (l * 4.0 * d * d + ffn + v * d) + 12.0 * l * d * seq_len as f64
+}

@@ -1,0 +1,168 @@
+//! The run directory on disk: its layout (`config.toml`, `metrics.jsonl`, `checkpoints/`,
+//! `lock`), the lock that keeps two processes from training into one run, the check that a
+//! fresh run does not overwrite checkpoints, and atomic replacement of small files. What goes
+//! inside a checkpoint is `checkpoint`'s business.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The directory cannot be used as asked (locked, or holding checkpoints).
+    #[error("{path}: {message}")]
+    Unusable { path: PathBuf, message: String },
+}
+
+type Result<T> = std::result::Result<T, RunDirError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + '_ {
+    move |source| RunDirError::Io { path: path.to_path_buf(), source }
+}
+
+pub fn config_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("config.toml")
+}
+
+pub fn metrics_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("metrics.jsonl")
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// The files every complete checkpoint holds.
+pub const CHECKPOINT_FILES: [&str; 3] =
+    ["state.json", "model.safetensors", "optimizer.safetensors"];
+
+/// Complete checkpoints of a run (`checkpoints/step-N` holding every file), oldest first.
+pub fn checkpoints(run_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let entries = std::fs::read_dir(checkpoints_dir(run_dir)).into_iter().flatten().flatten();
+    let mut out: Vec<(usize, PathBuf)> = entries
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            let complete = CHECKPOINT_FILES.iter().all(|f| e.path().join(f).is_file());
+            complete.then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// An error unless `dir` holds no checkpoints: a fresh run or a conversion must not mix its
+/// checkpoints with another run's. `hint` tells the user what to do instead.
+pub fn ensure_no_checkpoints(dir: &Path, hint: &str) -> Result<()> {
+    if checkpoints(dir).is_empty() {
+        return Ok(());
+    }
+    Err(RunDirError::Unusable {
+        path: dir.to_path_buf(),
+        message: format!("already holds checkpoints: {hint}"),
+    })
+}
+
+/// Writes a small file by temp file + rename, so readers see the old or the new content.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(match path.extension() {
+        Some(e) => format!("{}.tmp", e.to_string_lossy()),
+        None => "tmp".into(),
+    });
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => sync(dir),
+        _ => Ok(()),
+    }
+}
+
+/// Flushes a file or directory to disk.
+pub fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
+}
+
+/// An exclusive lock on a run directory (`flock` on `<run>/lock`), held while training: two
+/// processes never train into the same run. The kernel drops it when the process dies, even by
+/// SIGKILL, so a stale lock file never blocks a resume.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    pub fn acquire(run_dir: &Path) -> Result<RunLock> {
+        use std::io::Seek;
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
+        let path = run_dir.join("lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        // SAFETY: flock only reads the descriptor, which `file` owns and keeps open for the
+        // duration of the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(RunDirError::Unusable {
+                path: run_dir.to_path_buf(),
+                message: format!(
+                    "another motrain process (pid {}) is training this run; wait for it or choose another run.name",
+                    holder.trim()
+                ),
+            });
+        }
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| write!(file, "{}", std::process::id()))
+            .map_err(io(&path))?;
+        Ok(RunLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_replace_and_leave_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.toml");
+        write_atomic(&p, b"a").unwrap();
+        write_atomic(&p, b"b").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"b");
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("config.toml")]);
+    }
+
+    #[test]
+    fn only_complete_checkpoints_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let step = |n: usize, files: &[&str]| {
+            let d = checkpoints_dir(dir.path()).join(format!("step-{n:06}"));
+            std::fs::create_dir_all(&d).unwrap();
+            files.iter().for_each(|f| std::fs::write(d.join(f), b"").unwrap());
+        };
+        ensure_no_checkpoints(dir.path(), "x").unwrap();
+        step(2, &CHECKPOINT_FILES);
+        step(1, &CHECKPOINT_FILES);
+        step(3, &["state.json"]);
+        let steps: Vec<usize> = checkpoints(dir.path()).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![1, 2]);
+        let e = ensure_no_checkpoints(dir.path(), "pass --resume").unwrap_err().to_string();
+        assert!(e.contains("already holds checkpoints: pass --resume"), "{e}");
+    }
+
+    #[test]
+    fn a_second_lock_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = RunLock::acquire(dir.path()).unwrap();
+        let e = RunLock::acquire(dir.path()).err().expect("locked").to_string();
+        assert!(e.contains("another motrain process"), "{e}");
+    }
+}
