@@ -21,6 +21,11 @@ pub struct BenchResult {
     pub gflops_per_s: f64,
     pub peak_rss_bytes: u64,
     pub threads: usize,
+    /// Data-parallel ranks, and the seconds per step spent summing gradients over them.
+    pub ranks: usize,
+    pub comm_s_per_step: f64,
+    /// comm_s_per_step / step_time_s.
+    pub comm_share: f64,
     pub final_loss: f64,
     /// MoT models: the mixing ops alone, fused against the plain formulation.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -52,16 +57,18 @@ pub struct MixingOps {
 
 /// Times `steps` optimizer steps after `warmup` untimed ones.
 pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<BenchResult> {
-    let mut trainer = Trainer::new(cfg)?;
+    let dist = std::rc::Rc::new(crate::dist::Dist::from_env()?);
+    let mut trainer = Trainer::new(cfg, dist.clone())?;
     for _ in 0..warmup {
         trainer.train_step()?;
     }
-    let start = Instant::now();
+    let (start, comm_before) = (Instant::now(), trainer.comm_time);
     let mut loss = f64::NAN;
     for _ in 0..steps {
         loss = trainer.train_step()?.loss;
     }
     let secs = start.elapsed().as_secs_f64();
+    let comm_s_per_step = (trainer.comm_time - comm_before).as_secs_f64() / steps.max(1) as f64;
     let (mot_ops, experts) = match trainer.cfg.model.ffn {
         crate::config::FfnKind::Mot => {
             (Some(time_mixing_ops(&trainer.cfg, 10)?), Some(time_experts(&trainer.cfg, 6)?))
@@ -83,6 +90,9 @@ pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<Ben
         gflops_per_s: fpt * tokens_per_s / 1e9,
         peak_rss_bytes: peak_rss_bytes(),
         threads: rayon::current_num_threads(),
+        ranks: dist.size(),
+        comm_s_per_step,
+        comm_share: comm_s_per_step / (secs / steps.max(1) as f64),
         final_loss: loss,
         mot_ops,
         experts,

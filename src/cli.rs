@@ -195,6 +195,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         c.is::<ConfigError>()
             || c.is::<DataError>()
             || c.is::<RunDirError>()
+            || c.is::<crate::dist::DistError>()
             || bad_checkpoint
             || c.is::<UsageError>()
     });
@@ -214,7 +215,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 (false, Some(p)) => Start::InitFrom(p),
                 (false, None) => Start::Fresh,
             };
-            let summary = train::run(cfg, start)?;
+            let dist = std::rc::Rc::new(crate::dist::Dist::from_env()?);
+            let summary = train::run(cfg, start, dist)?;
+            if let Some(sig) = summary.stopped_by {
+                // The run stopped early but cleanly: the shell's convention for a death by signal,
+                // which schedulers (SLURM requeue) and `timeout` understand.
+                std::process::exit(crate::signals::exit_code(sig));
+            }
             println!(
                 "done: {}{}{}",
                 summary.run_dir.display(),

@@ -2,6 +2,7 @@
 //! cross-entropy over all of them.
 
 use crate::data::EvalStream;
+use crate::dist::Dist;
 use crate::model::stats::LayerStats;
 use crate::model::Transformer;
 use anyhow::Result;
@@ -21,6 +22,14 @@ pub struct EvalResult {
 pub fn evaluate(
     model: &Transformer, stream: &EvalStream, batch_size: usize, max_batches: usize,
 ) -> Result<EvalResult> {
+    evaluate_on(model, stream, batch_size, max_batches, &Dist::single())
+}
+
+/// [`evaluate`] with the batches shared by the ranks of `dist` (rank r takes batches r, r + N,
+/// …) and the sums reduced, so every rank gets the one-process result.
+pub fn evaluate_on(
+    model: &Transformer, stream: &EvalStream, batch_size: usize, max_batches: usize, dist: &Dist,
+) -> Result<EvalResult> {
     let batches = stream.batches(batch_size, max_batches);
     if batches == 0 {
         anyhow::bail!(
@@ -29,21 +38,37 @@ pub fn evaluate(
             stream.seq_len()
         );
     }
+    // Sums of the loss and of each statistic / batches, which add up over ranks.
     let mut total = 0f64;
-    let mut stats = Vec::with_capacity(batches);
-    for b in 0..batches {
+    let mut routing: Option<(Vec<LayerStats>, Vec<f64>)> = None;
+    for b in (dist.rank()..batches).step_by(dist.size()) {
         let batch = stream.batch(b, batch_size);
         let parts = model.loss(&batch, false)?;
         total += parts.ce.to_scalar::<f32>()? as f64;
-        stats.push(parts.stats);
+        let numbers = LayerStats::to_numbers(&parts.stats);
+        let (_, sum) = routing.get_or_insert_with(|| (parts.stats, vec![0.0; numbers.len()]));
+        sum.iter_mut().zip(numbers).for_each(|(a, x)| *a += x / batches as f64);
     }
-    let loss = total / batches as f64;
+    let (mut stats, mut numbers) = match routing {
+        Some(r) => r,
+        // A rank with no batch (more ranks than batches) still takes part in the sum.
+        None => {
+            let b = stream.batch(0, batch_size);
+            let stats = model.loss(&b, false)?.stats;
+            let n = LayerStats::to_numbers(&stats).len();
+            (stats, vec![0.0; n])
+        }
+    };
+    numbers.push(total);
+    dist.all_reduce_sum_in_place_f64(&mut numbers);
+    let loss = numbers.pop().expect("the loss") / batches as f64;
+    LayerStats::set_numbers(&mut stats, &numbers);
     Ok(EvalResult {
         loss,
         ppl: loss.exp(),
         batches,
         batch_size,
         tokens: batches * batch_size * stream.seq_len(),
-        routing: LayerStats::average(&stats),
+        routing: stats,
     })
 }

@@ -74,11 +74,15 @@ impl MetricsLog {
 /// Progress on the terminal: a bar when interactive, otherwise one plain line per log step.
 pub struct Progress {
     bar: Option<ProgressBar>,
+    /// Print nothing: a rank other than 0 of a data-parallel run.
+    quiet: bool,
 }
 
 impl Progress {
-    pub fn new(total: usize, start: usize) -> Progress {
-        let bar = std::io::stdout().is_terminal().then(|| {
+    /// Progress from step `start` of `total`; `visible` is false for a process that should
+    /// print nothing (only rank 0 of a data-parallel run speaks).
+    pub fn new(total: usize, start: usize, visible: bool) -> Progress {
+        let bar = (visible && std::io::stdout().is_terminal()).then(|| {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
                 ProgressStyle::with_template(
@@ -90,7 +94,7 @@ impl Progress {
             bar.set_position(start as u64);
             bar
         });
-        Progress { bar }
+        Progress { bar, quiet: !visible }
     }
 
     pub fn step(&self, step: usize, msg: &str) {
@@ -104,7 +108,8 @@ impl Progress {
     pub fn line(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => println!("{line}"),
+            None if !self.quiet => println!("{line}"),
+            None => {}
         }
     }
 

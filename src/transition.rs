@@ -82,7 +82,11 @@ pub fn transition_tune(
     };
     checkpoint::save(out, &start, &weights, &moments, cfg.train.keep_checkpoints)?;
     run_dir::write_atomic(&run_dir::config_path(out), cfg.to_toml().as_bytes())?;
-    let tuned = if steps > 0 { train::run(cfg, Start::Resume)?.final_eval } else { None };
+    let tuned = if steps > 0 {
+        train::run(cfg, Start::Resume, std::rc::Rc::new(crate::dist::Dist::single()))?.final_eval
+    } else {
+        None
+    };
     Ok(TransitionReport {
         out: out.to_path_buf(),
         from_step: state.step,

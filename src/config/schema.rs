@@ -335,6 +335,9 @@ pub struct TrainConfig {
     /// one expert at a time: less memory, for the up projection's matmuls once more (measured:
     /// 8–13 % more expert time on bench-mot).
     pub recompute_experts: bool,
+    /// 1: AdamW's moments sharded over the data-parallel ranks (ZeRO stage 1); 0: every
+    /// rank holds them all.
+    pub zero: u8,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -367,6 +370,7 @@ impl Default for TrainConfig {
             schedule_steps: 0,
             on_nan: NanPolicy::Stop,
             recompute_experts: false,
+            zero: 0,
         }
     }
 }

@@ -142,6 +142,9 @@ impl Config {
         if t.eval_batch_size == 0 {
             return Err("`train.eval_batch_size` must be at least 1".into());
         }
+        if t.zero > 1 {
+            return Err(format!("`train.zero` = {}: expected 0 (off) or 1 (ZeRO-1: shard AdamW's moments over the ranks)", t.zero));
+        }
         if t.keep_checkpoints == 0 {
             return Err("`train.keep_checkpoints` must be at least 1".into());
         }

@@ -45,6 +45,44 @@ pub enum LayerStats {
 }
 
 impl LayerStats {
+    /// Every averaged number of one layer's statistics, in a fixed order (the layer index is a
+    /// name, not a number to average).
+    fn numbers_mut(&mut self) -> Vec<&mut f64> {
+        match self {
+            LayerStats::Moe(s) => {
+                let mut v: Vec<&mut f64> = s.load.iter_mut().collect();
+                v.extend([
+                    &mut s.dropped,
+                    &mut s.entropy,
+                    &mut s.aux_loss,
+                    &mut s.z_loss,
+                    &mut s.token_cosine,
+                ]);
+                v
+            }
+            LayerStats::Mot(s) => {
+                let mut v: Vec<&mut f64> = s.max_weight.iter_mut().collect();
+                v.extend(s.entropy.iter_mut());
+                v.push(&mut s.temperature);
+                v
+            }
+        }
+    }
+
+    /// All layers' numbers as one vector: what ranks sum to agree on the statistics.
+    pub fn to_numbers(stats: &[LayerStats]) -> Vec<f64> {
+        let mut stats = stats.to_vec();
+        stats.iter_mut().flat_map(|s| s.numbers_mut().into_iter().map(|x| *x)).collect()
+    }
+
+    /// Replaces the numbers of `stats` by `numbers`, in the order of [`LayerStats::to_numbers`].
+    pub fn set_numbers(stats: &mut [LayerStats], numbers: &[f64]) {
+        let mut numbers = numbers.iter();
+        for x in stats.iter_mut().flat_map(LayerStats::numbers_mut) {
+            *x = *numbers.next().expect("as many numbers as to_numbers gave");
+        }
+    }
+
     /// Per-layer means over several forward calls (micro-batches, eval batches), which all
     /// ran the same model and so list the same layers in the same order.
     pub fn average(calls: &[Vec<LayerStats>]) -> Vec<LayerStats> {
@@ -52,48 +90,48 @@ impl LayerStats {
             return Vec::new();
         };
         let k = calls.len() as f64;
-        let mean =
-            |acc: &mut [f64], v: &[f64]| acc.iter_mut().zip(v).for_each(|(a, b)| *a += b / k);
-        (0..first.len())
-            .map(|i| match &first[i] {
-                LayerStats::Moe(s0) => {
-                    let mut acc = RoutingStats {
-                        layer: s0.layer,
-                        load: vec![0.0; s0.load.len()],
-                        ..Default::default()
-                    };
-                    for s in calls.iter().filter_map(|c| match &c[i] {
-                        LayerStats::Moe(s) => Some(s),
-                        LayerStats::Mot(_) => None,
-                    }) {
-                        mean(&mut acc.load, &s.load);
-                        acc.dropped += s.dropped / k;
-                        acc.entropy += s.entropy / k;
-                        acc.aux_loss += s.aux_loss / k;
-                        acc.z_loss += s.z_loss / k;
-                        acc.token_cosine += s.token_cosine / k;
-                    }
-                    LayerStats::Moe(acc)
-                }
-                LayerStats::Mot(s0) => {
-                    let e = s0.max_weight.len();
-                    let mut acc = MixingStats {
-                        layer: s0.layer,
-                        max_weight: vec![0.0; e],
-                        entropy: vec![0.0; e],
-                        ..Default::default()
-                    };
-                    for s in calls.iter().filter_map(|c| match &c[i] {
-                        LayerStats::Mot(s) => Some(s),
-                        LayerStats::Moe(_) => None,
-                    }) {
-                        mean(&mut acc.max_weight, &s.max_weight);
-                        mean(&mut acc.entropy, &s.entropy);
-                        acc.temperature += s.temperature / k;
-                    }
-                    LayerStats::Mot(acc)
-                }
+        let mut mean = vec![0.0; LayerStats::to_numbers(first).len()];
+        for call in calls {
+            mean.iter_mut().zip(LayerStats::to_numbers(call)).for_each(|(a, b)| *a += b / k);
+        }
+        let mut out = first.clone();
+        LayerStats::set_numbers(&mut out, &mean);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn average_is_the_mean_of_every_number_and_keeps_the_layer() {
+        let moe = |x: f64| {
+            LayerStats::Moe(RoutingStats {
+                layer: 3,
+                load: vec![x, 1.0 - x],
+                dropped: x,
+                entropy: 2.0 * x,
+                aux_loss: 1.0,
+                z_loss: x,
+                token_cosine: 0.0,
             })
-            .collect()
+        };
+        let mot = |x: f64| {
+            LayerStats::Mot(MixingStats {
+                layer: 5,
+                temperature: x,
+                max_weight: vec![x],
+                entropy: vec![x, 3.0 * x],
+            })
+        };
+        let avg = LayerStats::average(&[vec![moe(0.25), mot(1.0)], vec![moe(0.75), mot(3.0)]]);
+        assert_eq!(avg[0], moe(0.5));
+        assert_eq!(avg[1], mot(2.0));
+        let numbers = LayerStats::to_numbers(&avg);
+        assert_eq!(numbers.len(), 2 + 5 + 1 + 2 + 1);
+        let mut back = vec![moe(0.0), mot(0.0)];
+        LayerStats::set_numbers(&mut back, &numbers);
+        assert_eq!(back, avg);
     }
 }

@@ -1,29 +1,34 @@
-//! The training loop: micro-batches with gradient accumulation, global-norm clipping, the
-//! schedule, AdamW, periodic logs, evals and checkpoints, and exact resume.
+//! Training: the `Trainer` (model, optimizer, data) and its step — micro-batches with gradient
+//! accumulation, data parallelism over ranks, global-norm clipping, the schedule and AdamW
+//! (sharded under ZeRO-1) — and, in `run`, the loop of the `train` command.
+//!
+//! Data parallelism keeps the single-process semantics exactly: a step is `batch_size /
+//! micro_batch_size` micro-batches drawn from the data stream in order; with N ranks, rank r
+//! computes the r-th contiguous N-th of them, and the gradients are summed over ranks. So an
+//! N-rank run computes the micro-batches of a one-rank run with the same settings, and its
+//! losses, aux losses and MoT groups are the same.
 
 pub mod optim;
+mod run;
 pub mod schedule;
+pub mod zero;
+
+pub use run::{run, RunSummary, Start};
 
 use crate::checkpoint::{self, Checkpoint, TrainState};
-use crate::config::{Config, NanPolicy};
+use crate::config::{Config, ConfigError, NanPolicy};
 use crate::data::{self, EvalStream, TrainLoader};
-use crate::eval::{evaluate, EvalResult};
-use crate::metrics::{format_duration, MetricsLog, Progress, Record};
+use crate::dist::Dist;
+use crate::eval::{evaluate_on, EvalResult};
 use crate::model::stats::LayerStats;
 use crate::model::{Params, Transformer};
-use crate::run_dir;
-use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var};
 use optim::AdamW;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
-
-/// How a `train` command begins.
-pub enum Start {
-    Fresh,
-    Resume,
-    InitFrom(PathBuf),
-}
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use zero::ShardedAdamW;
 
 pub struct StepStats {
     pub loss: f64,
@@ -31,28 +36,56 @@ pub struct StepStats {
     pub lr: f64,
     /// The update was skipped: the loss or the gradient norm was not finite.
     pub skipped: bool,
-    /// Per MoE layer, averaged over the micro-batches.
+    /// Per MoE layer, averaged over the micro-batches (of every rank).
     pub routing: Vec<LayerStats>,
+}
+
+/// AdamW with every moment on every rank, or sharded over the ranks (`train.zero = 1`).
+pub enum Optimizer {
+    Full(AdamW),
+    Sharded(ShardedAdamW),
+}
+
+impl Optimizer {
+    /// Adam's update count.
+    pub fn t(&self) -> u64 {
+        match self {
+            Optimizer::Full(o) => o.t,
+            Optimizer::Sharded(o) => o.t,
+        }
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        match self {
+            Optimizer::Full(o) => o.slots.iter().map(|s| s.var.clone()).collect(),
+            Optimizer::Sharded(o) => o.vars().cloned().collect(),
+        }
+    }
 }
 
 pub struct Trainer {
     pub cfg: Config,
     pub params: Params,
     pub model: Transformer,
-    pub opt: AdamW,
+    pub opt: Optimizer,
     pub loader: TrainLoader,
     pub val: Option<EvalStream>,
+    pub dist: Rc<Dist>,
     pub step: usize,
     pub tokens: u64,
     pub skipped_steps: u64,
+    /// Time spent summing gradients over ranks, since the start.
+    pub comm_time: Duration,
     elapsed_before: f64,
     /// Test hook (`MOTRAIN_FAULT_NAN_STEP=N`): step N's loss becomes NaN, as a diverging run's would.
     nan_fault_step: Option<usize>,
 }
 
 impl Trainer {
-    /// A freshly initialised model with its optimizer and data.
-    pub fn new(cfg: Config) -> Result<Trainer> {
+    /// A freshly initialised model with its optimizer and data, as rank `dist.rank()` of
+    /// `dist.size()`.
+    pub fn new(cfg: Config, dist: Rc<Dist>) -> Result<Trainer> {
+        check_world(&cfg, &dist)?;
         let dev = crate::device::device(&cfg.run.device)?;
         let model_cfg = cfg.model.clone();
         let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale)
@@ -60,7 +93,11 @@ impl Trainer {
         let model = Transformer::new(&cfg.model, &mut params)?
             .with_recompute_experts(cfg.train.recompute_experts);
         // Moments only for what trains.
-        let opt = AdamW::new(&params, |name| !params.is_frozen(name), &cfg.train)?;
+        let trainable = |name: &str| !params.is_frozen(name);
+        let opt = match cfg.train.zero {
+            0 => Optimizer::Full(AdamW::new(&params, trainable, &cfg.train)?),
+            _ => Optimizer::Sharded(ShardedAdamW::new(&params, trainable, &cfg.train, &dist)?),
+        };
         let shards =
             data::shards::open_all(&cfg.data.train, &cfg.data.format, cfg.model.vocab_size)?;
         let loader = TrainLoader::new(shards, cfg.data.seq_len, cfg.run.seed)?;
@@ -80,9 +117,11 @@ impl Trainer {
             opt,
             loader,
             val,
+            dist,
             step: 0,
             tokens: 0,
             skipped_steps: 0,
+            comm_time: Duration::ZERO,
             elapsed_before: 0.0,
             nan_fault_step,
         })
@@ -92,11 +131,14 @@ impl Trainer {
     pub fn resume_from(&mut self, ckpt: &Checkpoint) -> Result<()> {
         ckpt.restore(&self.params)?;
         let moments = ckpt.optimizer(self.params.device())?;
-        self.opt.load_state(&moments, ckpt.state.optimizer_t).map_err(|m| {
-            checkpoint::CheckpointError::Invalid {
-                path: ckpt.dir.join("optimizer.safetensors"),
-                message: m,
-            }
+        let t = ckpt.state.optimizer_t;
+        let loaded = match &mut self.opt {
+            Optimizer::Full(o) => o.load_state(&moments, t),
+            Optimizer::Sharded(o) => o.load_state(&moments, t),
+        };
+        loaded.map_err(|m| checkpoint::CheckpointError::Invalid {
+            path: ckpt.dir.join("optimizer.safetensors"),
+            message: m,
         })?;
         self.step = ckpt.state.step;
         self.tokens = ckpt.state.tokens;
@@ -110,14 +152,21 @@ impl Trainer {
         (self.cfg.train.batch_size * self.cfg.data.seq_len) as u64
     }
 
-    /// One optimizer step over `batch_size` sequences in micro-batches.
+    /// One optimizer step over `batch_size` sequences in micro-batches, this rank's share of
+    /// them computed here.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let accum = self.cfg.accumulation();
         let micro = self.cfg.train.micro_batch_size;
-        let mut acc: Vec<Option<Tensor>> = vec![None; self.opt.slots.len()];
+        let mine = accum / self.dist.size();
+        let first = self.dist.rank() * mine;
+        let vars = self.opt.vars();
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
-        let mut stats = Vec::with_capacity(accum);
-        for _ in 0..accum {
+        let mut stats = Vec::with_capacity(mine);
+        let cursor = self.loader.cursor;
+        for j in first..first + mine {
+            // Micro-batch j of the step reads the windows a one-rank run would read for it.
+            self.loader.cursor = cursor + (j * micro) as u64;
             let batch = self.loader.next_batch(micro);
             let parts = self.model.loss(&batch, true)?;
             let mut loss = parts.total()?;
@@ -131,10 +180,10 @@ impl Trainer {
             stats.push(parts.stats);
             let scaled = if accum > 1 { (loss / accum as f64)? } else { loss };
             let grads = scaled.backward()?;
-            for (a, slot) in acc.iter_mut().zip(&self.opt.slots) {
-                let g = match grads.get(&slot.var) {
+            for (a, var) in acc.iter_mut().zip(&vars) {
+                let g = match grads.get(var) {
                     Some(g) => g.clone(),
-                    None => slot.var.zeros_like()?,
+                    None => var.zeros_like()?,
                 };
                 *a = Some(match a.take() {
                     Some(prev) => (prev + g)?,
@@ -142,39 +191,70 @@ impl Trainer {
                 });
             }
         }
-        let grads: Vec<Tensor> =
+        self.loader.cursor = cursor + (accum * micro) as u64;
+        let local: Vec<Tensor> =
             acc.into_iter().map(|g| g.expect("one micro-batch at least")).collect();
-        let grad_norm = global_norm(&grads)?;
-        let loss = loss_sum / accum as f64;
+        let (loss, routing) = self.reduce_logs(loss_sum, &stats, accum);
         let lr = schedule::learning_rate(&self.cfg.train, self.step);
-        let skipped = !loss.is_finite() || !grad_norm.is_finite();
-        if skipped {
-            match self.cfg.train.on_nan {
-                NanPolicy::Stop => bail!(
-                    "step {}: the loss is {loss} and the gradient norm {grad_norm}; stopped before updating anything \
-                     (the last checkpoint is intact; lower train.lr, or set train.on_nan = \"skip\")",
-                    self.step + 1
-                ),
-                NanPolicy::Skip => self.skipped_steps += 1,
+        let clip = self.cfg.train.grad_clip;
+        let comm_start = Instant::now();
+        let grad_norm;
+        let skipped;
+        match &mut self.opt {
+            Optimizer::Full(opt) => {
+                let grads = self.dist.all_reduce_sum_tensors(&local)?;
+                self.comm_time += comm_start.elapsed();
+                grad_norm = global_norm(&grads)?;
+                skipped = check_finite(&self.cfg, self.step, loss, grad_norm)?;
+                if !skipped {
+                    opt.step(&grads, lr, clip_scale(clip, grad_norm))?;
+                }
             }
-        } else {
-            let clip = self.cfg.train.grad_clip;
-            let scale =
-                if clip > 0.0 && grad_norm > clip { clip / (grad_norm + 1e-6) } else { 1.0 };
-            self.opt.step(&grads, lr, scale)?;
+            Optimizer::Sharded(opt) => {
+                let grads = opt.reduce(&self.dist, &local)?;
+                self.comm_time += comm_start.elapsed();
+                grad_norm = opt.norm(&self.dist, &grads);
+                skipped = check_finite(&self.cfg, self.step, loss, grad_norm)?;
+                if !skipped {
+                    opt.step(&self.dist, &grads, lr, clip_scale(clip, grad_norm))?;
+                }
+            }
+        }
+        if skipped {
+            self.skipped_steps += 1;
         }
         self.step += 1;
         self.tokens += self.tokens_per_step();
-        Ok(StepStats { loss, grad_norm, lr, skipped, routing: LayerStats::average(&stats) })
+        Ok(StepStats { loss, grad_norm, lr, skipped, routing })
     }
 
+    /// The step's mean loss and routing statistics over every rank's micro-batches.
+    fn reduce_logs(
+        &self, loss_sum: f64, stats: &[Vec<LayerStats>], accum: usize,
+    ) -> (f64, Vec<LayerStats>) {
+        let mut routing = LayerStats::average(stats);
+        if self.dist.size() == 1 {
+            return (loss_sum / accum as f64, routing);
+        }
+        // Each rank's statistics are a mean over as many micro-batches as every other's.
+        let mut numbers = LayerStats::to_numbers(&routing);
+        numbers.iter_mut().for_each(|x| *x /= self.dist.size() as f64);
+        numbers.push(loss_sum);
+        self.dist.all_reduce_sum_in_place_f64(&mut numbers);
+        let loss = numbers.pop().expect("the loss") / accum as f64;
+        LayerStats::set_numbers(&mut routing, &numbers);
+        (loss, routing)
+    }
+
+    /// The validation loss, its batches split over the ranks.
     pub fn eval(&self) -> Result<Option<EvalResult>> {
         match &self.val {
-            Some(stream) => Ok(Some(evaluate(
+            Some(stream) => Ok(Some(evaluate_on(
                 &self.model,
                 stream,
                 self.cfg.train.eval_batch_size,
                 self.cfg.train.eval_batches,
+                &self.dist,
             )?)),
             None => Ok(None),
         }
@@ -185,7 +265,7 @@ impl Trainer {
             step: self.step,
             tokens: self.tokens,
             data_cursor: self.loader.cursor,
-            optimizer_t: self.opt.t,
+            optimizer_t: self.opt.t(),
             skipped_steps: self.skipped_steps,
             seed: self.cfg.run.seed,
             elapsed_s: self.elapsed_before + elapsed,
@@ -194,15 +274,79 @@ impl Trainer {
         }
     }
 
-    pub fn save(&self, run_dir: &Path, elapsed: f64) -> Result<PathBuf> {
-        let dir = checkpoint::save(
-            run_dir,
-            &self.state(elapsed),
-            &self.params.tensors(),
-            &self.opt.state_tensors()?,
-            self.cfg.train.keep_checkpoints,
-        )?;
+    /// Writes a checkpoint from rank 0 (every rank takes part in gathering sharded moments)
+    /// and returns its directory there; the other ranks wait for it and get None.
+    pub fn save(&self, run_dir: &Path, elapsed: f64) -> Result<Option<PathBuf>> {
+        let moments = match &self.opt {
+            Optimizer::Full(o) => o.state_tensors()?,
+            Optimizer::Sharded(o) => o.state_tensors(&self.dist)?,
+        };
+        let dir = if self.dist.is_root() {
+            Some(checkpoint::save(
+                run_dir,
+                &self.state(elapsed),
+                &self.params.tensors(),
+                &moments,
+                self.cfg.train.keep_checkpoints,
+            )?)
+        } else {
+            None
+        };
+        // Writing may take longer than a collective may: the others wait for it with patience.
+        let timeout = self.dist.collective_timeout();
+        self.dist.set_collective_timeout(timeout.map(|t| t.max(Duration::from_secs(600))));
+        self.dist.barrier();
+        self.dist.set_collective_timeout(timeout);
         Ok(dir)
+    }
+}
+
+/// What the world size demands of the config, checked before anything is computed or written.
+fn check_world(cfg: &Config, dist: &Dist) -> Result<(), ConfigError> {
+    let (n, accum) = (dist.size(), cfg.accumulation());
+    let invalid = |message: String| ConfigError::Invalid { origin: "train".into(), message };
+    if cfg.train.zero == 1 && n == 1 {
+        return Err(invalid(
+            "`train.zero` = 1 shards the optimizer over data-parallel ranks, but this is one \
+             process: launch it with `mpirun -n N` (or srun), or set train.zero = 0"
+                .into(),
+        ));
+    }
+    if !accum.is_multiple_of(n) {
+        return Err(invalid(format!(
+            "`train.batch_size` ({}) / `train.micro_batch_size` ({}) = {accum} micro-batches per \
+             step cannot be shared evenly by {n} ranks: make the count a multiple of {n} (e.g. \
+             micro_batch_size = {})",
+            cfg.train.batch_size,
+            cfg.train.micro_batch_size,
+            cfg.train.batch_size / n
+        )));
+    }
+    Ok(())
+}
+
+/// Whether to skip the update: a non-finite loss or gradient norm skips it under
+/// `train.on_nan = "skip"` and stops the run under "stop" (every rank sees the same numbers).
+fn check_finite(cfg: &Config, step: usize, loss: f64, grad_norm: f64) -> Result<bool> {
+    if loss.is_finite() && grad_norm.is_finite() {
+        return Ok(false);
+    }
+    match cfg.train.on_nan {
+        NanPolicy::Stop => bail!(
+            "step {}: the loss is {loss} and the gradient norm {grad_norm}; stopped before updating anything \
+             (the last checkpoint is intact; lower train.lr, or set train.on_nan = \"skip\")",
+            step + 1
+        ),
+        NanPolicy::Skip => Ok(true),
+    }
+}
+
+/// The factor that clips the gradient to global norm `clip` (0 = off).
+fn clip_scale(clip: f64, grad_norm: f64) -> f64 {
+    if clip > 0.0 && grad_norm > clip {
+        clip / (grad_norm + 1e-6)
+    } else {
+        1.0
     }
 }
 
@@ -213,159 +357,4 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
         total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
     }
     Ok(total.sqrt())
-}
-
-pub struct RunSummary {
-    pub run_dir: PathBuf,
-    /// The last step's training loss, when this invocation trained at all.
-    pub final_loss: Option<f64>,
-    pub final_eval: Option<EvalResult>,
-}
-
-/// The `train` command: a run directory, the loop, logs, evals and checkpoints.
-pub fn run(cfg: Config, start: Start) -> Result<RunSummary> {
-    let run_dir = cfg.run_dir();
-    let _lock = run_dir::RunLock::acquire(&run_dir)?;
-    let mut trainer = Trainer::new(cfg)?;
-    let cfg = trainer.cfg.clone();
-    let metrics = match &start {
-        Start::Resume => {
-            let ckpt = checkpoint::load(&run_dir, trainer.params.device()).map_err(|e| {
-                anyhow::Error::new(e)
-                    .context(format!("--resume: no usable checkpoint in {}", run_dir.display()))
-            })?;
-            trainer.resume_from(&ckpt)?;
-            println!(
-                "resumed {} at step {} ({} tokens)",
-                ckpt.dir.display(),
-                trainer.step,
-                trainer.tokens
-            );
-            MetricsLog::open(&run_dir, Some(trainer.step))?
-        }
-        Start::Fresh | Start::InitFrom(_) => {
-            // `upcycle` writes a run directory whose one checkpoint is where its training starts.
-            let own_start = match &start {
-                Start::InitFrom(p) => {
-                    let same = |a: &Path, b: &Path| {
-                        a.canonicalize()
-                            .ok()
-                            .is_some_and(|a| b.canonicalize().is_ok_and(|b| a == b))
-                    };
-                    checkpoint::resolve(p).is_ok_and(|c| matches!(run_dir::checkpoints(&run_dir).as_slice(), [(_, only)] if same(only, &c)))
-                }
-                _ => false,
-            };
-            if !own_start {
-                run_dir::ensure_no_checkpoints(
-                    &run_dir,
-                    "pass --resume to continue that run, or set another run.name",
-                )?;
-            }
-            if let Start::InitFrom(p) = &start {
-                let ckpt = checkpoint::load(p, trainer.params.device())?;
-                ckpt.restore(&trainer.params)?;
-                println!("initialised from {} (step {})", ckpt.dir.display(), ckpt.state.step);
-            }
-            std::fs::create_dir_all(&run_dir)
-                .with_context(|| format!("creating {}", run_dir.display()))?;
-            MetricsLog::open(&run_dir, None)?
-        }
-    };
-    run_dir::write_atomic(&run_dir::config_path(&run_dir), cfg.to_toml().as_bytes())?;
-    let t = &cfg.train;
-    let (total, trained) = (trainer.params.count(), trainer.params.trainable_count());
-    let trained = if trained < total { format!(" ({trained} trained)") } else { String::new() };
-    println!(
-        "run {} | {total} parameters{trained} | {} train tokens | {} steps of {} tokens",
-        run_dir.display(),
-        trainer.loader.total_tokens(),
-        t.steps,
-        trainer.tokens_per_step()
-    );
-    let progress = Progress::new(t.steps, trainer.step);
-    let started = Instant::now();
-    if trainer.step >= t.steps {
-        println!(
-            "the run is already at step {} of {}: nothing to train (raise train.steps to go on)",
-            trainer.step, t.steps
-        );
-    }
-    let (mut window_start, mut window_tokens) = (Instant::now(), 0u64);
-    let mut last_loss = None;
-    let mut last_eval = None;
-    while trainer.step < t.steps {
-        let stats = trainer.train_step()?;
-        if stats.skipped {
-            progress.line(&format!(
-                "step {:>6} | loss {} | grad norm {}: update skipped ({} so far, train.on_nan = \"skip\")",
-                trainer.step, stats.loss, stats.grad_norm, trainer.skipped_steps
-            ));
-        }
-        last_loss = Some(stats.loss);
-        window_tokens += trainer.tokens_per_step();
-        let step = trainer.step;
-        let elapsed = started.elapsed().as_secs_f64();
-        let tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
-        let done = step == t.steps;
-        if step % t.log_every == 0 || done {
-            // The step's own loss, as nanoGPT logs it: a resumed run then logs the same numbers.
-            let loss = stats.loss;
-            let eta = (t.steps - step) as f64 * trainer.tokens_per_step() as f64 / tps;
-            metrics.write(&Record {
-                step: Some(step as u64),
-                loss: Some(loss),
-                lr: Some(stats.lr),
-                grad_norm: Some(stats.grad_norm),
-                tokens: Some(trainer.tokens),
-                tokens_per_s: Some(tps),
-                elapsed_s: Some(trainer.elapsed_before + elapsed),
-                skipped_steps: (trainer.skipped_steps > 0).then_some(trainer.skipped_steps),
-                routing: stats.routing.clone(),
-                ..Record::default()
-            })?;
-            let line = format!(
-                "step {step:>6}/{} | loss {loss:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | eta {}",
-                t.steps,
-                stats.lr,
-                stats.grad_norm,
-                tps,
-                format_duration(eta)
-            );
-            progress.line(&line);
-            progress.step(step, &format!("loss {loss:.4} | {tps:.0} tok/s"));
-            (window_start, window_tokens) = (Instant::now(), 0);
-        } else {
-            progress.step(step, &format!("loss {:.4} | {tps:.0} tok/s", stats.loss));
-        }
-        if (t.eval_every > 0 && step % t.eval_every == 0) || done {
-            if let Some(e) = trainer.eval()? {
-                metrics.write(&Record {
-                    step: Some(step as u64),
-                    split: Some("val".into()),
-                    loss: Some(e.loss),
-                    ppl: Some(e.ppl),
-                    tokens: Some(trainer.tokens),
-                    routing: e.routing.clone(),
-                    ..Record::default()
-                })?;
-                progress.line(&format!(
-                    "eval step {step:>6} | val loss {:.4} | ppl {:.2}",
-                    e.loss, e.ppl
-                ));
-                if !e.routing.is_empty() {
-                    progress.line(crate::metrics::routing_table(&e.routing).trim_end());
-                }
-                last_eval = Some(e);
-            }
-            window_start = Instant::now();
-        }
-        if (t.ckpt_every > 0 && step % t.ckpt_every == 0) || done {
-            let dir = trainer.save(&run_dir, started.elapsed().as_secs_f64())?;
-            progress.line(&format!("saved {}", dir.display()));
-            window_start = Instant::now();
-        }
-    }
-    progress.finish();
-    Ok(RunSummary { run_dir, final_loss: last_loss, final_eval: last_eval })
 }

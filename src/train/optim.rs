@@ -55,17 +55,9 @@ impl AdamW {
     /// One update with `grads` aligned with `slots`, each multiplied by `grad_scale` (clipping).
     pub fn step(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
-        let k = Kernel {
-            lr: lr as f32,
-            b1: self.betas[0] as f32,
-            b2: self.betas[1] as f32,
-            eps: self.eps as f32,
-            bc1: (1.0 - self.betas[0].powi(self.t as i32)) as f32,
-            bc2: (1.0 - self.betas[1].powi(self.t as i32)) as f32,
-            gscale: grad_scale as f32,
-        };
+        let k = Kernel::new(lr, self.betas, self.eps, self.t, grad_scale);
         for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let wd = if slot.decay { (1.0 - lr * self.weight_decay) as f32 } else { 1.0 };
+            let wd = k.decay_factor(slot.decay, lr, self.weight_decay);
             let g = g.contiguous()?;
             match &mut slot.moments {
                 Moments::Host { m, v } => {
@@ -143,7 +135,8 @@ impl AdamW {
     }
 }
 
-struct Kernel {
+/// The scalars of one AdamW update, in the f32 the update runs in.
+pub(super) struct Kernel {
     lr: f32,
     b1: f32,
     b2: f32,
@@ -151,6 +144,49 @@ struct Kernel {
     bc1: f32,
     bc2: f32,
     gscale: f32,
+}
+
+impl Kernel {
+    /// Update number `t` (from 1) at learning rate `lr`, gradients scaled by `gscale` (clipping).
+    pub(super) fn new(lr: f64, betas: [f64; 2], eps: f64, t: u64, gscale: f64) -> Kernel {
+        Kernel {
+            lr: lr as f32,
+            b1: betas[0] as f32,
+            b2: betas[1] as f32,
+            eps: eps as f32,
+            bc1: (1.0 - betas[0].powi(t as i32)) as f32,
+            bc2: (1.0 - betas[1].powi(t as i32)) as f32,
+            gscale: gscale as f32,
+        }
+    }
+
+    /// The decoupled weight decay as a factor on the parameter (1 for tensors that do not decay).
+    pub(super) fn decay_factor(&self, decay: bool, lr: f64, weight_decay: f64) -> f32 {
+        if decay {
+            (1.0 - lr * weight_decay) as f32
+        } else {
+            1.0
+        }
+    }
+
+    /// The update of `p` in place, with its moments, element by element (rayon over chunks).
+    pub(super) fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], wd: f32) {
+        const CHUNK: usize = 8192;
+        let k = self;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    let gi = g[i] * k.gscale;
+                    m[i] = k.b1 * m[i] + (1.0 - k.b1) * gi;
+                    v[i] = k.b2 * v[i] + (1.0 - k.b2) * gi * gi;
+                    let update = (m[i] / k.bc1) / ((v[i] / k.bc2).sqrt() + k.eps);
+                    p[i] = p[i] * wd - k.lr * update;
+                }
+            });
+    }
 }
 
 struct HostUpdate<'a> {
@@ -175,21 +211,7 @@ impl InplaceOp2 for HostUpdate<'_> {
         let CpuStorage::F32(p) = ps else { candle_core::bail!("adamw: parameters must be f32") };
         let p = &mut p[a..b];
         let (mut m, mut v) = (self.m.lock().unwrap(), self.v.lock().unwrap());
-        let k = self.k;
-        const CHUNK: usize = 8192;
-        p.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK))
-            .for_each(|(((p, m), v), g)| {
-                for i in 0..p.len() {
-                    let gi = g[i] * k.gscale;
-                    m[i] = k.b1 * m[i] + (1.0 - k.b1) * gi;
-                    v[i] = k.b2 * v[i] + (1.0 - k.b2) * gi * gi;
-                    let update = (m[i] / k.bc1) / ((v[i] / k.bc2).sqrt() + k.eps);
-                    p[i] = p[i] * self.wd - k.lr * update;
-                }
-            });
+        self.k.apply(p, m.as_mut_slice(), v.as_mut_slice(), g, self.wd);
         Ok(())
     }
 }
