@@ -222,6 +222,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 // which schedulers (SLURM requeue) and `timeout` understand.
                 std::process::exit(crate::signals::exit_code(sig));
             }
+            if !summary.root {
+                return Ok(());
+            }
             println!(
                 "done: {}{}{}",
                 summary.run_dir.display(),

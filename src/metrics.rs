@@ -2,7 +2,7 @@
 //! and `metrics.jsonl`, one JSON object per log or eval line.
 
 use crate::model::stats::LayerStats;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -71,6 +71,17 @@ impl MetricsLog {
     }
 }
 
+/// Where a run's progress goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// A bar when stdout is a terminal, else plain lines.
+    Auto,
+    /// Plain lines only (rank 0 of a data-parallel run, whose stdout the launcher forwards).
+    Lines,
+    /// Nothing (the other ranks).
+    Quiet,
+}
+
 /// Progress on the terminal: a bar when interactive, otherwise one plain line per log step.
 pub struct Progress {
     bar: Option<ProgressBar>,
@@ -79,11 +90,13 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Progress from step `start` of `total`; `visible` is false for a process that should
-    /// print nothing (only rank 0 of a data-parallel run speaks).
-    pub fn new(total: usize, start: usize, visible: bool) -> Progress {
-        let bar = (visible && std::io::stdout().is_terminal()).then(|| {
-            let bar = ProgressBar::new(total as u64);
+    /// Progress from step `start` of `total`.
+    pub fn new(total: usize, start: usize, output: Output) -> Progress {
+        let bar = (output == Output::Auto && std::io::stdout().is_terminal()).then(|| {
+            // Drawn to stdout, where the lines go: indicatif's default (stderr) hides the
+            // bar and every line printed through it when only stdout is a terminal.
+            let bar =
+                ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stdout());
             bar.set_style(
                 ProgressStyle::with_template(
                     "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
@@ -94,7 +107,7 @@ impl Progress {
             bar.set_position(start as u64);
             bar
         });
-        Progress { bar, quiet: !visible }
+        Progress { bar, quiet: output == Output::Quiet }
     }
 
     pub fn step(&self, step: usize, msg: &str) {

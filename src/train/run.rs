@@ -7,7 +7,7 @@ use crate::checkpoint;
 use crate::config::Config;
 use crate::dist::Dist;
 use crate::eval::EvalResult;
-use crate::metrics::{format_duration, MetricsLog, Progress, Record};
+use crate::metrics::{format_duration, MetricsLog, Output, Progress, Record};
 use crate::{run_dir, signals};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -28,6 +28,8 @@ pub struct RunSummary {
     pub final_eval: Option<EvalResult>,
     /// The signal that stopped the run early (after saving a checkpoint).
     pub stopped_by: Option<i32>,
+    /// This process is rank 0, which reports the run.
+    pub root: bool,
 }
 
 /// The `train` command: a run directory, the loop, logs, evals and checkpoints, on every rank
@@ -37,10 +39,10 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         return Err(crate::config::ConfigError::Invalid {
             origin: "the resolved config".into(),
             message: format!(
-                "rank {} of {} was given a different config than rank 0: every rank must run \
-                 the same config file with the same --set overrides",
-                dist.rank(),
-                dist.size()
+                "the {} ranks were not all given the same config (this is rank {}): every rank \
+                 must run the same config file with the same --set overrides",
+                dist.size(),
+                dist.rank()
             ),
         }
         .into());
@@ -110,7 +112,12 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         t.steps,
         trainer.tokens_per_step()
     ));
-    let progress = Progress::new(t.steps, trainer.step, root);
+    let output = match (root, dist.size()) {
+        (false, _) => Output::Quiet,
+        (true, 1) => Output::Auto,
+        (true, _) => Output::Lines,
+    };
+    let progress = Progress::new(t.steps, trainer.step, output);
     let started = Instant::now();
     if trainer.step >= t.steps {
         say(&format!(
@@ -200,7 +207,7 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         ));
     }
     progress.finish();
-    Ok(RunSummary { run_dir, final_loss: last_loss, final_eval: last_eval, stopped_by })
+    Ok(RunSummary { run_dir, final_loss: last_loss, final_eval: last_eval, stopped_by, root })
 }
 
 /// Locks the run directory and checks that this start may write into it.

@@ -373,3 +373,19 @@ pub fn assert_no_duplicate_steps(run_dir: &Path) {
         );
     }
 }
+
+/// `mpirun -n RANKS motrain ARGS...` in `cwd`, one thread per rank, as the MPI tests run it
+/// (root in a container: `--allow-run-as-root`; more ranks than cores: `--oversubscribe`).
+pub fn mpirun(cwd: &Path, ranks: usize, args: &[&str]) -> Out {
+    run_motrain(mpirun_command(ranks), cwd, args)
+}
+
+/// The `mpirun ... motrain` prefix of [`mpirun`], for a test that starts it itself.
+pub fn mpirun_command(ranks: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--allow-run-as-root", "--oversubscribe", "-n", &ranks.to_string()])
+        .args(["-x", "RAYON_NUM_THREADS=1", "-x", "OMPI_MCA_btl_vader_single_copy_mechanism=none"])
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .arg(bin());
+    c
+}
