@@ -23,6 +23,8 @@ pub struct BenchResult {
     pub threads: usize,
     /// Data-parallel ranks, and the seconds per step spent summing gradients over them.
     pub ranks: usize,
+    #[serde(skip)]
+    pub rank: usize,
     pub comm_s_per_step: f64,
     /// comm_s_per_step / step_time_s.
     pub comm_share: f64,
@@ -91,6 +93,7 @@ pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<Ben
         peak_rss_bytes: peak_rss_bytes(),
         threads: rayon::current_num_threads(),
         ranks: dist.size(),
+        rank: dist.rank(),
         comm_s_per_step,
         comm_share: comm_s_per_step / (secs / steps.max(1) as f64),
         final_loss: loss,

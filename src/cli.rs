@@ -372,6 +372,9 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let cfg = Config::load(&config, &overrides)?;
             let r = crate::bench::bench(cfg, &config.display().to_string(), steps, warmup)?;
+            if r.rank != 0 {
+                return Ok(()); // rank 0 of a data-parallel bench reports for all
+            }
             eprintln!(
                 "{}: {:.0} tokens/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.0} MiB",
                 r.config,

@@ -101,20 +101,7 @@ impl AdamW {
         &mut self, tensors: &HashMap<String, Tensor>, t: u64,
     ) -> std::result::Result<(), String> {
         for s in &mut self.slots {
-            let get = |suffix: &str| -> std::result::Result<Tensor, String> {
-                let key = format!("{}.{suffix}", s.name);
-                let t = tensors
-                    .get(&key)
-                    .ok_or_else(|| format!("optimizer tensor `{key}` is missing"))?;
-                if t.dims() != s.var.dims() {
-                    return Err(format!(
-                        "optimizer tensor `{key}` has shape {:?}, expected {:?}",
-                        t.dims(),
-                        s.var.dims()
-                    ));
-                }
-                t.to_dtype(DType::F32).map_err(|e| e.to_string())
-            };
+            let get = |suffix| moment(tensors, &s.name, suffix, &s.var);
             let (m, v) = (get("exp_avg")?, get("exp_avg_sq")?);
             s.moments = match &s.moments {
                 Moments::Host { .. } => Moments::Host {
@@ -133,6 +120,23 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
+}
+
+/// A checkpoint's moment `{name}.{suffix}` (exp_avg or exp_avg_sq) of the parameter `var`, in
+/// f32, checked against the parameter's shape.
+pub(super) fn moment(
+    tensors: &HashMap<String, Tensor>, name: &str, suffix: &str, var: &Var,
+) -> std::result::Result<Tensor, String> {
+    let key = format!("{name}.{suffix}");
+    let t = tensors.get(&key).ok_or_else(|| format!("optimizer tensor `{key}` is missing"))?;
+    if t.dims() != var.dims() {
+        return Err(format!(
+            "optimizer tensor `{key}` has shape {:?}, expected {:?}",
+            t.dims(),
+            var.dims()
+        ));
+    }
+    t.to_dtype(DType::F32).map_err(|e| e.to_string())
 }
 
 /// The scalars of one AdamW update, in the f32 the update runs in.
