@@ -117,7 +117,7 @@ pub struct Dist {
 impl Dist {
     /// The world of one process: collectives are the identity and no watchdog runs.
     pub fn single() -> Dist {
-        Dist { backend: Backend::Single, watchdog: Watchdog::new(0, None) }
+        Dist { backend: Backend::Single, watchdog: Watchdog::unwatched(0) }
     }
 
     /// The MPI world when a launcher started this process (and the `mpi` feature is compiled
@@ -452,6 +452,20 @@ mod tests {
         assert_eq!(bucket_ranges(&[3, 3, 3, 3], 10), vec![0..3, 3..4]);
         assert_eq!(bucket_ranges(&[3, 30, 3, 7, 1], 10), vec![0..1, 1..2, 2..4, 4..5]);
         assert_eq!(bucket_ranges(&[0, 10, 0], 10), vec![0..3]);
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    #[test]
+    fn a_launch_as_several_ranks_needs_the_mpi_feature() {
+        let several = Launcher { var: "OMPI_COMM_WORLD_SIZE", size: Some(2) };
+        let Err(e) = Dist::launched(several, None) else {
+            panic!("two ranks without MPI were accepted")
+        };
+        assert!(e.to_string().contains("--features mpi"), "{e}");
+        let one = Launcher { var: "OMPI_COMM_WORLD_SIZE", size: Some(1) };
+        assert_eq!(Dist::launched(one, None).unwrap().size(), 1);
+        let unknown = Launcher { var: "PMIX_RANK", size: None };
+        assert_eq!(Dist::launched(unknown, None).unwrap().size(), 1);
     }
 
     #[test]
