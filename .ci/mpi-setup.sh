@@ -6,10 +6,10 @@ set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1; }
 
-# bindgen loads libclang at build time; no binary to probe for, so look for the library.
+# bindgen loads libclang at build time; no binary to probe for, so look for the unversioned
+# libclang.so that libclang-dev installs (the runtime package alone lacks clang's headers).
 have_libclang() {
-  ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' \
-    || ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1
+  compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null || compgen -G '/usr/lib/*/libclang.so' >/dev/null
 }
 
 if have mpicc && have mpirun && have_libclang; then
