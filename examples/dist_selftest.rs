@@ -7,6 +7,7 @@
 //! peer); the others' watchdog must end them.
 //! `dist_selftest kill9`: the last rank SIGKILLs itself before the second all-reduce (a lost
 //! peer).
+//! `dist_selftest mismatch`: rank r all-reduces 10 + r values; the arrival check must abort.
 //! `dist_selftest bench`: rank 0 prints the time of one 25 MB gradient bucket's all-reduce and
 //! of one `all_agree` (latency: arrival check plus a one-integer all-reduce).
 
@@ -31,7 +32,13 @@ fn main() -> ExitCode {
             let _ = signal_hook::low_level::raise(libc::SIGKILL);
         }),
         "bench" => bench(&dist),
-        _ => Err("usage: dist_selftest collectives|hang|kill9|bench".to_string()),
+        "mismatch" => {
+            // Ranks disagreeing on a length: the arrival check must stop them before MPI runs.
+            let mut v = vec![1f32; 10 + dist.rank()];
+            dist.all_reduce_sum_in_place(&mut v);
+            Err("an all-reduce of different lengths completed".into())
+        }
+        _ => Err("usage: dist_selftest collectives|hang|kill9|mismatch|bench".to_string()),
     };
     match result {
         Ok(()) => {

@@ -152,3 +152,12 @@ fn a_killed_rank_makes_the_others_exit_nonzero_within_60_s() {
     assert!(r.stderr.contains("rank 1"), "the killed rank is not named\n{}", r.describe());
     assert!(!r.stderr.contains("completed without the last rank"), "{}", r.describe());
 }
+
+#[test]
+fn ranks_disagreeing_on_a_collective_are_stopped_before_it_runs() {
+    let r = mpirun(2, "mismatch", &[], Duration::from_secs(60));
+    assert!(matches!(r.code, Some(c) if c != 0), "expected a failure\n{}", r.describe());
+    let line = "at collective #1 all_reduce_sum(f32) of 10 values, rank 1 is at #1 all_reduce_sum(f32) of 11 values";
+    assert!(r.stderr.contains(line), "{}", r.describe());
+    assert!(!r.stderr.contains("of different lengths completed"), "{}", r.describe());
+}

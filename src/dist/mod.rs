@@ -101,6 +101,19 @@ fn timeout_from(value: Option<String>) -> Result<Option<Duration>, DistError> {
     }
 }
 
+/// The collectives by name, as the watchdog and the arrival check report them; a name's index
+/// travels in arrival messages, so ranks must agree on this list (they run one binary).
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+const COLLECTIVES: [&str; 7] = [
+    "all_reduce_sum(f32)",
+    "all_reduce_sum(f64)",
+    "broadcast_bytes",
+    "reduce_scatter_sum",
+    "all_gather",
+    "all_agree",
+    "barrier",
+];
+
 enum Backend {
     Single,
     #[cfg(feature = "mpi")]
@@ -176,11 +189,13 @@ impl Dist {
         self.watchdog.set_timeout(timeout)
     }
 
-    /// Arms the watchdog for collective `name` and waits for every peer to reach it.
+    /// Arms the watchdog for collective `name` (one of [`COLLECTIVES`]) over `count` elements per
+    /// rank (a broadcast: its root) and waits for every peer to reach the same.
     #[cfg(feature = "mpi")]
-    fn enter(&self, w: &mpi::MpiWorld, name: &'static str) -> watchdog::Guard<'_> {
+    fn enter(&self, w: &mpi::MpiWorld, name: &'static str, count: usize) -> watchdog::Guard<'_> {
         let guard = self.watchdog.enter(name);
-        w.arrive(&self.watchdog);
+        let kind = COLLECTIVES.iter().position(|c| *c == name).expect("a listed collective");
+        w.arrive(&self.watchdog, mpi::Op { kind, count });
         guard
     }
 
@@ -192,7 +207,7 @@ impl Dist {
             Backend::Single => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "all_reduce_sum(f32)");
+                let _g = self.enter(w, "all_reduce_sum(f32)", data.len());
                 w.all_reduce_sum_f32(data);
             }
         }
@@ -207,7 +222,7 @@ impl Dist {
             Backend::Single => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "all_reduce_sum(f64)");
+                let _g = self.enter(w, "all_reduce_sum(f64)", data.len());
                 w.all_reduce_sum_f64(data);
             }
         }
@@ -222,7 +237,7 @@ impl Dist {
             Backend::Single => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "broadcast_bytes");
+                let _g = self.enter(w, "broadcast_bytes", root);
                 w.broadcast_bytes(root, bytes);
             }
         }
@@ -250,7 +265,7 @@ impl Dist {
             Backend::Single => input.to_vec(),
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "reduce_scatter_sum");
+                let _g = self.enter(w, "reduce_scatter_sum", input.len());
                 w.reduce_scatter_sum_f32(input)
             }
         }
@@ -262,7 +277,7 @@ impl Dist {
             Backend::Single => shard.to_vec(),
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "all_gather");
+                let _g = self.enter(w, "all_gather", shard.len());
                 w.all_gather_f32(shard)
             }
         }
@@ -275,7 +290,7 @@ impl Dist {
             Backend::Single => flag,
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "all_agree");
+                let _g = self.enter(w, "all_agree", 1);
                 w.any(flag)
             }
         }
@@ -286,7 +301,7 @@ impl Dist {
             Backend::Single => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "barrier");
+                let _g = self.enter(w, "barrier", 0);
                 w.barrier();
             }
         }
