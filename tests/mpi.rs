@@ -161,3 +161,23 @@ fn ranks_disagreeing_on_a_collective_are_stopped_before_it_runs() {
     assert!(r.stderr.contains(line), "{}", r.describe());
     assert!(!r.stderr.contains("of different lengths completed"), "{}", r.describe());
 }
+
+#[test]
+fn a_launcher_announcing_more_ranks_than_mpi_sees_is_refused() {
+    // What `srun --mpi=none` does: N tasks, each initialising MPI as a world of one.
+    let mut cmd = Command::new(selftest());
+    cmd.arg("collectives").env("SLURM_STEP_NUM_TASKS", "2");
+    for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"] {
+        cmd.env_remove(var);
+    }
+    let r = run(cmd, Duration::from_secs(60));
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert!(
+        r.stderr.starts_with(
+            "error: the launcher started 2 ranks (SLURM_STEP_NUM_TASKS), but MPI sees a world of 1"
+        ),
+        "{}",
+        r.describe()
+    );
+    assert!(r.stderr.contains("--mpi=pmix"), "{}", r.describe());
+}

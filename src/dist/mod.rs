@@ -43,6 +43,8 @@ pub enum DistError {
     BadLauncherSize { var: &'static str, value: String },
     #[error("MPI could not be initialised (was it initialised already?)")]
     MpiInit,
+    #[error("the launcher started {launched} ranks ({var}), but MPI sees a world of {mpi}: under srun, pass --mpi=pmix (or --mpi=pmi2) so that the ranks find each other")]
+    WorldMismatch { var: &'static str, launched: usize, mpi: usize },
 }
 
 /// How the process was started, as far as its environment tells.
@@ -143,8 +145,17 @@ impl Dist {
     }
 
     #[cfg(feature = "mpi")]
-    fn launched(_launcher: Launcher, timeout: Option<Duration>) -> Result<Dist, DistError> {
+    fn launched(launcher: Launcher, timeout: Option<Duration>) -> Result<Dist, DistError> {
         let world = mpi::MpiWorld::init()?;
+        // `srun --mpi=none` starts N processes that each initialise MPI as a world of one; they
+        // would train alone into the same run.
+        if let Some(launched) = launcher.size.filter(|&n| n != world.size()) {
+            return Err(DistError::WorldMismatch {
+                var: launcher.var,
+                launched,
+                mpi: world.size(),
+            });
+        }
         let watchdog = Watchdog::new(world.rank(), timeout);
         Ok(Dist { backend: Backend::Mpi(world), watchdog })
     }
