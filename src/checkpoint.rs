@@ -1,12 +1,14 @@
 //! Checkpoints on disk: `model.safetensors`, `optimizer.safetensors` and `state.json` in
 //! `checkpoints/step-NNNNNN/`, written to a temporary directory, synced and renamed, then
-//! `latest` replaced atomically; retention of the newest N. Loading checks everything it reads.
+//! `latest` replaced atomically; retention of the newest N. Loading checks everything it reads,
+//! including the digests of the tensor files that `state.json` records.
 
 use crate::config::Config;
 use crate::run_dir::{self, checkpoints_dir, sync, write_atomic, RunDirError};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,91 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub state: TrainState,
     pub model: HashMap<String, Tensor>,
+    /// What `state.json` recorded of the tensor files; [`Checkpoint::optimizer`] verifies against it.
+    pub digests: FileDigests,
+}
+
+/// The digest algorithm of the files a checkpoint lists, named in `state.json`.
+///
+/// XXH3-128 rather than SHA-256: this guards against torn writes, bit rot and truncated copies,
+/// not against an adversary, and at ~10 GB/s against SHA-256's ~0.5-2 GB/s it hashes a
+/// multi-GB checkpoint in well under the time it takes to write it. 128 bits make an accidental
+/// collision a non-issue.
+pub const DIGEST_ALGORITHM: &str = "xxh3-128";
+
+/// The tensor files' digests in `state.json`: `"files_digest": "xxh3-128"` and
+/// `"files": {"model.safetensors": "<32 hex digits>", ...}`. Kept beside [`TrainState`], not in
+/// it, because they describe the bytes of one particular save, not the training state that
+/// conversions (`transition-tune`, `upcycle`) copy into new checkpoints. Checkpoints from
+/// before digests have neither key and load unverified.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FileDigests {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_digest: Option<String>,
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+}
+
+impl FileDigests {
+    /// The recorded digest of `name`, or None for a checkpoint that records none at all. One that
+    /// records some but not this file has lost an entry: that is refused, not waved through.
+    fn expected(&self, state_path: &Path, name: &str) -> Result<Option<&str>> {
+        if self.files.is_empty() {
+            return Ok(None);
+        }
+        match self.files_digest.as_deref() {
+            Some(DIGEST_ALGORITHM) => {}
+            Some(other) => {
+                return Err(CheckpointError::invalid(
+                    state_path,
+                    format!(
+                        "files_digest {other:?} is not supported (valid: {DIGEST_ALGORITHM:?})"
+                    ),
+                ))
+            }
+            None => {
+                return Err(CheckpointError::invalid(
+                    state_path,
+                    format!("lists file digests but no files_digest (valid: {DIGEST_ALGORITHM:?})"),
+                ))
+            }
+        }
+        match self.files.get(name) {
+            Some(d) => Ok(Some(d)),
+            None => {
+                Err(CheckpointError::invalid(state_path, format!("records no digest for {name}")))
+            }
+        }
+    }
+}
+
+/// The hex XXH3-128 digest of `bytes`.
+pub fn digest(bytes: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
+}
+
+/// The hex XXH3-128 digest of a file, streamed so that a large file needs no buffer of its size.
+pub fn digest_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| CheckpointError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:032x}", hasher.digest128()))
+}
+
+/// `state.json` as written: the state with the files' digests beside it.
+#[derive(Serialize)]
+struct StateFile<'a> {
+    #[serde(flatten)]
+    state: &'a TrainState,
+    #[serde(flatten)]
+    digests: &'a FileDigests,
 }
 
 fn step_name(step: usize) -> String {
@@ -85,8 +172,19 @@ pub fn save(
         let o = tmp.join("optimizer.safetensors");
         candle_core::safetensors::save(optimizer, &o)
             .map_err(|e| CheckpointError::invalid(&o, e.to_string()))?;
+        // Hashed from the files rather than from the tensors, so that the digest covers the bytes
+        // a later load reads, whatever serialisation candle chose.
+        let mut digests = FileDigests {
+            files_digest: Some(DIGEST_ALGORITHM.to_string()),
+            files: BTreeMap::new(),
+        };
+        for f in [&m, &o] {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            digests.files.insert(name, digest_file(f)?);
+        }
         let s = tmp.join("state.json");
-        let json = serde_json::to_string_pretty(state).expect("state serialises");
+        let json = serde_json::to_string_pretty(&StateFile { state, digests: &digests })
+            .expect("state serialises");
         std::fs::write(&s, json).map_err(|e| CheckpointError::io(&s, e))?;
         for f in [&m, &o, &s] {
             sync(f)?;
@@ -173,6 +271,11 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 }
 
 pub fn load_state(dir: &Path) -> Result<TrainState> {
+    Ok(load_state_and_digests(dir)?.0)
+}
+
+/// `state.json` of the checkpoint in `dir`: the training state and the recorded file digests.
+pub fn load_state_and_digests(dir: &Path) -> Result<(TrainState, FileDigests)> {
     let p = dir.join("state.json");
     let text = std::fs::read_to_string(&p).map_err(|e| CheckpointError::io(&p, e))?;
     let state: TrainState = serde_json::from_str(&text)
@@ -181,23 +284,49 @@ pub fn load_state(dir: &Path) -> Result<TrainState> {
         .config
         .validate()
         .map_err(|m| CheckpointError::invalid(&p, format!("config inside is invalid: {m}")))?;
-    Ok(state)
+    let digests: FileDigests = serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::invalid(&p, format!("corrupt file digests: {e}")))?;
+    Ok((state, digests))
 }
 
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    load_tensors_verified(path, device, None)
+}
+
+/// Loads a safetensors file, first checking its bytes against `expected` (a hex digest from
+/// `state.json`) when given. The file is mapped once and the same mapping is hashed and parsed,
+/// so verification costs one pass over memory, not a second read of the disk.
+pub fn load_tensors_verified(
+    path: &Path, device: &Device, expected: Option<&str>,
+) -> Result<HashMap<String, Tensor>> {
     if !path.is_file() {
         return Err(CheckpointError::invalid(path, "missing"));
     }
-    candle_core::safetensors::load(path, device)
+    let file = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    // SAFETY: the mapping is read-only and dropped before returning; a file truncated under us
+    // by another process would fault, as candle's own loader (also a mapping) would.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
+    if let Some(want) = expected {
+        let found = digest(&bytes);
+        if !found.eq_ignore_ascii_case(want) {
+            return Err(CheckpointError::invalid(
+                path,
+                format!("contents do not match the {DIGEST_ALGORITHM} digest state.json records ({want}, found {found}): the file is corrupt or was changed after saving"),
+            ));
+        }
+    }
+    candle_core::safetensors::load_buffer(&bytes, device)
         .map_err(|e| CheckpointError::invalid(path, format!("not a valid safetensors file: {e}")))
 }
 
 /// Loads state and weights of the checkpoint at `path` (see [`resolve`]).
 pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     let dir = resolve(path)?;
-    let state = load_state(&dir)?;
-    let model = load_tensors(&dir.join("model.safetensors"), device)?;
-    Ok(Checkpoint { dir, state, model })
+    let (state, digests) = load_state_and_digests(&dir)?;
+    let name = "model.safetensors";
+    let expected = digests.expected(&dir.join("state.json"), name)?;
+    let model = load_tensors_verified(&dir.join(name), device, expected)?;
+    Ok(Checkpoint { dir, state, model, digests })
 }
 
 /// A checkpoint's model, built from its state.json on the device it names and filled with its
@@ -244,6 +373,8 @@ impl Checkpoint {
     }
 
     pub fn optimizer(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
-        load_tensors(&self.dir.join("optimizer.safetensors"), device)
+        let name = "optimizer.safetensors";
+        let expected = self.digests.expected(&self.dir.join("state.json"), name)?;
+        load_tensors_verified(&self.dir.join(name), device, expected)
     }
 }

@@ -3,7 +3,8 @@
 //! Read from `main.rs` down: `cli` parses a command and calls one function of the library;
 //! `config` turns TOML into a validated `Config`; `data` reads shards into windows; `model`
 //! is the transformer of `models.md` over fused `ops`; `train` runs the loop and writes
-//! `checkpoint`s and `metrics`.
+//! `checkpoint`s and `metrics`; `dist` is the data-parallel world (MPI when launched by
+//! mpirun/srun) and `signals` the stop requests the loop polls.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -63,6 +63,36 @@ pub fn stop_requested() -> Option<i32> {
     }
 }
 
+/// Signals that may be configured to stop training, by name: those schedulers and users send to
+/// ask a job to end (SLURM: TERM, or any via `--signal`; PBS/LSF: USR2, XCPU).
+const NAMED: [(&str, i32); 8] = [
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("USR1", libc::SIGUSR1),
+    ("USR2", libc::SIGUSR2),
+    ("TERM", libc::SIGTERM),
+    ("ALRM", libc::SIGALRM),
+    ("XCPU", libc::SIGXCPU),
+];
+
+/// A stop signal as a user writes it (`SIGTERM`, `TERM`, `term` or `15`); None for an unknown
+/// name or a signal that cannot stop training (KILL, STOP, SEGV, ...).
+pub fn parse(name: &str) -> Option<i32> {
+    let t = name.trim();
+    if let Ok(n) = t.parse::<i32>() {
+        return NAMED.iter().any(|(_, s)| *s == n).then_some(n);
+    }
+    let upper = t.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    NAMED.iter().find(|(n, _)| *n == bare).map(|(_, s)| *s)
+}
+
+/// The names [`parse`] accepts, for an error message.
+pub fn valid_names() -> String {
+    NAMED.iter().map(|(n, _)| format!("SIG{n}")).collect::<Vec<_>>().join(", ")
+}
+
 /// Forgets a stop request (not the SIGINT count): for a caller that has handled it and carries
 /// on, e.g. the agreement step when another rank initiated the stop.
 pub fn clear() {
@@ -111,6 +141,26 @@ mod tests {
         assert_eq!(wait_for(SIGTERM), Some(SIGTERM));
         clear();
         assert_eq!(stop_requested(), None);
+    }
+
+    #[test]
+    fn signal_names_parse_as_users_write_them() {
+        for (name, sig) in [
+            ("SIGTERM", SIGTERM),
+            ("term", SIGTERM),
+            (" USR1 ", SIGUSR1),
+            ("sigusr2", libc::SIGUSR2),
+            ("15", 15),
+        ] {
+            assert_eq!(parse(name), Some(sig), "{name}");
+        }
+        for bad in ["KILL", "SIGSTOP", "9", "SEGV", "", "SIG", "TERMINATE", "-15", "999"] {
+            assert_eq!(parse(bad), None, "{bad}");
+        }
+        assert!(valid_names().starts_with("SIGHUP, SIGINT"), "{}", valid_names());
+        for (n, _) in NAMED {
+            assert_eq!(parse(&format!("SIG{n}")).map(|s| install(&[s]).is_ok()), Some(true), "{n}");
+        }
     }
 
     #[test]

@@ -792,3 +792,112 @@ fn hostile_configs_are_errors_not_panics() {
     apply_override(&mut table, "train.steps=0").unwrap();
     assert!(Config::from_table(table, "hostile").is_err());
 }
+
+// ---------------------------------------------------------------------------------------------
+// file digests in state.json
+
+/// The fixture's tensors saved the way training saves them (with digests), in `<tmp>/run`.
+fn saved_with_digests(c: &Ckpt) -> PathBuf {
+    let state = load_state(&c.dir()).unwrap();
+    let model = load_tensors(&c.model_path(), &candle_core::Device::Cpu).unwrap();
+    motrain::checkpoint::save(&c.tmp.path().join("run"), &state, &model, &model, 2).unwrap()
+}
+
+/// `path` with one bit of its last byte (tensor data, not the header) flipped: still a valid
+/// safetensors file, so only the digest can tell.
+fn flip_last_bit(path: &Path) {
+    let mut bytes = read(path);
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn saved_checkpoints_record_the_digest_of_each_tensor_file() {
+    let c = Ckpt::new();
+    let dir = saved_with_digests(&c);
+    let state = state_json(&dir);
+    assert_eq!(state["files_digest"], "xxh3-128", "{state}");
+    let files = state["files"].as_object().unwrap_or_else(|| panic!("no files in {state}"));
+    assert_eq!(files.len(), 2, "{state}");
+    for name in ["model.safetensors", "optimizer.safetensors"] {
+        let recorded = files[name].as_str().unwrap();
+        assert_eq!(recorded.len(), 32, "{name}: {recorded}");
+        assert_eq!(recorded, motrain::checkpoint::digest(&read(&dir.join(name))), "{name}");
+    }
+    let ckpt = motrain::checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap();
+    ckpt.optimizer(&candle_core::Device::Cpu).unwrap();
+}
+
+#[test]
+fn a_flipped_bit_in_model_safetensors_fails_eval_naming_the_file() {
+    let c = Ckpt::new();
+    let dir = saved_with_digests(&c);
+    let ok = motrain_limited(c.tmp.path(), &["eval", "--checkpoint", dir.to_str().unwrap()]);
+    assert_eq!(ok.code, Some(0), "{}", ok.describe());
+    flip_last_bit(&dir.join("model.safetensors"));
+    let out = motrain_limited(c.tmp.path(), &["eval", "--checkpoint", dir.to_str().unwrap()]);
+    assert_bad_input(&out, &["model.safetensors", "digest"]);
+    // Through the run directory too (what `--resume` and `--init-from` resolve).
+    let run = c.tmp.path().join("run");
+    let out = motrain_limited(c.tmp.path(), &["eval", "--checkpoint", run.to_str().unwrap()]);
+    assert_bad_input(&out, &["model.safetensors", "digest"]);
+}
+
+#[test]
+fn a_flipped_bit_in_optimizer_safetensors_is_refused_naming_the_file() {
+    let c = Ckpt::new();
+    let dir = saved_with_digests(&c);
+    flip_last_bit(&dir.join("optimizer.safetensors"));
+    let ckpt = motrain::checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap();
+    let e =
+        ckpt.optimizer(&candle_core::Device::Cpu).expect_err("the corrupt optimizer state loaded");
+    assert!(
+        e.to_string().contains("optimizer.safetensors") && e.to_string().contains("digest"),
+        "{e}"
+    );
+}
+
+#[test]
+fn digests_that_lie_or_go_missing_are_refused_naming_state_json() {
+    let c = Ckpt::new();
+    let dir = saved_with_digests(&c);
+    let honest = state_json(&dir);
+    let edit = |f: &dyn Fn(&mut Value)| {
+        let mut s = honest.clone();
+        f(&mut s);
+        std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&s).unwrap()).unwrap();
+    };
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        ("an unknown algorithm", Box::new(|s| s["files_digest"] = json!("md5")), "state.json"),
+        (
+            "no algorithm",
+            Box::new(|s| {
+                s.as_object_mut().unwrap().remove("files_digest");
+            }),
+            "state.json",
+        ),
+        (
+            "the model's entry gone",
+            Box::new(|s| {
+                s["files"].as_object_mut().unwrap().remove("model.safetensors");
+            }),
+            "state.json",
+        ),
+        ("files not a map", Box::new(|s| s["files"] = json!("model.safetensors")), "state.json"),
+        (
+            "a wrong digest",
+            Box::new(|s| s["files"]["model.safetensors"] = json!("0".repeat(32))),
+            "model.safetensors",
+        ),
+    ];
+    for (case, f, file) in cases {
+        edit(&*f);
+        let out = motrain_limited(c.tmp.path(), &["eval", "--checkpoint", dir.to_str().unwrap()]);
+        assert!(out.code == Some(2), "{case}: expected exit code 2\n{}", out.describe());
+        assert_bad_input(&out, &[file]);
+    }
+    // A checkpoint from before digests (neither key) still loads: the fixture's own.
+    assert!(state_json(&c.dir()).get("files").is_none());
+    c.eval().ok();
+}

@@ -43,6 +43,8 @@ pub enum DistError {
     BadLauncherSize { var: &'static str, value: String },
     #[error("MPI could not be initialised (was it initialised already?)")]
     MpiInit,
+    #[error("the launcher started {launched} ranks ({var}), but MPI sees a world of {mpi}: under srun, pass --mpi=pmix (or --mpi=pmi2) so that the ranks find each other")]
+    WorldMismatch { var: &'static str, launched: usize, mpi: usize },
 }
 
 /// How the process was started, as far as its environment tells.
@@ -101,6 +103,19 @@ fn timeout_from(value: Option<String>) -> Result<Option<Duration>, DistError> {
     }
 }
 
+/// The collectives by name, as the watchdog and the arrival check report them; a name's index
+/// travels in arrival messages, so ranks must agree on this list (they run one binary).
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+const COLLECTIVES: [&str; 7] = [
+    "all_reduce_sum(f32)",
+    "all_reduce_sum(f64)",
+    "broadcast_bytes",
+    "reduce_scatter_sum",
+    "all_gather",
+    "all_agree",
+    "barrier",
+];
+
 enum Backend {
     Single,
     #[cfg(feature = "mpi")]
@@ -117,7 +132,7 @@ pub struct Dist {
 impl Dist {
     /// The world of one process: collectives are the identity and no watchdog runs.
     pub fn single() -> Dist {
-        Dist { backend: Backend::Single, watchdog: Watchdog::new(0, None) }
+        Dist { backend: Backend::Single, watchdog: Watchdog::unwatched(0) }
     }
 
     /// The MPI world when a launcher started this process (and the `mpi` feature is compiled
@@ -130,8 +145,17 @@ impl Dist {
     }
 
     #[cfg(feature = "mpi")]
-    fn launched(_launcher: Launcher, timeout: Option<Duration>) -> Result<Dist, DistError> {
+    fn launched(launcher: Launcher, timeout: Option<Duration>) -> Result<Dist, DistError> {
         let world = mpi::MpiWorld::init()?;
+        // `srun --mpi=none` starts N processes that each initialise MPI as a world of one; they
+        // would train alone into the same run.
+        if let Some(launched) = launcher.size.filter(|&n| n != world.size()) {
+            return Err(DistError::WorldMismatch {
+                var: launcher.var,
+                launched,
+                mpi: world.size(),
+            });
+        }
         let watchdog = Watchdog::new(world.rank(), timeout);
         Ok(Dist { backend: Backend::Mpi(world), watchdog })
     }
@@ -176,11 +200,13 @@ impl Dist {
         self.watchdog.set_timeout(timeout)
     }
 
-    /// Arms the watchdog for collective `name` and waits for every peer to reach it.
+    /// Arms the watchdog for collective `name` (one of [`COLLECTIVES`]) over `count` elements per
+    /// rank (a broadcast: its root) and waits for every peer to reach the same.
     #[cfg(feature = "mpi")]
-    fn enter(&self, w: &mpi::MpiWorld, name: &'static str) -> watchdog::Guard<'_> {
+    fn enter(&self, w: &mpi::MpiWorld, name: &'static str, count: usize) -> watchdog::Guard<'_> {
         let guard = self.watchdog.enter(name);
-        w.arrive(&self.watchdog);
+        let kind = COLLECTIVES.iter().position(|c| *c == name).expect("a listed collective");
+        w.arrive(&self.watchdog, mpi::Op { kind, count });
         guard
     }
 
@@ -192,7 +218,7 @@ impl Dist {
             Backend::Single => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "all_reduce_sum(f32)");
+                let _g = self.enter(w, "all_reduce_sum(f32)", data.len());
                 w.all_reduce_sum_f32(data);
             }
         }
@@ -207,24 +233,22 @@ impl Dist {
             Backend::Single => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "all_reduce_sum(f64)");
+                let _g = self.enter(w, "all_reduce_sum(f64)", data.len());
                 w.all_reduce_sum_f64(data);
             }
         }
     }
 
     /// Replaces `bytes` on every rank by `root`'s (whose length the others need not know).
-    // In the one-process world the data stay as they are.
-    #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
-    // A Vec, not a slice: the receivers' buffers take the root's length.
-    #[cfg_attr(not(feature = "mpi"), allow(clippy::ptr_arg))]
+    // In the one-process world the bytes stay as they are; only MPI resizes the Vec.
+    #[cfg_attr(not(feature = "mpi"), allow(unused_variables, clippy::ptr_arg))]
     pub fn broadcast_bytes(&self, root: usize, bytes: &mut Vec<u8>) {
         assert!(root < self.size(), "broadcast from rank {root} in a world of {}", self.size());
         match &self.backend {
             Backend::Single => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "broadcast_bytes");
+                let _g = self.enter(w, "broadcast_bytes", root);
                 w.broadcast_bytes(root, bytes);
             }
         }
@@ -252,7 +276,7 @@ impl Dist {
             Backend::Single => input.to_vec(),
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "reduce_scatter_sum");
+                let _g = self.enter(w, "reduce_scatter_sum", input.len());
                 w.reduce_scatter_sum_f32(input)
             }
         }
@@ -264,7 +288,7 @@ impl Dist {
             Backend::Single => shard.to_vec(),
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "all_gather");
+                let _g = self.enter(w, "all_gather", shard.len());
                 w.all_gather_f32(shard)
             }
         }
@@ -277,7 +301,7 @@ impl Dist {
             Backend::Single => flag,
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "all_agree");
+                let _g = self.enter(w, "all_agree", 1);
                 w.any(flag)
             }
         }
@@ -288,7 +312,7 @@ impl Dist {
             Backend::Single => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => {
-                let _g = self.enter(w, "barrier");
+                let _g = self.enter(w, "barrier", 0);
                 w.barrier();
             }
         }
@@ -468,6 +492,20 @@ mod tests {
         assert_eq!(bucket_ranges(&[3, 3, 3, 3], 10), vec![0..3, 3..4]);
         assert_eq!(bucket_ranges(&[3, 30, 3, 7, 1], 10), vec![0..1, 1..2, 2..4, 4..5]);
         assert_eq!(bucket_ranges(&[0, 10, 0], 10), vec![0..3]);
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    #[test]
+    fn a_launch_as_several_ranks_needs_the_mpi_feature() {
+        let several = Launcher { var: "OMPI_COMM_WORLD_SIZE", size: Some(2) };
+        let Err(e) = Dist::launched(several, None) else {
+            panic!("two ranks without MPI were accepted")
+        };
+        assert!(e.to_string().contains("--features mpi"), "{e}");
+        let one = Launcher { var: "OMPI_COMM_WORLD_SIZE", size: Some(1) };
+        assert_eq!(Dist::launched(one, None).unwrap().size(), 1);
+        let unknown = Launcher { var: "PMIX_RANK", size: None };
+        assert_eq!(Dist::launched(unknown, None).unwrap().size(), 1);
     }
 
     #[test]

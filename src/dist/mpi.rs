@@ -2,10 +2,10 @@
 //! [`super::Dist`] exposes on `MPI_COMM_WORLD`, and the arrival check before each of them.
 //!
 //! Arrival check: before a collective, every rank sends each peer the collective's sequence
-//! number on a communicator of its own and waits until it has every peer's. A collective that
-//! hangs can then be blamed on the ranks that never arrived (the watchdog's message names them),
-//! and ranks whose collectives got out of step (a caller bug that would otherwise deadlock or
-//! mix up data) are caught at once. It costs one round of tiny messages, N-1 per rank, against
+//! number, kind and element count on a communicator of its own and waits until it has every
+//! peer's. A collective that hangs can then be blamed on the ranks that never arrived (the
+//! watchdog's message names them), and ranks whose collectives got out of step or disagree on a
+//! length (a caller bug that would otherwise deadlock or mix up data) are caught at once. It costs one round of tiny messages, N-1 per rank, against
 //! buckets of megabytes; the collective itself stays MPI's own tuned blocking one.
 
 use super::watchdog::Watchdog;
@@ -43,15 +43,16 @@ impl MpiWorld {
 
     /// The arrival check (see the module docs) for the collective the watchdog was just armed
     /// for. While peers are missing the watchdog's detail names them, so that a timeout does.
-    pub(super) fn arrive(&self, watchdog: &Watchdog) {
+    /// `op` is the collective's [`Op`], the same on every rank by contract.
+    pub(super) fn arrive(&self, watchdog: &Watchdog, op: Op) {
         if self.size == 1 {
             return;
         }
-        let seq = watchdog.seq();
-        let mut tokens = vec![0u64; self.size];
+        let mine = [watchdog.seq(), op.kind as u64, op.count as u64];
+        let mut tokens = vec![0u64; 3 * self.size];
         mpi::request::scope(|scope| {
             let mut pending = Vec::with_capacity(self.size - 1);
-            for (peer, slot) in tokens.iter_mut().enumerate().filter(|(p, _)| *p != self.rank) {
+            for (peer, slot) in tokens.chunks_mut(3).enumerate().filter(|(p, _)| *p != self.rank) {
                 pending.push((
                     peer,
                     self.arrivals.process_at_rank(peer as i32).immediate_receive_into(scope, slot),
@@ -61,7 +62,9 @@ impl MpiWorld {
             // for ours: the sends below complete once all tokens are in.
             let sends: Vec<_> = (0..self.size)
                 .filter(|p| *p != self.rank)
-                .map(|peer| self.arrivals.process_at_rank(peer as i32).immediate_send(scope, &seq))
+                .map(|peer| {
+                    self.arrivals.process_at_rank(peer as i32).immediate_send(scope, &mine[..])
+                })
                 .collect();
             let start = std::time::Instant::now();
             let mut reported = usize::MAX;
@@ -87,16 +90,19 @@ impl MpiWorld {
                 s.wait();
             }
         });
-        let behind: Vec<String> = (0..self.size)
-            .filter(|&p| p != self.rank && tokens[p] != seq)
-            .map(|p| format!("rank {p} is at #{}", tokens[p]))
+        let differ: Vec<String> = tokens
+            .chunks(3)
+            .enumerate()
+            .filter(|(p, t)| *p != self.rank && **t != mine)
+            .map(|(p, t)| format!("rank {p} is at #{} {}", t[0], describe(t[1], t[2])))
             .collect();
-        if !behind.is_empty() {
+        if !differ.is_empty() {
             eprintln!(
-                "error: rank {}: collective #{seq} ({}): {}; the ranks called collectives in different orders (a bug in motrain)",
+                "error: rank {}: at collective #{} {}, {}; the ranks called different collectives (a bug in motrain)",
                 self.rank,
-                watchdog.name(),
-                behind.join(", ")
+                mine[0],
+                describe(mine[1], mine[2]),
+                differ.join(", ")
             );
             self.world.abort(1);
         }
@@ -170,6 +176,24 @@ impl MpiWorld {
 
     pub(super) fn abort(&self, code: i32) -> ! {
         self.world.abort(code)
+    }
+}
+
+/// What a rank announces of a collective besides its sequence number.
+#[derive(Clone, Copy)]
+pub(super) struct Op {
+    /// Index into [`super::COLLECTIVES`].
+    pub kind: usize,
+    /// Elements per rank; for a broadcast, the root (lengths may differ before it).
+    pub count: usize,
+}
+
+fn describe(kind: u64, count: u64) -> String {
+    match super::COLLECTIVES.get(kind as usize).copied() {
+        Some(name @ ("barrier" | "all_agree")) => name.to_string(),
+        Some(name @ "broadcast_bytes") => format!("{name} from rank {count}"),
+        Some(name) => format!("{name} of {count} values"),
+        None => format!("unknown collective {kind}"),
     }
 }
 

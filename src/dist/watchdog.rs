@@ -54,15 +54,9 @@ impl Watchdog {
     /// A watchdog for `rank`; its thread starts here, and with `timeout` None it never fires
     /// until [`Watchdog::set_timeout`] gives it one.
     pub fn new(rank: usize, timeout: Option<Duration>) -> Watchdog {
-        let shared = Arc::new(Shared {
-            rank,
-            timeout_ms: AtomicU64::new(to_ms(timeout)),
-            deadline_ms: AtomicU64::new(0),
-            seq: AtomicU64::new(0),
-            name: Mutex::new(""),
-            detail: Mutex::new(String::new()),
-        });
-        let watched = Arc::clone(&shared);
+        let w = Watchdog::unwatched(rank);
+        w.set_timeout(timeout);
+        let watched = Arc::clone(&w.shared);
         let spawned = std::thread::Builder::new()
             .name("collective-watchdog".into())
             .spawn(move || watch(&watched));
@@ -70,7 +64,22 @@ impl Watchdog {
             // Training still works without it; only a lost peer would then hang this rank.
             eprintln!("warning: rank {rank}: no collective watchdog ({e}); a lost peer rank will make this one hang");
         }
-        Watchdog { shared }
+        w
+    }
+
+    /// The bookkeeping without the thread, for the one-process world, whose collectives cannot
+    /// hang: it never fires.
+    pub fn unwatched(rank: usize) -> Watchdog {
+        Watchdog {
+            shared: Arc::new(Shared {
+                rank,
+                timeout_ms: AtomicU64::new(NONE),
+                deadline_ms: AtomicU64::new(0),
+                seq: AtomicU64::new(0),
+                name: Mutex::new(""),
+                detail: Mutex::new(String::new()),
+            }),
+        }
     }
 
     pub fn timeout(&self) -> Option<Duration> {

@@ -212,10 +212,8 @@ mod tests {
         let dist = Dist::single();
         let mut sharded = ShardedAdamW::new(&pb, |_| true, &cfg, &dist).unwrap();
         for step in 0..3 {
-            let grads: Vec<Tensor> = pa
-                .iter()
-                .map(|(_, v)| crate::ops::testing::randn(v.dims(), 10 + step))
-                .collect();
+            let grads: Vec<Tensor> =
+                pa.iter().map(|(_, v)| crate::ops::testing::randn(v.dims(), 10 + step)).collect();
             full.step(&grads, 0.01, 0.7).unwrap();
             let shard = sharded.reduce(&dist, &grads).unwrap();
             sharded.step(&dist, &shard, 0.01, 0.7).unwrap();
