@@ -53,6 +53,10 @@ pub struct DataConfig {
     pub format: String,
     #[serde(default = "d_seq_len")]
     pub seq_len: usize,
+    /// `random` (windows at seeded random offsets) or `epoch` (each window once per epoch, in a
+    /// seeded order); see `data::loader::Sampler`.
+    #[serde(default = "d_sampler")]
+    pub sampler: String,
     /// Extension to the spec: the tokenizer that made the shards (`gpt2` or a tokenizer.json),
     /// so that `generate` and `export` can turn ids back into text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -339,6 +343,9 @@ fn d_dtype() -> String {
 fn d_format() -> String {
     "llmc".into()
 }
+fn d_sampler() -> String {
+    "random".into()
+}
 fn d_seq_len() -> usize {
     128
 }
@@ -499,6 +506,9 @@ impl Config {
         }
         if !matches!(self.data.format.as_str(), "llmc" | "nanogpt") {
             return Err(format!("`data.format` = {:?}: expected llmc or nanogpt", self.data.format));
+        }
+        if crate::data::loader::Sampler::parse(&self.data.sampler).is_none() {
+            return Err(format!("`data.sampler` = {:?}: expected random or epoch", self.data.sampler));
         }
         if m.d_model % m.n_heads != 0 {
             return Err(format!("`model.d_model` ({}) must be divisible by `model.n_heads` ({})", m.d_model, m.n_heads));

@@ -1,6 +1,7 @@
-//! Everything about tokens on disk: shard I/O, tokenizers, `prepare`, and the windows that
-//! training and eval read.
+//! Everything about tokens on disk: raw-text inputs, shard I/O, tokenizers, `prepare`, and the
+//! windows that training and eval read.
 
+pub mod inputs;
 pub mod loader;
 pub mod prepare;
 pub mod shards;
@@ -15,7 +16,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Shard { path: PathBuf, message: String },
     #[error("glob {pattern:?}: {message}")]
@@ -24,12 +28,19 @@ pub enum DataError {
     TooShort { needed: usize, what: String },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// A record (or file) `prepare` or `tokenizer train` could not read, under
+    /// `--on-bad-record fail` or for a corrupt file by default.
+    #[error("{location}: {message}")]
+    BadRecord { location: String, message: String },
     #[error("{0}")]
     Invalid(String),
 }
 
 impl DataError {
     pub fn io(path: &Path, source: std::io::Error) -> DataError {
-        DataError::Io { path: path.to_path_buf(), source }
+        DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }

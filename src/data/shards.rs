@@ -31,15 +31,24 @@ impl Shard {
         // SAFETY: shards are read-only inputs; a concurrent truncation would be a user error that
         // at worst raises SIGBUS, which mmap-based readers (llm.c, numpy) accept too.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io(path, e))?;
-        let bad = |msg: String| DataError::Shard { path: path.to_path_buf(), message: msg };
+        let bad = |msg: String| DataError::Shard {
+            path: path.to_path_buf(),
+            message: msg,
+        };
         let (offset, width, len) = if format == "nanogpt" {
             if map.len() % 2 != 0 {
-                return Err(bad(format!("size {} is odd, but a nanoGPT .bin holds uint16 tokens", map.len())));
+                return Err(bad(format!(
+                    "size {} is odd, but a nanoGPT .bin holds uint16 tokens",
+                    map.len()
+                )));
             }
             (0, 2, map.len() / 2)
         } else {
             if map.len() < HEADER_BYTES {
-                return Err(bad(format!("{} bytes is shorter than the 1024-byte llm.c header", map.len())));
+                return Err(bad(format!(
+                    "{} bytes is shorter than the 1024-byte llm.c header",
+                    map.len()
+                )));
             }
             let h = |i: usize| i32::from_le_bytes(map[4 * i..4 * i + 4].try_into().unwrap());
             let width = match (h(0), h(1)) {
@@ -65,7 +74,13 @@ impl Shard {
             }
             (HEADER_BYTES, width, count as usize)
         };
-        let shard = Shard { path: path.to_path_buf(), map, offset, width, len };
+        let shard = Shard {
+            path: path.to_path_buf(),
+            map,
+            offset,
+            width,
+            len,
+        };
         if let Some(v) = vocab_size {
             if let Some((i, id)) = shard.first_id_at_least(v) {
                 return Err(bad(format!(
@@ -102,24 +117,34 @@ impl Shard {
     }
 
     fn first_id_at_least(&self, vocab: usize) -> Option<(usize, u32)> {
-        (0..self.len).map(|i| (i, self.get(i))).find(|&(_, id)| id as usize >= vocab)
+        (0..self.len)
+            .map(|i| (i, self.get(i)))
+            .find(|&(_, id)| id as usize >= vocab)
     }
+}
+
+/// Whether a vocabulary needs uint32 shards (ids above 65535).
+pub fn is_wide(vocab_size: usize) -> bool {
+    vocab_size > u16::MAX as usize + 1
+}
+
+/// The 1024-byte llm.c header of a shard of `count` tokens.
+pub fn header(path: &Path, count: usize, wide: bool) -> Result<Vec<u8>, DataError> {
+    let mut header = [0i32; 256];
+    header[0] = if wide { MAGIC_U32 } else { MAGIC_U16 };
+    header[1] = if wide { 7 } else { 1 };
+    header[2] = i32::try_from(count).map_err(|_| DataError::Shard {
+        path: path.to_path_buf(),
+        message: format!("{count} tokens do not fit one shard (max {})", i32::MAX),
+    })?;
+    Ok(header.iter().flat_map(|h| h.to_le_bytes()).collect())
 }
 
 /// Writes an llm.c shard, uint16 when every id fits, else uint32; atomically via a temp file.
 pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<(), DataError> {
-    let wide = vocab_size > u16::MAX as usize + 1;
-    let mut header = [0i32; 256];
-    header[0] = if wide { MAGIC_U32 } else { MAGIC_U16 };
-    header[1] = if wide { 7 } else { 1 };
-    header[2] = i32::try_from(tokens.len()).map_err(|_| DataError::Shard {
-        path: path.to_path_buf(),
-        message: format!("{} tokens do not fit one shard (max {})", tokens.len(), i32::MAX),
-    })?;
-    let mut bytes = Vec::with_capacity(HEADER_BYTES + tokens.len() * if wide { 4 } else { 2 });
-    for h in header {
-        bytes.extend_from_slice(&h.to_le_bytes());
-    }
+    let wide = is_wide(vocab_size);
+    let mut bytes = header(path, tokens.len(), wide)?;
+    bytes.reserve(tokens.len() * if wide { 4 } else { 2 });
     for &t in tokens {
         if wide {
             bytes.extend_from_slice(&t.to_le_bytes());
@@ -137,18 +162,30 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<(),
 
 /// The files a glob names, sorted; an error when there are none.
 pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>, DataError> {
-    let paths = glob::glob(pattern).map_err(|e| DataError::Glob { pattern: pattern.into(), message: e.to_string() })?;
-    let mut files: Vec<PathBuf> = paths.filter_map(|p| p.ok()).filter(|p| p.is_file()).collect();
+    let paths = glob::glob(pattern).map_err(|e| DataError::Glob {
+        pattern: pattern.into(),
+        message: e.to_string(),
+    })?;
+    let mut files: Vec<PathBuf> = paths
+        .filter_map(|p| p.ok())
+        .filter(|p| p.is_file())
+        .collect();
     files.sort();
     if files.is_empty() {
-        return Err(DataError::Glob { pattern: pattern.into(), message: "no files match".into() });
+        return Err(DataError::Glob {
+            pattern: pattern.into(),
+            message: "no files match".into(),
+        });
     }
     Ok(files)
 }
 
 /// Opens every shard a glob names.
 pub fn open_all(pattern: &str, format: &str, vocab_size: usize) -> Result<Vec<Shard>, DataError> {
-    expand_glob(pattern)?.iter().map(|p| Shard::open(p, format, Some(vocab_size))).collect()
+    expand_glob(pattern)?
+        .iter()
+        .map(|p| Shard::open(p, format, Some(vocab_size)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -166,7 +203,10 @@ mod tests {
             let mut back = vec![0; 500];
             s.read(0, &mut back);
             assert_eq!(back, toks);
-            assert!(Shard::open(&p, "llmc", Some(10)).unwrap_err().to_string().contains("not below"));
+            assert!(Shard::open(&p, "llmc", Some(10))
+                .unwrap_err()
+                .to_string()
+                .contains("not below"));
         }
     }
 
@@ -177,10 +217,16 @@ mod tests {
         write_shard(&p, &[1, 2, 3, 4], 10).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 1]).unwrap();
-        assert!(Shard::open(&p, "llmc", None).unwrap_err().to_string().contains("truncated"));
+        assert!(Shard::open(&p, "llmc", None)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
         let mut bad = bytes.clone();
         bad[0] = 7;
         std::fs::write(&p, &bad).unwrap();
-        assert!(Shard::open(&p, "llmc", None).unwrap_err().to_string().contains("magic"));
+        assert!(Shard::open(&p, "llmc", None)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
     }
 }

@@ -27,8 +27,10 @@ impl Tokenizer {
                 message: "no such file (expected `gpt2` or the path of a tokenizer.json)".into(),
             });
         }
-        let tok = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| DataError::Tokenizer { path: path.to_path_buf(), message: format!("not a valid tokenizer.json: {e}") })?;
+        let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            message: format!("not a valid tokenizer.json: {e}"),
+        })?;
         let eot = ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]"]
             .iter()
             .find_map(|t| tok.token_to_id(t))
@@ -56,28 +58,73 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
         match self {
             Tokenizer::Gpt2(bpe) => Ok(bpe.encode_ordinary(text)),
-            Tokenizer::Hf(t, _) => t
-                .encode(text, false)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| DataError::Tokenizer { path: PathBuf::from("tokenizer"), message: e.to_string() }),
+            Tokenizer::Hf(t, _) => {
+                t.encode(text, false)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| DataError::Tokenizer {
+                        path: PathBuf::from("tokenizer"),
+                        message: e.to_string(),
+                    })
+            }
         }
     }
 
     /// Decodes ids to text; bytes that do not (yet) form valid UTF-8 come out as U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
-            Tokenizer::Gpt2(bpe) => String::from_utf8_lossy(&bpe.decode_bytes(ids).unwrap_or_default()).into_owned(),
+            Tokenizer::Gpt2(bpe) => {
+                String::from_utf8_lossy(&bpe.decode_bytes(ids).unwrap_or_default()).into_owned()
+            }
             Tokenizer::Hf(t, _) => t.decode(ids, false).unwrap_or_default(),
         }
     }
 }
 
-/// Trains a GPT-2 style byte-level BPE on text files and writes a HF tokenizer.json.
-pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<(), DataError> {
+/// SHA-256 of what defines a tokenizer: the bytes of its tokenizer.json, or for `gpt2` its
+/// tokens in id order; `prepare.json` records it so shards are never mixed across tokenizers.
+pub fn fingerprint(spec: &str) -> Result<String, DataError> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    if spec == "gpt2" {
+        let bpe = tiktoken_rs::r50k_base_singleton();
+        for id in 0..50256u32 {
+            let t = bpe.decode_bytes(&[id]).unwrap_or_default();
+            h.update((t.len() as u32).to_le_bytes());
+            h.update(&t);
+        }
+    } else {
+        let path = Path::new(spec);
+        h.update(std::fs::read(path).map_err(|e| DataError::io(path, e))?);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What `tokenizer train` read.
+#[derive(Debug, Default)]
+pub struct TrainReport {
+    pub documents: u64,
+    pub bytes: u64,
+    pub skipped: u64,
+}
+
+/// Trains a GPT-2 style byte-level BPE on the documents of the inputs, streamed (the trainer
+/// keeps word counts, not text), and writes a HF tokenizer.json. `max_bytes` stops reading
+/// after that much text: the documents are taken in input order.
+pub fn train_bpe(
+    inputs: &[PathBuf],
+    vocab_size: usize,
+    out: &Path,
+    read: &super::inputs::ReadOptions,
+    max_bytes: Option<u64>,
+) -> Result<TrainReport, DataError> {
+    use super::inputs::{discover, DocReader, Item};
     if vocab_size < 257 {
         return Err(DataError::Invalid(format!("--vocab-size {vocab_size} is too small: a byte-level BPE needs at least 257 (256 bytes + end-of-text)")));
     }
-    let files: Vec<String> = super::prepare::text_files(inputs)?.iter().map(|p| p.display().to_string()).collect();
+    if max_bytes == Some(0) {
+        return Err(DataError::Invalid("--max-bytes must be at least 1".into()));
+    }
+    let files = discover(inputs)?;
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(vocab_size)
@@ -86,23 +133,55 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let byte_level = ByteLevel::new(false, true, true);
-    let mut tokenizer = TokenizerBuilder::<BPE, tokenizers::NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(byte_level))
-        .with_post_processor(Some(byte_level))
-        .with_decoder(Some(byte_level))
-        .build()
-        .map_err(|e| DataError::Invalid(format!("building the tokenizer: {e}")))?;
+    let mut tokenizer = TokenizerBuilder::<
+        BPE,
+        tokenizers::NormalizerWrapper,
+        ByteLevel,
+        ByteLevel,
+        ByteLevel,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(byte_level))
+    .with_post_processor(Some(byte_level))
+    .with_decoder(Some(byte_level))
+    .build()
+    .map_err(|e| DataError::Invalid(format!("building the tokenizer: {e}")))?;
+    let mut report = TrainReport::default();
+    let mut error = None;
+    let limit = max_bytes.unwrap_or(u64::MAX);
+    // The trainer pulls documents; a read error ends the stream and is returned afterwards.
+    let docs = DocReader::new(files, read.clone()).map_while(|item| match item {
+        Ok(Item::Doc(d)) if report.bytes < limit => {
+            report.bytes += d.text.len() as u64;
+            report.documents += d.starts as u64;
+            Some(Some(d.text))
+        }
+        Ok(Item::Doc(_)) => None,
+        Ok(Item::Bad(b)) => {
+            report.skipped += b.records.max(1);
+            Some(None)
+        }
+        Err(e) => {
+            error = Some(e);
+            None
+        }
+    });
     tokenizer
-        .train_from_files(&mut trainer, files)
+        .train(&mut trainer, docs.flatten())
         .map_err(|e| DataError::Invalid(format!("training the tokenizer: {e}")))?;
+    if let Some(e) = error {
+        return Err(e);
+    }
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     }
     tokenizer
         .save(out, false)
-        .map_err(|e| DataError::Tokenizer { path: out.to_path_buf(), message: format!("cannot write: {e}") })?;
-    Ok(())
+        .map_err(|e| DataError::Tokenizer {
+            path: out.to_path_buf(),
+            message: format!("cannot write: {e}"),
+        })?;
+    Ok(report)
 }
 
 /// GPT-2's BPE as a HF tokenizer.json, rebuilt from tiktoken's ranks (the id of a token is its
@@ -113,13 +192,23 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()
 pub fn gpt2_tokenizer(out: &Path) -> Result<(), DataError> {
     use std::collections::HashMap;
     let bpe = tiktoken_rs::r50k_base_singleton();
-    let tokens: Vec<Vec<u8>> = (0..50256u32).map(|id| bpe.decode_bytes(&[id]).unwrap_or_default()).collect();
-    let rank: HashMap<&[u8], u32> = tokens.iter().enumerate().map(|(i, t)| (t.as_slice(), i as u32)).collect();
+    let tokens: Vec<Vec<u8>> = (0..50256u32)
+        .map(|id| bpe.decode_bytes(&[id]).unwrap_or_default())
+        .collect();
+    let rank: HashMap<&[u8], u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_slice(), i as u32))
+        .collect();
     let alphabet = ByteLevel::alphabet(); // GPT-2's bytes_to_unicode, as chars in byte order
     let mut chars: Vec<char> = alphabet.into_iter().collect();
     chars.sort_by_key(|&c| byte_of(c));
     let text = |bytes: &[u8]| -> String { bytes.iter().map(|&b| chars[b as usize]).collect() };
-    let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (text(t), i as u32)).collect();
+    let vocab: HashMap<String, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (text(t), i as u32))
+        .collect();
     let mut merges: Vec<(u32, u32, u32, String, String)> = Vec::new();
     for (r, t) in tokens.iter().enumerate().filter(|(_, t)| t.len() > 1) {
         for i in 1..t.len() {
@@ -131,35 +220,54 @@ pub fn gpt2_tokenizer(out: &Path) -> Result<(), DataError> {
     merges.sort();
     let merges: Vec<(String, String)> = merges.into_iter().map(|m| (m.3, m.4)).collect();
     let model = BPE::builder()
-        .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+        .vocab_and_merges(
+            vocab
+                .into_iter()
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
         .build()
         .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
     let byte_level = ByteLevel::new(false, true, true);
-    let mut tokenizer = TokenizerBuilder::<BPE, tokenizers::NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-        .with_model(model)
-        .with_pre_tokenizer(Some(byte_level))
-        .with_post_processor(Some(byte_level))
-        .with_decoder(Some(byte_level))
-        .build()
-        .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
+    let mut tokenizer = TokenizerBuilder::<
+        BPE,
+        tokenizers::NormalizerWrapper,
+        ByteLevel,
+        ByteLevel,
+        ByteLevel,
+    >::new()
+    .with_model(model)
+    .with_pre_tokenizer(Some(byte_level))
+    .with_post_processor(Some(byte_level))
+    .with_decoder(Some(byte_level))
+    .build()
+    .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
     tokenizer
         .add_special_tokens(vec![AddedToken::from(EOT, true)])
         .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
     tokenizer
         .save(out, false)
-        .map_err(|e| DataError::Tokenizer { path: out.to_path_buf(), message: format!("cannot write: {e}") })
+        .map_err(|e| DataError::Tokenizer {
+            path: out.to_path_buf(),
+            message: format!("cannot write: {e}"),
+        })
 }
 
 /// The byte GPT-2's alphabet maps to `c`: printable bytes map to themselves, the others to
 /// U+0100 and up, in byte order.
 fn byte_of(c: char) -> u32 {
-    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
     let c = c as u32;
     if c < 0x100 && printable(c) {
         return c;
     }
     // The k-th non-printable byte maps to 0x100 + k.
-    (0..256).filter(|&b| !printable(b)).nth((c - 0x100) as usize).unwrap_or(0)
+    (0..256)
+        .filter(|&b| !printable(b))
+        .nth((c - 0x100) as usize)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -89,7 +89,8 @@ impl Trainer {
         // Moments only for what trains.
         let opt = AdamW::new(&params, |name| !params.is_frozen(name), &cfg.train)?;
         let shards = data::shards::open_all(&cfg.data.train, &cfg.data.format, cfg.model.vocab_size)?;
-        let loader = TrainLoader::new(shards, cfg.data.seq_len, cfg.run.seed)?;
+        let sampler = data::loader::Sampler::parse(&cfg.data.sampler).unwrap_or(data::loader::Sampler::Random);
+        let loader = TrainLoader::new(shards, cfg.data.seq_len, cfg.run.seed)?.with_sampler(sampler);
         let val = match &cfg.data.val {
             Some(glob) => Some(EvalStream::new(data::shards::open_all(glob, &cfg.data.format, cfg.model.vocab_size)?, cfg.data.seq_len)),
             None => None,
