@@ -50,39 +50,20 @@ impl Out {
 
     /// The last non-empty stdout line, parsed as one JSON object.
     pub fn last_json(&self) -> Value {
-        let line = self
-            .stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or_else(|| panic!("no stdout\n{}", self.describe()));
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| {
-            panic!(
-                "last stdout line is not JSON ({e}): {line:?}\n{}",
-                self.describe()
-            )
-        });
-        assert!(
-            v.is_object(),
-            "last stdout line is not a JSON object: {line}"
-        );
+        let line = self.stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_else(|| panic!("no stdout\n{}", self.describe()));
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {line:?}\n{}", self.describe()));
+        assert!(v.is_object(), "last stdout line is not a JSON object: {line}");
         v
     }
 
     /// The stderr lines that start with `error:`.
     pub fn error_lines(&self) -> Vec<&str> {
-        self.stderr
-            .lines()
-            .filter(|l| l.starts_with("error:"))
-            .collect()
+        self.stderr.lines().filter(|l| l.starts_with("error:")).collect()
     }
 }
 
 fn indent(s: &str) -> String {
-    s.lines()
-        .map(|l| format!("    | {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    s.lines().map(|l| format!("    | {l}")).collect::<Vec<_>>().join("\n")
 }
 
 /// Runs `motrain ARGS...` in `cwd` and waits for it.
@@ -104,39 +85,19 @@ pub fn motrain(cwd: &Path, args: &[&str]) -> Out {
 pub fn assert_bad_input_code(out: &Out, code: Option<i32>, needles: &[&str]) {
     match code {
         Some(c) => assert_eq!(out.code, Some(c), "wrong exit code\n{}", out.describe()),
-        None => assert!(
-            matches!(out.code, Some(c) if c != 0),
-            "expected a non-zero exit code\n{}",
-            out.describe()
-        ),
+        None => assert!(matches!(out.code, Some(c) if c != 0), "expected a non-zero exit code\n{}", out.describe()),
     }
     let errors = out.error_lines();
-    assert!(
-        !errors.is_empty(),
-        "no stderr line starts with `error:`\n{}",
-        out.describe()
-    );
+    assert!(!errors.is_empty(), "no stderr line starts with `error:`\n{}", out.describe());
     let text = errors.join("\n").to_lowercase();
     for n in needles {
-        assert!(
-            text.contains(&n.to_lowercase()),
-            "the error does not name {n:?}\n{}",
-            out.describe()
-        );
+        assert!(text.contains(&n.to_lowercase()), "the error does not name {n:?}\n{}", out.describe());
     }
     let lower = out.stderr.to_lowercase();
     for bad in ["panicked", "backtrace", "internal error", "stack backtrace"] {
-        assert!(
-            !lower.contains(bad),
-            "stderr mentions {bad:?}\n{}",
-            out.describe()
-        );
+        assert!(!lower.contains(bad), "stderr mentions {bad:?}\n{}", out.describe());
     }
-    assert!(
-        out.stderr.lines().count() <= 8,
-        "the error should be one or a few lines\n{}",
-        out.describe()
-    );
+    assert!(out.stderr.lines().count() <= 8, "the error should be one or a few lines\n{}", out.describe());
 }
 
 pub fn assert_bad_input(out: &Out, needles: &[&str]) {
@@ -167,11 +128,7 @@ pub fn shard_bytes(magic: i32, version: i32, count: i32, tokens: &[u16]) -> Vec<
 /// Reads an llm.c uint16 shard, checking its header and size.
 pub fn read_shard(path: &Path) -> Vec<u16> {
     let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(
-        b.len() >= 1024,
-        "{}: shorter than the header",
-        path.display()
-    );
+    assert!(b.len() >= 1024, "{}: shorter than the header", path.display());
     let h = |i: usize| i32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
     assert_eq!(h(0), MAGIC_U16, "{}: magic", path.display());
     assert_eq!(h(1), 1, "{}: version", path.display());
@@ -179,16 +136,8 @@ pub fn read_shard(path: &Path) -> Vec<u16> {
         assert_eq!(h(i), 0, "{}: header[{i}] should be 0", path.display());
     }
     let count = h(2) as usize;
-    assert_eq!(
-        b.len(),
-        1024 + 2 * count,
-        "{}: size vs header count",
-        path.display()
-    );
-    b[1024..]
-        .chunks(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect()
+    assert_eq!(b.len(), 1024 + 2 * count, "{}: size vs header count", path.display());
+    b[1024..].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
 }
 
 /// A tiny deterministic generator for token ids (no rand dependency in tests).
@@ -196,10 +145,7 @@ pub struct Lcg(pub u64);
 
 impl Lcg {
     pub fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     pub fn below(&mut self, n: u64) -> u64 {
@@ -235,10 +181,7 @@ impl Fixture {
     }
 
     pub fn empty() -> Fixture {
-        let tmp = tempfile::Builder::new()
-            .prefix("motrain-e2e-")
-            .tempdir()
-            .unwrap();
+        let tmp = tempfile::Builder::new().prefix("motrain-e2e-").tempdir().unwrap();
         for d in ["shards", "runs", "cwd"] {
             std::fs::create_dir_all(tmp.path().join(d)).unwrap();
         }
@@ -263,20 +206,8 @@ impl Fixture {
 
     /// Writes `shards/{name}_train_000000.bin` and `shards/{name}_val_000000.bin`.
     pub fn shards(&self, name: &str, train: &[u16], val: &[u16]) {
-        write_shard(
-            &self
-                .root()
-                .join("shards")
-                .join(format!("{name}_train_000000.bin")),
-            train,
-        );
-        write_shard(
-            &self
-                .root()
-                .join("shards")
-                .join(format!("{name}_val_000000.bin")),
-            val,
-        );
+        write_shard(&self.root().join("shards").join(format!("{name}_train_000000.bin")), train);
+        write_shard(&self.root().join("shards").join(format!("{name}_val_000000.bin")), val);
     }
 
     /// Writes a tiny dense config named `file` whose data are the `shards` set of shards.
@@ -331,13 +262,7 @@ keep_checkpoints = 3
     /// `motrain train --config CONFIG --set run.name=NAME --set EXTRA...`.
     pub fn train(&self, config: &Path, name: &str, extra: &[&str]) -> Out {
         let name_set = format!("run.name={name}");
-        let mut args = vec![
-            "train",
-            "--config",
-            config.to_str().unwrap(),
-            "--set",
-            &name_set,
-        ];
+        let mut args = vec!["train", "--config", config.to_str().unwrap(), "--set", &name_set];
         // `--flag` and the value after `--init-from` go as they are, the rest as `--set KEY=VALUE`.
         let mut raw_next = false;
         for e in extra {
@@ -359,10 +284,7 @@ pub fn metrics(run_dir: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     text.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("{}: line {l:?} is not JSON: {e}", p.display()))
-        })
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: line {l:?} is not JSON: {e}", p.display())))
         .collect()
 }
 
@@ -371,10 +293,7 @@ pub fn is_eval(v: &Value) -> bool {
 }
 
 pub fn train_lines(run_dir: &Path) -> Vec<Value> {
-    metrics(run_dir)
-        .into_iter()
-        .filter(|v| !is_eval(v))
-        .collect()
+    metrics(run_dir).into_iter().filter(|v| !is_eval(v)).collect()
 }
 
 pub fn eval_lines(run_dir: &Path) -> Vec<Value> {
@@ -382,23 +301,16 @@ pub fn eval_lines(run_dir: &Path) -> Vec<Value> {
 }
 
 pub fn step_of(v: &Value) -> u64 {
-    v["step"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no integer step in {v}"))
+    v["step"].as_u64().unwrap_or_else(|| panic!("no integer step in {v}"))
 }
 
 pub fn num(v: &Value, key: &str) -> f64 {
-    v.get(key)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("no number {key:?} in {v}"))
+    v.get(key).and_then(Value::as_f64).unwrap_or_else(|| panic!("no number {key:?} in {v}"))
 }
 
 /// (step, loss) of each training line.
 pub fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
-    train_lines(run_dir)
-        .iter()
-        .map(|v| (step_of(v), num(v, "loss")))
-        .collect()
+    train_lines(run_dir).iter().map(|v| (step_of(v), num(v, "loss"))).collect()
 }
 
 /// The name in `checkpoints/latest`, and the directory it names.
@@ -424,12 +336,6 @@ pub fn assert_no_duplicate_steps(run_dir: &Path) {
     let mut seen = std::collections::HashSet::new();
     for v in metrics(run_dir) {
         let key = (v.get("split").map(|s| s.to_string()), step_of(&v));
-        assert!(
-            seen.insert(key.clone()),
-            "{}: step {} logged twice ({:?})",
-            run_dir.display(),
-            key.1,
-            key.0
-        );
+        assert!(seen.insert(key.clone()), "{}: step {} logged twice ({:?})", run_dir.display(), key.1, key.0);
     }
 }
