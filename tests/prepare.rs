@@ -707,3 +707,59 @@ fn tokenizer_train_streams_inputs_and_stops_at_max_bytes() {
     let tok = Tokenizer::load(d.join("tok2.json").to_str().unwrap()).unwrap();
     assert!(tok.vocab_size() > 257);
 }
+
+#[test]
+fn epoch_sampler_is_validated_trains_and_resumes_exactly() {
+    let f = Fixture::new();
+    let cfg = f.config();
+    let bad = f.train(&cfg, "bad", &["data.sampler=shuffled"]);
+    assert_bad_input(&bad, &["data.sampler", "shuffled", "random or epoch"]);
+    let common = [
+        "data.sampler=epoch",
+        "train.schedule=constant",
+        "train.warmup_steps=2",
+        "train.ckpt_every=6",
+        "train.eval_every=0",
+    ];
+    let with = |extra: &'static str| -> Vec<&'static str> {
+        common.iter().copied().chain([extra]).collect()
+    };
+    f.train(&cfg, "straight", &with("train.steps=12")).ok();
+    f.train(&cfg, "resumed", &with("train.steps=6")).ok();
+    f.train(
+        &cfg,
+        "resumed",
+        &[with("train.steps=12"), vec!["--resume"]].concat(),
+    )
+    .ok();
+    let (a, b) = (
+        train_lines(&f.run_dir("straight")),
+        train_lines(&f.run_dir("resumed")),
+    );
+    for s in 7..=12 {
+        let (va, vb) = (
+            a.iter().find(|v| step_of(v) == s).unwrap(),
+            b.iter().find(|v| step_of(v) == s).unwrap(),
+        );
+        assert_eq!(
+            num(va, "loss").to_bits(),
+            num(vb, "loss").to_bits(),
+            "step {s}: {va} vs {vb}"
+        );
+    }
+    // The sampler reaches the loader: the random sampler feeds other windows.
+    f.train(
+        &cfg,
+        "random",
+        &["data.sampler=random", "train.steps=1", "train.eval_every=0"],
+    )
+    .ok();
+    let r = train_lines(&f.run_dir("random"));
+    assert_ne!(
+        num(&r[0], "loss").to_bits(),
+        num(&a[0], "loss").to_bits(),
+        "the same first batch with both samplers"
+    );
+    let (_, ckpt) = latest(&f.run_dir("resumed")).unwrap();
+    assert_eq!(state_json(&ckpt)["config"]["data"]["sampler"], "epoch");
+}
