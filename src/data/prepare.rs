@@ -178,7 +178,7 @@ pub fn prepare(
             }
         } else if !opts.overwrite {
             return Err(DataError::Invalid(format!(
-                "{} was written for other {}; pass --overwrite to replace those shards, or choose another --out",
+                "{} was written with other inputs or options (differing: {}); pass --overwrite to replace those shards, or choose another --out",
                 manifest_path.display(),
                 differences(&old.recipe, &recipe)
             )));
