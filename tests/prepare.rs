@@ -552,7 +552,11 @@ fn parquet_problems_are_counted_per_row_or_row_group() {
     let d = cwd.as_path();
     let want = docs(30, 8);
     let rows: Vec<Option<&str>> = want.iter().map(|s| Some(s.as_str())).collect();
-    write_parquet(&d.join("nocol.parquet"), &["body"], &[rows.clone()]);
+    write_parquet(
+        &d.join("nocol.parquet"),
+        &["body"],
+        std::slice::from_ref(&rows),
+    );
     let mut with_null = rows[..5].to_vec();
     with_null[2] = None;
     write_parquet(&d.join("null.parquet"), &["text"], &[with_null]);

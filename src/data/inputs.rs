@@ -307,7 +307,7 @@ enum Source {
         piece: String,
         started: bool,
     },
-    Parquet(ParquetSource),
+    Parquet(Box<ParquetSource>),
 }
 
 impl DocReader {
@@ -390,7 +390,7 @@ impl DocReader {
                             self.pending.push_back(item);
                         }
                         if let Some(src) = src {
-                            self.source = Some(Source::Parquet(src));
+                            self.source = Some(Source::Parquet(Box::new(src)));
                         }
                     }
                     Err(b) => {
@@ -878,7 +878,11 @@ impl ParquetSource {
                         self.column_reader = Some(r)
                     }
                     Ok(_) => {
-                        unreachable!("the column's physical type was checked to be BYTE_ARRAY")
+                        // The schema said BYTE_ARRAY; a row group that disagrees is damaged.
+                        let e = parquet::errors::ParquetError::General(
+                            "column chunk is not BYTE_ARRAY".into(),
+                        );
+                        return Err(self.lose_row_group(e));
                     }
                     Err(e) => return Err(self.lose_row_group(e)),
                 }
@@ -904,7 +908,8 @@ impl ParquetSource {
             for k in 0..records {
                 let row = self.rows_before + self.rg_rows_done + k as u64;
                 let at = || format!("{}:row {row}", self.path.display());
-                let present = self.max_def == 0 || defs[k] == self.max_def;
+                // A required column has no definition levels: every row is present.
+                let present = self.max_def == 0 || defs.get(k) == Some(&self.max_def);
                 let item = match present.then(|| values.next()).flatten() {
                     None => Item::Bad(Bad {
                         kind: BadKind::NotAString,

@@ -204,7 +204,6 @@ pub fn prepare(
         opts.threads
     };
     let reader = DocReader::new(files, opts.read.clone());
-    let bytes_read = reader.bytes_read.clone();
     let budget = Budget::new(IN_FLIGHT_BYTES);
     let wide = shards::is_wide(tok.vocab_size());
     let mut writers = [
@@ -245,7 +244,7 @@ pub fn prepare(
                     documents.val += enc.documents.val;
                     budget.release(enc.bytes);
                     progress.update(
-                        bytes_read.load(Ordering::Relaxed),
+                        enc.read_to,
                         documents.train + documents.val,
                         writers[0].total + writers[1].total,
                     );
@@ -315,6 +314,9 @@ struct Chunk {
     /// Text, whether it starts a document, whether it goes to val.
     docs: Vec<(String, bool, bool)>,
     bytes: usize,
+    /// Input bytes read when the chunk was complete: progress counts what is written, not what
+    /// the reader has run ahead to.
+    read_to: u64,
 }
 
 struct Encoded {
@@ -323,6 +325,7 @@ struct Encoded {
     tokens: [Vec<u32>; 2],
     documents: Split,
     bytes: usize,
+    read_to: u64,
 }
 
 fn encode(tok: &Tokenizer, chunk: Chunk) -> Result<Encoded, DataError> {
@@ -331,6 +334,7 @@ fn encode(tok: &Tokenizer, chunk: Chunk) -> Result<Encoded, DataError> {
         tokens: [Vec::new(), Vec::new()],
         documents: Split::default(),
         bytes: chunk.bytes,
+        read_to: chunk.read_to,
     };
     for (text, starts, val) in chunk.docs {
         let dst = &mut out.tokens[val as usize];
@@ -356,10 +360,12 @@ fn read_chunks(
     opts: &PrepareOptions,
 ) -> Result<BTreeMap<String, Skipped>, DataError> {
     let mut skipped: BTreeMap<String, Skipped> = BTreeMap::new();
+    let read = reader.bytes_read.clone();
     let mut chunk = Chunk {
         seq: 0,
         docs: Vec::new(),
         bytes: 0,
+        read_to: 0,
     };
     let mut index = 0u64;
     let mut val = false;
@@ -370,10 +376,12 @@ fn read_chunks(
         if !budget.acquire(chunk.bytes) {
             return false;
         }
+        chunk.read_to = read.load(Ordering::Relaxed);
         let next = Chunk {
             seq: chunk.seq + 1,
             docs: Vec::new(),
             bytes: 0,
+            read_to: 0,
         };
         tx.send(std::mem::replace(chunk, next)).is_ok()
     };
