@@ -292,7 +292,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Prepare { tokenizer, input, out, name, val_fraction, seed, shard_tokens, text_field, on_bad_record, threads, overwrite } => {
             let tok = Tokenizer::load(&tokenizer)?;
             let read = data::inputs::ReadOptions { text_field, on_bad: data::inputs::OnBad::parse(on_bad_record.as_deref())? };
-            let opts = prepare::PrepareOptions { name, val_fraction, seed, shard_tokens, threads, read, overwrite, progress: true };
+            // The memory bound is an environment knob, not a flag: the default suits any corpus, and
+            // tests shrink it to show memory does not follow the corpus.
+            let in_flight_bytes = std::env::var("MOTRAIN_PREPARE_IN_FLIGHT_MB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(prepare::IN_FLIGHT_BYTES, |mb| mb << 20);
+            let opts = prepare::PrepareOptions { name, val_fraction, seed, shard_tokens, threads, read, overwrite, progress: true, in_flight_bytes };
             let r = prepare::prepare(&tok, &tokenizer, &input, &out, &opts)?;
             let m = &r.manifest;
             if r.up_to_date {

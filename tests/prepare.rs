@@ -232,6 +232,7 @@ fn prepare_with(
         },
         overwrite: false,
         progress: false,
+        in_flight_bytes: prepare::IN_FLIGHT_BYTES,
     };
     prepare::prepare(&tok, "gpt2", inputs, out, &opts).unwrap()
 }
@@ -766,4 +767,78 @@ fn epoch_sampler_is_validated_trains_and_resumes_exactly() {
     );
     let (_, ckpt) = latest(&f.run_dir("resumed")).unwrap();
     assert_eq!(state_json(&ckpt)["config"]["data"]["sampler"], "epoch");
+}
+
+/// Peak RSS (MiB) of `motrain ARGS` run in `cwd` with `env`: the high-water mark the kernel
+/// keeps for its address space (`VmHWM`), polled until it exits. (The child's `ru_maxrss` would
+/// count the test process it was forked from.)
+#[cfg(target_os = "linux")]
+fn peak_rss_mib(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> f64 {
+    let mut child = std::process::Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    loop {
+        if let Ok(status) = std::fs::read_to_string(&status_file) {
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+            peak_kib = peak_kib.max(hwm.unwrap_or(0));
+        }
+        if let Some(exit) = child.try_wait().unwrap() {
+            assert!(exit.success(), "motrain {args:?} failed");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    peak_kib as f64 / 1024.0
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn memory_does_not_follow_the_corpus() {
+    let f = Fixture::empty();
+    let cwd = f.cwd();
+    // 64 MB of text: holding it, or its tokens, would show in the peak.
+    let pool = docs(2000, 10);
+    let mut lines = Vec::new();
+    let mut r = Lcg(11);
+    while lines.len() < 64 << 20 {
+        lines.extend(serde_json::to_vec(&json!({"text": pool[r.below(2000) as usize]})).unwrap());
+        lines.push(b'\n');
+    }
+    std::fs::write(
+        cwd.join("big.jsonl.zst"),
+        zstd::encode_all(&lines[..], 1).unwrap(),
+    )
+    .unwrap();
+    drop(lines);
+    let args = [
+        "prepare",
+        "--tokenizer",
+        "gpt2",
+        "--input",
+        "big.jsonl.zst",
+        "--out",
+        "o",
+        "--threads",
+        "2",
+    ];
+    let peak = peak_rss_mib(&cwd, &args, &[("MOTRAIN_PREPARE_IN_FLIGHT_MB", "2")]);
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(cwd.join("o/prepare.json")).unwrap()).unwrap();
+    let tokens = m["tokens"]["train"].as_u64().unwrap() + m["tokens"]["val"].as_u64().unwrap();
+    assert!(tokens > 10_000_000, "{tokens} tokens");
+    // Less than the text alone: about 22 MiB of program and tokenizer, plus what is in flight.
+    assert!(
+        peak < 64.0,
+        "peak RSS {peak:.0} MiB for 64 MB of text with 2 MiB in flight"
+    );
 }

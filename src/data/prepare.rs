@@ -2,7 +2,7 @@
 //!
 //! A reader thread walks the inputs ([`DocReader`]) and cuts the documents into chunks; worker
 //! threads tokenize chunks; the calling thread writes the chunks in input order into the train
-//! and val shards. At most [`IN_FLIGHT_BYTES`] of text are between reading and writing, so memory
+//! and val shards. At most `in_flight_bytes` (default [`IN_FLIGHT_BYTES`]) of text are between reading and writing, so memory
 //! does not grow with the corpus, and since documents are numbered by the reader and written in
 //! order, the shards are the same bytes whatever the number of threads. Each document is
 //! preceded by the end-of-text token; it goes to val when a hash of its index and the seed falls
@@ -40,6 +40,8 @@ pub struct PrepareOptions {
     /// Replace the shards of an earlier `prepare` into `out` made from other inputs or options.
     pub overwrite: bool,
     pub progress: bool,
+    /// Text between the reader and the writer (the memory bound); [`IN_FLIGHT_BYTES`] by default.
+    pub in_flight_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -204,7 +206,7 @@ pub fn prepare(
         opts.threads
     };
     let reader = DocReader::new(files, opts.read.clone());
-    let budget = Budget::new(IN_FLIGHT_BYTES);
+    let budget = Budget::new(opts.in_flight_bytes.max(1));
     let wide = shards::is_wide(tok.vocab_size());
     let mut writers = [
         ShardWriter::new(out, &opts.name, "train", opts.shard_tokens, wide),
