@@ -8,7 +8,7 @@ use crate::run_dir::{self, checkpoints_dir, sync, write_atomic, RunDirError};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]

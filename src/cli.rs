@@ -135,7 +135,8 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
-    /// Tokenize raw text (files, directories, .jsonl with a "text" field) into llm.c shards.
+    /// Tokenize raw text into llm.c shards, streaming: files, directories (searched recursively)
+    /// and globs of .txt, .jsonl and .parquet, each optionally .gz or .zst. Writes prepare.json.
     Prepare {
         /// `gpt2` or a tokenizer.json.
         #[arg(long, value_name = "TOK")]
@@ -146,11 +147,26 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "data")]
         name: String,
+        /// Share of documents held out for val, chosen by a hash of each document's index and --seed.
         #[arg(long, default_value_t = 0.05)]
         val_fraction: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// Tokens per shard file.
         #[arg(long, default_value_t = 100_000_000)]
         shard_tokens: usize,
+        /// The JSON field or Parquet column holding the text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// skip | fail [default: skip bad records, fail on a truncated or corrupt file].
+        #[arg(long, value_name = "skip|fail")]
+        on_bad_record: Option<String>,
+        /// Tokenizing threads [default: one per core].
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Replace the shards of an earlier prepare into --out made from other inputs or options.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Tokenizer tools.
     #[command(subcommand)]
@@ -170,7 +186,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TokenizerCommand {
-    /// Train a byte-level BPE tokenizer offline and write a HF tokenizer.json.
+    /// Train a byte-level BPE tokenizer offline and write a HF tokenizer.json; reads the same
+    /// inputs as prepare, streamed.
     Train {
         #[arg(long, required = true, num_args = 1..)]
         input: Vec<PathBuf>,
@@ -178,6 +195,15 @@ enum TokenizerCommand {
         vocab_size: usize,
         #[arg(long)]
         out: PathBuf,
+        /// The JSON field or Parquet column holding the text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// skip | fail [default: skip bad records, fail on a truncated or corrupt file].
+        #[arg(long, value_name = "skip|fail")]
+        on_bad_record: Option<String>,
+        /// Train on the first B bytes of text only (documents in input order) [default: all].
+        #[arg(long, value_name = "B")]
+        max_bytes: Option<u64>,
     },
 }
 
@@ -344,26 +370,100 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
-        Command::Prepare { tokenizer, input, out, name, val_fraction, shard_tokens } => {
+        Command::Prepare {
+            tokenizer,
+            input,
+            out,
+            name,
+            val_fraction,
+            seed,
+            shard_tokens,
+            text_field,
+            on_bad_record,
+            threads,
+            overwrite,
+        } => {
             let tok = Tokenizer::load(&tokenizer)?;
-            let opts = prepare::PrepareOptions { name, val_fraction, shard_tokens };
-            let r = prepare::prepare(&tok, &input, &out, &opts)?;
+            let read = data::inputs::ReadOptions {
+                text_field,
+                on_bad: data::inputs::OnBad::parse(on_bad_record.as_deref())?,
+            };
+            // The memory bound is an environment knob, not a flag: the default suits any corpus, and
+            // tests shrink it to show memory does not follow the corpus.
+            let in_flight_bytes = std::env::var("MOTRAIN_PREPARE_IN_FLIGHT_MB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(prepare::IN_FLIGHT_BYTES, |mb| mb << 20);
+            let opts = prepare::PrepareOptions {
+                name,
+                val_fraction,
+                seed,
+                shard_tokens,
+                threads,
+                read,
+                overwrite,
+                progress: true,
+                in_flight_bytes,
+            };
+            let r = prepare::prepare(&tok, &tokenizer, &input, &out, &opts)?;
+            let m = &r.manifest;
+            if r.up_to_date {
+                println!(
+                    "up to date: {} matches the inputs and options; its {} shards check out",
+                    out.join(prepare::MANIFEST).display(),
+                    r.files.len()
+                );
+            }
             println!(
-                "{} documents -> {} train + {} val tokens in {} shards under {} (vocab {}, end-of-text {})",
-                r.documents,
-                r.train_tokens,
-                r.val_tokens,
+                "{} documents ({} train, {} val) -> {} train + {} val tokens in {} shards under {} (vocab {}, end-of-text {}){}",
+                m.documents.train + m.documents.val,
+                m.documents.train,
+                m.documents.val,
+                m.tokens.train,
+                m.tokens.val,
                 r.files.len(),
                 out.display(),
                 tok.vocab_size(),
-                tok.eot()
+                tok.eot(),
+                if r.up_to_date { String::new() } else { format!(" in {:.1} s", r.seconds) }
             );
+            for (kind, s) in &m.skipped {
+                println!("skipped {} records: {kind} (first at {})", s.records, s.first.join(", "));
+            }
+            if m.documents.val == 0 && opts.val_fraction > 0.0 {
+                eprintln!(
+                    "note: no document fell in val (--val-fraction {} of {} documents)",
+                    opts.val_fraction, m.documents.train
+                );
+            }
             Ok(())
         }
-        Command::Tokenizer(TokenizerCommand::Train { input, vocab_size, out }) => {
-            data::tokenizer::train_bpe(&input, vocab_size, &out)?;
+        Command::Tokenizer(TokenizerCommand::Train {
+            input,
+            vocab_size,
+            out,
+            text_field,
+            on_bad_record,
+            max_bytes,
+        }) => {
+            let read = data::inputs::ReadOptions {
+                text_field,
+                on_bad: data::inputs::OnBad::parse(on_bad_record.as_deref())?,
+            };
+            let r = data::tokenizer::train_bpe(&input, vocab_size, &out, &read, max_bytes)?;
             let tok = Tokenizer::load(&out.display().to_string())?;
-            println!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
+            let skipped = if r.skipped > 0 {
+                format!(", {} bad records skipped", r.skipped)
+            } else {
+                String::new()
+            };
+            println!(
+                "wrote {} ({} tokens; trained on {} documents, {} bytes{skipped})",
+                out.display(),
+                tok.vocab_size(),
+                r.documents,
+                r.bytes
+            );
             Ok(())
         }
         Command::Bench { config, overrides, steps, warmup } => {

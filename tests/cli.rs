@@ -599,6 +599,15 @@ fn corpus(dir: &Path) -> Vec<String> {
     docs
 }
 
+/// A `--seed` that puts exactly one of `n` documents in val at `--val-fraction 0.2`.
+fn seed_with_one_val_doc(n: usize) -> u64 {
+    (0..)
+        .find(|&s| {
+            (0..n as u64).filter(|&i| motrain::data::prepare::is_val(i, s, 0.2)).count() == 1
+        })
+        .unwrap()
+}
+
 #[test]
 fn tokenizer_train_and_prepare_write_valid_shards() {
     let f = Fixture::empty();
@@ -623,6 +632,7 @@ fn tokenizer_train_and_prepare_write_valid_shards() {
     let eot = hf.token_to_id("<|endoftext|>").expect("tokenizer has <|endoftext|>");
 
     let out_dir = f.root().join("prepared");
+    let seed = seed_with_one_val_doc(docs.len());
     f.run(&[
         "prepare",
         "--tokenizer",
@@ -635,6 +645,8 @@ fn tokenizer_train_and_prepare_write_valid_shards() {
         "x",
         "--val-fraction",
         "0.2",
+        "--seed",
+        &seed.to_string(),
     ])
     .ok();
     let train = read_shard(&out_dir.join("x_train_000000.bin"));
@@ -644,32 +656,42 @@ fn tokenizer_train_and_prepare_write_valid_shards() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, vec!["x_train_000000.bin", "x_val_000000.bin"], "files in --out");
+    assert_eq!(
+        names,
+        vec!["prepare.json", "x_train_000000.bin", "x_val_000000.bin"],
+        "files in --out"
+    );
 
     assert_eq!(train[0] as u32, eot, "the first train token is end-of-text");
-    let all: Vec<u32> = train.iter().chain(&val).map(|&t| t as u32).collect();
+    assert_eq!(val[0] as u32, eot, "val holds whole documents");
+    let ids = |s: &[u16]| s.iter().map(|&t| t as u32).collect::<Vec<u32>>();
+    let all: Vec<u32> = ids(&train).into_iter().chain(ids(&val)).collect();
     assert!(all.iter().all(|&t| (t as usize) < vocab), "ids below the vocab size");
-    let total = all.len();
-    let expect_val = (total as f64 * 0.2).round() as i64;
-    assert!(
-        (val.len() as i64 - expect_val).abs() <= 1,
-        "val {} of {total} tokens, expected ~{expect_val}",
-        val.len()
-    );
-    // Exactly one end-of-text before each document, and the documents decode back to the files.
+    // Exactly one end-of-text before each document, and the documents decode back to the files,
+    // each in the split its index and the seed choose.
     assert_eq!(
         all.iter().filter(|&&t| t == eot).count(),
         docs.len(),
         "one end-of-text per document"
     );
+    let decode = |s: &[u32]| -> Vec<String> {
+        s.split(|&t| t == eot).skip(1).map(|d| hf.decode(d, false).unwrap()).collect()
+    };
+    let (mut train_docs, mut val_docs) =
+        (decode(&ids(&train)).into_iter(), decode(&ids(&val)).into_iter());
     let mut direct = 0;
-    for (i, doc) in all.split(|&t| t == eot).skip(1).enumerate() {
-        let text = hf.decode(doc, false).unwrap();
-        assert_eq!(text, docs[i], "document {i} does not round-trip");
-        direct += hf.encode(docs[i].as_str(), false).unwrap().get_ids().len() + 1;
+    for (i, doc) in docs.iter().enumerate() {
+        let split = if motrain::data::prepare::is_val(i as u64, seed, 0.2) {
+            &mut val_docs
+        } else {
+            &mut train_docs
+        };
+        assert_eq!(split.next().as_ref(), Some(doc), "document {i} does not round-trip");
+        direct += hf.encode(doc.as_str(), false).unwrap().get_ids().len() + 1;
     }
     assert_eq!(
-        direct, total,
+        direct,
+        all.len(),
         "token count: train + val = sum of encoded documents + one end-of-text each"
     );
 
@@ -693,6 +715,7 @@ fn prepare_with_the_builtin_gpt2_tokenizer() {
     let input = f.root().join("text");
     let docs = corpus(&input);
     let out_dir = f.root().join("g");
+    let seed = seed_with_one_val_doc(docs.len()).to_string();
     f.run(&[
         "prepare",
         "--tokenizer",
@@ -705,6 +728,8 @@ fn prepare_with_the_builtin_gpt2_tokenizer() {
         "g",
         "--val-fraction",
         "0.2",
+        "--seed",
+        &seed,
     ])
     .ok();
     let train = read_shard(&out_dir.join("g_train_000000.bin"));

@@ -46,6 +46,8 @@ pub struct DataConfig {
     pub val: Option<String>,
     pub format: String,
     pub seq_len: usize,
+    /// How training draws its windows.
+    pub sampler: Sampler,
     /// Extension to the spec: the tokenizer that made the shards (`gpt2` or a tokenizer.json),
     /// so that `generate` and `export` can turn ids back into text.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -60,6 +62,7 @@ impl Default for DataConfig {
             val: None,
             format: "llmc".into(),
             seq_len: 128,
+            sampler: Sampler::Random,
             tokenizer: None,
         }
     }
@@ -116,6 +119,16 @@ impl Default for ModelConfig {
             pesc: PescConfig::default(),
         }
     }
+}
+
+/// How training draws its windows of `seq_len + 1` tokens from the train shards.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// At seeded random offsets, with replacement (the default).
+    Random,
+    /// Each window once per epoch, in a seeded shuffled order.
+    Epoch,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

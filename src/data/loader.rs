@@ -1,8 +1,14 @@
-//! Windows of tokens for training (seeded random offsets, resumable by a cursor) and for eval
-//! (the deterministic stream of `product.md`).
+//! Windows of tokens for training (seeded random offsets, or each window once per epoch in a
+//! seeded order; either resumable by a cursor) and for eval (the deterministic stream of
+//! `product.md`).
 
 use super::shards::Shard;
 use super::DataError;
+/// Epoch: each shard cut into windows `k·S … k·S + S` (`seq_len + 1` tokens, consecutive
+/// windows sharing one token, as the eval stream; a tail shorter than a window is not used),
+/// every window visited once per epoch, in a seeded permutation of the window indices that
+/// differs each epoch. Random: windows at seeded random offsets, drawn with replacement.
+pub use crate::config::Sampler;
 use crate::rng::splitmix64;
 
 /// A batch of `rows` windows: inputs and next-token targets, each `[rows, seq_len]` row-major.
@@ -34,24 +40,30 @@ impl Batch {
     }
 }
 
-/// Training windows of `seq_len + 1` tokens at seeded random offsets. Window `i` depends only on
-/// the seed and `i`, so the cursor (windows drawn so far) is the whole state to checkpoint.
+/// Training windows of `seq_len + 1` tokens. Window `i` depends only on the seed, the sampler
+/// and `i`, so the cursor (windows drawn so far) is the whole state to checkpoint.
 pub struct TrainLoader {
     shards: Vec<Shard>,
-    /// Cumulative count of valid window starts per shard.
+    /// Cumulative count of valid window starts per shard (random sampler).
     starts: Vec<u64>,
+    /// Cumulative count of epoch windows per shard (epoch sampler).
+    windows: Vec<u64>,
     seq_len: usize,
     seed: u64,
+    sampler: Sampler,
     pub cursor: u64,
 }
 
 impl TrainLoader {
     pub fn new(shards: Vec<Shard>, seq_len: usize, seed: u64) -> Result<TrainLoader, DataError> {
         let mut starts = Vec::with_capacity(shards.len());
-        let mut total = 0u64;
+        let mut windows = Vec::with_capacity(shards.len());
+        let (mut total, mut total_windows) = (0u64, 0u64);
         for s in &shards {
             total += s.len().saturating_sub(seq_len) as u64;
             starts.push(total);
+            total_windows += (s.len().saturating_sub(1) / seq_len) as u64;
+            windows.push(total_windows);
         }
         if total == 0 {
             return Err(DataError::TooShort {
@@ -59,11 +71,37 @@ impl TrainLoader {
                 what: "the train shards".into(),
             });
         }
-        Ok(TrainLoader { shards, starts, seq_len, seed, cursor: 0 })
+        Ok(TrainLoader {
+            shards,
+            starts,
+            windows,
+            seq_len,
+            seed,
+            sampler: Sampler::Random,
+            cursor: 0,
+        })
+    }
+
+    pub fn with_sampler(mut self, sampler: Sampler) -> TrainLoader {
+        self.sampler = sampler;
+        self
     }
 
     pub fn total_tokens(&self) -> usize {
         self.shards.iter().map(Shard::len).sum()
+    }
+
+    /// Windows in one epoch of the epoch sampler.
+    pub fn epoch_windows(&self) -> u64 {
+        *self.windows.last().unwrap_or(&0)
+    }
+
+    /// The epoch the next window belongs to (0 with the random sampler).
+    pub fn epoch(&self) -> u64 {
+        match self.sampler {
+            Sampler::Random => 0,
+            Sampler::Epoch => self.cursor / self.epoch_windows(),
+        }
     }
 
     pub fn next_batch(&mut self, rows: usize) -> Batch {
@@ -78,13 +116,72 @@ impl TrainLoader {
         batch
     }
 
+    /// The epoch window drawn at cursor `index`: a position in the epoch's permutation.
+    pub fn epoch_window(&self, index: u64) -> u64 {
+        let n = self.epoch_windows();
+        let (epoch, j) = (index / n, index % n);
+        Permutation::new(n, splitmix64(self.seed ^ splitmix64(epoch ^ 0xE90C_4000_0000_0000)))
+            .apply(j)
+    }
+
     fn locate(&self, index: u64) -> (usize, usize) {
-        let total = *self.starts.last().unwrap();
-        let p =
-            splitmix64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ splitmix64(index)) % total;
-        let shard = self.starts.partition_point(|&end| end <= p);
-        let before = if shard == 0 { 0 } else { self.starts[shard - 1] };
-        (shard, (p - before) as usize)
+        match self.sampler {
+            Sampler::Random => {
+                let total = *self.starts.last().unwrap();
+                let p =
+                    splitmix64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ splitmix64(index))
+                        % total;
+                let shard = self.starts.partition_point(|&end| end <= p);
+                let before = if shard == 0 { 0 } else { self.starts[shard - 1] };
+                (shard, (p - before) as usize)
+            }
+            Sampler::Epoch => {
+                let w = self.epoch_window(index);
+                let shard = self.windows.partition_point(|&end| end <= w);
+                let before = if shard == 0 { 0 } else { self.windows[shard - 1] };
+                (shard, (w - before) as usize * self.seq_len)
+            }
+        }
+    }
+}
+
+/// A keyed bijection of `0..n` held in two words: a balanced Feistel network over the smallest
+/// power-of-four domain that covers `n`, with cycle-walking (re-applying it until the value falls
+/// below `n`, which takes fewer than four rounds on average since the domain is under `4n`).
+pub struct Permutation {
+    n: u64,
+    half_bits: u32,
+    key: u64,
+}
+
+impl Permutation {
+    const ROUNDS: u64 = 6;
+
+    pub fn new(n: u64, key: u64) -> Permutation {
+        let mut half_bits = 1;
+        while half_bits < 32 && (1u64 << (2 * half_bits)) < n {
+            half_bits += 1;
+        }
+        Permutation { n, half_bits, key }
+    }
+
+    fn round(&self, x: u64) -> u64 {
+        let mask = (1u64 << self.half_bits) - 1;
+        let (mut l, mut r) = (x >> self.half_bits, x & mask);
+        for k in 0..Self::ROUNDS {
+            let f = splitmix64(self.key ^ splitmix64(r ^ (k << 40))) & mask;
+            (l, r) = (r, l ^ f);
+        }
+        (l << self.half_bits) | r
+    }
+
+    pub fn apply(&self, i: u64) -> u64 {
+        debug_assert!(i < self.n);
+        let mut x = self.round(i);
+        while x >= self.n {
+            x = self.round(x);
+        }
+        x
     }
 }
 
@@ -176,6 +273,62 @@ mod tests {
         let mut b = TrainLoader::new(shards(dir.path(), &[50, 9, 70]), 8, 3).unwrap();
         b.cursor = 4;
         assert_eq!(b.next_batch(4), second);
+    }
+
+    #[test]
+    fn permutation_is_a_bijection() {
+        for n in [1u64, 2, 3, 5, 16, 17, 1000, 4097] {
+            let p = Permutation::new(n, 42 + n);
+            let mut seen = vec![false; n as usize];
+            for i in 0..n {
+                let j = p.apply(i);
+                assert!(j < n && !seen[j as usize], "n={n}: {i} -> {j} twice or out of range");
+                seen[j as usize] = true;
+            }
+        }
+        let order: Vec<u64> = (0..10).map(|i| Permutation::new(1000, 7).apply(i)).collect();
+        assert_ne!(
+            order,
+            (0..10).collect::<Vec<u64>>(),
+            "a permutation that is the identity shuffles nothing"
+        );
+    }
+
+    #[test]
+    fn epoch_sampler_visits_every_window_once_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        // 50 tokens -> 6 windows of 8 + 1, 9 -> 1, 70 -> 8: 15 windows per epoch.
+        let lens = [50, 9, 70];
+        let mut a =
+            TrainLoader::new(shards(dir.path(), &lens), 8, 3).unwrap().with_sampler(Sampler::Epoch);
+        assert_eq!(a.epoch_windows(), 15);
+        let mut firsts = Vec::new();
+        for _ in 0..15 {
+            let b = a.next_batch(1);
+            assert!(
+                b.inputs.windows(2).all(|w| w[1] == w[0] + 1),
+                "window crosses a shard: {:?}",
+                b.inputs
+            );
+            assert_eq!(b.targets[7], b.inputs[7] + 1);
+            firsts.push(b.inputs[0]);
+        }
+        assert_eq!(a.epoch(), 1);
+        let mut expect: Vec<u32> =
+            (0..6).map(|k| k * 8).chain([50]).chain((0..8).map(|k| 59 + k * 8)).collect();
+        let mut got = firsts.clone();
+        got.sort();
+        expect.sort();
+        assert_eq!(got, expect, "each window once per epoch");
+        assert_ne!(firsts, expect, "the order is shuffled");
+        let second: Vec<u32> = (0..15).map(|_| a.next_batch(1).inputs[0]).collect();
+        assert_ne!(second, firsts, "each epoch has its own order");
+        let mut b =
+            TrainLoader::new(shards(dir.path(), &lens), 8, 3).unwrap().with_sampler(Sampler::Epoch);
+        b.cursor = 11;
+        let resumed: Vec<u32> = (0..19).map(|_| b.next_batch(1).inputs[0]).collect();
+        assert_eq!(resumed[..4], firsts[11..], "resume mid-epoch continues the same order");
+        assert_eq!(resumed[4..], second[..], "and the next epoch");
     }
 
     #[test]

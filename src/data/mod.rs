@@ -1,5 +1,5 @@
-//! Everything about tokens on disk: shard I/O, tokenizers, `prepare`, and the windows that
-//! training and eval read.
+//! Everything about tokens on disk: raw-text inputs, shard I/O, tokenizers, `prepare`, and the
+//! windows that training and eval read.
 
 pub mod inputs;
 pub mod loader;
@@ -25,8 +25,21 @@ pub enum DataError {
     TooShort { needed: usize, what: String },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// A record (or file) `prepare` or `tokenizer train` could not read, under
+    /// `--on-bad-record fail` or for a corrupt file by default.
+    #[error("{location}: {message}")]
+    BadRecord { location: String, message: String },
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<crate::run_dir::RunDirError> for DataError {
+    fn from(e: crate::run_dir::RunDirError) -> DataError {
+        match e {
+            crate::run_dir::RunDirError::Io { path, source } => DataError::Io { path, source },
+            e => DataError::Invalid(e.to_string()),
+        }
+    }
 }
 
 impl DataError {

@@ -111,20 +111,28 @@ impl Shard {
     }
 }
 
-/// Writes an llm.c shard, uint16 when every id fits, else uint32; atomically via a temp file.
-pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<(), DataError> {
-    let wide = vocab_size > u16::MAX as usize + 1;
+/// Whether a vocabulary needs uint32 shards (ids above 65535).
+pub fn is_wide(vocab_size: usize) -> bool {
+    vocab_size > u16::MAX as usize + 1
+}
+
+/// The 1024-byte llm.c header of a shard of `count` tokens.
+pub fn header(path: &Path, count: usize, wide: bool) -> Result<Vec<u8>, DataError> {
     let mut header = [0i32; 256];
     header[0] = if wide { MAGIC_U32 } else { MAGIC_U16 };
     header[1] = if wide { 7 } else { 1 };
-    header[2] = i32::try_from(tokens.len()).map_err(|_| DataError::Shard {
+    header[2] = i32::try_from(count).map_err(|_| DataError::Shard {
         path: path.to_path_buf(),
-        message: format!("{} tokens do not fit one shard (max {})", tokens.len(), i32::MAX),
+        message: format!("{count} tokens do not fit one shard (max {})", i32::MAX),
     })?;
-    let mut bytes = Vec::with_capacity(HEADER_BYTES + tokens.len() * if wide { 4 } else { 2 });
-    for h in header {
-        bytes.extend_from_slice(&h.to_le_bytes());
-    }
+    Ok(header.iter().flat_map(|h| h.to_le_bytes()).collect())
+}
+
+/// Writes an llm.c shard, uint16 when every id fits, else uint32; atomically via a temp file.
+pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<(), DataError> {
+    let wide = is_wide(vocab_size);
+    let mut bytes = header(path, tokens.len(), wide)?;
+    bytes.reserve(tokens.len() * if wide { 4 } else { 2 });
     for &t in tokens {
         if wide {
             bytes.extend_from_slice(&t.to_le_bytes());
@@ -132,10 +140,7 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<(),
             bytes.extend_from_slice(&(t as u16).to_le_bytes());
         }
     }
-    crate::run_dir::write_atomic(path, &bytes).map_err(|e| match e {
-        crate::run_dir::RunDirError::Io { path, source } => DataError::Io { path, source },
-        e => DataError::Invalid(e.to_string()),
-    })
+    Ok(crate::run_dir::write_atomic(path, &bytes)?)
 }
 
 /// The files a glob names, sorted; an error when there are none.

@@ -80,13 +80,48 @@ impl Tokenizer {
     }
 }
 
-/// Trains a GPT-2 style byte-level BPE on text files and writes a HF tokenizer.json.
-pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<(), DataError> {
+/// SHA-256 of what defines a tokenizer: the bytes of its tokenizer.json, or for `gpt2` its
+/// tokens in id order; `prepare.json` records it so shards are never mixed across tokenizers.
+pub fn fingerprint(spec: &str) -> Result<String, DataError> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    if spec == "gpt2" {
+        let bpe = tiktoken_rs::r50k_base_singleton();
+        for id in 0..50256u32 {
+            let t = bpe.decode_bytes(&[id]).unwrap_or_default();
+            h.update((t.len() as u32).to_le_bytes());
+            h.update(&t);
+        }
+    } else {
+        let path = Path::new(spec);
+        h.update(std::fs::read(path).map_err(|e| DataError::io(path, e))?);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What `tokenizer train` read.
+#[derive(Debug, Default)]
+pub struct TrainReport {
+    pub documents: u64,
+    pub bytes: u64,
+    pub skipped: u64,
+}
+
+/// Trains a GPT-2 style byte-level BPE on the documents of the inputs, streamed (the trainer
+/// keeps word counts, not text), and writes a HF tokenizer.json. `max_bytes` stops reading
+/// after that much text: the documents are taken in input order.
+pub fn train_bpe(
+    inputs: &[PathBuf], vocab_size: usize, out: &Path, read: &super::inputs::ReadOptions,
+    max_bytes: Option<u64>,
+) -> Result<TrainReport, DataError> {
+    use super::inputs::{discover, DocReader, Item};
     if vocab_size < 257 {
         return Err(DataError::Invalid(format!("--vocab-size {vocab_size} is too small: a byte-level BPE needs at least 257 (256 bytes + end-of-text)")));
     }
-    let files: Vec<String> =
-        super::inputs::text_files(inputs)?.iter().map(|p| p.display().to_string()).collect();
+    if max_bytes == Some(0) {
+        return Err(DataError::Invalid("--max-bytes must be at least 1".into()));
+    }
+    let files = discover(inputs)?;
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(vocab_size)
@@ -108,9 +143,32 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()
     .with_decoder(Some(byte_level))
     .build()
     .map_err(|e| DataError::Invalid(format!("building the tokenizer: {e}")))?;
+    let mut report = TrainReport::default();
+    let mut error = None;
+    let limit = max_bytes.unwrap_or(u64::MAX);
+    // The trainer pulls documents; a read error ends the stream and is returned afterwards.
+    let docs = DocReader::new(files, read.clone()).map_while(|item| match item {
+        Ok(Item::Doc(d)) if report.bytes < limit => {
+            report.bytes += d.text.len() as u64;
+            report.documents += d.starts as u64;
+            Some(Some(d.text))
+        }
+        Ok(Item::Doc(_)) => None,
+        Ok(Item::Bad(b)) => {
+            report.skipped += b.records.max(1);
+            Some(None)
+        }
+        Err(e) => {
+            error = Some(e);
+            None
+        }
+    });
     tokenizer
-        .train_from_files(&mut trainer, files)
+        .train(&mut trainer, docs.flatten())
         .map_err(|e| DataError::Invalid(format!("training the tokenizer: {e}")))?;
+    if let Some(e) = error {
+        return Err(e);
+    }
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     }
@@ -118,7 +176,7 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()
         path: out.to_path_buf(),
         message: format!("cannot write: {e}"),
     })?;
-    Ok(())
+    Ok(report)
 }
 
 /// GPT-2's BPE as a HF tokenizer.json, rebuilt from tiktoken's ranks (the id of a token is its

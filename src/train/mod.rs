@@ -100,7 +100,8 @@ impl Trainer {
         };
         let shards =
             data::shards::open_all(&cfg.data.train, &cfg.data.format, cfg.model.vocab_size)?;
-        let loader = TrainLoader::new(shards, cfg.data.seq_len, cfg.run.seed)?;
+        let loader = TrainLoader::new(shards, cfg.data.seq_len, cfg.run.seed)?
+            .with_sampler(cfg.data.sampler);
         let val = match &cfg.data.val {
             Some(glob) => Some(EvalStream::new(
                 data::shards::open_all(glob, &cfg.data.format, cfg.model.vocab_size)?,
