@@ -1,9 +1,12 @@
 //! Everything about tokens on disk: raw-text inputs, shard I/O, tokenizers, `prepare`, and the
 //! windows that training and eval read.
 
+mod columnar;
 pub mod inputs;
+mod json_field;
 pub mod loader;
 pub mod prepare;
+pub mod records;
 pub mod shards;
 pub mod tokenizer;
 
