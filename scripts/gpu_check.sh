@@ -154,6 +154,7 @@ if [ -n "$nccl_bin" ]; then
     }
     one=$work/runs/one/metrics.jsonl two=$work/runs/two/metrics.jsonl
     verdict=$(paste -d' ' <(losses "$one") <(losses "$two") | awk '
+      $2 == "?" || $4 == "?" || $2 == 0 { bad = "unreadable loss at step " $1; next }
       { n++; d = $2 - $4; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2)
         if ($1 != $3) bad = "steps out of line at " $1 " / " $3
         if (r > worst) worst = r }
