@@ -18,19 +18,25 @@
 #
 # Environment: CUDA_COMPUTE_CAP (default: the first GPU's, from nvidia-smi),
 # MOTRAIN_GPU_TARGET_DIR (default target/gpu), MOTRAIN_GPU_CHECK_DIR (scratch runs; default a
-# temporary directory, removed at the end), MPIRUN (default mpirun).
+# temporary directory, removed at the end), MPIRUN (default mpirun; Open MPI's, for -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-gpus=$(nvidia-smi --query-gpu=index,name,compute_cap --format=csv,noheader 2>/dev/null || true)
+# One line per GPU, "index, name, compute capability" (drivers older than 510 know no
+# compute_cap field: then candle asks nvidia-smi itself). "No devices were found" is no GPU.
+query() { nvidia-smi --query-gpu="$1" --format=csv,noheader 2>/dev/null | grep -E '^[0-9]+,' || true; }
+gpus=$(query index,name,compute_cap)
+[ -n "$gpus" ] || gpus=$(query index,name)
 if [ -z "$gpus" ]; then
   echo "gpu_check: no GPU (nvidia-smi finds none, or is not installed)" >&2
   exit 1
 fi
 n_gpus=$(printf '%s\n' "$gpus" | wc -l)
 cap=$(printf '%s\n' "$gpus" | head -n 1 | awk -F', *' '{ gsub(/\./, "", $3); print $3 }')
-export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-$cap}
+if [ -z "${CUDA_COMPUTE_CAP:-}" ] && [ -n "$cap" ]; then
+  export CUDA_COMPUTE_CAP=$cap
+fi
 target=${MOTRAIN_GPU_TARGET_DIR:-$root/target/gpu}
 mpirun=${MPIRUN:-mpirun}
 if [ -n "${MOTRAIN_GPU_CHECK_DIR:-}" ]; then
@@ -40,7 +46,7 @@ else
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
 fi
-echo "gpu_check: $n_gpus GPU(s), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP, target dir $target"
+echo "gpu_check: $n_gpus GPU(s), CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-from nvidia-smi}, target dir $target"
 printf '%s\n' "$gpus" | sed 's/^/  /'
 
 multi=0
@@ -160,7 +166,7 @@ if [ -n "$nccl_bin" ]; then
         if (r > worst) worst = r }
       END { if (n < 30) bad = bad " only " n " steps"
             if (worst > 1e-5) bad = bad " max rel. diff " worst
-            if (bad != "") print "FAIL " bad; else printf "PASS 30 steps, max rel. diff %.1e\n", worst }')
+            sub(/^ /, "", bad); if (bad != "") print "FAIL " bad; else printf "PASS 30 steps, max rel. diff %.1e\n", worst }')
     if ! grep -q '2 ranks, NCCL' "$work/train-two.log"; then
       verdict="FAIL the 2-rank run did not use NCCL (no \"2 ranks, NCCL\" line)"
     fi
@@ -177,8 +183,11 @@ if [ -n "$nccl_bin" ]; then
   else
     record "bench dense (2 GPUs, NCCL)" FAIL "$((SECONDS - t0)) s"
   fi
-elif [ "$n_gpus" -lt 2 ]; then
-  record "2 ranks (NCCL) = 1 rank, B/2 micro-batches" SKIP "needs 2 GPUs"
+else
+  why="the nccl build failed"
+  [ "$multi" = 1 ] || why="needs $mpirun"
+  [ "$n_gpus" -ge 2 ] || why="needs 2 GPUs"
+  record "2 ranks (NCCL) = 1 rank, B/2 micro-batches" SKIP "$why"
 fi
 
 echo
