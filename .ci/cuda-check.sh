@@ -45,6 +45,11 @@ nvcc --version | tail -n 2
 stage "cargo build --release --features cuda,nccl (target dir $target)"
 CARGO_TARGET_DIR=$target cargo build --release --features cuda,nccl
 
+stage "cargo clippy --release --all-targets --features cuda,nccl -- -D warnings"
+# The GPU-only code (src/ops/mot_cuda.rs, src/dist/nccl.rs, their tests) is compiled nowhere
+# else. --release reuses the build's kernels (a dev-profile check would compile them again).
+CARGO_TARGET_DIR=$target cargo clippy --release --all-targets --features cuda,nccl -- -D warnings
+
 stage "ptxas -v on the embedded PTX"
 # The newest build of the package holds the PTX just embedded (older ones may linger).
 ptx=$(ls -t "$target"/release/build/motrain-*/out/mot.ptx 2>/dev/null | head -n 1 || true)
