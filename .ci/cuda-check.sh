@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# CI: the `cuda` feature builds, and the Mixture of Tokens kernels assemble for sm_80 (A100)
-# and sm_90 (H100). CI has no GPU, so nothing here runs a kernel (docs/cuda.md).
+# CI: the `cuda` and `nccl` features build and link, and the Mixture of Tokens kernels assemble
+# for sm_80 (A100) and sm_90 (H100). CI has no GPU, so nothing here runs a kernel (docs/cuda.md).
 #
-# - The toolchain is the build-only CUDA 13.0 from PyPI wheels that ../shared/tools/
-#   cuda-toolchain.sh (or our copy, .ci/cuda-toolchain.sh) installs: nvcc, headers, link stubs.
-#   It goes outside the repository, into ~/.cache unless MOTRAIN_CUDA_TOOLCHAIN says otherwise.
+# - One build, `--features cuda,nccl`: `nccl` brings `cuda` and `mpi` along, so it compiles
+#   every GPU code path (NCCL's gradient sums, bootstrapped over MPI) as well as the plain CUDA
+#   one. The `mpi` part needs libopenmpi-dev and libclang-dev, which .ci/run's host has.
+# - The toolchain is the build-only CUDA 13.0 from PyPI wheels that .ci/cuda-toolchain.sh
+#   installs: nvcc, headers, link stubs. It is the project's ../shared/tools/cuda-toolchain.sh
+#   plus a link stub for libnccl, which the shared recipe does not make (yet); both install the
+#   same layout, so a cache made by either serves. It goes outside the repository, into ~/.cache
+#   unless MOTRAIN_CUDA_TOOLCHAIN says otherwise.
 # - The build has its own target dir, so it never invalidates the CPU build of `cargo test`.
 #   Cold, it is dominated by candle's own CUDA kernels (~15 min on 2 cores); keep the dir
 #   between runs to skip that.
@@ -16,11 +21,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-# The project's shared recipe when the repository sits beside ../shared, else our copy of it.
-toolchain_script=$root/../shared/tools/cuda-toolchain.sh
-[ -f "$toolchain_script" ] || toolchain_script=$root/.ci/cuda-toolchain.sh
+# Ours, not ../shared/tools/cuda-toolchain.sh: the `nccl` feature links libnccl (see above).
+toolchain_script=$root/.ci/cuda-toolchain.sh
 prefix=${MOTRAIN_CUDA_TOOLCHAIN:-${XDG_CACHE_HOME:-$HOME/.cache}/motrain/cuda-toolchain}
-target=${MOTRAIN_CUDA_TARGET_DIR:-$root/target/cuda}
+# Kept outside the clone, like the toolchain, so that a fresh clone reuses candle's compiled CUDA
+# kernels (a cold build of `cuda,nccl` takes 15-35 min on 2 cores; the script works cold too).
+target=${MOTRAIN_CUDA_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/motrain/cuda-target}
 
 stage() { printf '\n== cuda-check: %s (%ds so far)\n' "$1" "$SECONDS"; }
 
@@ -38,8 +44,13 @@ toolchain_env=$(bash "$toolchain_script" "$prefix")
 eval "$toolchain_env"
 nvcc --version | tail -n 2
 
-stage "cargo build --release --features cuda (target dir $target)"
-CARGO_TARGET_DIR=$target cargo build --release --features cuda
+stage "cargo build --release --features cuda,nccl (target dir $target)"
+CARGO_TARGET_DIR=$target cargo build --release --features cuda,nccl
+
+stage "cargo clippy --release --all-targets --features cuda,nccl -- -D warnings"
+# The GPU-only code (src/ops/mot_cuda.rs, src/dist/nccl.rs, their tests) is compiled nowhere
+# else. --release reuses the build's kernels (a dev-profile check would compile them again).
+CARGO_TARGET_DIR=$target cargo clippy --release --all-targets --features cuda,nccl -- -D warnings
 
 stage "ptxas -v on the embedded PTX"
 # The newest build of the package holds the PTX just embedded (older ones may linger).

@@ -7,6 +7,10 @@
 //! single-process world, where every collective is the identity and nothing touches MPI, so
 //! `motrain train` without a launcher behaves exactly as before.
 //!
+//! With the `nccl` feature, [`Dist::attach_device`] gives a multi-rank world on CUDA devices an
+//! NCCL communicator (bootstrapped over MPI, see [`nccl`]), and the gradient sums then run on
+//! the GPUs instead of through host copies and MPI.
+//!
 //! MPI collectives block forever when a peer dies or hangs. Every collective therefore runs under
 //! a watchdog ([`watchdog`]): a thread that ends the process with exit code 1 and an `error:`
 //! line when one collective has not completed within the collective timeout
@@ -14,9 +18,11 @@
 
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod watchdog;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::time::Duration;
 use watchdog::Watchdog;
 
@@ -45,6 +51,8 @@ pub enum DistError {
     MpiInit,
     #[error("the launcher started {launched} ranks ({var}), but MPI sees a world of {mpi}: under srun, pass --mpi=pmix (or --mpi=pmi2) so that the ranks find each other")]
     WorldMismatch { var: &'static str, launched: usize, mpi: usize },
+    #[error("{var}={value}: not a local rank (a number from 0)")]
+    BadLocalRank { var: &'static str, value: String },
 }
 
 /// How the process was started, as far as its environment tells.
@@ -89,6 +97,31 @@ fn detect_launcher_in(get: impl Fn(&str) -> Option<String>) -> Result<Option<Lau
     Ok(None)
 }
 
+/// Variables a launcher sets to this process's rank among the ranks on its node: Open MPI's
+/// mpirun, MPICH/Hydra's mpiexec, Slurm's srun (and PMIx launchers), in that order.
+const LOCAL_RANK_VARS: [&str; 4] =
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "PMIX_LOCAL_RANK"];
+
+/// This process's rank among the ranks on its node, when a launcher started it and says so
+/// (see [`LOCAL_RANK_VARS`]): the GPU it takes (`run.device = "cuda"`, see `crate::device`).
+pub fn local_rank() -> Result<Option<usize>, DistError> {
+    if detect_launcher()?.is_none() {
+        return Ok(None);
+    }
+    local_rank_in(|k| std::env::var(k).ok())
+}
+
+fn local_rank_in(get: impl Fn(&str) -> Option<String>) -> Result<Option<usize>, DistError> {
+    for var in LOCAL_RANK_VARS {
+        let Some(value) = get(var) else { continue };
+        return match value.trim().parse::<usize>() {
+            Ok(n) => Ok(Some(n)),
+            Err(_) => Err(DistError::BadLocalRank { var, value }),
+        };
+    }
+    Ok(None)
+}
+
 /// The collective timeout from [`TIMEOUT_ENV`]; None when it is 0 (no watchdog).
 pub fn timeout_from_env() -> Result<Option<Duration>, DistError> {
     timeout_from(std::env::var(TIMEOUT_ENV).ok())
@@ -106,7 +139,7 @@ fn timeout_from(value: Option<String>) -> Result<Option<Duration>, DistError> {
 /// The collectives by name, as the watchdog and the arrival check report them; a name's index
 /// travels in arrival messages, so ranks must agree on this list (they run one binary).
 #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
-const COLLECTIVES: [&str; 7] = [
+const COLLECTIVES: [&str; 9] = [
     "all_reduce_sum(f32)",
     "all_reduce_sum(f64)",
     "broadcast_bytes",
@@ -114,6 +147,8 @@ const COLLECTIVES: [&str; 7] = [
     "all_gather",
     "all_agree",
     "barrier",
+    "nccl_comm_init_rank",
+    "all_reduce_sum(nccl)",
 ];
 
 enum Backend {
@@ -127,12 +162,24 @@ enum Backend {
 pub struct Dist {
     backend: Backend,
     watchdog: Watchdog,
+    /// The GPU collectives, once [`Dist::attach_device`] has set them up.
+    #[cfg(feature = "nccl")]
+    nccl: std::cell::OnceCell<nccl::Nccl>,
 }
 
 impl Dist {
     /// The world of one process: collectives are the identity and no watchdog runs.
     pub fn single() -> Dist {
-        Dist { backend: Backend::Single, watchdog: Watchdog::unwatched(0) }
+        Dist::new(Backend::Single, Watchdog::unwatched(0))
+    }
+
+    fn new(backend: Backend, watchdog: Watchdog) -> Dist {
+        Dist {
+            backend,
+            watchdog,
+            #[cfg(feature = "nccl")]
+            nccl: std::cell::OnceCell::new(),
+        }
     }
 
     /// The MPI world when a launcher started this process (and the `mpi` feature is compiled
@@ -157,7 +204,7 @@ impl Dist {
             });
         }
         let watchdog = Watchdog::new(world.rank(), timeout);
-        Ok(Dist { backend: Backend::Mpi(world), watchdog })
+        Ok(Dist::new(Backend::Mpi(world), watchdog))
     }
 
     #[cfg(not(feature = "mpi"))]
@@ -198,6 +245,35 @@ impl Dist {
     /// for rank 0 to write a checkpoint, which may take longer than a collective should.
     pub fn set_collective_timeout(&self, timeout: Option<Duration>) {
         self.watchdog.set_timeout(timeout)
+    }
+
+    /// Prepares the collectives for tensors on `dev`; every rank calls it, with its own device.
+    /// With the `nccl` feature, a CUDA device and more than one rank, this creates the NCCL
+    /// communicator over the ranks' GPUs (a collective itself), and from then on
+    /// [`Dist::all_reduce_sum_tensors`] and [`Dist::all_reduce_mean_tensors`] sum tensors on that
+    /// device with NCCL. Otherwise (CPU, one rank, or no `nccl`) it does nothing and tensors go
+    /// through the host and MPI.
+    #[cfg_attr(not(feature = "nccl"), allow(unused_variables))]
+    pub fn attach_device(&self, dev: &Device) -> candle_core::Result<()> {
+        #[cfg(feature = "nccl")]
+        if let (Device::Cuda(cuda), Backend::Mpi(w)) = (dev, &self.backend) {
+            if self.size() > 1 && self.nccl.get().is_none() {
+                let comm = nccl::Nccl::init(self, w, cuda)?;
+                // Cannot be set already: checked just above, and Dist is not shared by threads.
+                let _ = self.nccl.set(comm);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether gradients on `dev` are summed with NCCL on the GPUs (see [`Dist::attach_device`]).
+    #[cfg_attr(not(feature = "nccl"), allow(unused_variables))]
+    pub fn gpu_collectives(&self, dev: &Device) -> bool {
+        #[cfg(feature = "nccl")]
+        if let Some(n) = self.nccl.get() {
+            return n.serves(dev);
+        }
+        false
     }
 
     /// Arms the watchdog for collective `name` (one of [`COLLECTIVES`]) over `count` elements per
@@ -357,6 +433,12 @@ impl Dist {
             return Ok(grads.to_vec());
         }
         let bucket_elems = bucket_elems.max(1);
+        #[cfg(feature = "nccl")]
+        if let Some(n) = self.nccl.get() {
+            if grads.iter().all(|g| n.serves(g.device())) {
+                return self.all_reduce_tensors_nccl(n, grads, bucket_elems, scale);
+            }
+        }
         let counts: Vec<usize> = grads.iter().map(Tensor::elem_count).collect();
         let mut out = Vec::with_capacity(grads.len());
         for bucket in bucket_ranges(&counts, bucket_elems) {
@@ -451,6 +533,24 @@ mod tests {
         for bad in ["", "two", "0", "-1"] {
             let e = detect_launcher_in(env(&[("PMI_SIZE", bad)])).unwrap_err();
             assert!(e.to_string().contains("PMI_SIZE"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_local_rank_comes_from_the_launcher() {
+        assert_eq!(local_rank_in(env(&[])).unwrap(), None);
+        assert_eq!(local_rank_in(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])).unwrap(), Some(3));
+        assert_eq!(local_rank_in(env(&[("MPI_LOCALRANKID", "1")])).unwrap(), Some(1));
+        assert_eq!(local_rank_in(env(&[("SLURM_LOCALID", "0")])).unwrap(), Some(0));
+        assert_eq!(
+            local_rank_in(env(&[("SLURM_LOCALID", "5"), ("OMPI_COMM_WORLD_LOCAL_RANK", "2")]))
+                .unwrap(),
+            Some(2),
+            "mpirun inside a Slurm allocation: mpirun's own numbering"
+        );
+        for bad in ["", "x", "-1"] {
+            let e = local_rank_in(env(&[("SLURM_LOCALID", bad)])).unwrap_err();
+            assert!(e.to_string().contains("SLURM_LOCALID"), "{e}");
         }
     }
 

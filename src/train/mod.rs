@@ -98,6 +98,8 @@ impl Trainer {
             0 => Optimizer::Full(AdamW::new(&params, trainable, &cfg.train)?),
             _ => Optimizer::Sharded(ShardedAdamW::new(&params, trainable, &cfg.train, &dist)?),
         };
+        // NCCL for the gradient sums when the ranks train on GPUs (feature `nccl`).
+        dist.attach_device(&dev)?;
         let shards =
             data::shards::open_all(&cfg.data.train, &cfg.data.format, cfg.model.vocab_size)?;
         let loader = TrainLoader::new(shards, cfg.data.seq_len, cfg.run.seed)?
@@ -198,6 +200,9 @@ impl Trainer {
         let (loss, routing) = self.reduce_logs(loss_sum, &stats, accum);
         let lr = schedule::learning_rate(&self.cfg.train, self.step);
         let clip = self.cfg.train.grad_clip;
+        // A GPU runs the backward pass asynchronously: let it finish, so that the communication
+        // time is the collective's alone (a no-op on the CPU).
+        self.params.device().synchronize()?;
         let comm_start = Instant::now();
         let grad_norm;
         let skipped;

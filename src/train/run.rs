@@ -101,7 +101,8 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
     let trained = if trained < total { format!(" ({trained} trained)") } else { String::new() };
     let world = if dist.size() > 1 {
         let zero = if t.zero == 1 { ", ZeRO-1" } else { "" };
-        format!(" | {} ranks{zero}", dist.size())
+        let nccl = if dist.gpu_collectives(trainer.params.device()) { ", NCCL" } else { "" };
+        format!(" | {} ranks{zero}{nccl}", dist.size())
     } else {
         String::new()
     };
