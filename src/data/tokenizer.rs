@@ -129,20 +129,8 @@ pub fn train_bpe(
         .special_tokens(vec![AddedToken::from(EOT, true)])
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let byte_level = ByteLevel::new(false, true, true);
-    let mut tokenizer = TokenizerBuilder::<
-        BPE,
-        tokenizers::NormalizerWrapper,
-        ByteLevel,
-        ByteLevel,
-        ByteLevel,
-    >::new()
-    .with_model(BPE::default())
-    .with_pre_tokenizer(Some(byte_level))
-    .with_post_processor(Some(byte_level))
-    .with_decoder(Some(byte_level))
-    .build()
-    .map_err(|e| DataError::Invalid(format!("building the tokenizer: {e}")))?;
+    let mut tokenizer = byte_level(BPE::default())
+        .map_err(|e| DataError::Invalid(format!("building the tokenizer: {e}")))?;
     let mut report = TrainReport::default();
     let mut error = None;
     let limit = max_bytes.unwrap_or(u64::MAX);
@@ -211,20 +199,8 @@ pub fn gpt2_tokenizer(out: &Path) -> Result<(), DataError> {
         .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
         .build()
         .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
-    let byte_level = ByteLevel::new(false, true, true);
-    let mut tokenizer = TokenizerBuilder::<
-        BPE,
-        tokenizers::NormalizerWrapper,
-        ByteLevel,
-        ByteLevel,
-        ByteLevel,
-    >::new()
-    .with_model(model)
-    .with_pre_tokenizer(Some(byte_level))
-    .with_post_processor(Some(byte_level))
-    .with_decoder(Some(byte_level))
-    .build()
-    .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
+    let mut tokenizer = byte_level(model)
+        .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
     tokenizer
         .add_special_tokens(vec![AddedToken::from(EOT, true)])
         .map_err(|e| DataError::Invalid(format!("building GPT-2's tokenizer: {e}")))?;
@@ -246,6 +222,20 @@ fn byte_of(c: char) -> u32 {
     }
     // The k-th non-printable byte maps to 0x100 + k.
     (0..256).filter(|&b| !printable(b)).nth((c - 0x100) as usize).unwrap_or(0)
+}
+
+type ByteLevelTokenizer =
+    tokenizers::TokenizerImpl<BPE, tokenizers::NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>;
+
+/// A byte-level BPE tokenizer (GPT-2's pre-tokenizer, post-processor and decoder) over `model`.
+fn byte_level(model: BPE) -> tokenizers::Result<ByteLevelTokenizer> {
+    let byte_level = ByteLevel::new(false, true, true);
+    TokenizerBuilder::new()
+        .with_model(model)
+        .with_pre_tokenizer(Some(byte_level))
+        .with_post_processor(Some(byte_level))
+        .with_decoder(Some(byte_level))
+        .build()
 }
 
 #[cfg(test)]
