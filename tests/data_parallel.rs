@@ -157,10 +157,11 @@ fn sigterm_to_the_ranks_saves_and_the_resume_equals_the_uninterrupted_run() {
     let f = Fixture::new();
     let config = f.config();
     let c = config.to_str().unwrap();
+    // Far more steps than the signal needs, so that the run cannot end before it lands.
     let common: Vec<String> = [
-        "train.steps=40",
+        "train.steps=300",
         "train.micro_batch_size=2",
-        "train.ckpt_every=100",
+        "train.ckpt_every=1000",
         "train.eval_every=0",
     ]
     .map(String::from)

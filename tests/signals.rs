@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 fn stop_and_resume(sig: &str, code: i32) {
     let f = Fixture::new();
     let config = f.config();
-    let common = ["train.steps=40", "train.ckpt_every=100", "train.eval_every=0"];
+    // Far more steps than the signal needs, so that the run cannot end before the signal lands
+    // however fast the machine is.
+    let common = ["train.steps=600", "train.ckpt_every=1000", "train.eval_every=0"];
     f.train(&config, "whole", &common).ok();
     let name = format!("stopped-{sig}");
     let set_name = format!("run.name={name}");
