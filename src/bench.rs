@@ -21,6 +21,9 @@ pub struct BenchResult {
     pub gflops_per_s: f64,
     pub peak_rss_bytes: u64,
     pub threads: usize,
+    /// The CPU and the SIMD path of the fused kernels (`simd avx512`), or the GPU.
+    pub cpu: String,
+    pub simd: String,
     /// Data-parallel ranks, and the seconds per step spent summing gradients over them.
     pub ranks: usize,
     #[serde(skip)]
@@ -92,6 +95,8 @@ pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<Ben
         gflops_per_s: fpt * tokens_per_s / 1e9,
         peak_rss_bytes: peak_rss_bytes(),
         threads: rayon::current_num_threads(),
+        cpu: crate::ops::simd::cpu_model(),
+        simd: crate::ops::simd::describe(trainer.params.device()),
         ranks: dist.size(),
         rank: dist.rank(),
         comm_s_per_step,

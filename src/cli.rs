@@ -233,6 +233,8 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // A bad MOTRAIN_SIMD is refused before any work is done.
+    crate::ops::simd::select().map_err(UsageError)?;
     match cli.command {
         Command::Train { config, overrides, resume, init_from } => {
             let cfg = Config::load(&config, &overrides)?;
@@ -476,12 +478,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 return Ok(()); // rank 0 of a data-parallel bench reports for all
             }
             eprintln!(
-                "{}: {:.0} tokens/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.0} MiB",
+                "{}: {:.0} tokens/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.0} MiB | {} | {}",
                 r.config,
                 r.tokens_per_s,
                 r.step_time_s,
                 r.gflops_per_s,
-                r.peak_rss_bytes as f64 / 1048576.0
+                r.peak_rss_bytes as f64 / 1048576.0,
+                r.simd,
+                r.cpu
             );
             if let Some(m) = &r.mot_ops {
                 eprintln!("MoT mixing ops per layer (forward + backward): fused {:.2} ms, plain {:.2} ms ({:.2}x)", m.fused_ms, m.plain_ms, m.speedup);

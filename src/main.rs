@@ -15,6 +15,12 @@ fn main() {
         eprintln!("error: internal error{at}: {msg} (please report this)");
         std::process::exit(1);
     }));
+    // `motrain … | head` ends like any Unix tool when the reader goes away, instead of failing
+    // on the next print.
+    // SAFETY: at start-up, before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // candle's element-wise ops otherwise start a spinning thread pool of their own next to
     // the rayon pool that runs matmuls and our kernels; on few cores they fight over them.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {

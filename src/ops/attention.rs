@@ -3,7 +3,7 @@
 //! views of the `[B, S, H, dh]` activations: no transposes, no `[B, H, S, S]` gradients
 //! accumulated by the autograd, and no thread hand-off per small matmul.
 
-use super::{fused, slice, vec};
+use super::{fused, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -151,22 +151,27 @@ impl CustomOp3 for Attention {
         let mut probs = vec![0f32; d.b * d.h * sq * sk];
         let out_ptr = SharedMut(out.as_mut_ptr());
         probs.par_chunks_mut(sq * sk).enumerate().for_each(|(bh, p)| {
-            let (bi, hi) = (bh / d.h, bh % d.h);
-            let (qo, ko) = (d.head(sq, bi, hi), d.head(sk, bi, hi));
-            // SAFETY: views stay inside q/k/v/out by construction of the offsets and strides;
-            // each task writes only its own head's rows of `out` and its own `p`.
-            unsafe {
-                let (qv, kv, vv) = (
-                    View(q[qo..].as_ptr(), rs, 1),
-                    View(k[ko..].as_ptr(), rs, 1),
-                    View(v[ko..].as_ptr(), rs, 1),
-                );
-                let kt = View(kv.0, 1, rs); // Kᵀ: [dh, Sk]
-                gemm_raw(sq, sk, dh, View(p.as_ptr(), sk as isize, 1), false, qv, kt);
-                softmax_rows(p, sq, sk, self.scale);
-                let o = View(out_ptr.at(qo), rs, 1);
-                gemm_raw(sq, dh, sk, o, false, View(p.as_ptr(), sk as isize, 1), vv);
-            }
+            simd::run(
+                #[inline(always)]
+                || {
+                    let (bi, hi) = (bh / d.h, bh % d.h);
+                    let (qo, ko) = (d.head(sq, bi, hi), d.head(sk, bi, hi));
+                    // SAFETY: views stay inside q/k/v/out by construction of the offsets and strides;
+                    // each task writes only its own head's rows of `out` and its own `p`.
+                    unsafe {
+                        let (qv, kv, vv) = (
+                            View(q[qo..].as_ptr(), rs, 1),
+                            View(k[ko..].as_ptr(), rs, 1),
+                            View(v[ko..].as_ptr(), rs, 1),
+                        );
+                        let kt = View(kv.0, 1, rs); // Kᵀ: [dh, Sk]
+                        gemm_raw(sq, sk, dh, View(p.as_ptr(), sk as isize, 1), false, qv, kt);
+                        softmax_rows(p, sq, sk, self.scale);
+                        let o = View(out_ptr.at(qo), rs, 1);
+                        gemm_raw(sq, dh, sk, o, false, View(p.as_ptr(), sk as isize, 1), vv);
+                    }
+                },
+            )
         });
         *self.probs.lock().unwrap() = Some(probs);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
@@ -189,6 +194,7 @@ impl CustomOp3 for Attention {
 }
 
 /// In place: row `i` of `p` becomes softmax over `j ≤ i + Sk − Sq` of `scale·p`, zero beyond.
+#[inline(always)]
 fn softmax_rows(p: &mut [f32], sq: usize, sk: usize, scale: f32) {
     for (i, row) in p.chunks_mut(sk).enumerate() {
         let n = i + sk - sq + 1;
@@ -240,35 +246,40 @@ fn attention_bwd(
     (0..d.b * d.h).into_par_iter().for_each_init(
         || vec![0f32; sq * sk],
         |ds, bh| {
-            let (bi, hi) = (bh / d.h, bh % d.h);
-            let (qo, ko) = (d.head(sq, bi, hi), d.head(sk, bi, hi));
-            let p = &probs[bh * sq * sk..(bh + 1) * sq * sk];
-            let pv = View(p.as_ptr(), sk as isize, 1);
-            // SAFETY: as in the forward; each task writes only its own head's rows of dq/dk/dv.
-            unsafe {
-                let at = |ptr: usize, off: usize| View((ptr as *const f32).add(off), rs, 1);
-                let (qv, kv, vv, gv) = (at(qp, qo), at(kp, ko), at(vp, ko), at(gp, qo));
-                let dsv = View(ds.as_ptr(), sk as isize, 1);
-                // dP = dO·Vᵀ
-                gemm_raw(sq, sk, dh, dsv, false, gv, View(vv.0, 1, rs));
-                // dS = scale · P ∘ (dP − ⟨dP, P⟩_row)
-                for i in 0..sq {
-                    let n = i + sk - sq + 1;
-                    let (dr, pr) = (&mut ds[i * sk..i * sk + n], &p[i * sk..i * sk + n]);
-                    let c = vec::dot(dr, pr);
-                    for j in 0..n {
-                        dr[j] = scale * pr[j] * (dr[j] - c);
+            simd::run(
+                #[inline(always)]
+                || {
+                    let (bi, hi) = (bh / d.h, bh % d.h);
+                    let (qo, ko) = (d.head(sq, bi, hi), d.head(sk, bi, hi));
+                    let p = &probs[bh * sq * sk..(bh + 1) * sq * sk];
+                    let pv = View(p.as_ptr(), sk as isize, 1);
+                    // SAFETY: as in the forward; each task writes only its own head's rows of dq/dk/dv.
+                    unsafe {
+                        let at = |ptr: usize, off: usize| View((ptr as *const f32).add(off), rs, 1);
+                        let (qv, kv, vv, gv) = (at(qp, qo), at(kp, ko), at(vp, ko), at(gp, qo));
+                        let dsv = View(ds.as_ptr(), sk as isize, 1);
+                        // dP = dO·Vᵀ
+                        gemm_raw(sq, sk, dh, dsv, false, gv, View(vv.0, 1, rs));
+                        // dS = scale · P ∘ (dP − ⟨dP, P⟩_row)
+                        for i in 0..sq {
+                            let n = i + sk - sq + 1;
+                            let (dr, pr) = (&mut ds[i * sk..i * sk + n], &p[i * sk..i * sk + n]);
+                            let c = vec::dot(dr, pr);
+                            for j in 0..n {
+                                dr[j] = scale * pr[j] * (dr[j] - c);
+                            }
+                            ds[i * sk + n..(i + 1) * sk].fill(0.0);
+                        }
+                        let dq = View(base.at(qo), rs, 1);
+                        let dk = View(base.at(nq + ko), rs, 1);
+                        let dv = View(base.at(nq + nk + ko), rs, 1);
+                        gemm_raw(sq, dh, sk, dq, false, dsv, kv); // dQ = dS·K
+                        gemm_raw(sk, dh, sq, dk, false, View(ds.as_ptr(), 1, sk as isize), qv); // dK = dSᵀ·Q
+                        gemm_raw(sk, dh, sq, dv, false, View(pv.0, 1, sk as isize), gv);
+                        // dV = Pᵀ·dO
                     }
-                    ds[i * sk + n..(i + 1) * sk].fill(0.0);
-                }
-                let dq = View(base.at(qo), rs, 1);
-                let dk = View(base.at(nq + ko), rs, 1);
-                let dv = View(base.at(nq + nk + ko), rs, 1);
-                gemm_raw(sq, dh, sk, dq, false, dsv, kv); // dQ = dS·K
-                gemm_raw(sk, dh, sq, dk, false, View(ds.as_ptr(), 1, sk as isize), qv); // dK = dSᵀ·Q
-                gemm_raw(sk, dh, sq, dv, false, View(pv.0, 1, sk as isize), gv);
-                // dV = Pᵀ·dO
-            }
+                },
+            )
         },
     );
     Tensor::from_vec(out, nq + 2 * nk, q.device())

@@ -14,7 +14,7 @@
 //! matmuls once more.
 
 use super::swiglu::{swiglu_row, swiglu_row_backward};
-use super::{fused, gemm_into, slice};
+use super::{fused, gemm_into, simd, slice};
 use crate::config::Activation;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -131,7 +131,12 @@ impl GroupedUp {
                 .par_chunks_mut(f)
                 .zip(h.par_chunks(width))
                 .with_min_len(super::rows_per_task(width))
-                .for_each(|(a, h)| activate(act, h, a));
+                .for_each(|(a, h)| {
+                    simd::run(
+                        #[inline(always)]
+                        || activate(act, h, a),
+                    )
+                });
         }
         a
     }
@@ -156,7 +161,12 @@ impl GroupedUp {
             dh.par_chunks_mut(width)
                 .zip(h.par_chunks(width).zip(da[b0 * f..(b0 + n) * f].par_chunks(f)))
                 .with_min_len(super::rows_per_task(width))
-                .for_each(|(dh, (h, da))| activate_backward(act, h, da, dh));
+                .for_each(|(dh, (h, da))| {
+                    simd::run(
+                        #[inline(always)]
+                        || activate_backward(act, h, da, dh),
+                    )
+                });
             dx[b0 * din..(b0 + n) * din].copy_from_slice(&one.dx(&dh, &we, din));
             for (j, dw) in dws.iter_mut().enumerate() {
                 dw[e * f * din..(e + 1) * f * din].copy_from_slice(&one.dw(&dh, xe, j, din));
@@ -205,6 +215,7 @@ impl GroupedUp {
 }
 
 /// One row: `h` (gate then up columns for SwiGLU) → `a`, exactly as the plain ops compute it.
+#[inline(always)]
 fn activate(act: Activation, h: &[f32], a: &mut [f32]) {
     match act {
         Activation::Swiglu => swiglu_row(h, a),
@@ -218,6 +229,7 @@ fn activate(act: Activation, h: &[f32], a: &mut [f32]) {
 }
 
 /// One row: `dh = da · ∂a/∂h`.
+#[inline(always)]
 fn activate_backward(act: Activation, h: &[f32], da: &[f32], dh: &mut [f32]) {
     match act {
         Activation::Swiglu => swiglu_row_backward(h, da, dh),

@@ -5,7 +5,7 @@
 //! a step) are thus written once and read twice, never copied, zero-filled or accumulated by
 //! the autograd.
 
-use super::{fused, sgemm, slice, vec};
+use super::{fused, sgemm, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -93,17 +93,22 @@ impl CustomOp3 for LinearCrossEntropy {
             .zip(targets.par_iter())
             .with_min_len(super::rows_per_task(v))
             .map(|(row, &t)| {
-                let t = t as usize;
-                let m = vec::max(row);
-                let lse = m + vec::sum_exp_shifted(row, m).ln();
-                let loss = lse - row[t];
-                if self.with_grad {
-                    for z in row.iter_mut() {
-                        *z = vec::exp(*z - lse) * inv_n;
-                    }
-                    row[t] -= inv_n;
-                }
-                loss
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let t = t as usize;
+                        let m = vec::max(row);
+                        let lse = m + vec::sum_exp_shifted(row, m).ln();
+                        let loss = lse - row[t];
+                        if self.with_grad {
+                            for z in row.iter_mut() {
+                                *z = vec::exp(*z - lse) * inv_n;
+                            }
+                            row[t] -= inv_n;
+                        }
+                        loss
+                    },
+                )
             })
             .collect();
         if self.with_grad {

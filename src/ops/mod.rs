@@ -9,11 +9,13 @@ pub mod mot;
 #[cfg(feature = "cuda")]
 mod mot_cuda;
 pub mod norm;
+#[cfg(test)]
+mod paths;
 pub mod rope;
+pub mod simd;
 pub mod swiglu;
 pub mod vec;
 
-#[cfg(test)]
 #[cfg(test)]
 pub mod testing;
 
@@ -54,9 +56,14 @@ where
         .into_par_iter()
         .map(|c| {
             let mut acc = vec![0f32; n_out * width];
-            for r in c * CHUNK..((c + 1) * CHUNK).min(rows) {
-                f(r, &mut acc);
-            }
+            simd::run(
+                #[inline(always)]
+                || {
+                    for r in c * CHUNK..((c + 1) * CHUNK).min(rows) {
+                        f(r, &mut acc);
+                    }
+                },
+            );
             acc
         })
         .collect();

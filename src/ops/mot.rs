@@ -15,7 +15,7 @@
 //! `group_dot(x, dm)` and `group_dot(dout, y)`. The softmax is `B·S·E` elements (d times fewer
 //! than merge), so it stays a separate pass whose backward is a few candle ops.
 
-use super::{fused, slice};
+use super::{fused, simd, slice};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -313,21 +313,26 @@ mod cpu {
         let mut w = vec![0f32; z.len()];
         split(&mut w, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
             |(t, mut rows)| {
-                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                let mut col = vec![0f32; g];
-                for ds in 0..rows.first().map_or(0, |r| r.len() / e) {
-                    for ex in 0..e {
-                        for (i, c) in col.iter_mut().enumerate() {
-                            *c = z[((kk * g + i) * s + s0 + ds) * e + ex];
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                        let mut col = vec![0f32; g];
+                        for ds in 0..rows.first().map_or(0, |r| r.len() / e) {
+                            for ex in 0..e {
+                                for (i, c) in col.iter_mut().enumerate() {
+                                    *c = z[((kk * g + i) * s + s0 + ds) * e + ex];
+                                }
+                                let m = max(&col);
+                                col.iter_mut().for_each(|c| *c = exp(*c - m));
+                                let total: f32 = col.iter().sum();
+                                for (i, row) in rows.iter_mut().enumerate() {
+                                    row[ds * e + ex] = col[i] / total;
+                                }
+                            }
                         }
-                        let m = max(&col);
-                        col.iter_mut().for_each(|c| *c = exp(*c - m));
-                        let total: f32 = col.iter().sum();
-                        for (i, row) in rows.iter_mut().enumerate() {
-                            row[ds * e + ex] = col[i] / total;
-                        }
-                    }
-                }
+                    },
+                )
             },
         );
         w
@@ -342,16 +347,21 @@ mod cpu {
         // m is [E·K, S, d]: slab o = ex·K + kk belongs to group row-block kk.
         split(&mut m, s, d, sb, k, |o| o % k).into_par_iter().enumerate().for_each(
             |(t, mut experts)| {
-                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                for ds in 0..experts.first().map_or(0, |r| r.len() / d) {
-                    let row = |i: usize| (kk * g + i) * s + s0 + ds;
-                    for (ex, dst) in experts.iter_mut().enumerate() {
-                        let dst = &mut dst[ds * d..(ds + 1) * d];
-                        for i in 0..g {
-                            axpy(dst, w[row(i) * e + ex], &x[row(i) * d..(row(i) + 1) * d]);
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                        for ds in 0..experts.first().map_or(0, |r| r.len() / d) {
+                            let row = |i: usize| (kk * g + i) * s + s0 + ds;
+                            for (ex, dst) in experts.iter_mut().enumerate() {
+                                let dst = &mut dst[ds * d..(ds + 1) * d];
+                                for i in 0..g {
+                                    axpy(dst, w[row(i) * e + ex], &x[row(i) * d..(row(i) + 1) * d]);
+                                }
+                            }
                         }
-                    }
-                }
+                    },
+                )
             },
         );
         m
@@ -365,17 +375,22 @@ mod cpu {
         let mut out = vec![0f32; b * s * d];
         split(&mut out, s, d, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
             |(t, mut members)| {
-                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                for ds in 0..members.first().map_or(0, |r| r.len() / d) {
-                    let n = kk * s + s0 + ds;
-                    for (i, dst) in members.iter_mut().enumerate() {
-                        let dst = &mut dst[ds * d..(ds + 1) * d];
-                        let wi = &w[((kk * g + i) * s + s0 + ds) * e..][..e];
-                        for (ex, &wv) in wi.iter().enumerate() {
-                            axpy(dst, wv, &y[(ex * k * s + n) * d..][..d]);
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                        for ds in 0..members.first().map_or(0, |r| r.len() / d) {
+                            let n = kk * s + s0 + ds;
+                            for (i, dst) in members.iter_mut().enumerate() {
+                                let dst = &mut dst[ds * d..(ds + 1) * d];
+                                let wi = &w[((kk * g + i) * s + s0 + ds) * e..][..e];
+                                for (ex, &wv) in wi.iter().enumerate() {
+                                    axpy(dst, wv, &y[(ex * k * s + n) * d..][..d]);
+                                }
+                            }
                         }
-                    }
-                }
+                    },
+                )
             },
         );
         out
@@ -389,16 +404,21 @@ mod cpu {
         let mut r = vec![0f32; b * s * e];
         split(&mut r, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
             |(t, mut members)| {
-                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                for ds in 0..members.first().map_or(0, |r| r.len() / e) {
-                    let n = kk * s + s0 + ds;
-                    for (i, dst) in members.iter_mut().enumerate() {
-                        let ai = &a[((kk * g + i) * s + s0 + ds) * d..][..d];
-                        for (ex, v) in dst[ds * e..(ds + 1) * e].iter_mut().enumerate() {
-                            *v = dot(ai, &c[(ex * k * s + n) * d..][..d]);
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                        for ds in 0..members.first().map_or(0, |r| r.len() / e) {
+                            let n = kk * s + s0 + ds;
+                            for (i, dst) in members.iter_mut().enumerate() {
+                                let ai = &a[((kk * g + i) * s + s0 + ds) * d..][..d];
+                                for (ex, v) in dst[ds * e..(ds + 1) * e].iter_mut().enumerate() {
+                                    *v = dot(ai, &c[(ex * k * s + n) * d..][..d]);
+                                }
+                            }
                         }
-                    }
-                }
+                    },
+                )
             },
         );
         r

@@ -1,7 +1,7 @@
 //! RMSNorm and LayerNorm over the last axis, one pass forward and one pass backward.
 //! (candle's own fast paths cut the graph: issues #2168, #3011, #3752.)
 
-use super::{column_sums, fused, rows_per_task, slice, vec};
+use super::{column_sums, fused, rows_per_task, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -34,6 +34,7 @@ pub fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Res
     xc.broadcast_mul(&r)?.broadcast_mul(w)?.broadcast_add(b)
 }
 
+#[inline(always)]
 fn rstd(row: &[f32], eps: f32) -> f32 {
     1.0 / (vec::dot(row, row) / row.len() as f32 + eps).sqrt()
 }
@@ -55,10 +56,15 @@ impl CustomOp2 for RmsNorm {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
             |(yr, xr)| {
-                let r = rstd(xr, self.eps);
-                for i in 0..d {
-                    yr[i] = w[i] * xr[i] * r;
-                }
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let r = rstd(xr, self.eps);
+                        for i in 0..d {
+                            yr[i] = w[i] * xr[i] * r;
+                        }
+                    },
+                )
             },
         );
         Ok((CpuStorage::F32(y), xl.shape().clone()))
@@ -98,24 +104,35 @@ impl CustomOp3 for RmsNormBwd {
             .zip(x.par_chunks(d).zip(g.par_chunks(d)))
             .with_min_len(rows_per_task(d))
             .for_each(|(dxr, (xr, gr))| {
-                let r = rstd(xr, self.eps);
-                // dx = r·(g∘w) − r³·x·mean(g∘w∘x)
-                let mut gwx = 0f32;
-                for i in 0..d {
-                    gwx += gr[i] * w[i] * xr[i];
-                }
-                let c = r * r * r * gwx / d as f32;
-                for i in 0..d {
-                    dxr[i] = r * gr[i] * w[i] - c * xr[i];
-                }
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let r = rstd(xr, self.eps);
+                        // dx = r·(g∘w) − r³·x·mean(g∘w∘x)
+                        let mut gwx = 0f32;
+                        for i in 0..d {
+                            gwx += gr[i] * w[i] * xr[i];
+                        }
+                        let c = r * r * r * gwx / d as f32;
+                        for i in 0..d {
+                            dxr[i] = r * gr[i] * w[i] - c * xr[i];
+                        }
+                    },
+                )
             });
-        let sums = column_sums(rows, d, 1, |row, acc| {
-            let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
-            let r = rstd(xr, self.eps);
-            for i in 0..d {
-                acc[i] += gr[i] * xr[i] * r;
-            }
-        });
+        let sums = column_sums(
+            rows,
+            d,
+            1,
+            #[inline(always)]
+            |row, acc| {
+                let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
+                let r = rstd(xr, self.eps);
+                for i in 0..d {
+                    acc[i] += gr[i] * xr[i] * r;
+                }
+            },
+        );
         dw.copy_from_slice(&sums);
         Ok((CpuStorage::F32(out), Shape::from((rows + 1, d))))
     }
@@ -125,6 +142,7 @@ struct LayerNorm {
     eps: f32,
 }
 
+#[inline(always)]
 fn mean_rstd(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
     let mu = vec::sum(row) / n;
@@ -149,10 +167,15 @@ impl CustomOp3 for LayerNorm {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
             |(yr, xr)| {
-                let (mu, r) = mean_rstd(xr, self.eps);
-                for i in 0..d {
-                    yr[i] = w[i] * (xr[i] - mu) * r + b[i];
-                }
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let (mu, r) = mean_rstd(xr, self.eps);
+                        for i in 0..d {
+                            yr[i] = w[i] * (xr[i] - mu) * r + b[i];
+                        }
+                    },
+                )
             },
         );
         Ok((CpuStorage::F32(y), xl.shape().clone()))
@@ -193,30 +216,41 @@ impl CustomOp3 for LayerNormBwd {
             .zip(x.par_chunks(d).zip(g.par_chunks(d)))
             .with_min_len(rows_per_task(d))
             .for_each(|(dxr, (xr, gr))| {
-                let (mu, r) = mean_rstd(xr, self.eps);
-                // dx = r·(gw − mean(gw) − x̂·mean(gw·x̂)), gw = g∘w
-                let (mut m1, mut m2) = (0f32, 0f32);
-                for i in 0..d {
-                    let gw = gr[i] * w[i];
-                    m1 += gw;
-                    m2 += gw * (xr[i] - mu) * r;
-                }
-                m1 /= d as f32;
-                m2 /= d as f32;
-                for i in 0..d {
-                    let xh = (xr[i] - mu) * r;
-                    dxr[i] = r * (gr[i] * w[i] - m1 - xh * m2);
-                }
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let (mu, r) = mean_rstd(xr, self.eps);
+                        // dx = r·(gw − mean(gw) − x̂·mean(gw·x̂)), gw = g∘w
+                        let (mut m1, mut m2) = (0f32, 0f32);
+                        for i in 0..d {
+                            let gw = gr[i] * w[i];
+                            m1 += gw;
+                            m2 += gw * (xr[i] - mu) * r;
+                        }
+                        m1 /= d as f32;
+                        m2 /= d as f32;
+                        for i in 0..d {
+                            let xh = (xr[i] - mu) * r;
+                            dxr[i] = r * (gr[i] * w[i] - m1 - xh * m2);
+                        }
+                    },
+                )
             });
-        let sums = column_sums(rows, d, 2, |row, acc| {
-            let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
-            let (mu, r) = mean_rstd(xr, self.eps);
-            let (aw, ab) = acc.split_at_mut(d);
-            for i in 0..d {
-                aw[i] += gr[i] * (xr[i] - mu) * r;
-                ab[i] += gr[i];
-            }
-        });
+        let sums = column_sums(
+            rows,
+            d,
+            2,
+            #[inline(always)]
+            |row, acc| {
+                let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
+                let (mu, r) = mean_rstd(xr, self.eps);
+                let (aw, ab) = acc.split_at_mut(d);
+                for i in 0..d {
+                    aw[i] += gr[i] * (xr[i] - mu) * r;
+                    ab[i] += gr[i];
+                }
+            },
+        );
         dwb.copy_from_slice(&sums);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
     }

@@ -1,7 +1,7 @@
 //! Rotary position embedding as Hugging Face Llama applies it (halves, not interleaved), on
 //! `[B, S, H, dh]` activations in place of layout.
 
-use super::{fused, slice};
+use super::{fused, simd, slice};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -106,15 +106,21 @@ impl CustomOp1 for Rope {
         // One task per (batch, position): all heads share that position's angles.
         y.par_chunks_mut(h * dh).zip(x.par_chunks(h * dh)).enumerate().with_min_len(16).for_each(
             |(bs, (yr, xr))| {
-                let p = (self.offset + bs % s) * self.tables.half;
-                let (c, sn) = (&self.tables.cos[p..p + half], &self.tables.sin[p..p + half]);
-                for (dst, src) in yr.chunks_mut(dh).zip(xr.chunks(dh)) {
-                    for i in 0..half {
-                        let (x1, x2, sv) = (src[i], src[i + half], self.sign * sn[i]);
-                        dst[i] = x1 * c[i] - x2 * sv;
-                        dst[i + half] = x2 * c[i] + x1 * sv;
-                    }
-                }
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let p = (self.offset + bs % s) * self.tables.half;
+                        let (c, sn) =
+                            (&self.tables.cos[p..p + half], &self.tables.sin[p..p + half]);
+                        for (dst, src) in yr.chunks_mut(dh).zip(xr.chunks(dh)) {
+                            for i in 0..half {
+                                let (x1, x2, sv) = (src[i], src[i + half], self.sign * sn[i]);
+                                dst[i] = x1 * c[i] - x2 * sv;
+                                dst[i + half] = x2 * c[i] + x1 * sv;
+                            }
+                        }
+                    },
+                )
             },
         );
         Ok((CpuStorage::F32(y), l.shape().clone()))

@@ -1,7 +1,7 @@
 //! SwiGLU's gate on a fused projection: `[g | u]` rows of width `2f` → `silu(g) · u`, width `f`,
 //! fused with its backward. One `[N, 2f]` matmul feeds it instead of two `[N, f]` ones.
 
-use super::{fused, slice, vec};
+use super::{fused, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -38,10 +38,14 @@ impl CustomOp1 for SwiGlu {
         let w2 = width(l);
         let f = w2 / 2;
         let mut y = vec![0f32; gu.len() / 2];
-        y.par_chunks_mut(f)
-            .zip(gu.par_chunks(w2))
-            .with_min_len(super::rows_per_task(w2))
-            .for_each(|(y, row)| swiglu_row(row, y));
+        y.par_chunks_mut(f).zip(gu.par_chunks(w2)).with_min_len(super::rows_per_task(w2)).for_each(
+            |(y, row)| {
+                simd::run(
+                    #[inline(always)]
+                    || swiglu_row(row, y),
+                )
+            },
+        );
         let mut dims = l.shape().dims().to_vec();
         *dims.last_mut().unwrap() = f;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -53,6 +57,7 @@ impl CustomOp1 for SwiGlu {
 }
 
 /// One row: `[g | u]` (width 2f) → `silu(g) · u` (width f).
+#[inline(always)]
 pub(crate) fn swiglu_row(gu: &[f32], y: &mut [f32]) {
     let (g, u) = gu.split_at(y.len());
     for i in 0..y.len() {
@@ -61,6 +66,7 @@ pub(crate) fn swiglu_row(gu: &[f32], y: &mut [f32]) {
 }
 
 /// One row: `[g | u]` and `dy` → `[dg | du]`.
+#[inline(always)]
 pub(crate) fn swiglu_row_backward(gu: &[f32], dy: &[f32], out: &mut [f32]) {
     let f = dy.len();
     let (g, u) = gu.split_at(f);
@@ -91,7 +97,12 @@ impl CustomOp2 for SwiGluBwd {
         out.par_chunks_mut(w2)
             .zip(gu.par_chunks(w2).zip(dy.par_chunks(f)))
             .with_min_len(super::rows_per_task(w2))
-            .for_each(|(o, (row, d))| swiglu_row_backward(row, d, o));
+            .for_each(|(o, (row, d))| {
+                simd::run(
+                    #[inline(always)]
+                    || swiglu_row_backward(row, d, o),
+                )
+            });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

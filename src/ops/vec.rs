@@ -1,4 +1,5 @@
-//! Scalar kernels written so that LLVM vectorises them: several independent accumulators for
+//! Scalar kernels written so that LLVM vectorises them at the width of the SIMD path they are
+//! inlined into (`simd::run`; hence `inline(always)`): several independent accumulators for
 //! reductions (f32 addition is not associative, so a single accumulator stays scalar) and a
 //! branch-free `exp`.
 
@@ -31,9 +32,10 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
-const LANES: usize = 8;
+// 16 lanes: one AVX-512 register, two AVX2 ones (independent chains hide the add latency).
+const LANES: usize = 16;
 
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, ra) = a.split_at(a.len() / LANES * LANES);
@@ -50,7 +52,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[inline]
+#[inline(always)]
 pub fn sum(a: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (c, r) = a.split_at(a.len() / LANES * LANES);
@@ -62,7 +64,7 @@ pub fn sum(a: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + r.iter().sum::<f32>()
 }
 
-#[inline]
+#[inline(always)]
 pub fn max(a: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let (c, r) = a.split_at(a.len() / LANES * LANES);
@@ -75,7 +77,7 @@ pub fn max(a: &[f32]) -> f32 {
 }
 
 /// Sum of `exp(a[i] - shift)` without storing the terms.
-#[inline]
+#[inline(always)]
 pub fn sum_exp_shifted(a: &[f32], shift: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let (c, r) = a.split_at(a.len() / LANES * LANES);

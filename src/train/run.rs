@@ -107,11 +107,12 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         String::new()
     };
     say(&format!(
-        "run {} | {total} parameters{trained} | {} train tokens | {} steps of {} tokens{world}",
+        "run {} | {total} parameters{trained} | {} train tokens | {} steps of {} tokens{world} | {}",
         run_dir.display(),
         trainer.loader.total_tokens(),
         t.steps,
-        trainer.tokens_per_step()
+        trainer.tokens_per_step(),
+        crate::ops::simd::describe(trainer.params.device())
     ));
     let output = match (root, dist.size()) {
         (false, _) => Output::Quiet,

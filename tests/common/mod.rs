@@ -286,6 +286,11 @@ keep_checkpoints = 3
 
     /// `motrain train --config CONFIG --set run.name=NAME --set EXTRA...`.
     pub fn train(&self, config: &Path, name: &str, extra: &[&str]) -> Out {
+        self.train_with(Command::new(bin()), config, name, extra)
+    }
+
+    /// [`Fixture::train`] through `program` (motrain with its own environment, or a wrapper).
+    pub fn train_with(&self, program: Command, config: &Path, name: &str, extra: &[&str]) -> Out {
         let name_set = format!("run.name={name}");
         let mut args = vec!["train", "--config", config.to_str().unwrap(), "--set", &name_set];
         // `--flag` and the value after `--init-from` go as they are, the rest as `--set KEY=VALUE`.
@@ -299,7 +304,7 @@ keep_checkpoints = 3
                 args.push(e);
             }
         }
-        self.run(&args)
+        run_motrain(program, &self.cwd(), &args)
     }
 }
 

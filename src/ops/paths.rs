@@ -1,0 +1,64 @@
+//! Every SIMD path this CPU has, held to the portable path at sizes where the vector loops and
+//! their remainders run (the per-op tests use tiny shapes that mostly exercise the tails).
+
+use super::testing::{assert_rel_close, randn, value_and_grads};
+use super::{attention, grouped, linear_ce, mot, norm, rope, simd, swiglu};
+use crate::config::Activation;
+use candle_core::{Device, Result, Tensor};
+
+/// Output and gradients of `op` on every path against the portable path, to 1e-5 relative.
+fn same_on_every_path<F>(what: &str, inputs: &[Tensor], op: F)
+where
+    F: Fn(&[Tensor]) -> Result<Tensor> + Sync,
+{
+    let proj = randn(op(inputs).unwrap().dims(), 17);
+    let run = |level| simd::with_level(level, || value_and_grads(inputs, &op, &proj));
+    let (out, grads) = run(simd::Level::Portable);
+    for level in simd::available().into_iter().skip(1) {
+        let (o, g) = run(level);
+        assert_rel_close(&format!("{what} on {level}: output"), &o, &out, 1e-5);
+        for (i, (a, b)) in g.iter().zip(&grads).enumerate() {
+            assert_rel_close(&format!("{what} on {level}: gradient {i}"), a, b, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn norms_and_activations_agree_on_every_path() {
+    let (x, w, b) = (randn(&[37, 131], 1), randn(&[131], 2), randn(&[131], 3));
+    same_on_every_path("rms_norm", &[x.clone(), w.clone()], |t| norm::rms_norm(&t[0], &t[1], 1e-5));
+    same_on_every_path("layer_norm", &[x, w, b], |t| norm::layer_norm(&t[0], &t[1], &t[2], 1e-5));
+    same_on_every_path("swiglu", &[randn(&[37, 2 * 75], 4)], |t| swiglu::swiglu(&t[0]));
+}
+
+#[test]
+fn attention_and_rope_agree_on_every_path() {
+    let qkv: Vec<Tensor> = (0..3).map(|i| randn(&[2, 45, 3, 40], 10 + i)).collect();
+    same_on_every_path("attention", &qkv, |t| {
+        attention::causal_attention(&t[0], &t[1], &t[2], 0.2)
+    });
+    let tables = rope::RopeTables::new(40, 64, 10_000.0).unwrap();
+    same_on_every_path("rope", &qkv[..1], |t| rope::rope(&t[0], &tables, 3));
+}
+
+#[test]
+fn cross_entropy_and_grouped_experts_agree_on_every_path() {
+    let targets: Vec<u32> = (0..37).map(|i| (i * 7 % 101) as u32).collect();
+    let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+    same_on_every_path("linear_cross_entropy", &[randn(&[37, 64], 5), randn(&[101, 64], 6)], |t| {
+        linear_ce::linear_cross_entropy(&t[0], &t[1], &targets, true)
+    });
+    let offsets = [0, 11, 11, 37];
+    let inputs = [randn(&[37, 48], 7), randn(&[3, 70, 48], 8), randn(&[3, 70, 48], 9)];
+    same_on_every_path("grouped_up", &inputs, |t| {
+        grouped::grouped_up(&t[0], Some(&t[1]), &t[2], Activation::Swiglu, &offsets)
+    });
+}
+
+#[test]
+fn mot_mixing_agrees_on_every_path() {
+    let (x, z) = (randn(&[8, 9, 67], 11), randn(&[8, 9, 5], 12));
+    same_on_every_path("group_softmax", std::slice::from_ref(&z), |t| mot::group_softmax(&t[0], 4));
+    same_on_every_path("merge", &[x, z.clone()], |t| mot::merge(&t[0], &t[1], 4));
+    same_on_every_path("emit", &[randn(&[5, 18, 67], 13), z], |t| mot::emit(&t[0], &t[1], 4));
+}

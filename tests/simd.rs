@@ -1,0 +1,52 @@
+//! The SIMD path from the command line: every path this CPU has trains the same model, each
+//! repeats itself bit for bit, the path is named on the first line, and `MOTRAIN_SIMD` naming
+//! an unknown path or one this CPU lacks is refused before anything is written.
+
+mod common;
+
+use common::*;
+use motrain::ops::simd::{self, Level};
+use std::process::Command;
+
+fn on(level: &str) -> Command {
+    let mut c = Command::new(bin());
+    c.env(simd::ENV, level);
+    c
+}
+
+#[test]
+fn every_path_trains_the_same_model_and_repeats_itself_bit_for_bit() {
+    let f = Fixture::new();
+    let config = f.config();
+    let steps = ["train.steps=30", "train.eval_every=0"];
+    let portable = f.train_with(on("portable"), &config, "portable", &steps).ok();
+    assert!(portable.stdout.lines().next().unwrap().ends_with("| simd portable"));
+    let reference = losses(&f.run_dir("portable"));
+    for level in simd::available().into_iter().skip(1) {
+        let name = level.name();
+        let out = f.train_with(on(name), &config, name, &steps).ok();
+        assert!(out.stdout.lines().next().unwrap().ends_with(&format!("| simd {name}")));
+        for ((step, a), (_, b)) in losses(&f.run_dir(name)).iter().zip(&reference) {
+            assert!((a - b).abs() <= 1e-4 * b.abs(), "{name} step {step}: loss {a} vs {b}");
+        }
+    }
+    let best = simd::best().name();
+    f.train_with(on(best), &config, "again", &steps).ok();
+    assert_eq!(losses(&f.run_dir("again")), losses(&f.run_dir(best)), "same path, same losses");
+}
+
+#[test]
+fn an_unknown_path_or_one_this_cpu_lacks_is_refused_before_anything_is_written() {
+    let f = Fixture::new();
+    let config = f.config();
+    let out = f.train_with(on("sse9"), &config, "unknown", &[]);
+    assert_bad_input(&out, &["MOTRAIN_SIMD=sse9", "unknown", "avx512"]);
+    assert!(!f.run_dir("unknown").exists());
+    // Only a CPU without AVX-512 (or AVX2) can show this; CI also checks it under qemu's
+    // Nehalem (.ci/portable-check.sh).
+    for missing in Level::ALL.into_iter().filter(|l| !l.supported()) {
+        let out = f.train_with(on(missing.name()), &config, missing.name(), &[]);
+        assert_bad_input(&out, &[&format!("MOTRAIN_SIMD={missing}"), "this CPU has no"]);
+        assert!(!f.run_dir(missing.name()).exists());
+    }
+}
