@@ -1,7 +1,9 @@
-//! Causal attention `softmax(scale·QKᵀ + mask)·V` as one op with its own backward. Heads are
-//! independent, so each (batch, head) pair is one rayon task running serial GEMMs on strided
-//! views of the `[B, S, H, dh]` activations: no transposes, no `[B, H, S, S]` gradients
-//! accumulated by the autograd, and no thread hand-off per small matmul.
+//! Causal attention `softmax(scale·QKᵀ + mask)·V` as one op with its own backward, computed
+//! flash-style: blocks of queries against blocks of keys with a running (online) softmax, so
+//! nothing of size `Sq × Sk` is ever held; the backward pass recomputes each block's
+//! probabilities from one log-sum-exp per query row. Blocks wholly above the causal diagonal
+//! are never computed. Serial GEMMs on strided views of the `[B, S, H, dh]` activations inside
+//! each rayon task: no transposes and no thread hand-off per small matmul.
 
 use super::{fused, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
@@ -12,7 +14,7 @@ use std::sync::Mutex;
 /// `j ≤ i + Sk − Sq` (a cached prefix when `Sk > Sq`).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if fused(&[q, k, v]) {
-        let op = Attention { scale: scale as f32, probs: Mutex::new(None) };
+        let op = Attention { scale: scale as f32, lse: Mutex::new(None) };
         q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     } else {
         causal_attention_reference(q, k, v, scale)
@@ -129,10 +131,17 @@ impl Dims {
     }
 }
 
+/// Query rows and key columns per block. The score tile of one block pair, `BQ×BK` floats per
+/// task, is all the memory attention needs beyond its inputs, outputs and one log-sum-exp per
+/// query row: linear in the context, where keeping `[B, H, Sq, Sk]` probabilities is not.
+const BQ: usize = 64;
+const BK: usize = 64;
+
 struct Attention {
     scale: f32,
-    /// Softmax probabilities `[B, H, Sq, Sk]` kept for the backward pass.
-    probs: Mutex<Option<Vec<f32>>>,
+    /// Per query row, `log Σ_j exp(scale·q·k_j)` over the keys it sees, `[B, H, Sq]`: with the
+    /// inputs, all the backward pass needs to recompute the probabilities block by block.
+    lse: Mutex<Option<Vec<f32>>>,
 }
 
 impl CustomOp3 for Attention {
@@ -146,45 +155,46 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (slice(qs, ql)?, slice(ks, kl)?, slice(vs, vl)?);
         let d = Dims::of(ql, kl, vl)?;
-        let (sq, sk, dh, rs) = (d.sq, d.sk, d.dh, d.rs());
+        let blocks = d.sq.div_ceil(BQ);
         let mut out = vec![0f32; q.len()];
-        let mut probs = vec![0f32; d.b * d.h * sq * sk];
-        let out_ptr = SharedMut(out.as_mut_ptr());
-        probs.par_chunks_mut(sq * sk).enumerate().for_each(|(bh, p)| {
-            simd::run(
-                #[inline(always)]
-                || {
-                    let (bi, hi) = (bh / d.h, bh % d.h);
-                    let (qo, ko) = (d.head(sq, bi, hi), d.head(sk, bi, hi));
-                    // SAFETY: views stay inside q/k/v/out by construction of the offsets and strides;
-                    // each task writes only its own head's rows of `out` and its own `p`.
-                    unsafe {
-                        let (qv, kv, vv) = (
-                            View(q[qo..].as_ptr(), rs, 1),
-                            View(k[ko..].as_ptr(), rs, 1),
-                            View(v[ko..].as_ptr(), rs, 1),
-                        );
-                        let kt = View(kv.0, 1, rs); // Kᵀ: [dh, Sk]
-                        gemm_raw(sq, sk, dh, View(p.as_ptr(), sk as isize, 1), false, qv, kt);
-                        softmax_rows(p, sq, sk, self.scale);
-                        let o = View(out_ptr.at(qo), rs, 1);
-                        gemm_raw(sq, dh, sk, o, false, View(p.as_ptr(), sk as isize, 1), vv);
-                    }
-                },
-            )
-        });
-        *self.probs.lock().unwrap() = Some(probs);
+        let mut lse = vec![0f32; d.b * d.h * d.sq];
+        let (out_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
+        // One task per block of query rows of one head: the rows are independent.
+        (0..d.b * d.h * blocks).into_par_iter().for_each_init(
+            || vec![0f32; BQ * BK],
+            |tile, t| {
+                let (bh, i0) = (t / blocks, (t % blocks) * BQ);
+                let (bi, hi) = (bh / d.h, bh % d.h);
+                let (qo, ko) = (d.head(d.sq, bi, hi), d.head(d.sk, bi, hi));
+                let rows = BQ.min(d.sq - i0);
+                let row0 = qo + i0 * d.h * d.dh;
+                // SAFETY: the views stay inside q/k/v/out by construction of the offsets and
+                // strides; each task writes only its own rows of `out` and of `lse`.
+                unsafe {
+                    let lse = std::slice::from_raw_parts_mut(lse_ptr.at(bh * d.sq + i0), rows);
+                    let rows = Rows { i0, n: rows, q: View(q[row0..].as_ptr(), d.rs(), 1) };
+                    let kv = (View(k[ko..].as_ptr(), d.rs(), 1), View(v[ko..].as_ptr(), d.rs(), 1));
+                    let o = View(out_ptr.at(row0), d.rs(), 1);
+                    simd::run(
+                        #[inline(always)]
+                        || forward_rows(&d, self.scale, &rows, kv, o, lse, tile),
+                    );
+                }
+            },
+        );
+        *self.lse.lock().unwrap() = Some(lse);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
     fn bwd(
-        &self, q: &Tensor, k: &Tensor, v: &Tensor, _out: &Tensor, grad: &Tensor,
+        &self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(probs) = self.probs.lock().unwrap().take() else {
+        let Some(lse) = self.lse.lock().unwrap().take() else {
             candle_core::bail!("causal-attention: backward called twice")
         };
-        let (q, k, v, g) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, grad.contiguous()?);
-        let all = attention_bwd(&q, &k, &v, &g, &probs, self.scale)?;
+        let c = |t: &Tensor| t.contiguous();
+        let (q, k, v, o, g) = (c(q)?, c(k)?, c(v)?, c(out)?, c(grad)?);
+        let all = attention_bwd([&q, &k, &v, &o, &g], &lse, self.scale)?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
@@ -193,96 +203,183 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// In place: row `i` of `p` becomes softmax over `j ≤ i + Sk − Sq` of `scale·p`, zero beyond.
-#[inline(always)]
-fn softmax_rows(p: &mut [f32], sq: usize, sk: usize, scale: f32) {
-    for (i, row) in p.chunks_mut(sk).enumerate() {
-        let n = i + sk - sq + 1;
-        let (live, masked) = row.split_at_mut(n);
-        for x in live.iter_mut() {
-            *x *= scale;
-        }
-        let m = vec::max(live);
-        let mut total = 0f32;
-        for x in live.iter_mut() {
-            *x = vec::exp(*x - m);
-            total += *x;
-        }
-        let inv = 1.0 / total;
-        for x in live.iter_mut() {
-            *x *= inv;
-        }
-        masked.fill(0.0);
+/// A block of query rows of one head: the first row's index, the count, and a view of them.
+struct Rows {
+    i0: usize,
+    n: usize,
+    q: View,
+}
+
+impl Dims {
+    /// Keys `0..keys_for(i)` are the ones query rows before `i` may see (at most all of them).
+    fn keys_for(&self, i: usize) -> usize {
+        (i + self.sk - self.sq).min(self.sk)
+    }
+
+    /// How many of the keys `j0..j0 + bk` query row `i` sees.
+    fn live(&self, i: usize, j0: usize, bk: usize) -> usize {
+        (i + 1 + self.sk - self.sq).saturating_sub(j0).min(bk)
     }
 }
 
-/// Returns dq, dk, dv concatenated (flat), each in its input's layout.
-fn attention_bwd(
-    q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, probs: &[f32], scale: f32,
-) -> Result<Tensor> {
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (gs, gl) = g.storage_and_layout();
-    let cpu = |s: &candle_core::Storage| match s {
-        candle_core::Storage::Cpu(c) => Ok(c.as_slice::<f32>()?.as_ptr()),
-        _ => candle_core::bail!("causal-attention backward: expected CPU tensors"),
-    };
-    let d = Dims::of(ql, kl, vl)?;
-    let (sq, sk, dh, rs) = (d.sq, d.sk, d.dh, d.rs());
-    let (nq, nk) = (ql.shape().elem_count(), kl.shape().elem_count());
-    // SAFETY: the four tensors are contiguous (made so by the caller); their offsets are applied.
-    let (qp, kp, vp, gp) = unsafe {
-        (
-            cpu(&qs)?.add(ql.start_offset()),
-            cpu(&ks)?.add(kl.start_offset()),
-            cpu(&vs)?.add(vl.start_offset()),
-            cpu(&gs)?.add(gl.start_offset()),
-        )
-    };
-    let (qp, kp, vp, gp) = (qp as usize, kp as usize, vp as usize, gp as usize);
+/// One block of query rows: softmax over the keys block by block with a running maximum and
+/// sum (the online softmax), the output accumulated in place and normalised at the end, and
+/// each row's log-sum-exp stored for the backward pass.
+///
+/// # Safety
+/// `rows.q`, the key and value views and `o` must cover the rows they are used for, and `o`
+/// must be written by no one else.
+#[inline(always)]
+unsafe fn forward_rows(
+    d: &Dims, scale: f32, rows: &Rows, (k, v): (View, View), o: View, lse: &mut [f32],
+    tile: &mut [f32],
+) {
+    let (dh, rs) = (d.dh, d.rs());
+    let (mut max, mut sum) = ([f32::NEG_INFINITY; BQ], [0f32; BQ]);
+    let keys = d.keys_for(rows.i0 + rows.n);
+    for j0 in (0..keys).step_by(BK) {
+        let bk = BK.min(keys - j0);
+        let kj = View(k.0.wrapping_offset(j0 as isize * rs), 1, rs); // Kᵀ of the block: [dh, bk]
+                                                                     // SAFETY: as the caller guarantees; `tile` holds BQ×BK ≥ n×bk floats.
+        unsafe { gemm_raw(rows.n, bk, dh, View(tile.as_ptr(), bk as isize, 1), false, rows.q, kj) };
+        for r in 0..rows.n {
+            let row = &mut tile[r * bk..(r + 1) * bk];
+            let (live, masked) = row.split_at_mut(d.live(rows.i0 + r, j0, bk));
+            live.iter_mut().for_each(|x| *x *= scale);
+            let m = max[r].max(vec::max(live));
+            let mut total = 0f32;
+            for x in live.iter_mut() {
+                *x = vec::exp(*x - m);
+                total += *x;
+            }
+            masked.fill(0.0);
+            let rescale = vec::exp(max[r] - m);
+            (max[r], sum[r]) = (m, sum[r] * rescale + total);
+            if rescale != 1.0 {
+                // SAFETY: row r of `o` is inside the caller's block.
+                let out = unsafe { std::slice::from_raw_parts_mut(o.at_row(r), dh) };
+                out.iter_mut().for_each(|x| *x *= rescale);
+            }
+        }
+        let vj = View(v.0.wrapping_offset(j0 as isize * rs), rs, 1);
+        // SAFETY: as above. O += P·V over this block of keys.
+        unsafe { gemm_raw(rows.n, dh, bk, o, true, View(tile.as_ptr(), bk as isize, 1), vj) };
+    }
+    for r in 0..rows.n {
+        // SAFETY: as above.
+        let out = unsafe { std::slice::from_raw_parts_mut(o.at_row(r), dh) };
+        let inv = 1.0 / sum[r];
+        out.iter_mut().for_each(|x| *x *= inv);
+        lse[r] = max[r] + sum[r].ln();
+    }
+}
+
+impl View {
+    /// Row `r` of a row-major view, as a mutable pointer.
+    fn at_row(&self, r: usize) -> *mut f32 {
+        self.0.wrapping_offset(r as isize * self.1) as *mut f32
+    }
+}
+
+/// Returns dq, dk, dv concatenated (flat), each in its input's layout. `[q, k, v, o, dO]`
+/// contiguous; the probabilities are recomputed block by block from `lse`.
+fn attention_bwd(t: [&Tensor; 5], lse: &[f32], scale: f32) -> Result<Tensor> {
+    let guards: Vec<_> = t.iter().map(|t| t.storage_and_layout()).collect();
+    let mut ptrs = [0usize; 5];
+    for (p, (s, l)) in ptrs.iter_mut().zip(&guards) {
+        let candle_core::Storage::Cpu(c) = &**s else {
+            candle_core::bail!("causal-attention backward: expected CPU tensors")
+        };
+        *p = slice(c, l)?.as_ptr() as usize;
+    }
+    let d = Dims::of(guards[0].1, guards[1].1, guards[2].1)?;
+    let (nq, nk) = (t[0].elem_count(), t[1].elem_count());
     let mut out = vec![0f32; nq + 2 * nk];
-    let base = SharedMut(out.as_mut_ptr());
+    // An address, not a pointer, so that the tasks may share it: each writes its own head's rows.
+    let base = out.as_mut_ptr() as usize;
+    // One task per head: its key blocks collect gradients from every query block.
     (0..d.b * d.h).into_par_iter().for_each_init(
-        || vec![0f32; sq * sk],
-        |ds, bh| {
+        || (vec![0f32; BQ * BK], vec![0f32; BQ * BK], vec![0f32; d.sq]),
+        |(p, ds, dot), bh| {
+            let (bi, hi) = (bh / d.h, bh % d.h);
+            let (qo, ko) = (d.head(d.sq, bi, hi), d.head(d.sk, bi, hi));
+            let at =
+                |ptr: usize, off: usize| View((ptr as *const f32).wrapping_add(off), d.rs(), 1);
+            let inputs = [
+                at(ptrs[0], qo),
+                at(ptrs[1], ko),
+                at(ptrs[2], ko),
+                at(ptrs[3], qo),
+                at(ptrs[4], qo),
+            ];
+            let grads = [at(base, qo), at(base, nq + ko), at(base, nq + nk + ko)];
+            let lse = &lse[bh * d.sq..(bh + 1) * d.sq];
+            // SAFETY: the views stay inside their tensors by construction of the offsets and
+            // strides; each task writes only its own head's rows of dq/dk/dv.
             simd::run(
                 #[inline(always)]
-                || {
-                    let (bi, hi) = (bh / d.h, bh % d.h);
-                    let (qo, ko) = (d.head(sq, bi, hi), d.head(sk, bi, hi));
-                    let p = &probs[bh * sq * sk..(bh + 1) * sq * sk];
-                    let pv = View(p.as_ptr(), sk as isize, 1);
-                    // SAFETY: as in the forward; each task writes only its own head's rows of dq/dk/dv.
-                    unsafe {
-                        let at = |ptr: usize, off: usize| View((ptr as *const f32).add(off), rs, 1);
-                        let (qv, kv, vv, gv) = (at(qp, qo), at(kp, ko), at(vp, ko), at(gp, qo));
-                        let dsv = View(ds.as_ptr(), sk as isize, 1);
-                        // dP = dO·Vᵀ
-                        gemm_raw(sq, sk, dh, dsv, false, gv, View(vv.0, 1, rs));
-                        // dS = scale · P ∘ (dP − ⟨dP, P⟩_row)
-                        for i in 0..sq {
-                            let n = i + sk - sq + 1;
-                            let (dr, pr) = (&mut ds[i * sk..i * sk + n], &p[i * sk..i * sk + n]);
-                            let c = vec::dot(dr, pr);
-                            for j in 0..n {
-                                dr[j] = scale * pr[j] * (dr[j] - c);
-                            }
-                            ds[i * sk + n..(i + 1) * sk].fill(0.0);
-                        }
-                        let dq = View(base.at(qo), rs, 1);
-                        let dk = View(base.at(nq + ko), rs, 1);
-                        let dv = View(base.at(nq + nk + ko), rs, 1);
-                        gemm_raw(sq, dh, sk, dq, false, dsv, kv); // dQ = dS·K
-                        gemm_raw(sk, dh, sq, dk, false, View(ds.as_ptr(), 1, sk as isize), qv); // dK = dSᵀ·Q
-                        gemm_raw(sk, dh, sq, dv, false, View(pv.0, 1, sk as isize), gv);
-                        // dV = Pᵀ·dO
-                    }
-                },
-            )
+                || unsafe { backward_head(&d, scale, inputs, grads, lse, (p, ds, dot)) },
+            );
         },
     );
-    Tensor::from_vec(out, nq + 2 * nk, q.device())
+    Tensor::from_vec(out, nq + 2 * nk, t[0].device())
+}
+
+/// One head's gradients, block pair by block pair:
+/// `P = exp(scale·QKᵀ − lse)`, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = scale·P∘(dP − rowsum(dO∘O))`,
+/// `dQ += dS·K`, `dK += dSᵀ·Q`.
+///
+/// # Safety
+/// Every view must cover its head's rows; `grads` (dq, dk, dv) must be written by no one else.
+#[inline(always)]
+unsafe fn backward_head(
+    d: &Dims, scale: f32, [q, k, v, o, g]: [View; 5], [dq, dk, dv]: [View; 3], lse: &[f32],
+    (p, ds, dot): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let (dh, rs) = (d.dh, d.rs());
+    let row = |view: View, i: usize| View(view.0.wrapping_offset(i as isize * rs), rs, 1);
+    for (i, x) in dot.iter_mut().enumerate() {
+        // SAFETY: row i of dO and O is inside the head.
+        let (gi, oi) = unsafe {
+            (
+                std::slice::from_raw_parts(row(g, i).0, dh),
+                std::slice::from_raw_parts(row(o, i).0, dh),
+            )
+        };
+        *x = vec::dot(gi, oi);
+    }
+    for i0 in (0..d.sq).step_by(BQ) {
+        let n = BQ.min(d.sq - i0);
+        let keys = d.keys_for(i0 + n);
+        for j0 in (0..keys).step_by(BK) {
+            let bk = BK.min(keys - j0);
+            let (pv, dsv) = (View(p.as_ptr(), bk as isize, 1), View(ds.as_ptr(), bk as isize, 1));
+            let kt = View(row(k, j0).0, 1, rs);
+            // SAFETY (all gemm calls): the views cover the rows of this block pair; p and ds
+            // hold BQ×BK ≥ n×bk floats.
+            unsafe { gemm_raw(n, bk, dh, pv, false, row(q, i0), kt) };
+            for r in 0..n {
+                let pr = &mut p[r * bk..(r + 1) * bk];
+                let (live, masked) = pr.split_at_mut(d.live(i0 + r, j0, bk));
+                let shift = lse[i0 + r];
+                live.iter_mut().for_each(|x| *x = vec::exp(*x * scale - shift));
+                masked.fill(0.0);
+            }
+            let pt = View(p.as_ptr(), 1, bk as isize);
+            unsafe { gemm_raw(bk, dh, n, row(dv, j0), true, pt, row(g, i0)) };
+            unsafe { gemm_raw(n, bk, dh, dsv, false, row(g, i0), View(row(v, j0).0, 1, rs)) };
+            for r in 0..n {
+                let c = dot[i0 + r];
+                let (pr, dr) = (&p[r * bk..(r + 1) * bk], &mut ds[r * bk..(r + 1) * bk]);
+                for (x, &pj) in dr.iter_mut().zip(pr) {
+                    *x = scale * pj * (*x - c);
+                }
+            }
+            unsafe { gemm_raw(n, dh, bk, row(dq, i0), true, dsv, row(k, j0)) };
+            let dst = View(ds.as_ptr(), 1, bk as isize);
+            unsafe { gemm_raw(bk, dh, n, row(dk, j0), true, dst, row(q, i0)) };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -302,6 +399,35 @@ mod tests {
             &[q, k, v],
             |t| causal_attention(&t[0], &t[1], &t[2], 0.5),
             |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.5),
+        );
+    }
+
+    /// Several ragged blocks of queries and keys, so the online softmax carries across blocks
+    /// and blocks past a row's last key are skipped or masked.
+    #[test]
+    fn long_sequences_span_several_blocks() {
+        let qkv: Vec<Tensor> = (0..3).map(|i| randn(&[1, 2 * BQ + 22, 2, 8], 20 + i)).collect();
+        let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
+        assert_close(
+            &causal_attention(q, k, v, 0.4).unwrap(),
+            &causal_attention_reference(q, k, v, 0.4).unwrap(),
+            1e-5,
+        );
+        check_grads(
+            &qkv,
+            |t| causal_attention(&t[0], &t[1], &t[2], 0.4),
+            |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.4),
+        );
+        // A cached prefix longer than a block: query i sees keys j <= i + 2·BK + 5.
+        let (q, k, v) = (
+            randn(&[1, BQ + 3, 2, 8], 30),
+            randn(&[1, 3 * BK + 8, 2, 8], 31),
+            randn(&[1, 3 * BK + 8, 2, 8], 32),
+        );
+        check_grads(
+            &[q, k, v],
+            |t| causal_attention(&t[0], &t[1], &t[2], 0.4),
+            |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.4),
         );
     }
 

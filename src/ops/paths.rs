@@ -33,11 +33,11 @@ fn norms_and_activations_agree_on_every_path() {
 
 #[test]
 fn attention_and_rope_agree_on_every_path() {
-    let qkv: Vec<Tensor> = (0..3).map(|i| randn(&[2, 45, 3, 40], 10 + i)).collect();
+    let qkv: Vec<Tensor> = (0..3).map(|i| randn(&[2, 150, 3, 40], 10 + i)).collect();
     same_on_every_path("attention", &qkv, |t| {
         attention::causal_attention(&t[0], &t[1], &t[2], 0.2)
     });
-    let tables = rope::RopeTables::new(40, 64, 10_000.0).unwrap();
+    let tables = rope::RopeTables::new(40, 256, 10_000.0).unwrap();
     same_on_every_path("rope", &qkv[..1], |t| rope::rope(&t[0], &tables, 3));
 }
 
