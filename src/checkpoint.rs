@@ -40,8 +40,12 @@ type Result<T> = std::result::Result<T, CheckpointError>;
 pub struct TrainState {
     pub step: usize,
     pub tokens: u64,
-    /// Train windows drawn so far: the data loader's whole state.
+    /// Train windows drawn so far: the data loader's whole state (a mixture's: over all sources).
     pub data_cursor: u64,
+    /// A mixture of `[[data.sources]]`: the windows drawn from each source, which are its whole
+    /// state. Absent for a single-source config, whose state `data_cursor` is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_cursors: Vec<u64>,
     /// Adam's update count.
     pub optimizer_t: u64,
     /// Updates skipped for a non-finite loss or gradient (`train.on_nan = "skip"`).
@@ -51,6 +55,22 @@ pub struct TrainState {
     pub elapsed_s: f64,
     pub motrain_version: String,
     pub config: Config,
+}
+
+impl TrainState {
+    /// The windows drawn from each of `n` train sources, or why they do not fit `n` sources.
+    pub fn source_cursors(&self, n: usize) -> std::result::Result<Vec<u64>, String> {
+        match (self.source_cursors.len(), n) {
+            (0, 1) => Ok(vec![self.data_cursor]),
+            // A run that has drawn nothing (an upcycled one at step 0) fits any sources.
+            (0, _) if self.data_cursor == 0 => Ok(vec![0; n]),
+            (k, n) if k == n => Ok(self.source_cursors.clone()),
+            (k, n) => Err(format!(
+                "the checkpoint holds the data state of {} train source(s), but the config has {n}: resume with the sources the run was started with",
+                k.max(1)
+            )),
+        }
+    }
 }
 
 pub struct Checkpoint {

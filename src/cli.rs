@@ -574,14 +574,6 @@ fn eval(
         }
         model = model.with_group_size(g);
     }
-    let glob = match data {
-        Some(g) => crate::config::absolute(std::path::Path::new(&g)),
-        None => cfg
-            .data
-            .val
-            .clone()
-            .ok_or_else(|| UsageError("the run has no data.val: pass --data GLOB".into()))?,
-    };
     let batch_size = batch_size.unwrap_or(cfg.train.eval_batch_size);
     let batches = batches.unwrap_or(cfg.train.eval_batches);
     if batch_size == 0 || batches == 0 {
@@ -595,13 +587,38 @@ fn eval(
         ))
         .into());
     }
-    let stream = EvalStream::new(
-        data::shards::open_all(&glob, &cfg.data.format, cfg.model.vocab_size)?,
-        cfg.data.seq_len,
-    );
-    let r = crate::eval::evaluate(&model, &stream, batch_size, batches)
-        .map_err(|e| UsageError(format!("{e:#}")))
-        .context(format!("evaluating on {glob}"))?;
+    // --data, or the run's val: one glob, or each source's of a mixture.
+    let (val, what) = match data {
+        Some(g) => {
+            let glob = crate::config::absolute(std::path::Path::new(&g));
+            let stream = EvalStream::new(
+                data::shards::open_all(&glob, &cfg.data.format, cfg.model.vocab_size)?,
+                cfg.data.seq_len,
+            );
+            (vec![data::ValSource { name: glob.clone(), weight: 1.0, stream }], Some(glob))
+        }
+        None => {
+            let val = data::mixture::open_val(&cfg.data, cfg.model.vocab_size)?;
+            if val.is_empty() {
+                return Err(UsageError("the run has no data.val: pass --data GLOB".into()).into());
+            }
+            (val, cfg.data.val.clone())
+        }
+    };
+    let all = crate::eval::evaluate_sources(
+        &model,
+        &val,
+        batch_size,
+        batches,
+        &crate::dist::Dist::single(),
+    )
+    .map_err(|e| UsageError(format!("{e:#}")))
+    .context(match &what {
+        Some(glob) => format!("evaluating on {glob}"),
+        None => "evaluating the val shards of each source".to_string(),
+    })?
+    .context("no val shards")?;
+    let r = all.overall;
     let grouping = if model.mot_layers().next().is_some() {
         format!(" | MoT groups of {multiple}")
     } else {
@@ -615,7 +632,25 @@ fn eval(
         eprint!("{}", crate::metrics::routing_table(&r.routing));
     }
     let mut out = json!({"checkpoint": dir.display().to_string(), "step": state.step, "loss": r.loss, "ppl": r.ppl,
-                         "batches": r.batches, "batch_size": r.batch_size, "tokens": r.tokens, "data": glob});
+                         "batches": r.batches, "batch_size": r.batch_size, "tokens": r.tokens});
+    match what {
+        Some(glob) => out["data"] = json!(glob),
+        // A mixture: each source's val alone; `loss` is their mean weighted as in training.
+        None => {
+            let mut sources = serde_json::Map::new();
+            for ((name, e), v) in all.sources.iter().zip(&val) {
+                eprintln!(
+                    "  source {name} | loss {:.4} | ppl {:.2} | {} batches",
+                    e.loss, e.ppl, e.batches
+                );
+                sources.insert(
+                    name.clone(),
+                    json!({"loss": e.loss, "ppl": e.ppl, "batches": e.batches, "tokens": e.tokens, "weight": v.weight}),
+                );
+            }
+            out["sources"] = json!(sources);
+        }
+    }
     if model.mot_layers().next().is_some() {
         out["group_size"] = json!(multiple);
     }
