@@ -8,7 +8,6 @@ use crate::run_dir::{self, checkpoints_dir, sync, write_atomic, RunDirError};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -81,13 +80,8 @@ pub struct Checkpoint {
     pub digests: FileDigests,
 }
 
-/// The digest algorithm of the files a checkpoint lists, named in `state.json`.
-///
-/// XXH3-128 rather than SHA-256: this guards against torn writes, bit rot and truncated copies,
-/// not against an adversary, and at ~10 GB/s against SHA-256's ~0.5-2 GB/s it hashes a
-/// multi-GB checkpoint in well under the time it takes to write it. 128 bits make an accidental
-/// collision a non-issue.
-pub const DIGEST_ALGORITHM: &str = "xxh3-128";
+/// The digest algorithm of the files a checkpoint lists, named in `state.json` (see `digest`).
+pub const DIGEST_ALGORITHM: &str = crate::digest::ALGORITHM;
 
 /// The tensor files' digests in `state.json`: `"files_digest": "xxh3-128"` and
 /// `"files": {"model.safetensors": "<32 hex digits>", ...}`. Kept beside [`TrainState`], not in
@@ -135,24 +129,10 @@ impl FileDigests {
     }
 }
 
-/// The hex XXH3-128 digest of `bytes`.
-pub fn digest(bytes: &[u8]) -> String {
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
-}
+pub use crate::digest::digest;
 
-/// The hex XXH3-128 digest of a file, streamed so that a large file needs no buffer of its size.
-pub fn digest_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
-    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| CheckpointError::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:032x}", hasher.digest128()))
+fn digest_file(path: &Path) -> Result<String> {
+    crate::digest::digest_file(path).map_err(|e| CheckpointError::io(path, e))
 }
 
 /// `state.json` as written: the state with the files' digests beside it.
