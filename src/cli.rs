@@ -147,9 +147,14 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "data")]
         name: String,
-        /// Share of documents held out for val, chosen by a hash of each document's index and --seed.
-        #[arg(long, default_value_t = 0.05)]
-        val_fraction: f64,
+        /// Share of documents held out for val, chosen by a hash of each document's index and
+        /// --seed [default: 0.05].
+        #[arg(long)]
+        val_fraction: Option<f64>,
+        /// Hold out N documents for val instead: those whose hash falls under 1/16, in input
+        /// order, until there are N.
+        #[arg(long, value_name = "N", conflicts_with = "val_fraction")]
+        val_docs: Option<u64>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Tokens per shard file.
@@ -376,6 +381,7 @@ pub fn run(cli: Cli) -> Result<()> {
             out,
             name,
             val_fraction,
+            val_docs,
             seed,
             shard_tokens,
             text_field,
@@ -394,9 +400,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(prepare::IN_FLIGHT_BYTES, |mb| mb << 20);
+            let val = match val_docs {
+                Some(n) => prepare::ValSplit::Docs(n),
+                None => prepare::ValSplit::Fraction(val_fraction.unwrap_or(0.05)),
+            };
             let opts = prepare::PrepareOptions {
                 name,
-                val_fraction,
+                val,
                 seed,
                 shard_tokens,
                 threads,
@@ -430,11 +440,17 @@ pub fn run(cli: Cli) -> Result<()> {
             for (kind, s) in &m.skipped {
                 println!("skipped {} records: {kind} (first at {})", s.records, s.first.join(", "));
             }
-            if m.documents.val == 0 && opts.val_fraction > 0.0 {
-                eprintln!(
-                    "note: no document fell in val (--val-fraction {} of {} documents)",
-                    opts.val_fraction, m.documents.train
-                );
+            match opts.val {
+                prepare::ValSplit::Docs(n) if m.documents.val < n => eprintln!(
+                    "warning: --val-docs {n}: the corpus gave {} val documents (documents are held out at a rate of 1/16 of {} documents until there are {n}); pass a smaller --val-docs or --val-fraction",
+                    m.documents.val,
+                    m.documents.train + m.documents.val
+                ),
+                prepare::ValSplit::Fraction(f) if m.documents.val == 0 && f > 0.0 => eprintln!(
+                    "note: no document fell in val (--val-fraction {f} of {} documents)",
+                    m.documents.train
+                ),
+                _ => {}
             }
             Ok(())
         }

@@ -2,6 +2,8 @@
 //! reading what it leaves behind.
 #![allow(dead_code)]
 
+pub mod corpus;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
