@@ -171,3 +171,17 @@ fn a_resumed_mixture_run_equals_an_uninterrupted_one() {
     let out = f.train(&three, "resumed", &[with("train.steps=20"), vec!["--resume"]].concat());
     assert_bad_input(&out, &["state.json", "2 train source", "3"]);
 }
+
+#[test]
+fn the_shipped_mixture_config_loads_its_sources() {
+    let cfg_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/mixture-tiny.toml");
+    let cfg = motrain::config::Config::load(&cfg_path, &[]).unwrap();
+    let data = motrain::data::Mixture::open(&cfg.data, cfg.model.vocab_size, 0).unwrap();
+    let names: Vec<&str> = data.sources.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["shakespeare", "kjv"]);
+    let val = motrain::data::mixture::open_val(&cfg.data, cfg.model.vocab_size).unwrap();
+    assert!(
+        val.iter().all(|v| v.stream.windows() >= cfg.train.eval_batch_size),
+        "a full eval batch"
+    );
+}
