@@ -8,7 +8,6 @@ use crate::run_dir::{self, checkpoints_dir, sync, write_atomic, RunDirError};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +39,12 @@ type Result<T> = std::result::Result<T, CheckpointError>;
 pub struct TrainState {
     pub step: usize,
     pub tokens: u64,
-    /// Train windows drawn so far: the data loader's whole state.
+    /// Train windows drawn so far: the data loader's whole state (a mixture's: over all sources).
     pub data_cursor: u64,
+    /// A mixture of `[[data.sources]]`: the windows drawn from each source, which are its whole
+    /// state. Absent for a single-source config, whose state `data_cursor` is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_cursors: Vec<u64>,
     /// Adam's update count.
     pub optimizer_t: u64,
     /// Updates skipped for a non-finite loss or gradient (`train.on_nan = "skip"`).
@@ -53,6 +56,22 @@ pub struct TrainState {
     pub config: Config,
 }
 
+impl TrainState {
+    /// The windows drawn from each of `n` train sources, or why they do not fit `n` sources.
+    pub fn source_cursors(&self, n: usize) -> std::result::Result<Vec<u64>, String> {
+        match (self.source_cursors.len(), n) {
+            (0, 1) => Ok(vec![self.data_cursor]),
+            // A run that has drawn nothing (an upcycled one at step 0) fits any sources.
+            (0, _) if self.data_cursor == 0 => Ok(vec![0; n]),
+            (k, n) if k == n => Ok(self.source_cursors.clone()),
+            (k, n) => Err(format!(
+                "the checkpoint holds the data state of {} train source(s), but the config has {n}: resume with the sources the run was started with",
+                k.max(1)
+            )),
+        }
+    }
+}
+
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub state: TrainState,
@@ -61,13 +80,8 @@ pub struct Checkpoint {
     pub digests: FileDigests,
 }
 
-/// The digest algorithm of the files a checkpoint lists, named in `state.json`.
-///
-/// XXH3-128 rather than SHA-256: this guards against torn writes, bit rot and truncated copies,
-/// not against an adversary, and at ~10 GB/s against SHA-256's ~0.5-2 GB/s it hashes a
-/// multi-GB checkpoint in well under the time it takes to write it. 128 bits make an accidental
-/// collision a non-issue.
-pub const DIGEST_ALGORITHM: &str = "xxh3-128";
+/// The digest algorithm of the files a checkpoint lists, named in `state.json` (see `digest`).
+pub const DIGEST_ALGORITHM: &str = crate::digest::ALGORITHM;
 
 /// The tensor files' digests in `state.json`: `"files_digest": "xxh3-128"` and
 /// `"files": {"model.safetensors": "<32 hex digits>", ...}`. Kept beside [`TrainState`], not in
@@ -115,24 +129,10 @@ impl FileDigests {
     }
 }
 
-/// The hex XXH3-128 digest of `bytes`.
-pub fn digest(bytes: &[u8]) -> String {
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
-}
+pub use crate::digest::digest;
 
-/// The hex XXH3-128 digest of a file, streamed so that a large file needs no buffer of its size.
-pub fn digest_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
-    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| CheckpointError::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:032x}", hasher.digest128()))
+fn digest_file(path: &Path) -> Result<String> {
+    crate::digest::digest_file(path).map_err(|e| CheckpointError::io(path, e))
 }
 
 /// `state.json` as written: the state with the files' digests beside it.

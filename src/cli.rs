@@ -147,9 +147,14 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "data")]
         name: String,
-        /// Share of documents held out for val, chosen by a hash of each document's index and --seed.
-        #[arg(long, default_value_t = 0.05)]
-        val_fraction: f64,
+        /// Share of documents held out for val, chosen by a hash of each document's index and
+        /// --seed [default: 0.05].
+        #[arg(long)]
+        val_fraction: Option<f64>,
+        /// Hold out N documents for val instead: those whose hash falls under 1/16, in input
+        /// order, until there are N.
+        #[arg(long, value_name = "N", conflicts_with = "val_fraction")]
+        val_docs: Option<u64>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Tokens per shard file.
@@ -378,6 +383,7 @@ pub fn run(cli: Cli) -> Result<()> {
             out,
             name,
             val_fraction,
+            val_docs,
             seed,
             shard_tokens,
             text_field,
@@ -396,9 +402,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(prepare::IN_FLIGHT_BYTES, |mb| mb << 20);
+            let val = match val_docs {
+                Some(n) => prepare::ValSplit::Docs(n),
+                None => prepare::ValSplit::Fraction(val_fraction.unwrap_or(0.05)),
+            };
             let opts = prepare::PrepareOptions {
                 name,
-                val_fraction,
+                val,
                 seed,
                 shard_tokens,
                 threads,
@@ -432,11 +442,17 @@ pub fn run(cli: Cli) -> Result<()> {
             for (kind, s) in &m.skipped {
                 println!("skipped {} records: {kind} (first at {})", s.records, s.first.join(", "));
             }
-            if m.documents.val == 0 && opts.val_fraction > 0.0 {
-                eprintln!(
-                    "note: no document fell in val (--val-fraction {} of {} documents)",
-                    opts.val_fraction, m.documents.train
-                );
+            match opts.val {
+                prepare::ValSplit::Docs(n) if m.documents.val < n => eprintln!(
+                    "warning: --val-docs {n}: the corpus gave {} val documents (documents are held out at a rate of 1/16 of {} documents until there are {n}); pass a smaller --val-docs or --val-fraction",
+                    m.documents.val,
+                    m.documents.train + m.documents.val
+                ),
+                prepare::ValSplit::Fraction(f) if m.documents.val == 0 && f > 0.0 => eprintln!(
+                    "note: no document fell in val (--val-fraction {f} of {} documents)",
+                    m.documents.train
+                ),
+                _ => {}
             }
             Ok(())
         }
@@ -578,14 +594,6 @@ fn eval(
         }
         model = model.with_group_size(g);
     }
-    let glob = match data {
-        Some(g) => crate::config::absolute(std::path::Path::new(&g)),
-        None => cfg
-            .data
-            .val
-            .clone()
-            .ok_or_else(|| UsageError("the run has no data.val: pass --data GLOB".into()))?,
-    };
     let batch_size = batch_size.unwrap_or(cfg.train.eval_batch_size);
     let batches = batches.unwrap_or(cfg.train.eval_batches);
     if batch_size == 0 || batches == 0 {
@@ -599,13 +607,38 @@ fn eval(
         ))
         .into());
     }
-    let stream = EvalStream::new(
-        data::shards::open_all(&glob, &cfg.data.format, cfg.model.vocab_size)?,
-        cfg.data.seq_len,
-    );
-    let r = crate::eval::evaluate(&model, &stream, batch_size, batches)
-        .map_err(|e| UsageError(format!("{e:#}")))
-        .context(format!("evaluating on {glob}"))?;
+    // --data, or the run's val: one glob, or each source's of a mixture.
+    let (val, what) = match data {
+        Some(g) => {
+            let glob = crate::config::absolute(std::path::Path::new(&g));
+            let stream = EvalStream::new(
+                data::shards::open_all(&glob, &cfg.data.format, cfg.model.vocab_size)?,
+                cfg.data.seq_len,
+            );
+            (vec![data::ValSource { name: glob.clone(), weight: 1.0, stream }], Some(glob))
+        }
+        None => {
+            let val = data::mixture::open_val(&cfg.data, cfg.model.vocab_size)?;
+            if val.is_empty() {
+                return Err(UsageError("the run has no data.val: pass --data GLOB".into()).into());
+            }
+            (val, cfg.data.val.clone())
+        }
+    };
+    let all = crate::eval::evaluate_sources(
+        &model,
+        &val,
+        batch_size,
+        batches,
+        &crate::dist::Dist::single(),
+    )
+    .map_err(|e| UsageError(format!("{e:#}")))
+    .context(match &what {
+        Some(glob) => format!("evaluating on {glob}"),
+        None => "evaluating the val shards of each source".to_string(),
+    })?
+    .context("no val shards")?;
+    let r = all.overall;
     let grouping = if model.mot_layers().next().is_some() {
         format!(" | MoT groups of {multiple}")
     } else {
@@ -619,7 +652,25 @@ fn eval(
         eprint!("{}", crate::metrics::routing_table(&r.routing));
     }
     let mut out = json!({"checkpoint": dir.display().to_string(), "step": state.step, "loss": r.loss, "ppl": r.ppl,
-                         "batches": r.batches, "batch_size": r.batch_size, "tokens": r.tokens, "data": glob});
+                         "batches": r.batches, "batch_size": r.batch_size, "tokens": r.tokens});
+    match what {
+        Some(glob) => out["data"] = json!(glob),
+        // A mixture: each source's val alone; `loss` is their mean weighted as in training.
+        None => {
+            let mut sources = serde_json::Map::new();
+            for ((name, e), v) in all.sources.iter().zip(&val) {
+                eprintln!(
+                    "  source {name} | loss {:.4} | ppl {:.2} | {} batches",
+                    e.loss, e.ppl, e.batches
+                );
+                sources.insert(
+                    name.clone(),
+                    json!({"loss": e.loss, "ppl": e.ppl, "batches": e.batches, "tokens": e.tokens, "weight": v.weight}),
+                );
+            }
+            out["sources"] = json!(sources);
+        }
+    }
     if model.mot_layers().next().is_some() {
         out["group_size"] = json!(multiple);
     }

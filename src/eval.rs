@@ -1,7 +1,7 @@
 //! The deterministic eval of `product.md`: the first full batches of the val stream, mean token
 //! cross-entropy over all of them.
 
-use crate::data::EvalStream;
+use crate::data::{EvalStream, ValSource};
 use crate::dist::Dist;
 use crate::model::stats::LayerStats;
 use crate::model::Transformer;
@@ -71,4 +71,49 @@ pub fn evaluate_on(
         tokens: batches * batch_size * stream.seq_len(),
         routing: stats,
     })
+}
+
+/// The eval of several val sources: each alone, and overall.
+#[derive(Debug, Clone)]
+pub struct SourcesEval {
+    /// Loss: the sources' losses weighted by their normalised weights (renormalised over the
+    /// sources that have val shards); batches and tokens: summed; routing: the mean over sources.
+    pub overall: EvalResult,
+    pub sources: Vec<(String, EvalResult)>,
+}
+
+/// [`evaluate_on`] for each source in `val`, and their weighted mean; None when `val` is empty.
+pub fn evaluate_sources(
+    model: &Transformer, val: &[ValSource], batch_size: usize, max_batches: usize, dist: &Dist,
+) -> Result<Option<SourcesEval>> {
+    let mut sources = Vec::with_capacity(val.len());
+    for v in val {
+        let r = evaluate_on(model, &v.stream, batch_size, max_batches, dist);
+        let r = if val.len() > 1 {
+            r.map_err(|e| e.context(format!("val of {}", v.name)))?
+        } else {
+            r?
+        };
+        sources.push((v.name.clone(), r));
+    }
+    let overall = match sources.as_slice() {
+        [] => return Ok(None),
+        [(_, only)] => only.clone(),
+        all => {
+            let total: f64 = val.iter().map(|v| v.weight).sum();
+            let loss =
+                val.iter().zip(all).map(|(v, (_, r))| v.weight * r.loss).sum::<f64>() / total;
+            let routing: Vec<Vec<LayerStats>> =
+                all.iter().map(|(_, r)| r.routing.clone()).collect();
+            EvalResult {
+                loss,
+                ppl: loss.exp(),
+                batches: all.iter().map(|(_, r)| r.batches).sum(),
+                batch_size,
+                tokens: all.iter().map(|(_, r)| r.tokens).sum(),
+                routing: LayerStats::average(&routing),
+            }
+        }
+    };
+    Ok(Some(SourcesEval { overall, sources }))
 }

@@ -4,6 +4,7 @@
 use crate::model::stats::LayerStats;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,10 @@ pub struct Record {
     /// Updates skipped so far for a non-finite loss (`train.on_nan = "skip"`); absent while 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped_steps: Option<u64>,
+    /// A mixture of `[[data.sources]]`: each source's loss by name (train lines: over the
+    /// step's rows of that source; val lines: its val shards), beside the overall `loss`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sources: BTreeMap<String, Option<f64>>,
     /// Per-layer routing or mixing statistics of MoE, PESC and MoT layers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routing: Vec<LayerStats>,

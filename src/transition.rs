@@ -4,8 +4,8 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, ConfigError, FfnKind, Gate, MoeConfig, RouterKind, Routing};
-use crate::data::{self, EvalStream};
-use crate::eval::{evaluate, EvalResult};
+use crate::data;
+use crate::eval::{evaluate_sources, EvalResult};
 use crate::model::{Params, Transformer};
 use crate::run_dir;
 use crate::train::{self, Start};
@@ -50,27 +50,26 @@ pub fn transition_tune(
             e => e,
         })?;
     run_dir::ensure_no_checkpoints(out, "choose an empty --out directory")?;
-    let val_glob = cfg
-        .data
-        .val
-        .clone()
-        .context("transition-tune reports eval losses, so the run needs data.val")?;
-    let val = EvalStream::new(
-        data::shards::open_all(&val_glob, &cfg.data.format, cfg.model.vocab_size)?,
-        cfg.data.seq_len,
-    );
+    let val = data::mixture::open_val(&cfg.data, cfg.model.vocab_size)?;
+    if val.is_empty() {
+        anyhow::bail!("transition-tune reports eval losses, so the run needs data.val (or a val glob in a [[data.sources]] table)");
+    }
     let (batch, batches) = (cfg.train.eval_batch_size, cfg.train.eval_batches);
+    let evaluate = |model: &Transformer| -> Result<EvalResult> {
+        let all = evaluate_sources(model, &val, batch, batches, &crate::dist::Dist::single())?;
+        all.map(|a| a.overall).context("no val shards to evaluate")
+    };
 
     let (ckpt, mot_model) = checkpoint::load_model(&src)?;
     let dev = mot_model.device().clone();
-    let before = evaluate(&mot_model, &val, batch, batches)?;
+    let before = evaluate(&mot_model)?;
 
     let weights = convert(&ckpt.model, &mot_model)?;
     let moments = convert(&ckpt.optimizer(&dev)?, &mot_model)?;
     let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
     let model = Transformer::new(&cfg.model, &mut params)?;
     params.load(&weights).map_err(|m| anyhow::anyhow!("converting {}: {m}", src.display()))?;
-    let converted = evaluate(&model, &val, batch, batches)?;
+    let converted = evaluate(&model)?;
 
     // The converted checkpoint is the tuning run's starting point: step, tokens, data cursor
     // and Adam's moments all carry on.

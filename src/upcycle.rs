@@ -81,6 +81,7 @@ pub fn upcycle(
         step: 0,
         tokens: 0,
         data_cursor: 0,
+        source_cursors: Vec::new(),
         optimizer_t: 0,
         skipped_steps: 0,
         seed: cfg.run.seed,

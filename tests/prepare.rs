@@ -3,88 +3,14 @@
 
 mod common;
 
+use common::corpus::*;
 use common::*;
 use motrain::data::inputs::{self, DocReader, Item, OnBad, ReadOptions};
-use motrain::data::prepare::{self, PrepareOptions};
+use motrain::data::prepare::{self, ValSplit};
 use motrain::data::Tokenizer;
 use serde_json::{json, Value};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-const WORDS: &[&str] = &[
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "dog",
-    "and",
-    "then",
-    "runs",
-    "into",
-    "forest",
-    "where",
-    "a",
-    "small",
-    "bird",
-    "sings",
-    "softly",
-    "under",
-    "green",
-    "trees",
-    "while",
-    "river",
-    "flows",
-    "past",
-    "old",
-    "stone",
-    "bridge",
-    "naïve",
-    "café",
-    "日本語",
-    "🙂",
-];
-
-fn doc(r: &mut Lcg, words: usize) -> String {
-    let mut s = String::new();
-    for j in 0..words {
-        s.push_str(WORDS[r.below(WORDS.len() as u64) as usize]);
-        s.push(if j % 11 == 10 { '\n' } else { ' ' });
-    }
-    s
-}
-
-fn docs(n: usize, seed: u64) -> Vec<String> {
-    let mut r = Lcg(seed);
-    (0..n)
-        .map(|_| {
-            let words = 5 + r.below(60) as usize;
-            doc(&mut r, words)
-        })
-        .collect()
-}
-
-fn jsonl(docs: &[String]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, d) in docs.iter().enumerate() {
-        out.extend(serde_json::to_vec(&json!({"id": i, "meta": {"text": 5}, "text": d})).unwrap());
-        out.push(b'\n');
-    }
-    out
-}
-
-fn gz(bytes: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
-}
-
-fn zst(bytes: &[u8]) -> Vec<u8> {
-    zstd::encode_all(bytes, 3).unwrap()
-}
 
 /// A Parquet file with string columns `columns`, every column holding the row's value, one row
 /// group per entry of `groups`.
@@ -184,37 +110,6 @@ fn every_input_kind_reads_the_same_documents() {
     assert!(e.contains("no files match"), "{e}");
 }
 
-/// Runs prepare through the library with `threads` tokenizing threads.
-fn prepare_with(
-    inputs: &[PathBuf], out: &Path, threads: usize, val_fraction: f64,
-) -> prepare::PrepareReport {
-    let tok = Tokenizer::load("gpt2").unwrap();
-    let opts = PrepareOptions {
-        name: "t".into(),
-        val_fraction,
-        seed: 7,
-        shard_tokens: 300_000,
-        threads,
-        read: ReadOptions { text_field: "text".into(), on_bad: OnBad::Default },
-        overwrite: false,
-        progress: false,
-        in_flight_bytes: prepare::IN_FLIGHT_BYTES,
-    };
-    prepare::prepare(&tok, "gpt2", inputs, out, &opts).unwrap()
-}
-
-fn dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .map(|p| {
-            (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())
-        })
-        .collect();
-    files.sort();
-    files
-}
-
 #[test]
 fn shards_are_the_same_bytes_at_one_and_two_threads() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,8 +118,8 @@ fn shards_are_the_same_bytes_at_one_and_two_threads() {
     let corpus = docs(40_000, 3);
     std::fs::write(d.join("c.jsonl.zst"), zst(&jsonl(&corpus))).unwrap();
     let inputs = vec![d.join("c.jsonl.zst")];
-    let one = prepare_with(&inputs, &d.join("one"), 1, 0.1);
-    let two = prepare_with(&inputs, &d.join("two"), 2, 0.1);
+    let one = prepare_with(&inputs, &d.join("one"), 1, ValSplit::Fraction(0.1));
+    let two = prepare_with(&inputs, &d.join("two"), 2, ValSplit::Fraction(0.1));
     assert!(one.files.len() >= 4, "{:?}", one.files);
     let (a, b) = (dir_bytes(&d.join("one")), dir_bytes(&d.join("two")));
     assert_eq!(

@@ -81,6 +81,7 @@ impl Config {
 
     /// Fills the zero-means-derived defaults so that every later reader sees one number.
     fn resolve(&mut self) {
+        self.data.name_sources();
         if self.model.max_seq_len == 0 {
             self.model.max_seq_len = self.data.seq_len;
         }
@@ -178,6 +179,50 @@ mod tests {
             apply_override(&mut t, set).unwrap();
             let e = Config::from_table(t, "test").unwrap_err().to_string();
             assert!(e.contains(needle), "{set}: {e}");
+        }
+    }
+
+    const MIX: &str = "[run]\nname='t'\n[data]\n[[data.sources]]\ntrain='web/web_train_*.bin'\nval='web/web_val_*.bin'\nweight=3\n[[data.sources]]\ntrain='code/*_train_*.bin'\nweight=1\n[[data.sources]]\ntrain='web/web_train_*.bin'\nweight=1\n[[data.sources]]\nname='mine'\ntrain='*'\nweight=0.5\n[model]\nvocab_size=100\n";
+
+    #[test]
+    fn sources_are_named_anchored_and_round_trip() {
+        let c = parse(MIX).unwrap();
+        let sources = c.data.sources.as_ref().unwrap();
+        let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["web", "code", "web-2", "mine"]);
+        assert!(sources.iter().all(|s| Path::new(&s.train).is_absolute()));
+        assert!(sources[0].val.as_deref().is_some_and(|v| v.ends_with("web/web_val_*.bin")));
+        assert!(c.data.is_mixture() && c.data.source_list().len() == 4);
+        let back = Config::from_toml_str(&c.to_toml(), "back").unwrap();
+        assert_eq!(c, back);
+        // `--set data.sources=[...]` paths are relative to the current directory.
+        let mut t: toml::Table = MIN.parse().unwrap();
+        t.get_mut("data").unwrap().as_table_mut().unwrap().remove("train");
+        apply_override(&mut t, "data.sources=[{train='a/*.bin', weight=1}]").unwrap();
+        let c = Config::from_table(t, "test").unwrap();
+        let s = &c.data.sources.unwrap()[0];
+        assert_eq!(s.train, absolute(Path::new("a/*.bin")));
+        assert_eq!(s.name, "a");
+    }
+
+    #[test]
+    fn bad_sources_are_rejected() {
+        for (text, needle) in [
+            (MIN.replace("[model]", "[[data.sources]]\ntrain='b'\nweight=1\n[model]"), "exclude"),
+            (MIX.replace("weight=3", "weight=-3"), "`data.sources[0].weight` must be a number > 0"),
+            (MIX.replace("weight=3", "weight=nan"), "`data.sources[0].weight`"),
+            (MIX.replace("weight=3", ""), "weight"),
+            (MIX.replace("train='code/", "name='mine'\ntrain='code/"), "`data.sources[3].name`"),
+            (MIX.replace("weight=3", "weight=3\nbogus=1"), "bogus"),
+            ("[run]\nname='t'\n[data]\nsources=[]\n[model]\nvocab_size=100\n".into(), "no source"),
+            ("[run]\nname='t'\n[model]\nvocab_size=100\n".into(), "data"),
+            (
+                "[run]\nname='t'\n[data]\n[model]\nvocab_size=100\n".into(),
+                "`data.train` is required",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
         }
     }
 

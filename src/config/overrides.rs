@@ -21,6 +21,21 @@ pub(super) fn anchor_data_paths(value: &mut toml::Table, base: &Path) {
             *s = absolute(&base.join(&*s));
         }
     }
+    if let Some(sources) = data.get_mut("sources") {
+        anchor_source_paths(sources, base);
+    }
+}
+
+/// Makes the `train` and `val` globs of `[[data.sources]]` tables absolute against `base`.
+fn anchor_source_paths(sources: &mut toml::Value, base: &Path) {
+    let Some(list) = sources.as_array_mut() else { return };
+    for table in list.iter_mut().filter_map(toml::Value::as_table_mut) {
+        for key in ["train", "val"] {
+            if let Some(toml::Value::String(s)) = table.get_mut(key) {
+                *s = absolute(&base.join(&*s));
+            }
+        }
+    }
 }
 
 /// An absolute path with `.` and `..` folded away lexically (globs need not exist yet).
@@ -54,12 +69,12 @@ pub fn apply_override(value: &mut toml::Table, arg: &str) -> Result<()> {
     let raw = raw.trim();
     let mut parsed = parse_value(raw);
     // Paths given on the command line are relative to the current directory.
-    if let (["data", "train" | "val" | "tokenizer"], toml::Value::String(s)) =
-        (parts.as_slice(), &parsed)
-    {
-        if s != "gpt2" {
+    match (parts.as_slice(), &parsed) {
+        (["data", "train" | "val" | "tokenizer"], toml::Value::String(s)) if s != "gpt2" => {
             parsed = toml::Value::String(absolute(Path::new(s)));
         }
+        (["data", "sources"], _) => anchor_source_paths(&mut parsed, Path::new("")),
+        _ => {}
     }
     let mut table = value;
     for part in &parts[..parts.len() - 1] {

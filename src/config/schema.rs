@@ -41,9 +41,14 @@ impl Default for RunConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
+    /// The one train glob, or empty when `sources` names several.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub train: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val: Option<String>,
+    /// `[[data.sources]]`: several corpora mixed by weight, instead of `train`/`val`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sources: Option<Vec<SourceConfig>>,
     pub format: String,
     pub seq_len: usize,
     /// How training draws its windows.
@@ -60,6 +65,7 @@ impl Default for DataConfig {
         Self {
             train: String::new(),
             val: None,
+            sources: None,
             format: "llmc".into(),
             seq_len: 128,
             sampler: Sampler::Random,
@@ -119,6 +125,70 @@ impl Default for ModelConfig {
             pesc: PescConfig::default(),
         }
     }
+}
+
+/// One corpus of a mixture: its shards and its share of the rows of every batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// What logs call it; derived from the train glob when not given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub train: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val: Option<String>,
+    /// Relative: the weights of all sources are normalised to sum to 1.
+    pub weight: f64,
+}
+
+impl DataConfig {
+    /// Whether the config mixes `[[data.sources]]` (then logs and evals name each source).
+    pub fn is_mixture(&self) -> bool {
+        self.sources.is_some()
+    }
+
+    /// The train sources: the `[[data.sources]]`, or `train`/`val` as one source of weight 1.
+    pub fn source_list(&self) -> Vec<SourceConfig> {
+        match &self.sources {
+            Some(s) => s.clone(),
+            None => vec![SourceConfig {
+                name: "data".into(),
+                train: self.train.clone(),
+                val: self.val.clone(),
+                weight: 1.0,
+            }],
+        }
+    }
+
+    /// Names the sources that have none: the shard prefix of the train glob (`web` for
+    /// `data/web_train_*.bin`), else its directory, else `source{i}`; `-{i}` is appended to a
+    /// name already taken. Names given in the file are kept as they are.
+    pub fn name_sources(&mut self) {
+        let Some(sources) = &mut self.sources else { return };
+        let mut taken: Vec<String> =
+            sources.iter().filter(|s| !s.name.is_empty()).map(|s| s.name.clone()).collect();
+        for (i, s) in sources.iter_mut().enumerate().filter(|(_, s)| s.name.is_empty()) {
+            let mut name = derived_name(&s.train).unwrap_or_else(|| format!("source{i}"));
+            if taken.contains(&name) {
+                name = format!("{name}-{i}");
+            }
+            taken.push(name.clone());
+            s.name = name;
+        }
+    }
+}
+
+/// `web` for `…/web_train_*.bin`, `quickstart` for `…/quickstart/*_train_*.bin`.
+fn derived_name(glob: &str) -> Option<String> {
+    let plain = |s: &str| !s.is_empty() && !s.contains(['*', '?', '[', ']']);
+    let path = std::path::Path::new(glob);
+    let file = path.file_name()?.to_string_lossy();
+    let prefix = file.split("_train").next().unwrap_or_default();
+    if plain(prefix) {
+        return Some(prefix.to_string());
+    }
+    let dir = path.parent()?.file_name()?.to_string_lossy().into_owned();
+    plain(&dir).then_some(dir)
 }
 
 /// How training draws its windows of `seq_len + 1` tokens from the train shards.

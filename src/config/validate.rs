@@ -21,13 +21,10 @@ impl Config {
             ("train.batch_size", t.batch_size),
             ("train.steps", t.steps),
         ];
-        for (key, v) in
-            [("run.name", self.run.name.as_str()), ("data.train", self.data.train.as_str())]
-        {
-            if v.is_empty() {
-                return Err(format!("`{key}` is required"));
-            }
+        if self.run.name.is_empty() {
+            return Err("`run.name` is required".into());
         }
+        self.validate_sources()?;
         for (key, v) in positive {
             if v == 0 {
                 return Err(format!("`{key}` must be at least 1"));
@@ -147,6 +144,43 @@ impl Config {
         }
         if t.keep_checkpoints == 0 {
             return Err("`train.keep_checkpoints` must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// One train glob, or `[[data.sources]]` with a train glob and a positive weight each.
+    fn validate_sources(&self) -> std::result::Result<(), String> {
+        let d = &self.data;
+        let Some(sources) = &d.sources else {
+            if d.train.is_empty() {
+                return Err(
+                    "`data.train` is required (or several weighted `[[data.sources]]`)".into()
+                );
+            }
+            return Ok(());
+        };
+        if !d.train.is_empty() || d.val.is_some() {
+            return Err("`data.sources` and `data.train`/`data.val` exclude each other: give either `data.train` (and `data.val`) or `[[data.sources]]` tables, each with its own train and val".into());
+        }
+        if sources.is_empty() {
+            return Err("`data.sources` lists no source: give each `[[data.sources]]` table a `train` glob and a `weight`, or use `data.train`".into());
+        }
+        for (i, s) in sources.iter().enumerate() {
+            if s.train.is_empty() {
+                return Err(format!("`data.sources[{i}].train` must be a glob of train shards"));
+            }
+            if !(s.weight > 0.0 && s.weight.is_finite()) {
+                return Err(format!(
+                    "`data.sources[{i}].weight` must be a number > 0 (weights are normalised to sum to 1), got {}",
+                    s.weight
+                ));
+            }
+            if sources[..i].iter().any(|o| o.name == s.name) {
+                return Err(format!(
+                    "`data.sources[{i}].name` = {:?} is taken by an earlier source: names must be unique",
+                    s.name
+                ));
+            }
         }
         Ok(())
     }

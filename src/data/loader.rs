@@ -24,7 +24,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn with_capacity(rows: usize, seq_len: usize, index: u64) -> Batch {
+    pub(super) fn with_capacity(rows: usize, seq_len: usize, index: u64) -> Batch {
         Batch {
             rows,
             seq_len,
@@ -34,7 +34,7 @@ impl Batch {
         }
     }
 
-    fn push_window(&mut self, w: &[u32]) {
+    pub(super) fn push_window(&mut self, w: &[u32]) {
         self.inputs.extend_from_slice(&w[..w.len() - 1]);
         self.targets.extend_from_slice(&w[1..]);
     }
@@ -108,12 +108,21 @@ impl TrainLoader {
         let mut batch = Batch::with_capacity(rows, self.seq_len, self.cursor);
         let mut window = vec![0u32; self.seq_len + 1];
         for _ in 0..rows {
-            let (shard, offset) = self.locate(self.cursor);
-            self.shards[shard].read(offset, &mut window);
+            self.read_window(self.cursor, &mut window);
             batch.push_window(&window);
             self.cursor += 1;
         }
         batch
+    }
+
+    /// Copies the window drawn at cursor `index` (`seq_len + 1` tokens) into `out`.
+    pub fn read_window(&self, index: u64, out: &mut [u32]) {
+        let (shard, offset) = self.locate(index);
+        self.shards[shard].read(offset, out);
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
     }
 
     /// The epoch window drawn at cursor `index`: a position in the epoch's permutation.

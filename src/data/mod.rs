@@ -5,12 +5,14 @@ mod columnar;
 pub mod inputs;
 mod json_field;
 pub mod loader;
+pub mod mixture;
 pub mod prepare;
 pub mod records;
 pub mod shards;
 pub mod tokenizer;
 
 pub use loader::{Batch, EvalStream, TrainLoader};
+pub use mixture::{Mixture, ValSource};
 pub use shards::Shard;
 pub use tokenizer::Tokenizer;
 
@@ -32,6 +34,9 @@ pub enum DataError {
     /// `--on-bad-record fail` or for a corrupt file by default.
     #[error("{location}: {message}")]
     BadRecord { location: String, message: String },
+    /// A problem with the shards of one `[[data.sources]]` entry, named by `key`.
+    #[error("{key}: {inner}")]
+    Source { key: String, inner: Box<DataError> },
     #[error("{0}")]
     Invalid(String),
 }

@@ -17,7 +17,7 @@ pub mod stats;
 
 use crate::config::{Bias, FfnKind, ModelConfig, Position};
 use crate::data::Batch;
-use crate::ops::linear_ce::linear_cross_entropy;
+use crate::ops::linear_ce::{linear_cross_entropy, linear_cross_entropy_rows};
 use crate::ops::rope::RopeTables;
 use attention::Attention;
 pub use attention::KvCache;
@@ -74,6 +74,9 @@ pub struct LossParts {
     /// Weighted aux and z losses of the MoE layers, if any: added to `ce` for training.
     pub aux: Option<Tensor>,
     pub stats: Vec<LayerStats>,
+    /// Each target token's cross-entropy, row by row, from [`Transformer::loss_per_token`]
+    /// (empty from [`Transformer::loss`]).
+    pub token_losses: Vec<f32>,
 }
 
 impl LossParts {
@@ -265,22 +268,31 @@ impl Transformer {
     /// routing statistics; `train` prepares the backward pass and applies training-only rules
     /// (expert capacity).
     pub fn loss(&self, batch: &Batch, train: bool) -> Result<LossParts> {
+        self.loss_parts(batch, train, false)
+    }
+
+    /// [`Transformer::loss`] with each token's cross-entropy too, from the same pass.
+    pub fn loss_per_token(&self, batch: &Batch, train: bool) -> Result<LossParts> {
+        self.loss_parts(batch, train, true)
+    }
+
+    fn loss_parts(&self, batch: &Batch, train: bool, per_token: bool) -> Result<LossParts> {
         let dev = self.device();
         let ids = Tensor::from_slice(&batch.inputs, (batch.rows, batch.seq_len), dev)?;
         let targets = Tensor::from_slice(&batch.targets, batch.rows * batch.seq_len, dev)?;
         let mut ctx = self.context(train, batch.rows, batch.seq_len, batch.index);
-        let ce = linear_cross_entropy(
-            &self.hidden(&ids, None, &mut ctx)?,
-            &self.head.w,
-            &targets,
-            train,
-        )?;
+        let hidden = self.hidden(&ids, None, &mut ctx)?;
+        let (ce, token_losses) = if per_token {
+            linear_cross_entropy_rows(&hidden, &self.head.w, &targets, train)?
+        } else {
+            (linear_cross_entropy(&hidden, &self.head.w, &targets, train)?, Vec::new())
+        };
         let (aux_weight, z_weight) = match self.cfg.ffn {
             FfnKind::Pesc => (self.cfg.pesc.aux_loss_weight, self.cfg.pesc.z_loss_weight),
             _ => (self.cfg.moe.aux_loss_weight, self.cfg.moe.z_loss_weight),
         };
         let aux = ctx.auxiliary_loss(aux_weight, z_weight)?;
-        Ok(LossParts { ce, aux, stats: ctx.stats })
+        Ok(LossParts { ce, aux, stats: ctx.stats, token_losses })
     }
 
     fn context(&self, train: bool, rows: usize, seq: usize, batch_index: u64) -> FfnContext {

@@ -8,7 +8,7 @@
 use super::{fused, sgemm, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// `x [N, d]`, `w [V, d]`, `targets [N]` → scalar mean cross-entropy of `x·Wᵀ`.
 /// With `with_grad = false` (eval) only the loss is computed; a gradient nothing will use (its
@@ -17,33 +17,60 @@ pub fn linear_cross_entropy(
     x: &Tensor, w: &Tensor, targets: &Tensor, with_grad: bool,
 ) -> Result<Tensor> {
     if fused(&[x, w]) {
-        let op = LinearCrossEntropy {
-            with_grad,
-            dx: x.track_op(),
-            dw: w.track_op(),
-            grads: Mutex::new(None),
-        };
-        x.contiguous()?.apply_op3(
-            &w.contiguous()?,
-            &targets.to_dtype(DType::U32)?.contiguous()?,
-            op,
-        )
+        fused_linear_ce(x, w, targets, with_grad, None)
     } else {
         cross_entropy(&x.matmul(&w.t()?)?, targets)
     }
 }
 
+/// [`linear_cross_entropy`], and each row's loss `logsumexp − logit[target]` from the same
+/// pass: what a mixture of data sources needs to report a loss per source.
+pub fn linear_cross_entropy_rows(
+    x: &Tensor, w: &Tensor, targets: &Tensor, with_grad: bool,
+) -> Result<(Tensor, Vec<f32>)> {
+    if fused(&[x, w]) {
+        let rows = Arc::new(Mutex::new(Vec::new()));
+        let loss = fused_linear_ce(x, w, targets, with_grad, Some(rows.clone()))?;
+        let rows = std::mem::take(&mut *rows.lock().unwrap());
+        Ok((loss, rows))
+    } else {
+        let rows = row_cross_entropy(&x.matmul(&w.t()?)?, targets)?;
+        Ok((rows.mean_all()?, rows.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?))
+    }
+}
+
+fn fused_linear_ce(
+    x: &Tensor, w: &Tensor, targets: &Tensor, with_grad: bool, rows: Option<RowLosses>,
+) -> Result<Tensor> {
+    let op = LinearCrossEntropy {
+        with_grad,
+        dx: x.track_op(),
+        dw: w.track_op(),
+        grads: Mutex::new(None),
+        rows,
+    };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &targets.to_dtype(DType::U32)?.contiguous()?, op)
+}
+
 /// The plain formulation: mean of `logsumexp(row) − row[target]`, in f32 at least (bf16 logits
 /// are widened; f64 stays f64 for the gradient checks).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    row_cross_entropy(logits, targets)?.mean_all()
+}
+
+/// `logsumexp(row) − row[target]` of each row, `[N, 1]`.
+fn row_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits =
         if logits.dtype() == DType::F64 { logits.clone() } else { logits.to_dtype(DType::F32)? };
     let max = logits.max_keepdim(1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
     let picked = shifted.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
-    (lse - picked)?.mean_all()
+    lse - picked
 }
+
+/// Where the fused op leaves each row's loss when asked to.
+type RowLosses = Arc<Mutex<Vec<f32>>>;
 
 struct LinearCrossEntropy {
     with_grad: bool,
@@ -51,6 +78,7 @@ struct LinearCrossEntropy {
     dx: bool,
     dw: bool,
     grads: Mutex<Option<Grads>>,
+    rows: Option<RowLosses>,
 }
 
 /// `dx` and `dW` of a forward pass, each if it was asked for.
@@ -126,6 +154,9 @@ impl CustomOp3 for LinearCrossEntropy {
         }
         // Summed in f64 and in row order, so the loss does not depend on threads.
         let total: f64 = losses.iter().map(|&l| l as f64).sum();
+        if let Some(rows) = &self.rows {
+            *rows.lock().unwrap() = losses;
+        }
         Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
     }
 
@@ -170,5 +201,44 @@ mod tests {
             |v| linear_cross_entropy(&v[0], &v[1], &t, true),
             move |v| cross_entropy(&v[0].matmul(&v[1].t()?)?, &t2),
         );
+    }
+
+    #[test]
+    fn row_losses_are_each_rows_cross_entropy_and_average_to_the_loss() {
+        let (n, d, v) = (37, 6, 11);
+        let (x, w) = (randn(&[n, d], 3), randn(&[v, d], 4));
+        let targets: Vec<u32> = (0..n).map(|i| (i * 5 % v) as u32).collect();
+        let t = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        // Independently, in f64 on the host: logsumexp of x·wᵀ minus the target logit.
+        let (xs, ws) = (x.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        let expect: Vec<f64> = (0..n)
+            .map(|r| {
+                let logits: Vec<f64> = (0..v)
+                    .map(|c| (0..d).map(|k| xs[r][k] as f64 * ws[c][k] as f64).sum())
+                    .collect();
+                let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+                m + logits.iter().map(|l| (l - m).exp()).sum::<f64>().ln()
+                    - logits[targets[r] as usize]
+            })
+            .collect();
+        for with_grad in [false, true] {
+            let (loss, rows) = linear_cross_entropy_rows(&x, &w, &t, with_grad).unwrap();
+            assert_eq!(rows.len(), n);
+            for (r, (&got, want)) in rows.iter().zip(&expect).enumerate() {
+                assert!((got as f64 - want).abs() < 1e-4, "row {r}: {got} vs {want}");
+            }
+            let mean = rows.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
+            let loss = loss.to_scalar::<f32>().unwrap();
+            assert_eq!(loss, mean as f32, "the loss is the mean of the rows");
+            let plain = linear_cross_entropy(&x, &w, &t, with_grad).unwrap();
+            assert_eq!(plain.to_scalar::<f32>().unwrap(), loss);
+        }
+        // The plain formulation (other devices) gives the rows too.
+        let logits = x.matmul(&w.t().unwrap()).unwrap();
+        let rows = row_cross_entropy(&logits, &t).unwrap().flatten_all().unwrap();
+        let rows = rows.to_vec1::<f32>().unwrap();
+        for (got, want) in rows.iter().zip(&expect) {
+            assert!((*got as f64 - want).abs() < 1e-4);
+        }
     }
 }

@@ -17,9 +17,9 @@ pub use run::{run, RunSummary, Start};
 
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config::{Config, ConfigError, NanPolicy};
-use crate::data::{self, EvalStream, TrainLoader};
+use crate::data::mixture::{self, Mixture, Row, ValSource};
 use crate::dist::Dist;
-use crate::eval::{evaluate_on, EvalResult};
+use crate::eval::{evaluate_sources, SourcesEval};
 use crate::model::stats::LayerStats;
 use crate::model::{Params, Transformer};
 use anyhow::{bail, Result};
@@ -38,6 +38,9 @@ pub struct StepStats {
     pub skipped: bool,
     /// Per MoE layer, averaged over the micro-batches (of every rank).
     pub routing: Vec<LayerStats>,
+    /// A mixture's train loss per source (name, mean token loss) over the step's rows of it;
+    /// empty for a single-source config and for sources that gave no row this step.
+    pub sources: Vec<(String, f64)>,
 }
 
 /// AdamW with every moment on every rank, or sharded over the ranks (`train.zero = 1`).
@@ -68,8 +71,10 @@ pub struct Trainer {
     pub params: Params,
     pub model: Transformer,
     pub opt: Optimizer,
-    pub loader: TrainLoader,
-    pub val: Option<EvalStream>,
+    /// The train sources (one, or a weighted mixture) and where each one's windows stand.
+    pub data: Mixture,
+    /// The val shards of each source that has them.
+    pub val: Vec<ValSource>,
     pub dist: Rc<Dist>,
     pub step: usize,
     pub tokens: u64,
@@ -100,17 +105,8 @@ impl Trainer {
         };
         // NCCL for the gradient sums when the ranks train on GPUs (feature `nccl`).
         dist.attach_device(&dev)?;
-        let shards =
-            data::shards::open_all(&cfg.data.train, &cfg.data.format, cfg.model.vocab_size)?;
-        let loader = TrainLoader::new(shards, cfg.data.seq_len, cfg.run.seed)?
-            .with_sampler(cfg.data.sampler);
-        let val = match &cfg.data.val {
-            Some(glob) => Some(EvalStream::new(
-                data::shards::open_all(glob, &cfg.data.format, cfg.model.vocab_size)?,
-                cfg.data.seq_len,
-            )),
-            None => None,
-        };
+        let data = Mixture::open(&cfg.data, cfg.model.vocab_size, cfg.run.seed)?;
+        let val = mixture::open_val(&cfg.data, cfg.model.vocab_size)?;
         let nan_fault_step =
             std::env::var("MOTRAIN_FAULT_NAN_STEP").ok().and_then(|s| s.parse().ok());
         Ok(Trainer {
@@ -118,7 +114,7 @@ impl Trainer {
             params,
             model,
             opt,
-            loader,
+            data,
             val,
             dist,
             step: 0,
@@ -145,7 +141,10 @@ impl Trainer {
         })?;
         self.step = ckpt.state.step;
         self.tokens = ckpt.state.tokens;
-        self.loader.cursor = ckpt.state.data_cursor;
+        let cursors = ckpt.state.source_cursors(self.data.sources.len());
+        cursors.and_then(|c| self.data.set_cursors(&c)).map_err(|m| {
+            checkpoint::CheckpointError::Invalid { path: ckpt.dir.join("state.json"), message: m }
+        })?;
         self.elapsed_before = ckpt.state.elapsed_s;
         self.skipped_steps = ckpt.state.skipped_steps;
         Ok(())
@@ -166,12 +165,20 @@ impl Trainer {
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
         let mut stats = Vec::with_capacity(mine);
-        let cursor = self.loader.cursor;
+        // The whole step's rows, planned alike on every rank; micro-batch j reads the rows a
+        // one-rank run would read for it.
+        let plan = self.data.plan(accum * micro);
+        let drawn = self.data.drawn();
+        let mut by_source = SourceSums::new(self.cfg.data.is_mixture(), &plan, &self.data);
         for j in first..first + mine {
-            // Micro-batch j of the step reads the windows a one-rank run would read for it.
-            self.loader.cursor = cursor + (j * micro) as u64;
-            let batch = self.loader.next_batch(micro);
-            let parts = self.model.loss(&batch, true)?;
+            let rows = &plan[j * micro..(j + 1) * micro];
+            let batch = self.data.read(rows, drawn + (j * micro) as u64);
+            let parts = if by_source.wanted {
+                self.model.loss_per_token(&batch, true)?
+            } else {
+                self.model.loss(&batch, true)?
+            };
+            by_source.add(rows, &parts.token_losses);
             let mut loss = parts.total()?;
             if self.nan_fault_step == Some(self.step + 1) {
                 loss = (loss * f64::NAN)?;
@@ -194,10 +201,11 @@ impl Trainer {
                 });
             }
         }
-        self.loader.cursor = cursor + (accum * micro) as u64;
+        self.data.advance(&plan);
         let local: Vec<Tensor> =
             acc.into_iter().map(|g| g.expect("one micro-batch at least")).collect();
-        let (loss, routing) = self.reduce_logs(loss_sum, &stats, accum);
+        let (loss, routing) = self.reduce_logs(loss_sum, &stats, accum, &mut by_source.sums);
+        let sources = by_source.means(&self.data);
         let lr = schedule::learning_rate(&self.cfg.train, self.step);
         let clip = self.cfg.train.grad_clip;
         // A GPU runs the backward pass asynchronously: let it finish, so that the communication
@@ -231,12 +239,13 @@ impl Trainer {
         }
         self.step += 1;
         self.tokens += self.tokens_per_step();
-        Ok(StepStats { loss, grad_norm, lr, skipped, routing })
+        Ok(StepStats { loss, grad_norm, lr, skipped, routing, sources })
     }
 
-    /// The step's mean loss and routing statistics over every rank's micro-batches.
+    /// The step's mean loss and routing statistics over every rank's micro-batches; the
+    /// per-source loss sums are summed over the ranks in place.
     fn reduce_logs(
-        &self, loss_sum: f64, stats: &[Vec<LayerStats>], accum: usize,
+        &self, loss_sum: f64, stats: &[Vec<LayerStats>], accum: usize, source_sums: &mut [f64],
     ) -> (f64, Vec<LayerStats>) {
         let mut routing = LayerStats::average(stats);
         if self.dist.size() == 1 {
@@ -245,32 +254,38 @@ impl Trainer {
         // Each rank's statistics are a mean over as many micro-batches as every other's.
         let mut numbers = LayerStats::to_numbers(&routing);
         numbers.iter_mut().for_each(|x| *x /= self.dist.size() as f64);
+        numbers.extend_from_slice(source_sums);
         numbers.push(loss_sum);
         self.dist.all_reduce_sum_in_place_f64(&mut numbers);
         let loss = numbers.pop().expect("the loss") / accum as f64;
+        let sums = numbers.split_off(numbers.len() - source_sums.len());
+        source_sums.copy_from_slice(&sums);
         LayerStats::set_numbers(&mut routing, &numbers);
         (loss, routing)
     }
 
-    /// The validation loss, its batches split over the ranks.
-    pub fn eval(&self) -> Result<Option<EvalResult>> {
-        match &self.val {
-            Some(stream) => Ok(Some(evaluate_on(
-                &self.model,
-                stream,
-                self.cfg.train.eval_batch_size,
-                self.cfg.train.eval_batches,
-                &self.dist,
-            )?)),
-            None => Ok(None),
-        }
+    /// The validation loss of each source with val shards and their weighted mean, the
+    /// batches split over the ranks; None without val shards.
+    pub fn eval(&self) -> Result<Option<SourcesEval>> {
+        evaluate_sources(
+            &self.model,
+            &self.val,
+            self.cfg.train.eval_batch_size,
+            self.cfg.train.eval_batches,
+            &self.dist,
+        )
     }
 
     pub fn state(&self, elapsed: f64) -> TrainState {
         TrainState {
             step: self.step,
             tokens: self.tokens,
-            data_cursor: self.loader.cursor,
+            data_cursor: self.data.drawn(),
+            source_cursors: if self.cfg.data.is_mixture() {
+                self.data.cursors()
+            } else {
+                Vec::new()
+            },
             optimizer_t: self.opt.t(),
             skipped_steps: self.skipped_steps,
             seed: self.cfg.run.seed,
@@ -304,6 +319,45 @@ impl Trainer {
         self.dist.barrier();
         self.dist.set_collective_timeout(timeout);
         Ok(dir)
+    }
+}
+
+/// A mixture's token-loss sums per source over this rank's micro-batches, and (from the plan)
+/// how many tokens each source has in the whole step.
+struct SourceSums {
+    wanted: bool,
+    sums: Vec<f64>,
+    tokens: Vec<f64>,
+    seq_len: usize,
+}
+
+impl SourceSums {
+    fn new(wanted: bool, plan: &[Row], data: &Mixture) -> SourceSums {
+        let n = data.sources.len();
+        let seq_len = data.seq_len();
+        let mut tokens = vec![0f64; n];
+        plan.iter().for_each(|r| tokens[r.source] += seq_len as f64);
+        SourceSums { wanted, sums: vec![0.0; n], tokens, seq_len }
+    }
+
+    /// Adds a micro-batch's token losses (row by row) to the sums of the rows' sources.
+    fn add(&mut self, rows: &[Row], token_losses: &[f32]) {
+        for (r, losses) in rows.iter().zip(token_losses.chunks(self.seq_len)) {
+            self.sums[r.source] += losses.iter().map(|&l| l as f64).sum::<f64>();
+        }
+    }
+
+    /// Mean token loss of each source that had rows (sums already reduced over the ranks).
+    fn means(&self, data: &Mixture) -> Vec<(String, f64)> {
+        if !self.wanted {
+            return Vec::new();
+        }
+        data.sources
+            .iter()
+            .zip(self.sums.iter().zip(&self.tokens))
+            .filter(|(_, (_, &t))| t > 0.0)
+            .map(|(s, (&sum, &t))| (s.name.clone(), sum / t))
+            .collect()
     }
 }
 

@@ -109,11 +109,20 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
     say(&format!(
         "run {} | {total} parameters{trained} | {} train tokens | {} steps of {} tokens{world} | {}",
         run_dir.display(),
-        trainer.loader.total_tokens(),
+        trainer.data.total_tokens(),
         t.steps,
         trainer.tokens_per_step(),
         crate::ops::simd::describe(trainer.params.device())
     ));
+    if cfg.data.is_mixture() {
+        let parts: Vec<String> = trainer
+            .data
+            .sources
+            .iter()
+            .map(|s| format!("{} {:.3} ({} tokens)", s.name, s.weight, s.loader.total_tokens()))
+            .collect();
+        say(&format!("mixture of {} sources by weight: {}", parts.len(), parts.join(", ")));
+    }
     let output = match (root, dist.size()) {
         (false, _) => Output::Quiet,
         (true, 1) => Output::Auto,
@@ -157,9 +166,10 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
             // The step's own loss, as nanoGPT logs it: a resumed run then logs the same numbers.
             let eta = (t.steps - step) as f64 * trainer.tokens_per_step() as f64 / tps;
             progress.line(&format!(
-                "step {step:>6}/{} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | eta {}",
+                "step {step:>6}/{} | loss {:.4}{} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | eta {}",
                 t.steps,
                 stats.loss,
+                by_source(&stats.sources),
                 stats.lr,
                 stats.grad_norm,
                 tps,
@@ -169,7 +179,13 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         }
         progress.step(step, &format!("loss {:.4} | {tps:.0} tok/s", stats.loss));
         if (t.eval_every > 0 && step % t.eval_every == 0) || done {
-            if let Some(e) = trainer.eval()? {
+            if let Some(all) = trainer.eval()? {
+                let sources: Vec<(String, f64)> = if cfg.data.is_mixture() {
+                    all.sources.iter().map(|(n, r)| (n.clone(), r.loss)).collect()
+                } else {
+                    Vec::new()
+                };
+                let e = all.overall;
                 if let Some(m) = &metrics {
                     m.write(&Record {
                         step: Some(step as u64),
@@ -177,13 +193,16 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
                         loss: Some(e.loss),
                         ppl: Some(e.ppl),
                         tokens: Some(trainer.tokens),
+                        sources: source_map(&sources),
                         routing: e.routing.clone(),
                         ..Record::default()
                     })?;
                 }
                 progress.line(&format!(
-                    "eval step {step:>6} | val loss {:.4} | ppl {:.2}",
-                    e.loss, e.ppl
+                    "eval step {step:>6} | val loss {:.4} | ppl {:.2}{}",
+                    e.loss,
+                    e.ppl,
+                    by_source(&sources)
                 ));
                 if !e.routing.is_empty() {
                     progress.line(crate::metrics::routing_table(&e.routing).trim_end());
@@ -261,9 +280,23 @@ fn train_record(trainer: &Trainer, stats: &StepStats, tps: f64, elapsed: f64) ->
         tokens_per_s: Some(tps),
         elapsed_s: Some(trainer.elapsed_before + elapsed),
         skipped_steps: (trainer.skipped_steps > 0).then_some(trainer.skipped_steps),
+        sources: source_map(&stats.sources),
         routing: stats.routing.clone(),
         ..Record::default()
     }
+}
+
+fn source_map(losses: &[(String, f64)]) -> std::collections::BTreeMap<String, Option<f64>> {
+    losses.iter().map(|(name, l)| (name.clone(), Some(*l))).collect()
+}
+
+/// ` (web 3.2104, code 2.0150)`: each source's loss on a printed line; empty without a mixture.
+fn by_source(losses: &[(String, f64)]) -> String {
+    if losses.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = losses.iter().map(|(name, l)| format!("{name} {l:.4}")).collect();
+    format!(" ({})", parts.join(", "))
 }
 
 fn save(trainer: &Trainer, dir: &Path, started: Instant, progress: &Progress) -> Result<()> {

@@ -2,6 +2,8 @@
 //! reading what it leaves behind.
 #![allow(dead_code)]
 
+pub mod corpus;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -237,6 +239,27 @@ impl Fixture {
 
     /// Writes a tiny dense config named `file` whose data are the `shards` set of shards.
     pub fn config_for(&self, file: &str, shards: &str, vocab: usize) -> PathBuf {
+        let data = format!(
+            "train = \"shards/{shards}_train_*.bin\"\nval = \"shards/{shards}_val_*.bin\"\n"
+        );
+        self.config_with_data(file, &data, vocab)
+    }
+
+    /// Writes a tiny dense config named `file` that mixes the `(shards, weight)` sets of shards
+    /// as `[[data.sources]]`, each with its val.
+    pub fn mixture_config(&self, file: &str, sources: &[(&str, f64)], vocab: usize) -> PathBuf {
+        let mut tables = String::new();
+        for (shards, weight) in sources {
+            tables += &format!(
+                "\n[[data.sources]]\ntrain = \"shards/{shards}_train_*.bin\"\nval = \"shards/{shards}_val_*.bin\"\nweight = {weight:?}\n"
+            );
+        }
+        self.config_with_data(file, &tables, vocab)
+    }
+
+    /// Writes a tiny dense config named `file` with `data` (TOML: train and val keys, or
+    /// `[[data.sources]]` tables) after the `[data]` keys every test config shares.
+    pub fn config_with_data(&self, file: &str, data: &str, vocab: usize) -> PathBuf {
         let text = format!(
             r#"# tiny end-to-end test config
 [run]
@@ -246,9 +269,8 @@ seed = 0
 device = "cpu"
 
 [data]
-train = "shards/{shards}_train_*.bin"
-val = "shards/{shards}_val_*.bin"
 seq_len = 16
+{data}
 
 [model]
 vocab_size = {vocab}
