@@ -1,20 +1,171 @@
 #!/usr/bin/env bash
 # motrain vs PyTorch on the same config, measured back to back in one run (idle machine!).
-# Usage: scripts/bench_vs_torch.sh [CONFIG] [STEPS] [ROUNDS]
-# Needs a venv with torch: python3 -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch numpy safetensors
+#
+# Prints the CPU model and the SIMD flags found in /proc/cpuinfo, then for each round runs, in
+# this order:
+#   - motrain f32 on each SIMD path (forced with MOTRAIN_SIMD=portable|avx2|avx512; default: every
+#     path this CPU supports: portable always, avx2 with avx2+fma, avx512 with avx512f+bw+cd+dq+vl);
+#   - PyTorch f32 (scripts/torch_baseline.py bench, --threads T);
+#   - PyTorch with torch.autocast("cpu", dtype=torch.bfloat16) around forward+loss (f32 master
+#     weights and AdamW).
+# Rounds alternate all rows, so a machine whose speed drifts hurts them alike. After each round a
+# table with tokens/s, peak RSS and the ratio to the PyTorch f32 row of the same round; at the end
+# the median of each column over the rounds.
+# motrain has no accelerated bf16 CPU path yet (run.dtype = "bf16" is not fast), so it runs f32 only.
+#
+# Usage: scripts/bench_vs_torch.sh [--config C] [--steps N] [--warmup W] [--rounds R]
+#            [--simd "portable avx2 avx512"] [--torch "f32 bf16"] [--threads T]
+#            [--bin PATH] [--set key=value]...
+#   --config   TOML config (default configs/bench-dense.toml)
+#   --steps    timed steps per row (default 10), --warmup untimed steps before them (default 2)
+#   --rounds   rounds (default 2)
+#   --simd     motrain SIMD paths to run (default: all the CPU supports; "" runs none)
+#   --torch    PyTorch rows: f32 and/or bf16 (default "f32 bf16"; "" runs none)
+#   --threads  PyTorch intra-op threads (default: all cores, as motrain uses)
+#   --bin      motrain binary (default: cargo build --release, then target/release/motrain)
+#   --set      config override, passed to both (e.g. --set data.seq_len=2048)
+# Environment: TORCH_PYTHON (default /work/venv-torch/bin/python), a Python with torch, numpy and
+# safetensors: python3 -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch numpy safetensors
+# Needs python3 (system) for the JSON and the tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-config=${1:-configs/bench-dense.toml}
-steps=${2:-10}
-rounds=${3:-2}
+
+config=configs/bench-dense.toml
+steps=10
+warmup=2
+rounds=2
+simd=auto
+torch_modes="f32 bf16"
+threads=$(nproc)
+bin=
+sets=()
 py=${TORCH_PYTHON:-/work/venv-torch/bin/python}
-cargo build --release -q
-for r in $(seq "$rounds"); do
-  m=$(./target/release/motrain bench --config "$config" --steps "$steps" --warmup 2 2>/dev/null | tail -1)
-  t=$("$py" scripts/torch_baseline.py bench --config "$config" --steps "$steps" --warmup 2 --threads 2 2>/dev/null | tail -1)
-  python3 - "$m" "$t" <<'PY'
-import json, sys
-m, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"motrain {m['tokens_per_s']:.0f} tok/s | pytorch {t['tokens_per_s']:.0f} tok/s | ratio {m['tokens_per_s'] / t['tokens_per_s']:.2f}")
-PY
+
+usage() { sed -n '/^# Usage:/,/^# Needs/p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    --config) config=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    --warmup) warmup=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --simd) simd=$2; shift 2 ;;
+    --torch) torch_modes=$2; shift 2 ;;
+    --threads) threads=$2; shift 2 ;;
+    --bin) bin=$2; shift 2 ;;
+    --set) sets+=(--set "$2"); shift 2 ;;
+    -h|--help) usage 0 ;;
+    *) echo "error: unknown argument $1" >&2; usage 2 >&2 ;;
+  esac
 done
+
+# --- CPU and SIMD paths --------------------------------------------------------------------------
+cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
+[ -n "$cpu" ] || cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+flags=" $(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -1) "
+has() { for f in "$@"; do case $flags in *" $f "*) ;; *) return 1 ;; esac; done; }
+supported=portable
+has avx2 fma && supported="$supported avx2"
+has avx512f avx512bw avx512cd avx512dq avx512vl && supported="$supported avx512"
+found=
+for f in sse4_2 fma avx2 avx512f avx512bw avx512cd avx512dq avx512vl avx512_vnni avx512_bf16 amx_tile amx_bf16; do
+  has "$f" && found="$found $f"
+done
+[ "$simd" = auto ] && simd=$supported
+
+if [ -z "$bin" ]; then
+  cargo build --release -q
+  bin=./target/release/motrain
+fi
+if [ -n "$torch_modes" ] && ! "$py" -c 'import torch' 2>/dev/null; then
+  echo "error: $py cannot import torch (set TORCH_PYTHON, or --torch \"\" for motrain only)" >&2
+  exit 2
+fi
+
+echo "== motrain vs PyTorch: $config ${sets[*]:-}"
+echo "   $steps steps (warmup $warmup) per row, $rounds round(s), PyTorch threads $threads, motrain all $(nproc) cores"
+echo "CPU:        $cpu ($(nproc) cores)"
+echo "CPU flags:  ${found# }"
+echo "SIMD paths: supported: $supported; running: ${simd:-none}"
+[ -n "$torch_modes" ] && echo "PyTorch:    $("$py" -c 'import torch; print(torch.__version__, "ATen CPU capability", torch.backends.cpu.get_cpu_capability())')"
+echo "motrain:    $bin"
+
+# --- runs ----------------------------------------------------------------------------------------
+results=$(mktemp)   # one line per row: round impl precision path json-or-error
+errlog=$(mktemp)
+trap 'rm -f "$results" "$errlog"' EXIT
+
+# record ROUND IMPL PREC PATH -- CMD...: runs CMD, keeps the last stdout line (JSON) or the error
+record() {
+  local round=$1 impl=$2 prec=$3 path=$4; shift 5
+  local out rc=0
+  echo "   [$(date +%T)] round $round: $impl $prec $path" >&2
+  out=$("$@" 2>"$errlog" | tail -1) || rc=$?
+  if [ "$rc" -ne 0 ] || [ "${out#\{}" = "$out" ]; then
+    out="error (exit $rc): $(grep -m1 '^error' "$errlog" || tail -1 "$errlog")"
+    echo "   $impl $prec $path: $out" >&2
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$impl" "$prec" "$path" "$out" >>"$results"
+}
+
+# report ROUND|median: a table of the rows of one round, or the medians over all rounds
+report() {
+  python3 - "$results" "$1" <<'PY'
+import json, statistics, sys
+path, which = sys.argv[1], sys.argv[2]
+rows = []
+for line in open(path):
+    r, impl, prec, simd, out = line.rstrip("\n").split("\t", 4)
+    j = json.loads(out) if out.startswith("{") else None
+    rows.append({"round": r, "key": (impl, prec, simd), "json": j, "err": out if j is None else ""})
+ref = {r["round"]: r["json"]["tokens_per_s"] for r in rows
+       if r["key"] == ("pytorch", "f32", "-") and r["json"]}
+def ratio(r):
+    return r["json"]["tokens_per_s"] / ref[r["round"]] if r["json"] and r["round"] in ref else None
+keys = list(dict.fromkeys(r["key"] for r in rows))
+hdr = f"{'impl':<8} {'precision':<12} {'simd':<9} {'tokens/s':>9} {'peak RSS MiB':>13} {'vs torch f32':>13}"
+fmt = lambda v, f: "n/a" if v is None else format(v, f)
+if which == "median":
+    n = len({r["round"] for r in rows})
+    print(f"\nmedian over {n} round(s) (ratio: median of the per-round ratios)")
+    print(hdr)
+    for k in keys:
+        ok = [r for r in rows if r["key"] == k and r["json"]]
+        tps = statistics.median(r["json"]["tokens_per_s"] for r in ok) if ok else None
+        rss = statistics.median(r["json"]["peak_rss_bytes"] / 2**20 for r in ok) if ok else None
+        rat = [x for x in map(ratio, ok) if x is not None]
+        med = statistics.median(rat) if rat else None
+        prec = "bf16-autocast" if k[1] == "bf16" else k[1]
+        spread = f"   (tokens/s {min(r['json']['tokens_per_s'] for r in ok):.0f}..{max(r['json']['tokens_per_s'] for r in ok):.0f})" if len(ok) > 1 else ""
+        print(f"{k[0]:<8} {prec:<12} {k[2]:<9} {fmt(tps, '9.0f'):>9} {fmt(rss, '13.0f'):>13} {fmt(med, '12.2f') + ('x' if med else ''):>13}{spread}")
+else:
+    print(f"\nround {which}")
+    print(hdr)
+    for r in rows:
+        if r["round"] != which:
+            continue
+        impl, prec, simd = r["key"]
+        prec = "bf16-autocast" if prec == "bf16" else prec
+        if r["json"] is None:
+            print(f"{impl:<8} {prec:<12} {simd:<9} {r['err']}")
+            continue
+        j, rt = r["json"], ratio(r)
+        print(f"{impl:<8} {prec:<12} {simd:<9} {j['tokens_per_s']:9.0f} {j['peak_rss_bytes'] / 2**20:13.0f} {fmt(rt, '12.2f') + ('x' if rt else ''):>13}")
+PY
+}
+
+skip_torch=" "   # torch modes that failed with a usage/config error (exit 2): not retried
+for r in $(seq "$rounds"); do
+  for s in $simd; do
+    record "$r" motrain f32 "$s" -- env MOTRAIN_SIMD="$s" "$bin" bench --config "$config" \
+      --steps "$steps" --warmup "$warmup" "${sets[@]}"
+  done
+  for m in $torch_modes; do
+    case $skip_torch in *" $m "*) continue ;; esac
+    ac=none; [ "$m" = bf16 ] && ac=bf16
+    record "$r" pytorch "$m" - -- "$py" scripts/torch_baseline.py bench --config "$config" \
+      --steps "$steps" --warmup "$warmup" --threads "$threads" --device cpu --autocast "$ac" "${sets[@]}"
+    case $(tail -1 "$results") in *"error (exit 2)"*) skip_torch="$skip_torch$m " ;; esac
+  done
+  report "$r"
+done
+report median

@@ -13,7 +13,8 @@ and a helper for tests:
 
 Usage:
   python scripts/torch_baseline.py bench --config configs/bench-dense.toml \
-      [--set key=value ...] [--steps N] [--warmup W] [--threads T] [--adamw fused|foreach|forloop]
+      [--set key=value ...] [--steps N] [--warmup W] [--threads T] [--adamw fused|foreach|forloop] \
+      [--autocast none|bf16]
   python scripts/torch_baseline.py eval --checkpoint RUN_OR_CKPT_DIR [--data GLOB] \
       [--batches N] [--batch-size B] [--dtype f32|f64] [--threads T]
   python scripts/torch_baseline.py make-checkpoint --config FILE [--set ...] --out RUN_DIR \
@@ -31,6 +32,11 @@ Notes:
     lr from the config's schedule), zero_grad(set_to_none=True). Default AdamW implementation:
     fused (fastest on CPU: ~7 ms per optimizer step on bench-dense against ~30 ms for
     foreach/for-loop, torch 2.15, 2 cores).
+  * bench --autocast bf16 (CPU or CUDA): forward and loss under torch.autocast(device,
+    dtype=torch.bfloat16) -- matmuls in bf16, the log-softmax/CE in f32 -- while the master
+    weights, gradients and AdamW state stay f32 (mixed precision, not a bf16 model). The JSON
+    then says "autocast": "bf16"; "peak_rss_bytes" is getrusage's ru_maxrss of this process.
+    `run.dtype` = "bf16" in a config means the same thing and needs CUDA.
   * With OpenMP, PyTorch degrades badly when another process competes for the cores
     (e.g. 2 threads on a 2-core machine during a cargo build); benchmark on an idle machine.
   * RoPE follows HF Llama exactly: inv_freq, angles and cos/sin in f32, even with --dtype f64
@@ -46,6 +52,7 @@ import glob as globmod
 import json
 import math
 import os
+import resource
 import sys
 import time
 import tomllib
@@ -653,6 +660,19 @@ def set_threads(n: int | None) -> int:
     return n
 
 
+def cpu_capability() -> str:
+    """The ATen CPU kernel level this torch dispatches to (e.g. AVX512, AVX2, DEFAULT)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        return "unknown"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -696,9 +716,11 @@ class Trainer:
         for _ in range(self.accum):
             x, y = self.data.batch(self.micro)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # forward + loss under autocast (loss_fn upcasts the logits, so the CE is f32 either way);
+            # backward and the optimizer run outside it, on the f32 master weights
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.model(x)
-            loss = loss_fn(logits, y) / self.accum
+                loss = loss_fn(logits, y) / self.accum
             loss.backward()
             total += loss.detach()
         gnorm = None
@@ -734,12 +756,13 @@ def cmd_bench(args) -> None:
     model = build_model(cfg, device)
     model.train()
     params = model.num_params()
-    trainer = Trainer(model, cfg, data, device, args.adamw, cfg["run"]["dtype"] == "bf16")
+    autocast = args.autocast == "bf16" or cfg["run"]["dtype"] == "bf16"
+    trainer = Trainer(model, cfg, data, device, args.adamw, autocast)
     tokens_per_step = t["batch_size"] * d["seq_len"]
     log(
-        f"torch {torch.__version__} on {device}, {threads} thread(s); {params:,} params; "
+        f"torch {torch.__version__} on {device} ({cpu_capability()}), {threads} thread(s); {params:,} params; "
         f"batch {t['batch_size']} (micro {t['micro_batch_size']}) x seq {d['seq_len']} = {tokens_per_step} tokens/step; "
-        f"AdamW impl: {args.adamw}"
+        f"AdamW impl: {args.adamw}; autocast: {'bf16' if autocast else 'none'}"
     )
     for i in range(args.warmup):
         t0 = time.perf_counter()
@@ -774,7 +797,12 @@ def cmd_bench(args) -> None:
         "params": params,
         "device": str(device),
         "adamw": args.adamw,
+        "autocast": "bf16" if autocast else "none",
+        "cpu_capability": cpu_capability(),
         "tokens_per_step": tokens_per_step,
+        "seq_len": d["seq_len"],
+        "batch_size": t["batch_size"],
+        "peak_rss_bytes": peak_rss_bytes(),
         "final_loss": losses[-1],
     }
     print(json.dumps(out), flush=True)
@@ -999,6 +1027,8 @@ def main(argv=None) -> int:
     b.add_argument("--device", default=None, help="override run.device (auto|cpu|cuda|cuda:N)")
     b.add_argument("--adamw", choices=("fused", "foreach", "forloop"), default="fused",
                    help="torch.optim.AdamW implementation (default fused: fastest on CPU, ~7 ms vs ~30 ms per step for foreach/forloop on bench-dense)")
+    b.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="bf16: forward and loss under torch.autocast(device, dtype=torch.bfloat16); weights and AdamW stay f32")
 
     e = sub.add_parser("eval", help="eval loss of a motrain checkpoint")
     e.add_argument("--checkpoint", required=True)

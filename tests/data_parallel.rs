@@ -34,7 +34,10 @@ fn train_args<'a>(config: &'a str, name: &'a str, extra: &'a [String]) -> Vec<&'
 /// One rank with micro-batches of B/2 and two ranks with the same settings: the same losses.
 fn check_equivalence(kind: &str, model: &[&str]) {
     let f = Fixture::new();
-    let config = f.config();
+    check_equivalence_on(&f, &f.config(), kind, model);
+}
+
+fn check_equivalence_on(f: &Fixture, config: &Path, kind: &str, model: &[&str]) {
     let config = config.to_str().unwrap();
     let mut common: Vec<String> = model.iter().map(|s| s.to_string()).collect();
     common.extend(
@@ -86,6 +89,14 @@ fn two_ranks_equal_one_rank_moe_with_dropped_tokens() {
             "model.moe.capacity_factor=0.5",
         ],
     );
+}
+
+#[test]
+fn two_ranks_equal_one_rank_on_a_mixture_of_sources() {
+    let f = Fixture::new();
+    f.shards("noise", &random_tokens(3000, 64, 5), &random_tokens(600, 64, 6));
+    let config = f.mixture_config("mix.toml", &[("tiny", 0.7), ("noise", 0.3)], 64);
+    check_equivalence_on(&f, &config, "mixture", &[]);
 }
 
 #[test]
