@@ -10,7 +10,9 @@
 #     weights and AdamW).
 # Rounds alternate all rows, so a machine whose speed drifts hurts them alike. After each round a
 # table with tokens/s, peak RSS and the ratio to the PyTorch f32 row of the same round; at the end
-# the median of each column over the rounds.
+# the median of each column over the rounds. The "other CPU" column is the CPU time that other
+# processes used while the row ran, in % of all cores (from /proc/stat minus this row's own
+# CPU time): a row with more than a few % was disturbed (PyTorch's OpenMP threads suffer most).
 # motrain has no accelerated bf16 CPU path yet (run.dtype = "bf16" is not fast), so it runs f32 only.
 #
 # Usage: scripts/bench_vs_torch.sh [--config C] [--steps N] [--warmup W] [--rounds R]
@@ -90,21 +92,37 @@ echo "SIMD paths: supported: $supported; running: ${simd:-none}"
 echo "motrain:    $bin"
 
 # --- runs ----------------------------------------------------------------------------------------
-results=$(mktemp)   # one line per row: round impl precision path json-or-error
+results=$(mktemp)   # one line per row: round impl precision path other-cpu-% json-or-error
 errlog=$(mktemp)
-trap 'rm -f "$results" "$errlog"' EXIT
+timesf=$(mktemp)
+trap 'rm -f "$results" "$errlog" "$timesf"' EXIT
+hz=$(getconf CLK_TCK)
+ncpu=$(nproc)
+# busy jiffies of the whole machine (user nice system irq softirq steal)
+machine_busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+# CPU seconds of this shell's finished children, into $child_cpu (the `times` builtin must run in
+# this shell: in a $(subshell) it would see only the subshell's children)
+children_cpu() {
+  times >"$timesf"
+  child_cpu=$(awk 'NR == 2 { for (i = 1; i <= 2; i++) { f = $i; sub(/s$/, "", f); split(f, a, "m"); t += a[1] * 60 + a[2] } print t }' "$timesf")
+}
 
 # record ROUND IMPL PREC PATH -- CMD...: runs CMD, keeps the last stdout line (JSON) or the error
 record() {
   local round=$1 impl=$2 prec=$3 path=$4; shift 5
   local out rc=0
   echo "   [$(date +%T)] round $round: $impl $prec $path" >&2
+  local busy0 cpu0 wall0 busy1 cpu1 wall1 other
+  busy0=$(machine_busy); children_cpu; cpu0=$child_cpu; wall0=$(date +%s.%N)
   out=$("$@" 2>"$errlog" | tail -1) || rc=$?
+  busy1=$(machine_busy); children_cpu; cpu1=$child_cpu; wall1=$(date +%s.%N)
+  other=$(awk -v b="$((busy1 - busy0))" -v hz="$hz" -v c0="$cpu0" -v c1="$cpu1" -v w0="$wall0" -v w1="$wall1" -v n="$ncpu" \
+    'BEGIN { o = (b / hz - (c1 - c0)) / ((w1 - w0) * n) * 100; printf "%.0f", o < 0 ? 0 : o }')
   if [ "$rc" -ne 0 ] || [ "${out#\{}" = "$out" ]; then
     out="error (exit $rc): $(grep -m1 '^error' "$errlog" || tail -1 "$errlog")"
     echo "   $impl $prec $path: $out" >&2
   fi
-  printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$impl" "$prec" "$path" "$out" >>"$results"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$impl" "$prec" "$path" "$other" "$out" >>"$results"
 }
 
 # report ROUND|median: a table of the rows of one round, or the medians over all rounds
@@ -114,15 +132,15 @@ import json, statistics, sys
 path, which = sys.argv[1], sys.argv[2]
 rows = []
 for line in open(path):
-    r, impl, prec, simd, out = line.rstrip("\n").split("\t", 4)
+    r, impl, prec, simd, other, out = line.rstrip("\n").split("\t", 5)
     j = json.loads(out) if out.startswith("{") else None
-    rows.append({"round": r, "key": (impl, prec, simd), "json": j, "err": out if j is None else ""})
+    rows.append({"round": r, "key": (impl, prec, simd), "other": int(other), "json": j, "err": out if j is None else ""})
 ref = {r["round"]: r["json"]["tokens_per_s"] for r in rows
        if r["key"] == ("pytorch", "f32", "-") and r["json"]}
 def ratio(r):
     return r["json"]["tokens_per_s"] / ref[r["round"]] if r["json"] and r["round"] in ref else None
 keys = list(dict.fromkeys(r["key"] for r in rows))
-hdr = f"{'impl':<8} {'precision':<12} {'simd':<9} {'tokens/s':>9} {'peak RSS MiB':>13} {'vs torch f32':>13}"
+hdr = f"{'impl':<8} {'precision':<13} {'simd':<9} {'tokens/s':>9} {'peak RSS MiB':>13} {'vs torch f32':>13} {'other CPU':>10}"
 fmt = lambda v, f: "n/a" if v is None else format(v, f)
 if which == "median":
     n = len({r["round"] for r in rows})
@@ -136,7 +154,8 @@ if which == "median":
         med = statistics.median(rat) if rat else None
         prec = "bf16-autocast" if k[1] == "bf16" else k[1]
         spread = f"   (tokens/s {min(r['json']['tokens_per_s'] for r in ok):.0f}..{max(r['json']['tokens_per_s'] for r in ok):.0f})" if len(ok) > 1 else ""
-        print(f"{k[0]:<8} {prec:<12} {k[2]:<9} {fmt(tps, '9.0f'):>9} {fmt(rss, '13.0f'):>13} {fmt(med, '12.2f') + ('x' if med else ''):>13}{spread}")
+        busy = max((r["other"] for r in rows if r["key"] == k), default=0)
+        print(f"{k[0]:<8} {prec:<13} {k[2]:<9} {fmt(tps, '9.0f'):>9} {fmt(rss, '13.0f'):>13} {fmt(med, '12.2f') + ('x' if med else ''):>13} {f'max {busy}%':>10}{spread}")
 else:
     print(f"\nround {which}")
     print(hdr)
@@ -146,10 +165,10 @@ else:
         impl, prec, simd = r["key"]
         prec = "bf16-autocast" if prec == "bf16" else prec
         if r["json"] is None:
-            print(f"{impl:<8} {prec:<12} {simd:<9} {r['err']}")
+            print(f"{impl:<8} {prec:<13} {simd:<9} {r['err']}")
             continue
         j, rt = r["json"], ratio(r)
-        print(f"{impl:<8} {prec:<12} {simd:<9} {j['tokens_per_s']:9.0f} {j['peak_rss_bytes'] / 2**20:13.0f} {fmt(rt, '12.2f') + ('x' if rt else ''):>13}")
+        print(f"{impl:<8} {prec:<13} {simd:<9} {j['tokens_per_s']:9.0f} {j['peak_rss_bytes'] / 2**20:13.0f} {fmt(rt, '12.2f') + ('x' if rt else ''):>13} {str(r['other']) + '%':>10}")
 PY
 }
 
