@@ -4,9 +4,10 @@
 # and finite differences, on the portable path), `train` runs and names the portable path, and
 # forcing a path the CPU lacks is a clear error (exit 2), never an illegal instruction.
 set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
 cd "$(dirname "$0")/.."
 [ "$(uname -m)" = x86_64 ] || { echo "portable-check: x86-64 only, skipped"; exit 0; }
-command -v qemu-x86_64 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user
+command -v qemu-x86_64 >/dev/null || { apt-get install -y -qq qemu-user || { apt-get update -q && apt-get install -y -qq qemu-user; }; }
 old_cpu() { qemu-x86_64 -cpu Nehalem "$@"; }
 
 cargo build --release --quiet

@@ -4,11 +4,12 @@
 # differences) and a tiny training run under qemu-aarch64. Takes ~15 min cold on 2 cores.
 # Usage: scripts/aarch64_check.sh   (needs rustup's aarch64-unknown-linux-gnu target)
 set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
 cd "$(dirname "$0")/.."
 target=aarch64-unknown-linux-gnu
 rustup target add "$target"
 command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null \
-  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+  || { apt-get install -y -qq gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user || { apt-get update -q && apt-get install -y -qq gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; }; }
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"

@@ -10,15 +10,24 @@ use tokenizers::{AddedToken, TokenizerBuilder};
 pub const EOT: &str = "<|endoftext|>";
 
 pub enum Tokenizer {
-    Gpt2(&'static tiktoken_rs::CoreBPE),
+    /// An instance of its own: threads that share one contend for its regex's scratch pool.
+    Gpt2(Box<tiktoken_rs::CoreBPE>),
     Hf(Box<tokenizers::Tokenizer>, u32),
+}
+
+fn gpt2() -> Result<Tokenizer, DataError> {
+    let bpe = tiktoken_rs::r50k_base().map_err(|e| DataError::Tokenizer {
+        path: PathBuf::from("gpt2"),
+        message: format!("building GPT-2's BPE: {e}"),
+    })?;
+    Ok(Tokenizer::Gpt2(Box::new(bpe)))
 }
 
 impl Tokenizer {
     /// `gpt2` or the path of a HF tokenizer.json.
     pub fn load(spec: &str) -> Result<Tokenizer, DataError> {
         if spec == "gpt2" {
-            return Ok(Tokenizer::Gpt2(tiktoken_rs::r50k_base_singleton()));
+            return gpt2();
         }
         let path = Path::new(spec);
         if !path.is_file() {
@@ -39,6 +48,16 @@ impl Tokenizer {
                 message: format!("has no end-of-text token (looked for {EOT}, </s>, <eos>)"),
             })?;
         Ok(Tokenizer::Hf(Box::new(tok), eot))
+    }
+
+    /// Another instance for another thread. Sharing one GPT-2 BPE across threads sends every
+    /// regex search through the slow path of a shared scratch pool: a third of `prepare`'s time
+    /// on 2 threads went there.
+    pub fn for_thread(&self) -> Result<Tokenizer, DataError> {
+        match self {
+            Tokenizer::Gpt2(_) => gpt2(),
+            Tokenizer::Hf(t, eot) => Ok(Tokenizer::Hf(t.clone(), *eot)),
+        }
     }
 
     pub fn eot(&self) -> u32 {

@@ -334,6 +334,8 @@ impl Pipeline<'_> {
         } else {
             opts.threads
         };
+        let tokenizers: Vec<Tokenizer> =
+            (0..threads).map(|_| self.tok.for_thread()).collect::<Result<_, _>>()?;
         let reader = DocReader::new(files, opts.read.clone());
         let budget = Budget::new(opts.in_flight_bytes.max(1));
         let resume = [writers[0].progress.next_doc, writers[1].progress.next_doc];
@@ -344,14 +346,13 @@ impl Pipeline<'_> {
         let (read_result, write_result) = std::thread::scope(|s| {
             let budget = &budget;
             let reading = s.spawn(move || read_chunks(reader, chunk_tx, budget, opts, resume));
-            for _ in 0..threads {
+            for tok in tokenizers {
                 let enc_tx = enc_tx.clone();
                 let chunk_rx = &chunk_rx;
-                let tok = self.tok;
                 s.spawn(move || loop {
                     let next = chunk_rx.lock().map(|rx| rx.recv());
                     let Ok(Ok(chunk)) = next else { break };
-                    if enc_tx.send(encode(tok, chunk)).is_err() {
+                    if enc_tx.send(encode(&tok, chunk)).is_err() {
                         break;
                     }
                 });
