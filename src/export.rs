@@ -132,7 +132,7 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
         "intermediate_size": m.d_ff,
         "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_heads,
+        "num_key_value_heads": m.kv_heads(),
         "vocab_size": m.vocab_size,
         "max_position_embeddings": m.max_seq_len,
         "rms_norm_eps": m.norm_eps,
@@ -307,8 +307,14 @@ mod tests {
 
     #[test]
     fn llama_export_matches_candle_transformers() {
-        for tied in [false, true] {
-            let (cfg, model, tensors) = tiny(|c| c.tie_embeddings = tied);
+        // The last case is grouped-query attention: 4 query heads on 2 key/value heads.
+        for (tied, kv) in [(false, None), (true, None), (false, Some(2))] {
+            let (cfg, model, tensors) = tiny(|c| {
+                c.tie_embeddings = tied;
+                if kv.is_some() {
+                    (c.n_heads, c.n_kv_heads) = (4, kv);
+                }
+            });
             assert_eq!(architecture(&cfg), Ok(Architecture::Llama));
             let hf = hf_tensors(&cfg, Architecture::Llama, &tensors).unwrap();
             let vb = VarBuilder::from_tensors(hf, DType::F32, &Device::Cpu);
@@ -321,8 +327,8 @@ mod tests {
                     .unwrap();
             let theirs = stepwise(|x, i| llama.forward(x, i, &mut cache).unwrap());
             let d = max_diff(&ours(&model), &theirs);
-            eprintln!("llama (tied {tied}): max |Δlogit| = {d:.2e}");
-            assert!(d < 1e-4, "llama (tied {tied}): max |Δlogit| = {d}");
+            eprintln!("llama (tied {tied}, kv heads {kv:?}): max |Δlogit| = {d:.2e}");
+            assert!(d < 1e-4, "llama (tied {tied}, kv heads {kv:?}): max |Δlogit| = {d}");
         }
     }
 

@@ -122,9 +122,14 @@ mod tests {
     use candle_core::Device;
 
     fn model(ffn: FfnKind) -> Transformer {
-        let text = "[run]\nname='t'\n[data]\ntrain='x'\nseq_len=24\n[train]\nbatch_size=4\n[model]\nvocab_size=50\nd_model=16\nn_layers=2\nn_heads=2\nd_ff=32\n[model.mot]\nn_experts=4\ngroup_size=2\n";
+        model_with(ffn, None)
+    }
+
+    /// A tiny model of 4 query heads on `kv_heads` key/value heads (4 when `None`).
+    fn model_with(ffn: FfnKind, kv_heads: Option<usize>) -> Transformer {
+        let text = "[run]\nname='t'\n[data]\ntrain='x'\nseq_len=24\n[train]\nbatch_size=4\n[model]\nvocab_size=50\nd_model=16\nn_layers=2\nn_heads=4\nd_ff=32\n[model.mot]\nn_experts=4\ngroup_size=2\n";
         let mut cfg = Config::from_toml_str(text, "test").unwrap().model;
-        cfg.ffn = ffn;
+        (cfg.ffn, cfg.n_kv_heads) = (ffn, kv_heads);
         // A larger init than training uses, so the untrained model has opinions to sample.
         let mut p = Params::new(&Device::Cpu, 1, 1.0);
         let m = Transformer::new(&cfg, &mut p).unwrap();
@@ -149,14 +154,16 @@ mod tests {
 
     #[test]
     fn cached_and_uncached_decoding_give_the_same_tokens() {
-        for (ffn, samples) in [
-            (FfnKind::Dense, 1),
-            (FfnKind::Dense, 3),
-            (FfnKind::Moe, 2),
-            (FfnKind::Mot, 4),
-            (FfnKind::Pesc, 2),
+        for (ffn, samples, kv_heads) in [
+            (FfnKind::Dense, 1, None),
+            (FfnKind::Dense, 3, None),
+            (FfnKind::Dense, 2, Some(2)),
+            (FfnKind::Dense, 2, Some(1)),
+            (FfnKind::Moe, 2, None),
+            (FfnKind::Mot, 4, Some(2)),
+            (FfnKind::Pesc, 2, None),
         ] {
-            let m = model(ffn);
+            let m = model_with(ffn, kv_heads);
             for t in [0.0, 1.0] {
                 let cached = generate(&m, &[1, 2, 3], &opts(t, samples, false), None, |_, _| {})
                     .unwrap()
@@ -164,7 +171,7 @@ mod tests {
                 let full = generate(&m, &[1, 2, 3], &opts(t, samples, true), None, |_, _| {})
                     .unwrap()
                     .samples;
-                assert_eq!(cached, full, "{ffn:?}, temperature {t}");
+                assert_eq!(cached, full, "{ffn:?}, kv heads {kv_heads:?}, temperature {t}");
                 assert!(cached.iter().all(|s| s.len() == 12));
             }
         }

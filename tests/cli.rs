@@ -1123,3 +1123,27 @@ fn gradient_accumulation_matches_one_big_batch() {
         );
     }
 }
+
+/// Grouped-query attention from the config: k and v project to fewer heads (the parameter
+/// count says by how much), the resolved config keeps the setting, the checkpoint evaluates,
+/// and a head count that does not divide is refused.
+#[test]
+fn grouped_query_attention_trains_evaluates_and_refuses_bad_head_counts() {
+    let f = Fixture::new();
+    let config = f.config();
+    let parameters = |name: &str, extra: &[&str]| -> usize {
+        let out = f.train(&config, name, &[&["model.n_heads=4", "train.steps=4"], extra].concat());
+        let first = out.ok().stdout.lines().next().unwrap().to_string();
+        first.split(" parameters").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (mha, gqa) = (parameters("mha", &[]), parameters("gqa", &["model.n_kv_heads=2"]));
+    // d_model 32, 2 blocks: k and v go from 32×32 to 16×32 each.
+    assert_eq!(mha - gqa, 2 * 2 * 16 * 32);
+    let resolved = std::fs::read_to_string(f.run_dir("gqa").join("config.toml")).unwrap();
+    assert!(resolved.contains("n_kv_heads = 2"), "{resolved}");
+    // The checkpoint loads back into a model of the same shape (generate's KV cache with
+    // grouped heads is held to uncached decoding in src/generate.rs).
+    f.run(&["eval", "--checkpoint", f.run_dir("gqa").to_str().unwrap()]).ok();
+    let bad = f.train(&config, "bad", &["model.n_heads=4", "model.n_kv_heads=3"]);
+    assert_bad_input(&bad, &["model.n_kv_heads", "divide"]);
+}

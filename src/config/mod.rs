@@ -174,6 +174,8 @@ mod tests {
             ("model.d_model=\"big\"", "model.d_model"),
             ("model.ffn_layers=[9]", "block 9"),
             ("run.dtype=\"bf16\"", "cuda"),
+            ("model.n_kv_heads=3", "must divide `model.n_heads` (4)"),
+            ("model.n_kv_heads=0", "model.n_kv_heads"),
         ] {
             let mut t: toml::Table = MIN.parse().unwrap();
             apply_override(&mut t, set).unwrap();

@@ -81,6 +81,9 @@ pub struct ModelConfig {
     pub d_model: usize,
     pub n_layers: usize,
     pub n_heads: usize,
+    /// Key/value heads for grouped-query attention; unset = `n_heads` (multi-head attention).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_kv_heads: Option<usize>,
     pub d_ff: usize,
     pub norm: Norm,
     pub position: Position,
@@ -107,6 +110,7 @@ impl Default for ModelConfig {
             d_model: 128,
             n_layers: 4,
             n_heads: 4,
+            n_kv_heads: None,
             d_ff: 512,
             norm: Norm::Rmsnorm,
             position: Position::Rope,
@@ -459,6 +463,11 @@ impl Default for TrainConfig {
 }
 
 impl ModelConfig {
+    /// Key/value heads: `n_kv_heads`, or one per query head.
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
     /// For each block, whether it gets `model.ffn` (true) or keeps a dense FFN.
     pub fn ffn_layer_mask(&self) -> Result<Vec<bool>, String> {
         let n = self.n_layers;

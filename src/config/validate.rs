@@ -68,6 +68,14 @@ impl Config {
                 m.d_model, m.n_heads
             ));
         }
+        if let Some(kv) = m.n_kv_heads {
+            if kv == 0 || !m.n_heads.is_multiple_of(kv) {
+                return Err(format!(
+                    "`model.n_kv_heads` ({kv}) must divide `model.n_heads` ({}): each key/value head serves a whole group of query heads",
+                    m.n_heads
+                ));
+            }
+        }
         if m.position == Position::Rope && !(m.d_model / m.n_heads).is_multiple_of(2) {
             return Err(format!(
                 "rope needs an even head width, got d_model/n_heads = {}",

@@ -12,11 +12,12 @@ pub struct Attention {
     v: Linear,
     o: Linear,
     n_heads: usize,
+    n_kv_heads: usize,
     head_dim: usize,
     rope: Option<RopeTables>,
 }
 
-/// Keys and values of the positions seen so far, `[B, T, H, dh]` each.
+/// Keys and values of the positions seen so far, `[B, T, KVH, dh]` each.
 #[derive(Default, Clone)]
 pub struct KvCache {
     pub k: Option<Tensor>,
@@ -35,18 +36,21 @@ impl KvCache {
 
 impl Attention {
     pub fn new(
-        p: &mut Params, prefix: &str, d: usize, n_heads: usize, bias: bool,
+        p: &mut Params, prefix: &str, d: usize, (n_heads, n_kv_heads): (usize, usize), bias: bool,
         rope: Option<RopeTables>,
     ) -> Result<Attention> {
-        let lin =
-            |p: &mut Params, n: &str| Linear::new(p, &format!("{prefix}.{n}_proj"), d, d, bias);
+        let head_dim = d / n_heads;
+        let lin = |p: &mut Params, n: &str, out: usize| {
+            Linear::new(p, &format!("{prefix}.{n}_proj"), out, d, bias)
+        };
         Ok(Attention {
-            q: lin(p, "q")?,
-            k: lin(p, "k")?,
-            v: lin(p, "v")?,
-            o: lin(p, "o")?,
+            q: lin(p, "q", d)?,
+            k: lin(p, "k", n_kv_heads * head_dim)?,
+            v: lin(p, "v", n_kv_heads * head_dim)?,
+            o: lin(p, "o", d)?,
             n_heads,
-            head_dim: d / n_heads,
+            n_kv_heads,
+            head_dim,
             rope,
         })
     }
@@ -55,16 +59,16 @@ impl Attention {
     pub fn forward(
         &self, x: &Tensor, b: usize, s: usize, cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (h, dh) = (self.n_heads, self.head_dim);
+        let (h, kvh, dh) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let offset = cache.as_ref().map_or(0, |c| c.len());
-        let heads = |l: &Linear| l.forward(x)?.reshape((b, s, h, dh)); // [B, S, H, dh]
+        let heads = |l: &Linear, n: usize| l.forward(x)?.reshape((b, s, n, dh)); // [B, S, n, dh]
         let rotate = |t: Tensor| match &self.rope {
             Some(tables) => rope(&t, tables, offset),
             None => Ok(t),
         };
-        let q = rotate(heads(&self.q)?)?;
-        let mut k = rotate(heads(&self.k)?)?;
-        let mut v = heads(&self.v)?;
+        let q = rotate(heads(&self.q, h)?)?;
+        let mut k = rotate(heads(&self.k, kvh)?)?;
+        let mut v = heads(&self.v, kvh)?;
         if let Some(c) = cache {
             if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
                 k = Tensor::cat(&[pk, &k], 1)?;

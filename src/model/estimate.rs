@@ -30,5 +30,7 @@ pub fn flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
     };
     let mask = cfg.ffn_layer_mask().unwrap_or_default();
     let ffn: f64 = mask.iter().map(|&sparse| if sparse { sparse_ffn } else { dense_ffn }).sum();
-    6.0 * (l * 4.0 * d * d + ffn + v * d) + 12.0 * l * d * seq_len as f64
+    // q and o are d×d; k and v d × (KVH · head width).
+    let kv = (cfg.kv_heads() * (cfg.d_model / cfg.n_heads)) as f64;
+    6.0 * (l * (2.0 * d * d + 2.0 * d * kv) + ffn + v * d) + 12.0 * l * d * seq_len as f64
 }

@@ -131,7 +131,7 @@ impl Transformer {
                 params,
                 &format!("{prefix}.self_attn"),
                 d,
-                cfg.n_heads,
+                (cfg.n_heads, cfg.kv_heads()),
                 cfg.bias == Bias::All,
                 rope.clone(),
             )?;

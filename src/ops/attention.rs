@@ -10,8 +10,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// `q [B, Sq, H, dh]`, `k, v [B, Sk, H, dh]` → `[B, Sq, H, dh]`. Query `i` sees keys
-/// `j ≤ i + Sk − Sq` (a cached prefix when `Sk > Sq`).
+/// `q [B, Sq, H, dh]`, `k, v [B, Sk, KVH, dh]` → `[B, Sq, H, dh]`. Query `i` sees keys
+/// `j ≤ i + Sk − Sq` (a cached prefix when `Sk > Sq`). With `KVH < H` (grouped-query
+/// attention; `KVH` divides `H`), query head `h` reads key/value head `h / (H / KVH)`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if fused(&[q, k, v]) {
         let op = Attention { scale: scale as f32, lse: Mutex::new(None) };
@@ -24,10 +25,16 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 pub fn causal_attention_reference(
     q: &Tensor, k: &Tensor, v: &Tensor, scale: f64,
 ) -> Result<Tensor> {
+    // Each key/value head repeated for the query heads that read it: [B, Sk, H, dh].
+    let repeat = |t: &Tensor| -> Result<Tensor> {
+        let (b, s, kvh, dh) = t.dims4()?;
+        let g = q.dim(2)? / kvh;
+        t.unsqueeze(3)?.broadcast_as((b, s, kvh, g, dh))?.contiguous()?.reshape((b, s, kvh * g, dh))
+    };
     let (q, k, v) = (
         q.transpose(1, 2)?.contiguous()?,
-        k.transpose(1, 2)?.contiguous()?,
-        v.transpose(1, 2)?.contiguous()?,
+        repeat(k)?.transpose(1, 2)?.contiguous()?,
+        repeat(v)?.transpose(1, 2)?.contiguous()?,
     );
     let scores = (q.matmul(&k.t()?)? * scale)?; // [B, H, Sq, Sk]
     let (sq, sk) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
@@ -101,15 +108,19 @@ struct Dims {
     b: usize,
     sq: usize,
     sk: usize,
+    /// Query heads, and key/value heads (fewer with grouped-query attention: query head `i`
+    /// reads key/value head `i / (h / kvh)`).
     h: usize,
+    kvh: usize,
     dh: usize,
 }
 
 impl Dims {
     fn of(ql: &Layout, kl: &Layout, vl: &Layout) -> Result<Dims> {
         let (b, sq, h, dh) = ql.shape().dims4()?;
-        let (b2, sk, h2, dh2) = kl.shape().dims4()?;
-        if (b2, h2, dh2) != (b, h, dh) || vl.shape() != kl.shape() || sk < sq {
+        let (b2, sk, kvh, dh2) = kl.shape().dims4()?;
+        let grouped = kvh > 0 && h.is_multiple_of(kvh);
+        if (b2, dh2) != (b, dh) || !grouped || vl.shape() != kl.shape() || sk < sq {
             candle_core::bail!(
                 "attention: q {:?}, k {:?}, v {:?}",
                 ql.shape(),
@@ -117,17 +128,19 @@ impl Dims {
                 vl.shape()
             );
         }
-        Ok(Dims { b, sq, sk, h, dh })
+        Ok(Dims { b, sq, sk, h, kvh, dh })
     }
 
-    /// Offset of row 0 of head `h` in batch `b` of a `[B, S, H, dh]` tensor with S rows.
-    fn head(&self, s: usize, bi: usize, hi: usize) -> usize {
-        (bi * s * self.h + hi) * self.dh
+    /// A view of query head `hi` of batch `bi` in a `[B, Sq, H, dh]` tensor at `base`.
+    fn q_head(&self, base: usize, bi: usize, hi: usize) -> View {
+        let off = (bi * self.sq * self.h + hi) * self.dh;
+        View((base as *const f32).wrapping_add(off), (self.h * self.dh) as isize, 1)
     }
 
-    /// Row stride of one head's `[S, dh]` view.
-    fn rs(&self) -> isize {
-        (self.h * self.dh) as isize
+    /// A view of the key/value head that query head `hi` reads, in a `[B, Sk, KVH, dh]` tensor.
+    fn kv_head(&self, base: usize, bi: usize, hi: usize) -> View {
+        let off = (bi * self.sk * self.kvh + hi / (self.h / self.kvh)) * self.dh;
+        View((base as *const f32).wrapping_add(off), (self.kvh * self.dh) as isize, 1)
     }
 }
 
@@ -166,16 +179,16 @@ impl CustomOp3 for Attention {
             |tile, t| {
                 let (bh, i0) = (t / blocks, (t % blocks) * BQ);
                 let (bi, hi) = (bh / d.h, bh % d.h);
-                let (qo, ko) = (d.head(d.sq, bi, hi), d.head(d.sk, bi, hi));
                 let rows = BQ.min(d.sq - i0);
-                let row0 = qo + i0 * d.h * d.dh;
+                let addr = |t: &[f32]| t.as_ptr() as usize;
                 // SAFETY: the views stay inside q/k/v/out by construction of the offsets and
                 // strides; each task writes only its own rows of `out` and of `lse`.
                 unsafe {
                     let lse = std::slice::from_raw_parts_mut(lse_ptr.at(bh * d.sq + i0), rows);
-                    let rows = Rows { i0, n: rows, q: View(q[row0..].as_ptr(), d.rs(), 1) };
-                    let kv = (View(k[ko..].as_ptr(), d.rs(), 1), View(v[ko..].as_ptr(), d.rs(), 1));
-                    let o = View(out_ptr.at(row0), d.rs(), 1);
+                    let q = d.q_head(addr(q), bi, hi).row(i0);
+                    let kv = (d.kv_head(addr(k), bi, hi), d.kv_head(addr(v), bi, hi));
+                    let o = d.q_head(out_ptr.at(0) as usize, bi, hi).row(i0);
+                    let rows = Rows { i0, n: rows, q };
                     simd::run(
                         #[inline(always)]
                         || forward_rows(&d, self.scale, &rows, kv, o, lse, tile),
@@ -235,13 +248,13 @@ unsafe fn forward_rows(
     d: &Dims, scale: f32, rows: &Rows, (k, v): (View, View), o: View, lse: &mut [f32],
     tile: &mut [f32],
 ) {
-    let (dh, rs) = (d.dh, d.rs());
+    let dh = d.dh;
     let (mut max, mut sum) = ([f32::NEG_INFINITY; BQ], [0f32; BQ]);
     let keys = d.keys_for(rows.i0 + rows.n);
     for j0 in (0..keys).step_by(BK) {
         let bk = BK.min(keys - j0);
-        let kj = View(k.0.wrapping_offset(j0 as isize * rs), 1, rs); // Kᵀ of the block: [dh, bk]
-                                                                     // SAFETY: as the caller guarantees; `tile` holds BQ×BK ≥ n×bk floats.
+        let kj = k.row(j0).t(); // Kᵀ of the block: [dh, bk]
+                                // SAFETY: as the caller guarantees; `tile` holds BQ×BK ≥ n×bk floats.
         unsafe { gemm_raw(rows.n, bk, dh, View(tile.as_ptr(), bk as isize, 1), false, rows.q, kj) };
         for r in 0..rows.n {
             let row = &mut tile[r * bk..(r + 1) * bk];
@@ -262,9 +275,10 @@ unsafe fn forward_rows(
                 out.iter_mut().for_each(|x| *x *= rescale);
             }
         }
-        let vj = View(v.0.wrapping_offset(j0 as isize * rs), rs, 1);
         // SAFETY: as above. O += P·V over this block of keys.
-        unsafe { gemm_raw(rows.n, dh, bk, o, true, View(tile.as_ptr(), bk as isize, 1), vj) };
+        unsafe {
+            gemm_raw(rows.n, dh, bk, o, true, View(tile.as_ptr(), bk as isize, 1), v.row(j0))
+        };
     }
     for r in 0..rows.n {
         // SAFETY: as above.
@@ -279,6 +293,16 @@ impl View {
     /// Row `r` of a row-major view, as a mutable pointer.
     fn at_row(&self, r: usize) -> *mut f32 {
         self.0.wrapping_offset(r as isize * self.1) as *mut f32
+    }
+
+    /// The view from row `r` on.
+    fn row(self, r: usize) -> View {
+        View(self.at_row(r), self.1, self.2)
+    }
+
+    /// The transpose.
+    fn t(self) -> View {
+        View(self.0, self.2, self.1)
     }
 }
 
@@ -298,29 +322,30 @@ fn attention_bwd(t: [&Tensor; 5], lse: &[f32], scale: f32) -> Result<Tensor> {
     let mut out = vec![0f32; nq + 2 * nk];
     // An address, not a pointer, so that the tasks may share it: each writes its own head's rows.
     let base = out.as_mut_ptr() as usize;
-    // One task per head: its key blocks collect gradients from every query block.
-    (0..d.b * d.h).into_par_iter().for_each_init(
+    let at = |n: usize| (base as *const f32).wrapping_add(n) as usize;
+    let (dk, dv) = (at(nq), at(nq + nk));
+    let group = d.h / d.kvh;
+    // One task per key/value head: its key blocks collect gradients from every query block of
+    // every query head that reads it.
+    (0..d.b * d.kvh).into_par_iter().for_each_init(
         || (vec![0f32; BQ * BK], vec![0f32; BQ * BK], vec![0f32; d.sq]),
-        |(p, ds, dot), bh| {
-            let (bi, hi) = (bh / d.h, bh % d.h);
-            let (qo, ko) = (d.head(d.sq, bi, hi), d.head(d.sk, bi, hi));
-            let at =
-                |ptr: usize, off: usize| View((ptr as *const f32).wrapping_add(off), d.rs(), 1);
-            let inputs = [
-                at(ptrs[0], qo),
-                at(ptrs[1], ko),
-                at(ptrs[2], ko),
-                at(ptrs[3], qo),
-                at(ptrs[4], qo),
-            ];
-            let grads = [at(base, qo), at(base, nq + ko), at(base, nq + nk + ko)];
-            let lse = &lse[bh * d.sq..(bh + 1) * d.sq];
-            // SAFETY: the views stay inside their tensors by construction of the offsets and
-            // strides; each task writes only its own head's rows of dq/dk/dv.
-            simd::run(
-                #[inline(always)]
-                || unsafe { backward_head(&d, scale, inputs, grads, lse, (p, ds, dot)) },
-            );
+        |(p, ds, dot), t| {
+            let bi = t / d.kvh;
+            for hi in (t % d.kvh) * group..(t % d.kvh + 1) * group {
+                let qh = |ptr: usize| d.q_head(ptr, bi, hi);
+                let kvh = |ptr: usize| d.kv_head(ptr, bi, hi);
+                let inputs = [qh(ptrs[0]), kvh(ptrs[1]), kvh(ptrs[2]), qh(ptrs[3]), qh(ptrs[4])];
+                let grads = [qh(base), kvh(dk), kvh(dv)];
+                let bh = bi * d.h + hi;
+                let lse = &lse[bh * d.sq..(bh + 1) * d.sq];
+                // SAFETY: the views stay inside their tensors by construction of the offsets and
+                // strides; each task writes only the rows of its own key/value head and of the
+                // query heads that read it.
+                simd::run(
+                    #[inline(always)]
+                    || unsafe { backward_head(&d, scale, inputs, grads, lse, (p, ds, dot)) },
+                );
+            }
         },
     );
     Tensor::from_vec(out, nq + 2 * nk, t[0].device())
@@ -337,8 +362,8 @@ unsafe fn backward_head(
     d: &Dims, scale: f32, [q, k, v, o, g]: [View; 5], [dq, dk, dv]: [View; 3], lse: &[f32],
     (p, ds, dot): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
-    let (dh, rs) = (d.dh, d.rs());
-    let row = |view: View, i: usize| View(view.0.wrapping_offset(i as isize * rs), rs, 1);
+    let dh = d.dh;
+    let row = |view: View, i: usize| view.row(i);
     for (i, x) in dot.iter_mut().enumerate() {
         // SAFETY: row i of dO and O is inside the head.
         let (gi, oi) = unsafe {
@@ -355,7 +380,7 @@ unsafe fn backward_head(
         for j0 in (0..keys).step_by(BK) {
             let bk = BK.min(keys - j0);
             let (pv, dsv) = (View(p.as_ptr(), bk as isize, 1), View(ds.as_ptr(), bk as isize, 1));
-            let kt = View(row(k, j0).0, 1, rs);
+            let kt = row(k, j0).t();
             // SAFETY (all gemm calls): the views cover the rows of this block pair; p and ds
             // hold BQ×BK ≥ n×bk floats.
             unsafe { gemm_raw(n, bk, dh, pv, false, row(q, i0), kt) };
@@ -368,7 +393,7 @@ unsafe fn backward_head(
             }
             let pt = View(p.as_ptr(), 1, bk as isize);
             unsafe { gemm_raw(bk, dh, n, row(dv, j0), true, pt, row(g, i0)) };
-            unsafe { gemm_raw(n, bk, dh, dsv, false, row(g, i0), View(row(v, j0).0, 1, rs)) };
+            unsafe { gemm_raw(n, bk, dh, dsv, false, row(g, i0), row(v, j0).t()) };
             for r in 0..n {
                 let c = dot[i0 + r];
                 let (pr, dr) = (&p[r * bk..(r + 1) * bk], &mut ds[r * bk..(r + 1) * bk]);
@@ -429,6 +454,30 @@ mod tests {
             &[q, k, v],
             |t| causal_attention(&t[0], &t[1], &t[2], 0.4),
             |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.4),
+        );
+    }
+
+    /// Grouped-query attention: two and four query heads per key/value head, over more than
+    /// one block, with a cached prefix.
+    #[test]
+    fn grouped_query_heads_share_key_value_heads() {
+        for kvh in [2, 1] {
+            let q = randn(&[2, BQ + 9, 4, 8], 40);
+            let (k, v) = (randn(&[2, BQ + 20, kvh, 8], 41), randn(&[2, BQ + 20, kvh, 8], 42));
+            check_grads(
+                &[q, k, v],
+                |t| causal_attention(&t[0], &t[1], &t[2], 0.35),
+                |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.35),
+            );
+        }
+        // One key/value head per query head is plain multi-head attention.
+        let q = randn(&[1, 6, 2, 4], 43);
+        let (k, v) = (randn(&[1, 6, 1, 4], 44), randn(&[1, 6, 1, 4], 45));
+        let expanded = |t: &Tensor| Tensor::cat(&[t, t], 2).unwrap();
+        assert_close(
+            &causal_attention(&q, &k, &v, 0.5).unwrap(),
+            &causal_attention(&q, &expanded(&k), &expanded(&v), 0.5).unwrap(),
+            1e-6,
         );
     }
 
