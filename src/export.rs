@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
+    Qwen2,
     Mixtral,
     Qwen2Moe,
 }
@@ -29,6 +30,7 @@ impl Architecture {
     pub fn class(self) -> &'static str {
         match self {
             Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Mixtral => "MixtralForCausalLM",
             Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
         }
@@ -49,7 +51,7 @@ pub fn architecture(m: &ModelConfig) -> std::result::Result<Architecture, String
         (m.norm == Norm::Rmsnorm, "model.norm = \"rmsnorm\""),
         (m.position == Position::Rope, "model.position = \"rope\""),
         (m.activation == Activation::Swiglu, "model.activation = \"swiglu\""),
-        (m.bias == Bias::None, "model.bias = \"none\""),
+        (matches!(m.bias, Bias::None | Bias::Qkv), "model.bias = \"none\" (or \"qkv\")"),
         (m.final_norm, "model.final_norm = true"),
     ];
     if let Some((_, need)) = modern.iter().find(|(ok, _)| !ok) {
@@ -57,14 +59,18 @@ pub fn architecture(m: &ModelConfig) -> std::result::Result<Architecture, String
             "Hugging Face export covers the modern preset (Llama layout); this model lacks {need}"
         ));
     }
+    // Of the layouts we write, only the Qwen2 family has q/k/v biases.
+    let qkv_bias = m.bias == Bias::Qkv;
     match m.ffn {
+        FfnKind::Dense if qkv_bias => Ok(Architecture::Qwen2),
         FfnKind::Dense => Ok(Architecture::Llama),
         FfnKind::Moe => {
             if m.moe.routing != Routing::TokenChoice || m.moe.router != RouterKind::Linear {
                 return Err("Hugging Face MoE models route by token choice with a linear router; this model has model.moe.routing/router set otherwise".into());
             }
             let every_block = m.ffn_layer_mask()?.iter().all(|&b| b);
-            Ok(if every_block && m.moe.gate == Gate::SoftmaxTopk { Architecture::Mixtral } else { Architecture::Qwen2Moe })
+            let mixtral = every_block && m.moe.gate == Gate::SoftmaxTopk && !qkv_bias;
+            Ok(if mixtral { Architecture::Mixtral } else { Architecture::Qwen2Moe })
         }
         FfnKind::Mot => Err("a Mixture of Tokens model has no Hugging Face counterpart: convert it with `motrain transition-tune` first".into()),
         FfnKind::Pesc => Err("PESC models have no Hugging Face counterpart".into()),
@@ -152,6 +158,10 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
         Architecture::Llama => {
             json!({"model_type": "llama", "attention_bias": false, "mlp_bias": false})
         }
+        Architecture::Qwen2 => json!({
+            "model_type": "qwen2", "use_sliding_window": false, "sliding_window": m.max_seq_len,
+            "max_window_layers": m.n_layers,
+        }),
         Architecture::Mixtral => json!({
             "model_type": "mixtral", "intermediate_size": f, "num_local_experts": m.moe.n_experts,
             "num_experts_per_tok": m.moe.top_k, "router_aux_loss_coef": m.moe.aux_loss_weight,
@@ -195,16 +205,17 @@ pub fn hf_tensors(
     let mask = m.ffn_layer_mask().map_err(anyhow::Error::msg)?;
     for (i, &sparse) in mask.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        if arch == Architecture::Qwen2Moe {
-            let d = m.d_model;
-            for proj in ["q", "k", "v"] {
-                out.insert(
-                    format!("{p}.self_attn.{proj}_proj.bias"),
-                    Tensor::zeros(d, DType::F32, &candle_core::Device::Cpu)?,
-                );
+        if matches!(arch, Architecture::Qwen2 | Architecture::Qwen2Moe) {
+            // The Qwen2 layout always has q/k/v biases: zeros where our model has none.
+            let kv = m.kv_heads() * (m.d_model / m.n_heads);
+            for (proj, width) in [("q", m.d_model), ("k", kv), ("v", kv)] {
+                let name = format!("{p}.self_attn.{proj}_proj.bias");
+                if let std::collections::hash_map::Entry::Vacant(e) = out.entry(name) {
+                    e.insert(Tensor::zeros(width, DType::F32, &candle_core::Device::Cpu)?);
+                }
             }
         }
-        if !sparse || arch == Architecture::Llama {
+        if !sparse || matches!(arch, Architecture::Llama | Architecture::Qwen2) {
             continue;
         }
         let (gate, up, down) = (
@@ -246,7 +257,9 @@ pub fn hf_tensors(
         }
     }
     if out.keys().any(|k| {
-        k.contains(".mlp.router.") || k.contains(".mlp.experts.gate") && arch == Architecture::Llama
+        k.contains(".mlp.router.")
+            || k.contains(".mlp.experts.gate")
+                && matches!(arch, Architecture::Llama | Architecture::Qwen2)
     }) {
         bail!("internal: unconverted tensors left");
     }
@@ -263,12 +276,17 @@ mod tests {
     fn tiny(
         modify: impl Fn(&mut ModelConfig),
     ) -> (ModelConfig, Transformer, HashMap<String, Tensor>) {
+        let (cfg, model, p) = tiny_params(modify);
+        (cfg, model, p.tensors())
+    }
+
+    fn tiny_params(modify: impl Fn(&mut ModelConfig)) -> (ModelConfig, Transformer, Params) {
         let text = "[run]\nname='t'\n[data]\ntrain='x'\nseq_len=12\n[model]\nvocab_size=40\nd_model=16\nn_layers=2\nn_heads=2\nd_ff=24\n";
         let mut cfg = Config::from_toml_str(text, "test").unwrap().model;
         modify(&mut cfg);
         let mut p = Params::new(&Device::Cpu, 7, 1.0);
         let model = Transformer::new(&cfg, &mut p).unwrap();
-        (cfg, model, p.tensors())
+        (cfg, model, p)
     }
 
     const IDS: [u32; 9] = [3, 17, 5, 39, 0, 22, 8, 8, 31];
@@ -329,6 +347,34 @@ mod tests {
             let d = max_diff(&ours(&model), &theirs);
             eprintln!("llama (tied {tied}, kv heads {kv:?}): max |Δlogit| = {d:.2e}");
             assert!(d < 1e-4, "llama (tied {tied}, kv heads {kv:?}): max |Δlogit| = {d}");
+        }
+    }
+
+    /// Qwen2: biases on q, k and v only (random here, so that they count), untied with grouped
+    /// heads and tied with one key/value head per query head.
+    #[test]
+    fn qwen2_export_matches_candle_transformers() {
+        for (tied, kv) in [(false, Some(2)), (true, None)] {
+            let (cfg, model, p) = tiny_params(|c| {
+                (c.bias, c.tie_embeddings, c.n_heads, c.n_kv_heads) = (Bias::Qkv, tied, 4, kv);
+            });
+            assert_eq!(architecture(&cfg), Ok(Architecture::Qwen2));
+            let biases: Vec<_> = p.iter().filter(|(n, _)| n.ends_with("_proj.bias")).collect();
+            assert_eq!(biases.len(), 2 * 3, "q, k and v of 2 blocks");
+            for (i, (_, v)) in biases.into_iter().enumerate() {
+                v.set(&crate::ops::testing::randn(v.dims(), 50 + i as u64)).unwrap();
+            }
+            let tensors = p.tensors();
+            let hf = hf_tensors(&cfg, Architecture::Qwen2, &tensors).unwrap();
+            let vb = VarBuilder::from_tensors(hf, DType::F32, &Device::Cpu);
+            let qc: candle_transformers::models::qwen2::Config =
+                serde_json::from_value(config_json(&cfg, Architecture::Qwen2)).unwrap();
+            let mut qwen =
+                candle_transformers::models::qwen2::ModelForCausalLM::new(&qc, vb).unwrap();
+            let theirs = stepwise(|x, i| qwen.forward(x, i).unwrap());
+            let d = max_diff(&ours(&model), &theirs);
+            eprintln!("qwen2 (tied {tied}, kv heads {kv:?}): max |Δlogit| = {d:.2e}");
+            assert!(d < 1e-4, "qwen2 (tied {tied}, kv heads {kv:?}): max |Δlogit| = {d}");
         }
     }
 

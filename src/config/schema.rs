@@ -232,6 +232,8 @@ pub enum Activation {
 pub enum Bias {
     None,
     Ffn,
+    /// On the q, k and v projections only (Qwen2).
+    Qkv,
     All,
 }
 

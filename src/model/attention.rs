@@ -2,6 +2,7 @@
 
 use super::layers::Linear;
 use super::params::Params;
+use crate::config::Bias;
 use crate::ops::attention::causal_attention;
 use crate::ops::rope::{rope, RopeTables};
 use candle_core::{Result, Tensor};
@@ -36,18 +37,19 @@ impl KvCache {
 
 impl Attention {
     pub fn new(
-        p: &mut Params, prefix: &str, d: usize, (n_heads, n_kv_heads): (usize, usize), bias: bool,
+        p: &mut Params, prefix: &str, d: usize, (n_heads, n_kv_heads): (usize, usize), bias: Bias,
         rope: Option<RopeTables>,
     ) -> Result<Attention> {
         let head_dim = d / n_heads;
-        let lin = |p: &mut Params, n: &str, out: usize| {
+        let qkv_bias = matches!(bias, Bias::Qkv | Bias::All);
+        let lin = |p: &mut Params, n: &str, out: usize, bias: bool| {
             Linear::new(p, &format!("{prefix}.{n}_proj"), out, d, bias)
         };
         Ok(Attention {
-            q: lin(p, "q", d)?,
-            k: lin(p, "k", n_kv_heads * head_dim)?,
-            v: lin(p, "v", n_kv_heads * head_dim)?,
-            o: lin(p, "o", d)?,
+            q: lin(p, "q", d, qkv_bias)?,
+            k: lin(p, "k", n_kv_heads * head_dim, qkv_bias)?,
+            v: lin(p, "v", n_kv_heads * head_dim, qkv_bias)?,
+            o: lin(p, "o", d, bias == Bias::All)?,
             n_heads,
             n_kv_heads,
             head_dim,

@@ -132,7 +132,7 @@ impl Transformer {
                 &format!("{prefix}.self_attn"),
                 d,
                 (cfg.n_heads, cfg.kv_heads()),
-                cfg.bias == Bias::All,
+                cfg.bias,
                 rope.clone(),
             )?;
             let norm2 = Norm::new(
@@ -374,6 +374,13 @@ mod tests {
             c.activation = Activation::Relu;
             c.bias = Bias::Ffn;
             c.final_norm = false;
+        }));
+    }
+
+    #[test]
+    fn qkv_biases_and_grouped_query_gradients() {
+        check_model(tiny(|c| {
+            (c.bias, c.n_heads, c.n_kv_heads) = (Bias::Qkv, 4, Some(2));
         }));
     }
 
