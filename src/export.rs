@@ -143,6 +143,7 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
         "max_position_embeddings": m.max_seq_len,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
+        "rope_scaling": m.rope_scaling,
         "hidden_act": "silu",
         "tie_word_embeddings": m.tie_embeddings,
         "torch_dtype": "float32",
@@ -325,12 +326,20 @@ mod tests {
 
     #[test]
     fn llama_export_matches_candle_transformers() {
-        // The last case is grouped-query attention: 4 query heads on 2 key/value heads.
+        // The last case is Llama 3's: 4 query heads on 2 key/value heads and its RoPE scaling,
+        // set so that one frequency is blended and one divided.
         for (tied, kv) in [(false, None), (true, None), (false, Some(2))] {
             let (cfg, model, tensors) = tiny(|c| {
                 c.tie_embeddings = tied;
                 if kv.is_some() {
                     (c.n_heads, c.n_kv_heads) = (4, kv);
+                    c.rope_scaling = Some(crate::config::RopeScaling {
+                        rope_type: crate::config::RopeScalingKind::Llama3,
+                        factor: 8.0,
+                        low_freq_factor: Some(1.0),
+                        high_freq_factor: Some(4.0),
+                        original_max_position_embeddings: Some(16),
+                    });
                 }
             });
             assert_eq!(architecture(&cfg), Ok(Architecture::Llama));

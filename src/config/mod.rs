@@ -176,6 +176,9 @@ mod tests {
             ("run.dtype=\"bf16\"", "cuda"),
             ("model.n_kv_heads=3", "must divide `model.n_heads` (4)"),
             ("model.n_kv_heads=0", "model.n_kv_heads"),
+            ("model.rope_scaling={rope_type=\"linear\", factor=0}", "factor"),
+            ("model.rope_scaling={rope_type=\"llama3\", factor=8}", "low_freq_factor"),
+            ("model.rope_scaling={rope_type=\"yarn\", factor=8}", "rope_scaling"),
         ] {
             let mut t: toml::Table = MIN.parse().unwrap();
             apply_override(&mut t, set).unwrap();

@@ -89,6 +89,9 @@ pub struct ModelConfig {
     pub position: Position,
     pub max_seq_len: usize,
     pub rope_theta: f64,
+    /// Longer contexts from RoPE: Hugging Face's `rope_scaling` (linear or Llama 3's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     pub norm_eps: f64,
     pub activation: Activation,
     pub bias: Bias,
@@ -116,6 +119,7 @@ impl Default for ModelConfig {
             position: Position::Rope,
             max_seq_len: 0,
             rope_theta: 10000.0,
+            rope_scaling: None,
             norm_eps: 1e-5,
             activation: Activation::Swiglu,
             bias: Bias::None,
@@ -225,6 +229,29 @@ pub enum Activation {
     Swiglu,
     Gelu,
     Relu,
+}
+
+/// `model.rope_scaling`, with the keys and meaning of `rope_scaling` in a Hugging Face
+/// `config.json`: `linear` divides every frequency by `factor`; `llama3` (Llama 3.1) divides
+/// the low frequencies by `factor`, keeps the high ones and blends those between.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    pub rope_type: RopeScalingKind,
+    pub factor: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub low_freq_factor: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub high_freq_factor: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeScalingKind {
+    Linear,
+    Llama3,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

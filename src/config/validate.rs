@@ -91,6 +91,9 @@ impl Config {
         if !(m.norm_eps > 0.0) {
             return Err(format!("`model.norm_eps` must be > 0, got {}", m.norm_eps));
         }
+        if let Some(s) = &m.rope_scaling {
+            s.validate()?;
+        }
         if !(m.rope_theta > 0.0) {
             return Err(format!("`model.rope_theta` must be > 0, got {}", m.rope_theta));
         }
@@ -332,4 +335,27 @@ fn estimated_elements(m: &ModelConfig) -> f64 {
         _ => 0.0,
     };
     2.0 * v * d + t * d + l * (4.0 * d * d + 3.0 * d * f * experts + adapters)
+}
+
+impl RopeScaling {
+    /// `factor` > 0; Llama 3's kind also needs `0 < low_freq_factor < high_freq_factor` and
+    /// `original_max_position_embeddings`.
+    fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.factor > 0.0) {
+            return Err(format!("`model.rope_scaling.factor` must be > 0, got {}", self.factor));
+        }
+        if self.rope_type == RopeScalingKind::Llama3 {
+            let (Some(low), Some(high), Some(_)) = (
+                self.low_freq_factor,
+                self.high_freq_factor,
+                self.original_max_position_embeddings,
+            ) else {
+                return Err("`model.rope_scaling` of rope_type \"llama3\" needs low_freq_factor, high_freq_factor and original_max_position_embeddings".into());
+            };
+            if !(low > 0.0 && high > low) {
+                return Err(format!("`model.rope_scaling`: need 0 < low_freq_factor < high_freq_factor, got {low} and {high}"));
+            }
+        }
+        Ok(())
+    }
 }

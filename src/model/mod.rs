@@ -117,7 +117,8 @@ impl Transformer {
         };
         let rope = match cfg.position {
             Position::Rope => {
-                Some(RopeTables::new(d / cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)?)
+                let scaling = cfg.rope_scaling.as_ref();
+                Some(RopeTables::new(d / cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, scaling)?)
             }
             Position::Learned => None,
         };

@@ -42,7 +42,7 @@ fn attention_and_rope_agree_on_every_path() {
     same_on_every_path("grouped-query attention", &gqa, |t| {
         attention::causal_attention(&t[0], &t[1], &t[2], 0.2)
     });
-    let tables = rope::RopeTables::new(40, 256, 10_000.0).unwrap();
+    let tables = rope::RopeTables::new(40, 256, 10_000.0, None).unwrap();
     same_on_every_path("rope", &qkv[..1], |t| rope::rope(&t[0], &tables, 3));
 }
 

@@ -2,11 +2,13 @@
 //! `[B, S, H, dh]` activations in place of layout.
 
 use super::{fused, simd, slice};
+use crate::config::{RopeScaling, RopeScalingKind};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// `cos`/`sin` of `pos · inv_freq_i`, `inv_freq_i = 1/θ^(2i/dh)` in f32, for `i < dh/2`.
+/// `cos`/`sin` of `pos · inv_freq_i`, `inv_freq_i = 1/θ^(2i/dh)` in f32 (then scaled, if
+/// asked, as Hugging Face scales it), for `i < dh/2`.
 #[derive(Clone)]
 pub struct RopeTables {
     pub half: usize,
@@ -15,10 +17,13 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    pub fn new(head_dim: usize, max_len: usize, theta: f64) -> Result<RopeTables> {
+    pub fn new(
+        head_dim: usize, max_len: usize, theta: f64, scaling: Option<&RopeScaling>,
+    ) -> Result<RopeTables> {
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| 1.0 / (theta as f32).powf(2.0 * i as f32 / head_dim as f32))
+            .map(|f| scaling.map_or(f, |s| scaled(f, s)))
             .collect();
         let n = max_len
             .checked_mul(half)
@@ -56,6 +61,29 @@ impl RopeTables {
             Tensor::from_vec(v, (len, 1, 2 * h), device)?.to_dtype(dtype)
         };
         Ok((take(&self.cos)?, take(&self.sin)?))
+    }
+}
+
+/// One inverse frequency under `rope_scaling`, computed in f32 as transformers does.
+fn scaled(freq: f32, s: &RopeScaling) -> f32 {
+    let factor = s.factor as f32;
+    match s.rope_type {
+        RopeScalingKind::Linear => freq / factor,
+        RopeScalingKind::Llama3 => {
+            // Validation guarantees these for llama3.
+            let (low, high) =
+                (s.low_freq_factor.unwrap_or(1.0) as f32, s.high_freq_factor.unwrap_or(4.0) as f32);
+            let old_len = s.original_max_position_embeddings.unwrap_or(8192) as f32;
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < old_len / high {
+                freq
+            } else if wavelen > old_len / low {
+                freq / factor
+            } else {
+                let smooth = (old_len / wavelen - low) / (high - low);
+                (1.0 - smooth) * freq / factor + smooth * freq
+            }
+        }
     }
 }
 
@@ -139,10 +167,32 @@ mod tests {
 
     #[test]
     fn rope_matches_reference_and_gradients() {
-        let t = RopeTables::new(8, 16, 10000.0).unwrap();
+        let t = RopeTables::new(8, 16, 10000.0, None).unwrap();
         let x = randn(&[2, 5, 3, 8], 1);
         assert_close(&rope(&x, &t, 3).unwrap(), &rope_reference(&x, &t, 3).unwrap(), 1e-6);
         let t2 = t.clone();
         check_grads(&[x], |v| rope(&v[0], &t, 3), move |v| rope_reference(&v[0], &t2, 3));
+    }
+
+    /// Linear scaling by 2 halves every frequency exactly, so position 2p of the scaled tables
+    /// is position p of the plain ones.
+    #[test]
+    fn linear_scaling_stretches_positions() {
+        use crate::config::{RopeScaling, RopeScalingKind};
+        let s = RopeScaling {
+            rope_type: RopeScalingKind::Linear,
+            factor: 2.0,
+            low_freq_factor: None,
+            high_freq_factor: None,
+            original_max_position_embeddings: None,
+        };
+        let (plain, scaled) = (
+            RopeTables::new(8, 32, 500.0, None).unwrap(),
+            RopeTables::new(8, 32, 500.0, Some(&s)).unwrap(),
+        );
+        for p in 0..16 {
+            assert_eq!(scaled.cos[2 * p * 4..(2 * p + 1) * 4], plain.cos[p * 4..(p + 1) * 4]);
+            assert_eq!(scaled.sin[2 * p * 4..(2 * p + 1) * 4], plain.sin[p * 4..(p + 1) * 4]);
+        }
     }
 }
