@@ -12,7 +12,11 @@ old_cpu() { qemu-x86_64 -cpu Nehalem "$@"; }
 
 cargo build --release --quiet
 lib_tests=$(cargo test --release --lib --no-run 2>&1 | grep -o 'target/release/deps/motrain-[0-9a-f]*' | head -1)
-old_cpu "$lib_tests" -q
+# Three tests re-run their own binary to send it signals; under qemu-user a child once hung
+# waiting for its own SIGINT (qemu's signal delivery, not ours: they pass natively above), so
+# they are left out here.
+old_cpu "$lib_tests" -q --skip dist::watchdog::tests::a_hung_collective \
+  --skip dist::watchdog::tests::collectives_that --skip signals::tests::one_sigint
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
