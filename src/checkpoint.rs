@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 pub enum CheckpointError {
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error(transparent)]
     RunDir(#[from] RunDirError),
     /// Saving failed (disk full, unwritable directory): not the user's input at fault.
@@ -28,7 +28,7 @@ impl CheckpointError {
         CheckpointError::Invalid { path: path.to_path_buf(), message: message.into() }
     }
     fn io(path: &Path, source: std::io::Error) -> CheckpointError {
-        CheckpointError::Io { path: path.to_path_buf(), source }
+        CheckpointError::Io { path: path.to_path_buf(), error: source }
     }
 }
 

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     /// The directory cannot be used as asked (locked, or holding checkpoints).
     #[error("{path}: {message}")]
     Unusable { path: PathBuf, message: String },
@@ -18,7 +18,7 @@ pub enum RunDirError {
 type Result<T> = std::result::Result<T, RunDirError>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + '_ {
-    move |source| RunDirError::Io { path: path.to_path_buf(), source }
+    move |source| RunDirError::Io { path: path.to_path_buf(), error: source }
 }
 
 pub fn config_path(run_dir: &Path) -> PathBuf {

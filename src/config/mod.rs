@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 /// Everything that can be wrong with a config file or an override.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{origin}: malformed TOML: {message}")]
     Syntax { origin: String, message: String },
     #[error("{origin}: {message}")]
@@ -31,7 +31,7 @@ impl Config {
     /// Reads a config file, applies `--set` overrides, resolves paths and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+            .map_err(|source| ConfigError::Io { path: path.to_path_buf(), error: source })?;
         let origin = path.display().to_string();
         let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             ConfigError::Syntax { origin: origin.clone(), message: one_line(&e.to_string()) }

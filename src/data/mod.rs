@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {message}")]
     Shard { path: PathBuf, message: String },
     #[error("glob {pattern:?}: {message}")]
@@ -44,7 +44,7 @@ pub enum DataError {
 impl From<crate::run_dir::RunDirError> for DataError {
     fn from(e: crate::run_dir::RunDirError) -> DataError {
         match e {
-            crate::run_dir::RunDirError::Io { path, source } => DataError::Io { path, source },
+            crate::run_dir::RunDirError::Io { path, error } => DataError::Io { path, error },
             e => DataError::Invalid(e.to_string()),
         }
     }
@@ -52,6 +52,6 @@ impl From<crate::run_dir::RunDirError> for DataError {
 
 impl DataError {
     pub fn io(path: &Path, source: std::io::Error) -> DataError {
-        DataError::Io { path: path.to_path_buf(), source }
+        DataError::Io { path: path.to_path_buf(), error: source }
     }
 }
