@@ -413,6 +413,15 @@ mod tests {
     use super::*;
     use crate::ops::testing::{assert_close, check_grads, randn};
 
+    /// The fused op's gradients against its reference (see `check_grads`).
+    fn check_attention_grads(qkv: &[Tensor], scale: f64) {
+        check_grads(
+            qkv,
+            |t| causal_attention(&t[0], &t[1], &t[2], scale),
+            |t| causal_attention_reference(&t[0], &t[1], &t[2], scale),
+        );
+    }
+
     #[test]
     fn attention_matches_reference_and_gradients() {
         let (q, k, v) = (randn(&[2, 5, 3, 4], 1), randn(&[2, 5, 3, 4], 2), randn(&[2, 5, 3, 4], 3));
@@ -421,11 +430,7 @@ mod tests {
             &causal_attention_reference(&q, &k, &v, 0.5).unwrap(),
             1e-5,
         );
-        check_grads(
-            &[q, k, v],
-            |t| causal_attention(&t[0], &t[1], &t[2], 0.5),
-            |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.5),
-        );
+        check_attention_grads(&[q, k, v], 0.5);
     }
 
     /// Several ragged blocks of queries and keys, so the online softmax carries across blocks
@@ -439,22 +444,14 @@ mod tests {
             &causal_attention_reference(q, k, v, 0.4).unwrap(),
             1e-5,
         );
-        check_grads(
-            &qkv,
-            |t| causal_attention(&t[0], &t[1], &t[2], 0.4),
-            |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.4),
-        );
+        check_attention_grads(&qkv, 0.4);
         // A cached prefix longer than a block: query i sees keys j <= i + 2·BK + 5.
         let (q, k, v) = (
             randn(&[1, BQ + 3, 2, 8], 30),
             randn(&[1, 3 * BK + 8, 2, 8], 31),
             randn(&[1, 3 * BK + 8, 2, 8], 32),
         );
-        check_grads(
-            &[q, k, v],
-            |t| causal_attention(&t[0], &t[1], &t[2], 0.4),
-            |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.4),
-        );
+        check_attention_grads(&[q, k, v], 0.4);
     }
 
     /// Grouped-query attention: two and four query heads per key/value head, over more than
@@ -464,11 +461,7 @@ mod tests {
         for kvh in [2, 1] {
             let q = randn(&[2, BQ + 9, 4, 8], 40);
             let (k, v) = (randn(&[2, BQ + 20, kvh, 8], 41), randn(&[2, BQ + 20, kvh, 8], 42));
-            check_grads(
-                &[q, k, v],
-                |t| causal_attention(&t[0], &t[1], &t[2], 0.35),
-                |t| causal_attention_reference(&t[0], &t[1], &t[2], 0.35),
-            );
+            check_attention_grads(&[q, k, v], 0.35);
         }
         // One key/value head per query head is plain multi-head attention.
         let q = randn(&[1, 6, 2, 4], 43);
