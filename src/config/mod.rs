@@ -165,6 +165,18 @@ mod tests {
         assert_eq!(c.train.betas, [0.8, 0.9]);
     }
 
+    /// The spec writes `type = "llama3"`; Hugging Face now writes `rope_type`: both load.
+    #[test]
+    fn rope_scaling_takes_the_spec_and_hf_key() {
+        for key in ["type", "rope_type"] {
+            let mut t: toml::Table = MIN.parse().unwrap();
+            let set = format!("model.rope_scaling={{{key}=\"llama3\", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192}}");
+            apply_override(&mut t, &set).unwrap();
+            let c = Config::from_table(t, "test").unwrap();
+            assert_eq!(c.model.rope_scaling.unwrap().rope_type, RopeScalingKind::Llama3);
+        }
+    }
+
     #[test]
     fn bad_values_are_rejected() {
         for (set, needle) in [
@@ -177,6 +189,7 @@ mod tests {
             ("model.n_kv_heads=3", "must divide `model.n_heads` (4)"),
             ("model.n_kv_heads=0", "model.n_kv_heads"),
             ("model.rope_scaling={rope_type=\"linear\", factor=0}", "factor"),
+            ("model.rope_scaling={type=\"linear\", factor=-1}", "factor"),
             ("model.rope_scaling={rope_type=\"llama3\", factor=8}", "low_freq_factor"),
             ("model.rope_scaling={rope_type=\"yarn\", factor=8}", "rope_scaling"),
         ] {

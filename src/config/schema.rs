@@ -237,6 +237,8 @@ pub enum Activation {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RopeScaling {
+    /// `type` is the spec's (and older HF configs') name for it.
+    #[serde(alias = "type")]
     pub rope_type: RopeScalingKind,
     pub factor: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
