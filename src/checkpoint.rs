@@ -154,6 +154,38 @@ pub fn save(
     run_dir: &Path, state: &TrainState, model: &HashMap<String, Tensor>,
     optimizer: &HashMap<String, Tensor>, keep: usize,
 ) -> Result<PathBuf> {
+    let fin = write_checkpoint(run_dir, state, |tmp| {
+        let m = tmp.join("model.safetensors");
+        candle_core::safetensors::save(model, &m)
+            .map_err(|e| CheckpointError::invalid(&m, e.to_string()))?;
+        let o = tmp.join("optimizer.safetensors");
+        candle_core::safetensors::save(optimizer, &o)
+            .map_err(|e| CheckpointError::invalid(&o, e.to_string()))?;
+        Ok(vec![m, o])
+    })?;
+    prune(&checkpoints_dir(run_dir), keep)?;
+    Ok(fin)
+}
+
+/// Writes a checkpoint whose `model.safetensors` the caller streams to the path it is given, and
+/// which holds no optimizer state: `motrain import`'s step 0, for a model too large to hold in
+/// memory twice. Like [`save`], the checkpoint appears whole or not at all.
+pub fn save_streamed(
+    run_dir: &Path, state: &TrainState, write_model: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<PathBuf> {
+    write_checkpoint(run_dir, state, |tmp| {
+        let m = tmp.join("model.safetensors");
+        write_model(&m).map_err(|e| CheckpointError::io(&m, e))?;
+        Ok(vec![m])
+    })
+}
+
+/// Creates `checkpoints/step-N` from a temporary directory that `write_tensors` fills (it
+/// returns the files it wrote), with `state.json` and the files' digests, then points `latest`
+/// at it.
+fn write_checkpoint(
+    run_dir: &Path, state: &TrainState, write_tensors: impl FnOnce(&Path) -> Result<Vec<PathBuf>>,
+) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).map_err(|e| CheckpointError::io(&root, e))?;
     remove_stale_temporaries(&root);
@@ -166,19 +198,14 @@ pub fn save(
     std::fs::create_dir_all(&tmp)
         .map_err(|e| CheckpointError::Write(Box::new(CheckpointError::io(&tmp, e))))?;
     let write = || -> Result<()> {
-        let m = tmp.join("model.safetensors");
-        candle_core::safetensors::save(model, &m)
-            .map_err(|e| CheckpointError::invalid(&m, e.to_string()))?;
-        let o = tmp.join("optimizer.safetensors");
-        candle_core::safetensors::save(optimizer, &o)
-            .map_err(|e| CheckpointError::invalid(&o, e.to_string()))?;
+        let files = write_tensors(&tmp)?;
         // Hashed from the files rather than from the tensors, so that the digest covers the bytes
-        // a later load reads, whatever serialisation candle chose.
+        // a later load reads, whatever serialisation wrote them.
         let mut digests = FileDigests {
             files_digest: Some(DIGEST_ALGORITHM.to_string()),
             files: BTreeMap::new(),
         };
-        for f in [&m, &o] {
+        for f in &files {
             let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             digests.files.insert(name, digest_file(f)?);
         }
@@ -186,7 +213,7 @@ pub fn save(
         let json = serde_json::to_string_pretty(&StateFile { state, digests: &digests })
             .expect("state serialises");
         std::fs::write(&s, json).map_err(|e| CheckpointError::io(&s, e))?;
-        for f in [&m, &o, &s] {
+        for f in files.iter().chain([&s]) {
             sync(f)?;
         }
         sync(&tmp)?;
@@ -204,7 +231,6 @@ pub fn save(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(CheckpointError::Write(Box::new(e)));
     }
-    prune(&root, keep)?;
     Ok(fin)
 }
 

@@ -51,6 +51,9 @@ enum Command {
         /// MoT: mix groups of this many sequences instead of the trained group size.
         #[arg(long)]
         group_size: Option<usize>,
+        /// Tokens per sequence (default: the run's data.seq_len; required for an imported run).
+        #[arg(long)]
+        seq_len: Option<usize>,
     },
     /// Sample text from a checkpoint with a KV cache; one sample streams as it is generated.
     Generate {
@@ -82,6 +85,16 @@ enum Command {
         /// Only `hf`.
         #[arg(long, default_value = "hf")]
         format: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A Hugging Face model folder (Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE; safetensors in
+    /// f32, f16 or bf16) as a run directory with a step-0 checkpoint and its tokenizer.json.
+    Import {
+        /// The folder: config.json, model.safetensors or model.safetensors.index.json and shards.
+        #[arg(long, value_name = "DIR")]
+        hf: PathBuf,
+        /// The run directory to create (must not exist, or be empty).
         #[arg(long)]
         out: PathBuf,
     },
@@ -227,6 +240,8 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
             || c.is::<DataError>()
             || c.is::<RunDirError>()
             || c.is::<crate::dist::DistError>()
+            || c.downcast_ref::<crate::import::ImportError>()
+                .is_some_and(|e| !matches!(e, crate::import::ImportError::Write(_)))
             || bad_checkpoint
             || c.is::<UsageError>()
     });
@@ -272,8 +287,35 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Eval { checkpoint, data, batches, batch_size, group_size } => {
-            eval(checkpoint, data, batches, batch_size, group_size)
+        Command::Eval { checkpoint, data, batches, batch_size, group_size, seq_len } => {
+            eval(checkpoint, data, batches, batch_size, group_size, seq_len)
+        }
+        Command::Import { hf, out } => {
+            let r = crate::import::import_hf(&hf, &out)?;
+            eprintln!(
+                "imported {} from {} ({} file(s), {}): {} parameters in {} tensors, written as f32",
+                r.architecture.class(),
+                hf.display(),
+                r.files,
+                r.dtypes.join(", "),
+                r.params,
+                r.tensors
+            );
+            for note in &r.notes {
+                eprintln!("note: {note}");
+            }
+            eprintln!(
+                "continue pretraining with: motrain train --config {} --init-from {} --set data.train='…' --set data.val='…'",
+                out.join("config.toml").display(),
+                out.display()
+            );
+            println!(
+                "{}",
+                json!({"out": r.out.display().to_string(), "architecture": r.architecture.class(), "params": r.params,
+                       "tensors": r.tensors, "files": r.files, "dtypes": r.dtypes,
+                       "tokenizer": r.tokenizer.map(|t| t.display().to_string()), "max_seq_len": r.config.model.max_seq_len})
+            );
+            Ok(())
         }
         Command::Generate {
             checkpoint,
@@ -583,11 +625,28 @@ fn generate(
 
 fn eval(
     path: PathBuf, data: Option<String>, batches: Option<usize>, batch_size: Option<usize>,
-    group_size: Option<usize>,
+    group_size: Option<usize>, seq_len: Option<usize>,
 ) -> Result<()> {
     let (ckpt, mut model) = checkpoint::load_model(&path)?;
     let (dir, state) = (ckpt.dir, ckpt.state);
-    let cfg = state.config.clone();
+    let mut cfg = state.config.clone();
+    // A run without data (an imported model) has no val shards and no context of its own.
+    if cfg.require_data().is_err() && (data.is_none() || seq_len.is_none()) {
+        return Err(UsageError(
+            "this run has no data yet (an imported model): pass --data GLOB (shards made with its tokenizer) and --seq-len N".into(),
+        )
+        .into());
+    }
+    if let Some(s) = seq_len {
+        if s == 0 || s > cfg.model.max_seq_len {
+            return Err(UsageError(format!(
+                "--seq-len {s}: must be between 1 and the model's context, max_seq_len = {}",
+                cfg.model.max_seq_len
+            ))
+            .into());
+        }
+        cfg.data.seq_len = s;
+    }
     if let Some(g) = group_size {
         if g == 0 {
             return Err(UsageError("--group-size must be at least 1".into()).into());

@@ -3,7 +3,8 @@
 //! - dense, modern preset → `LlamaForCausalLM` (our tensor names are already Llama's);
 //! - token-choice MoE with MoE in every block and `softmax_topk` gates → `MixtralForCausalLM`;
 //! - any other token-choice MoE with a linear router (either gate, MoE in some blocks, as
-//!   transition tuning produces) → `Qwen2MoeForCausalLM` with a zero-width shared expert.
+//!   transition tuning produces, or a shared expert) → `Qwen2MoeForCausalLM`, whose shared
+//!   expert is ours or, for a model without one, of width zero.
 //!
 //! Eval and generation are dropless, so the exported model computes exactly what ours does.
 
@@ -21,6 +22,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
+    /// Read by `import` (Llama's tensors and math); export writes such a model as Llama.
+    Mistral,
     Qwen2,
     Mixtral,
     Qwen2Moe,
@@ -30,10 +33,23 @@ impl Architecture {
     pub fn class(self) -> &'static str {
         match self {
             Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Mixtral => "MixtralForCausalLM",
             Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
         }
+    }
+
+    pub fn from_class(class: &str) -> Option<Architecture> {
+        [
+            Architecture::Llama,
+            Architecture::Mistral,
+            Architecture::Qwen2,
+            Architecture::Mixtral,
+            Architecture::Qwen2Moe,
+        ]
+        .into_iter()
+        .find(|a| a.class() == class)
     }
 }
 
@@ -69,7 +85,10 @@ pub fn architecture(m: &ModelConfig) -> std::result::Result<Architecture, String
                 return Err("Hugging Face MoE models route by token choice with a linear router; this model has model.moe.routing/router set otherwise".into());
             }
             let every_block = m.ffn_layer_mask()?.iter().all(|&b| b);
-            let mixtral = every_block && m.moe.gate == Gate::SoftmaxTopk && !qkv_bias;
+            let mixtral = every_block
+                && m.moe.gate == Gate::SoftmaxTopk
+                && !qkv_bias
+                && m.moe.shared_expert_size == 0;
             Ok(if mixtral { Architecture::Mixtral } else { Architecture::Qwen2Moe })
         }
         FfnKind::Mot => Err("a Mixture of Tokens model has no Hugging Face counterpart: convert it with `motrain transition-tune` first".into()),
@@ -156,7 +175,7 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
     }
     let f = m.moe.expert_width(m.d_ff);
     let extra = match arch {
-        Architecture::Llama => {
+        Architecture::Llama | Architecture::Mistral => {
             json!({"model_type": "llama", "attention_bias": false, "mlp_bias": false})
         }
         Architecture::Qwen2 => json!({
@@ -172,7 +191,7 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
             let mask = m.ffn_layer_mask().unwrap_or_default();
             let dense: Vec<usize> = (0..m.n_layers).filter(|&i| !mask[i]).collect();
             json!({
-                "model_type": "qwen2_moe", "moe_intermediate_size": f, "shared_expert_intermediate_size": 0,
+                "model_type": "qwen2_moe", "moe_intermediate_size": f, "shared_expert_intermediate_size": m.moe.shared_expert_size,
                 "num_experts": m.moe.n_experts, "num_experts_per_tok": m.moe.top_k,
                 "norm_topk_prob": m.moe.gate == Gate::SoftmaxTopk, "decoder_sparse_step": 1, "mlp_only_layers": dense,
                 "use_sliding_window": false, "sliding_window": m.max_seq_len, "max_window_layers": m.n_layers,
@@ -216,7 +235,9 @@ pub fn hf_tensors(
                 }
             }
         }
-        if !sparse || matches!(arch, Architecture::Llama | Architecture::Qwen2) {
+        if !sparse
+            || matches!(arch, Architecture::Llama | Architecture::Mistral | Architecture::Qwen2)
+        {
             continue;
         }
         let (gate, up, down) = (
@@ -235,7 +256,7 @@ pub fn hf_tensors(
                 out.insert(format!("{moe}.experts.{j}.{name}.weight"), stack.get(j)?.contiguous()?);
             }
         }
-        if arch == Architecture::Qwen2Moe {
+        if arch == Architecture::Qwen2Moe && m.moe.shared_expert_size == 0 {
             let (d, dev) = (m.d_model, &candle_core::Device::Cpu);
             // A shared expert of width 0 (and a gate whose output it multiplies): Qwen2-MoE's
             // layout holds one, our model has none.
@@ -260,7 +281,7 @@ pub fn hf_tensors(
     if out.keys().any(|k| {
         k.contains(".mlp.router.")
             || k.contains(".mlp.experts.gate")
-                && matches!(arch, Architecture::Llama | Architecture::Qwen2)
+                && matches!(arch, Architecture::Llama | Architecture::Mistral | Architecture::Qwen2)
     }) {
         bail!("internal: unconverted tensors left");
     }

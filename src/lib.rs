@@ -19,6 +19,7 @@ pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod import;
 pub mod metrics;
 pub mod model;
 pub mod ops;

@@ -233,10 +233,9 @@ mod tests {
             (MIX.replace("train='code/", "name='mine'\ntrain='code/"), "`data.sources[3].name`"),
             (MIX.replace("weight=3", "weight=3\nbogus=1"), "bogus"),
             ("[run]\nname='t'\n[data]\nsources=[]\n[model]\nvocab_size=100\n".into(), "no source"),
-            ("[run]\nname='t'\n[model]\nvocab_size=100\n".into(), "data"),
             (
-                "[run]\nname='t'\n[data]\n[model]\nvocab_size=100\n".into(),
-                "`data.train` is required",
+                "[run]\nname='t'\n[data]\nval='v'\n[model]\nvocab_size=100\n".into(),
+                "needs a `data.train`",
             ),
         ] {
             let e = parse(&text).unwrap_err().to_string();

@@ -325,6 +325,9 @@ pub struct MoeConfig {
     pub n_experts: usize,
     pub top_k: usize,
     pub expert_size: usize,
+    /// Width of a shared expert that every token passes through beside its routed ones, its
+    /// output scaled by a learned sigmoid gate (Qwen2-MoE); 0 = none.
+    pub shared_expert_size: usize,
     pub gate: Gate,
     pub capacity_factor: f64,
     pub group_size: usize,
@@ -353,6 +356,7 @@ impl Default for MoeConfig {
             n_experts: 8,
             top_k: 1,
             expert_size: 0,
+            shared_expert_size: 0,
             gate: Gate::Softmax,
             capacity_factor: 1.25,
             group_size: 32,
@@ -381,9 +385,10 @@ pub enum RouterKind {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Gate {
-    /// Switch: the chosen expert's softmax probability over all experts.
+    /// Switch: the chosen expert's softmax probability over all experts (Qwen2-MoE's
+    /// `norm_topk_prob = false`).
     Softmax,
-    /// Mixtral: the chosen probabilities renormalised over the top k.
+    /// Mixtral: the chosen probabilities renormalised over the top k (`norm_topk_prob = true`).
     SoftmaxTopk,
 }
 

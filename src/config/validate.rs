@@ -161,14 +161,24 @@ impl Config {
         Ok(())
     }
 
-    /// One train glob, or `[[data.sources]]` with a train glob and a positive weight each.
+    /// What `train` needs beyond a valid config: data to train on. A config without any is
+    /// valid (an imported model's run has none yet) but cannot train.
+    pub fn require_data(&self) -> std::result::Result<(), String> {
+        if self.data.train.is_empty() && self.data.sources.is_none() {
+            return Err(
+                "`data.train` is required to train (or several weighted `[[data.sources]]`)".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// One train glob, or `[[data.sources]]` with a train glob and a positive weight each; or
+    /// neither (no data yet: see [`Config::require_data`]).
     fn validate_sources(&self) -> std::result::Result<(), String> {
         let d = &self.data;
         let Some(sources) = &d.sources else {
-            if d.train.is_empty() {
-                return Err(
-                    "`data.train` is required (or several weighted `[[data.sources]]`)".into()
-                );
+            if d.train.is_empty() && d.val.is_some() {
+                return Err("`data.val` needs a `data.train` beside it".into());
             }
             return Ok(());
         };

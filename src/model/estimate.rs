@@ -14,7 +14,9 @@ pub fn flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
     let sparse_ffn = match cfg.ffn {
         FfnKind::Moe => {
             let f = cfg.moe.expert_width(cfg.d_ff) as f64;
-            ffn_mats * d * f * cfg.moe.top_k as f64 + d * cfg.moe.n_experts as f64
+            let shared = cfg.moe.shared_expert_size as f64;
+            let shared = if shared > 0.0 { ffn_mats * d * shared + d } else { 0.0 };
+            ffn_mats * d * f * cfg.moe.top_k as f64 + d * cfg.moe.n_experts as f64 + shared
         }
         FfnKind::Mot => {
             let (e, g) = (cfg.mot.n_experts as f64, cfg.mot.group_size as f64);

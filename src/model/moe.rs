@@ -1,9 +1,12 @@
 //! The sparse Mixture of Experts layer (`models.md`): a router chooses experts for each token
 //! (token choice) or tokens for each expert (expert choice), and each expert runs on the
 //! tokens it was given; tokens no expert took contribute nothing (the residual carries them).
+//! An optional shared expert (Qwen2-MoE) sees every token: `out += σ(x·g) · FFN_shared(x)`.
 
 use super::context::FfnContext;
 use super::experts::Experts;
+use super::ffn::DenseFfn;
+use super::layers::Linear;
 use super::params::Params;
 use super::router::{route, Router, RoutingRules};
 use crate::config::{Activation, MoeConfig};
@@ -14,6 +17,32 @@ pub struct MoeLayer {
     pub router: Router,
     pub experts: Experts,
     pub rules: RoutingRules,
+    pub shared: Option<SharedExpert>,
+}
+
+/// A dense FFN every token passes through, scaled per token by `σ(x·g)`, `g [1, d]`: Qwen2-MoE's
+/// `shared_expert` and `shared_expert_gate`, under those names.
+pub struct SharedExpert {
+    ffn: DenseFfn,
+    gate: Linear,
+}
+
+impl SharedExpert {
+    pub fn new(
+        p: &mut Params, prefix: &str, d: usize, f: usize, activation: Activation,
+    ) -> Result<SharedExpert> {
+        Ok(SharedExpert {
+            ffn: DenseFfn::new(p, &format!("{prefix}.shared_expert"), d, f, activation, false)?,
+            gate: Linear::new(p, &format!("{prefix}.shared_expert_gate"), 1, d, false)?,
+        })
+    }
+
+    /// `x [N, d]` → `[N, d]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // σ(z) = 1 / (1 + e^(-z)), from ops that all have a backward.
+        let gate = self.gate.forward(x)?.neg()?.exp()?.affine(1.0, 1.0)?.recip()?; // [N, 1]
+        self.ffn.forward(x)?.broadcast_mul(&gate)
+    }
 }
 
 impl MoeLayer {
@@ -33,6 +62,10 @@ impl MoeLayer {
                 activation,
             )?,
             rules: RoutingRules::moe(cfg),
+            shared: match cfg.shared_expert_size {
+                0 => None,
+                w => Some(SharedExpert::new(p, prefix, d, w, activation)?),
+            },
         })
     }
 
@@ -40,7 +73,12 @@ impl MoeLayer {
     /// carries them).
     pub fn forward(&self, x: &Tensor, ctx: &mut FfnContext) -> Result<Tensor> {
         let routed = route(&self.router, &self.rules, self.index, x, ctx)?;
-        routed.combine(x, |rows, offsets| self.experts.forward(rows, offsets, ctx.recompute))
+        let out = routed
+            .combine(x, |rows, offsets| self.experts.forward(rows, offsets, ctx.recompute))?;
+        match &self.shared {
+            Some(shared) => out + shared.forward(x)?,
+            None => Ok(out),
+        }
     }
 }
 
@@ -99,7 +137,7 @@ mod tests {
             down: down.as_tensor().clone(),
             activation: Activation::Swiglu,
         };
-        (MoeLayer { index: 0, router, experts, rules: RoutingRules::moe(cfg) }, vars)
+        (MoeLayer { index: 0, router, experts, rules: RoutingRules::moe(cfg), shared: None }, vars)
     }
 
     /// Loss = Σ out·R + aux + z; its autograd gradient against central differences.
@@ -139,6 +177,68 @@ mod tests {
         };
         check_layer_gradients(cfg.clone(), true);
         check_layer_gradients(MoeConfig { gate: Gate::Softmax, top_k: 1, ..cfg }, false);
+    }
+
+    #[test]
+    fn shared_expert_adds_its_gated_ffn_and_its_gradients_match_finite_differences() {
+        let cfg = MoeConfig {
+            n_experts: 3,
+            top_k: 2,
+            shared_expert_size: 4,
+            capacity_factor: 0.0,
+            ..Default::default()
+        };
+        let (d, n) = (6, 10);
+        let mut p = Params::new(&Device::Cpu, 3, 0.5).with_dtype(DType::F64);
+        let layer = MoeLayer::new(&mut p, "mlp", 0, &cfg, d, 5, Activation::Swiglu).unwrap();
+        let names: Vec<&str> = p.iter().map(|(n, _)| n).collect();
+        for want in ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert_gate.weight"] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        let x = Var::from_tensor(&randn(&[n, d], 7).to_dtype(DType::F64).unwrap()).unwrap();
+        let forward = |layer: &MoeLayer| {
+            let mut ctx = FfnContext::new(false, n, 1);
+            layer.forward(x.as_tensor(), &mut ctx).unwrap()
+        };
+        let proj = randn(&[n, d], 8).to_dtype(DType::F64).unwrap();
+        let loss = || (forward(&layer) * &proj).unwrap().sum_all().unwrap();
+        let grads = loss().backward().unwrap();
+        let mut vars: Vec<(String, Var)> =
+            p.iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+        vars.push(("x".into(), x.clone()));
+        for (name, v) in &vars {
+            let g = grad_of(&grads, v, name);
+            assert_matches_fd(name, v, &g, 5, (1e-5, 1.0), || loss().to_scalar::<f64>().unwrap());
+        }
+
+        // Against a naive computation: routed part + σ(x·g) · SwiGLU_shared(x), row by row.
+        let out = forward(&layer).to_vec2::<f64>().unwrap();
+        let routed = forward(&MoeLayer { shared: None, ..layer }).to_vec2::<f64>().unwrap();
+        let get = |name: &str| p.get(name).unwrap().as_tensor().to_vec2::<f64>().unwrap();
+        let (g, up, down, gw) = (
+            get("mlp.shared_expert.gate_proj.weight"),
+            get("mlp.shared_expert.up_proj.weight"),
+            get("mlp.shared_expert.down_proj.weight"),
+            get("mlp.shared_expert_gate.weight"),
+        );
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        for (r, xr) in x.as_tensor().to_vec2::<f64>().unwrap().iter().enumerate() {
+            let h: Vec<f64> = (0..4)
+                .map(|j| {
+                    let a = dot(&g[j], xr);
+                    a / (1.0 + (-a).exp()) * dot(&up[j], xr)
+                })
+                .collect();
+            let s = 1.0 / (1.0 + (-dot(&gw[0], xr)).exp());
+            for c in 0..d {
+                let want = routed[r][c] + s * dot(&down[c], &h);
+                assert!(
+                    (out[r][c] - want).abs() < 1e-12,
+                    "row {r} col {c}: {} vs {want}",
+                    out[r][c]
+                );
+            }
+        }
     }
 
     #[test]

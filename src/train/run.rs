@@ -35,6 +35,10 @@ pub struct RunSummary {
 /// The `train` command: a run directory, the loop, logs, evals and checkpoints, on every rank
 /// of `dist`.
 pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
+    cfg.require_data().map_err(|message| crate::config::ConfigError::Invalid {
+        origin: cfg.run_dir().join("config.toml").display().to_string(),
+        message,
+    })?;
     if !dist.same_on_all_ranks(cfg.to_toml().as_bytes()) {
         return Err(crate::config::ConfigError::Invalid {
             origin: "the resolved config".into(),
