@@ -320,20 +320,27 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 }
 
 /// Loads a safetensors file, first checking its bytes against `expected` (a hex digest from
-/// `state.json`) when given. The file is mapped once and the same mapping is hashed and parsed,
-/// so verification costs one pass over memory, not a second read of the disk.
+/// `state.json`) when given. The digest streams through the page cache, and each tensor is
+/// copied out of the mapping and its pages released behind it, so loading holds the tensors
+/// and little more: what lets a model of many GB load on a machine not much larger.
 pub fn load_tensors_verified(
     path: &Path, device: &Device, expected: Option<&str>,
 ) -> Result<HashMap<String, Tensor>> {
+    read_tensors(path, device, expected, false)
+}
+
+/// [`load_tensors_verified`]; with `variables`, f32 tensors on the CPU come back as variables
+/// (what a model's parameters are), filled straight from the file: a model built from them
+/// takes them over without copying.
+fn read_tensors(
+    path: &Path, device: &Device, expected: Option<&str>, variables: bool,
+) -> Result<HashMap<String, Tensor>> {
+    use candle_core::safetensors::Load;
     if !path.is_file() {
         return Err(CheckpointError::invalid(path, "missing"));
     }
-    let file = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
-    // SAFETY: the mapping is read-only and dropped before returning; a file truncated under us
-    // by another process would fault, as candle's own loader (also a mapping) would.
-    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
     if let Some(want) = expected {
-        let found = digest(&bytes);
+        let found = digest_file(path)?;
         if !found.eq_ignore_ascii_case(want) {
             return Err(CheckpointError::invalid(
                 path,
@@ -341,31 +348,86 @@ pub fn load_tensors_verified(
             ));
         }
     }
-    candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| CheckpointError::invalid(path, format!("not a valid safetensors file: {e}")))
+    let file = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    // SAFETY: the mapping is read-only and dropped before returning; a file truncated under us
+    // by another process would fault, as candle's own loader (also a mapping) would.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
+    let bad = |e: &dyn std::fmt::Display| {
+        CheckpointError::invalid(path, format!("not a valid safetensors file: {e}"))
+    };
+    let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| bad(&e))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = if variables && device.is_cpu() && view.dtype() == safetensors::Dtype::F32 {
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            candle_core::Var::from_vec(values, view.shape(), device)
+                .map(candle_core::Var::into_inner)
+        } else {
+            view.load(device)
+        }
+        .map_err(|e| bad(&e))?;
+        let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
+        release_pages(&map, start, start + view.data().len());
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Tells the kernel that a range of a read-only file mapping is no longer needed, so its pages
+/// leave the process's resident set (they stay in the page cache).
+pub fn release_pages(map: &memmap2::Mmap, start: usize, end: usize) {
+    let page = 4096;
+    let (a, b) = (start.div_ceil(page) * page, end / page * page);
+    if b > a {
+        // SAFETY: a read-only, file-backed mapping: after DONTNEED a later access reads the same
+        // bytes from the file again, so nothing the program relies on is lost.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
+    }
 }
 
 /// Loads state and weights of the checkpoint at `path` (see [`resolve`]).
 pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
+    load_weights(path, device, false)
+}
+
+fn load_weights(path: &Path, device: &Device, variables: bool) -> Result<Checkpoint> {
     let dir = resolve(path)?;
     let (state, digests) = load_state_and_digests(&dir)?;
     let name = "model.safetensors";
     let expected = digests.expected(&dir.join("state.json"), name)?;
-    let model = load_tensors_verified(&dir.join(name), device, expected)?;
+    let model = read_tensors(&dir.join(name), device, expected, variables)?;
     Ok(Checkpoint { dir, state, model, digests })
 }
 
-/// A checkpoint's model, built from its state.json on the device it names and filled with its
-/// weights; the checkpoint comes back too (its state, weights and directory).
+/// A checkpoint's model for inference (eval, generation, conversions), built from its
+/// state.json on the device it names and filled with its weights; the checkpoint comes back too
+/// (its state, weights and directory).
+///
+/// The model is built from the checkpoint's tensors, each moved into its parameter (no random
+/// initialisation, no second copy), so memory peaks at the model's size plus one tensor; the
+/// returned checkpoint's `model` then holds the model's own tensors (shared, not copied).
 pub fn load_model(path: &Path) -> anyhow::Result<(Checkpoint, crate::model::Transformer)> {
     let dir = resolve(path)?;
     let cfg = load_state(&dir)?.config;
     let dev = crate::device::device(&cfg.run.device)?;
-    let ckpt = load(&dir, &dev)?;
+    let mut ckpt = load_weights(&dir, &dev, true)?;
     ckpt.check_config(&cfg.model)?;
-    let mut params = crate::model::Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
-    let model = crate::model::Transformer::new(&cfg.model, &mut params)?;
-    ckpt.restore(&params)?;
+    let file = ckpt.dir.join("model.safetensors");
+    let weights = std::mem::take(&mut ckpt.model);
+    // For inference: frozen parameters enter the model outside the autograd graph, so a
+    // forward pass keeps no intermediate (a layer's stacked weights, its activations) alive.
+    let mut params = crate::model::Params::new(&dev, cfg.run.seed, cfg.model.init_scale)
+        .pretrained(weights)
+        .freezing(|_| true);
+    let model = crate::model::Transformer::new(&cfg.model, &mut params).map_err(|e| {
+        CheckpointError::invalid(&file, e.to_string().lines().next().unwrap_or_default())
+    })?;
+    params.unused_pretrained().map_err(|m| CheckpointError::invalid(&file, m))?;
+    ckpt.model = params.tensors();
     Ok((ckpt, model))
 }
 

@@ -2,6 +2,8 @@
 //! architecture a model becomes follows from its config:
 //! - dense, modern preset → `LlamaForCausalLM` (our tensor names are already Llama's);
 //! - token-choice MoE with MoE in every block and `softmax_topk` gates → `MixtralForCausalLM`;
+//! - PESC → `MotrainPescForCausalLM`, a Llama whose FFNs carry the adapters, defined by the
+//!   modeling file written beside it (loads with `trust_remote_code=True`, like Camelidae);
 //! - any other token-choice MoE with a linear router (either gate, MoE in some blocks, as
 //!   transition tuning produces, or a shared expert) → `Qwen2MoeForCausalLM`, whose shared
 //!   expert is ours or, for a model without one, of width zero.
@@ -27,6 +29,9 @@ pub enum Architecture {
     Qwen2,
     Mixtral,
     Qwen2Moe,
+    /// A PESC model: Llama with motrain's PESC FFN, loaded with the modeling file export writes
+    /// beside it (`trust_remote_code`), as the PESC authors publish theirs.
+    Pesc,
 }
 
 impl Architecture {
@@ -37,6 +42,7 @@ impl Architecture {
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Mixtral => "MixtralForCausalLM",
             Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Architecture::Pesc => "MotrainPescForCausalLM",
         }
     }
 
@@ -92,7 +98,7 @@ pub fn architecture(m: &ModelConfig) -> std::result::Result<Architecture, String
             Ok(if mixtral { Architecture::Mixtral } else { Architecture::Qwen2Moe })
         }
         FfnKind::Mot => Err("a Mixture of Tokens model has no Hugging Face counterpart: convert it with `motrain transition-tune` first".into()),
-        FfnKind::Pesc => Err("PESC models have no Hugging Face counterpart".into()),
+        FfnKind::Pesc => Ok(Architecture::Pesc),
     }
 }
 
@@ -122,6 +128,11 @@ pub fn export_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
         generation["eos_token_id"] = json!(eot);
     }
     write_json("generation_config.json", &generation)?;
+    if arch == Architecture::Pesc {
+        let p = out.join(format!("{PESC_MODULE}.py"));
+        crate::run_dir::write_atomic(&p, PESC_MODELING.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     let model_path = out.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &model_path)
         .with_context(|| format!("writing {}", model_path.display()))?;
@@ -178,6 +189,17 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
         Architecture::Llama | Architecture::Mistral => {
             json!({"model_type": "llama", "attention_bias": false, "mlp_bias": false})
         }
+        // Llama's `attention_bias` adds an o_proj bias as well: written as zeros.
+        Architecture::Pesc => json!({
+            "model_type": "motrain_pesc", "attention_bias": qkv_bias_of(m), "mlp_bias": false,
+            "auto_map": {
+                "AutoConfig": format!("{PESC_MODULE}.MotrainPescConfig"),
+                "AutoModelForCausalLM": format!("{PESC_MODULE}.MotrainPescForCausalLM"),
+            },
+            "pesc_layers": (0..m.n_layers).filter(|&i| m.ffn_layer_mask().unwrap_or_default()[i]).collect::<Vec<_>>(),
+            "pesc_num_experts": m.pesc.n_experts, "pesc_top_k": m.pesc.top_k,
+            "pesc_adapter_dim": m.pesc.adapter_dim, "pesc_adapter_scale": m.pesc.adapter_scale,
+        }),
         Architecture::Qwen2 => json!({
             "model_type": "qwen2", "use_sliding_window": false, "sliding_window": m.max_seq_len,
             "max_window_layers": m.n_layers,
@@ -205,6 +227,14 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
     c
 }
 
+/// The modeling file a PESC export carries (its module name, and its text).
+const PESC_MODULE: &str = "modeling_motrain_pesc";
+const PESC_MODELING: &str = include_str!("../python/modeling_motrain_pesc.py");
+
+fn qkv_bias_of(m: &ModelConfig) -> bool {
+    m.bias == Bias::Qkv
+}
+
 /// Our tensors under the architecture's names. The head is always written (a copy of the
 /// embedding when tied), which every loader accepts.
 pub fn hf_tensors(
@@ -221,6 +251,17 @@ pub fn hf_tensors(
     }
     if m.tie_embeddings {
         out.insert("lm_head.weight".into(), get("model.embed_tokens.weight")?);
+    }
+    if arch == Architecture::Pesc {
+        // Our names are the modeling file's; Llama's attention bias includes o_proj's.
+        out.extend(ours.iter().map(|(k, t)| (k.clone(), t.clone())));
+        if qkv_bias_of(m) {
+            for i in 0..m.n_layers {
+                let zeros = Tensor::zeros(m.d_model, DType::F32, &candle_core::Device::Cpu)?;
+                out.insert(format!("model.layers.{i}.self_attn.o_proj.bias"), zeros);
+            }
+        }
+        return Ok(out);
     }
     let mask = m.ffn_layer_mask().map_err(anyhow::Error::msg)?;
     for (i, &sparse) in mask.iter().enumerate() {

@@ -350,7 +350,7 @@ fn estimated_elements(m: &ModelConfig) -> f64 {
 impl RopeScaling {
     /// `factor` > 0; Llama 3's kind also needs `0 < low_freq_factor < high_freq_factor` and
     /// `original_max_position_embeddings`.
-    fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), String> {
         if !(self.factor > 0.0) {
             return Err(format!("`model.rope_scaling.factor` must be > 0, got {}", self.factor));
         }

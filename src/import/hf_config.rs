@@ -136,7 +136,7 @@ pub fn model_config(c: &Value) -> Result<HfModel, String> {
                 ..moe
             };
         }
-        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {}
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Pesc => {}
     }
     if model.ffn == FfnKind::Moe && (model.moe.top_k == 0 || model.moe.top_k > model.moe.n_experts)
     {
@@ -187,7 +187,7 @@ fn sliding_window(c: &Value, arch: Architecture) -> Result<Option<usize>, String
                 Ok(None)
             }
         }
-        Architecture::Llama => Ok(None),
+        Architecture::Llama | Architecture::Pesc => Ok(None),
     }
 }
 
@@ -221,9 +221,11 @@ fn rope(c: &Value) -> Result<(f64, Option<RopeScaling>), String> {
                         });
                         obj.insert("rope_type".into(), Value::from(kind));
                     }
-                    Some(serde_json::from_value::<RopeScaling>(s).map_err(|e| {
+                    let s = serde_json::from_value::<RopeScaling>(s).map_err(|e| {
                         format!("`rope_scaling`: {e} (linear needs `factor`; llama3 needs factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)")
-                    })?)
+                    })?;
+                    s.validate().map_err(|m| format!("`rope_scaling`: {m}"))?;
+                    Some(s)
                 }
                 Some(other) => {
                     return Err(format!(

@@ -176,20 +176,8 @@ impl Weights {
             }
             out.write_all(&buf)?;
         }
-        release(map, s.start, s.end);
+        crate::checkpoint::release_pages(map, s.start, s.end);
         Ok(())
-    }
-}
-
-/// Tells the kernel the mapped range is no longer needed, so read pages leave our resident set
-/// (they stay in the page cache): peak memory stays one tensor, not the whole model.
-fn release(map: &Mmap, start: usize, end: usize) {
-    let page = 4096;
-    let (a, b) = (start.div_ceil(page) * page, end / page * page);
-    if b > a {
-        // SAFETY: a read-only, file-backed private mapping: after DONTNEED a later access reads
-        // the same bytes from the file again, so no data the program relies on is lost.
-        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Params {
     index: HashMap<String, usize>,
     /// Names that stay fixed in training (PESC's `train_only_adapters`).
     frozen: Option<NameFilter>,
+    /// Values to take instead of initialising (a checkpoint's), each moved out as it is used.
+    pretrained: Option<HashMap<String, Tensor>>,
 }
 
 impl Params {
@@ -46,6 +48,39 @@ impl Params {
             entries: Vec::new(),
             index: HashMap::new(),
             frozen: None,
+            pretrained: None,
+        }
+    }
+
+    /// Every parameter takes its value from `tensors` instead of being initialised: a model
+    /// built from a checkpoint holds one copy of its weights, not two. A name `tensors` lacks,
+    /// or holds in another shape, fails the build; see [`Params::unused_pretrained`] for names
+    /// the model lacks.
+    pub fn pretrained(mut self, tensors: HashMap<String, Tensor>) -> Params {
+        self.pretrained = Some(tensors);
+        self
+    }
+
+    /// After the build: an error naming a pretrained tensor the model did not take.
+    pub fn unused_pretrained(&self) -> std::result::Result<(), String> {
+        match self.pretrained.as_ref().and_then(|t| t.keys().min()) {
+            Some(extra) => {
+                Err(format!("tensor `{extra}` is not part of the model the config describes"))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The pretrained value of `name`, checked against `shape`, if the parameters have them.
+    fn take_pretrained(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some(tensors) = &mut self.pretrained else { return Ok(None) };
+        match tensors.remove(name) {
+            Some(t) if t.dims() == shape => Ok(Some(t)),
+            Some(t) => Err(candle_core::Error::Msg(format!(
+                "tensor `{name}` has shape {:?}, but the config gives {shape:?}",
+                t.dims()
+            ))),
+            None => Err(candle_core::Error::Msg(format!("tensor `{name}` is missing"))),
         }
     }
 
@@ -119,6 +154,9 @@ impl Params {
 
     /// Truncated normal, std `sqrt(init_scale / fan_in)`, cut at `±2·init_scale`.
     pub fn normal(&mut self, name: &str, shape: &[usize], fan_in: usize) -> Result<Tensor> {
+        if let Some(t) = self.take_pretrained(name, shape)? {
+            return self.add(name, t);
+        }
         let std = (self.init_scale / fan_in as f64).sqrt() as f32;
         let cut = 2.0 * self.init_scale as f32;
         let mut rng = self.rng(name);
@@ -142,6 +180,9 @@ impl Params {
     /// A `[rows, cols]` matrix with orthonormal rows (or columns, when rows > cols), by
     /// Gram-Schmidt on Gaussian noise.
     pub fn orthogonal(&mut self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+        if let Some(t) = self.take_pretrained(name, &[rows, cols])? {
+            return self.add(name, t);
+        }
         let (m, n) = if rows <= cols { (rows, cols) } else { (cols, rows) };
         let mut rng = self.rng(name);
         let mut vecs: Vec<Vec<f64>> = Vec::with_capacity(m);
@@ -167,6 +208,9 @@ impl Params {
     }
 
     pub fn constant(&mut self, name: &str, shape: &[usize], value: f32) -> Result<Tensor> {
+        if let Some(t) = self.take_pretrained(name, shape)? {
+            return self.add(name, t);
+        }
         let mut v = alloc(name, shape)?;
         v.resize(v.capacity(), value);
         self.add(name, Tensor::from_vec(v, shape, &Device::Cpu)?)
