@@ -94,6 +94,10 @@ fn import_then_export_gives_back_the_original_tensors() {
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
                 .unwrap()
         };
+        if fixture(name).join("tokenizer.json").is_file() {
+            let read = |d: &Path| std::fs::read(d.join("tokenizer.json")).unwrap();
+            assert_eq!(read(&fixture(name)), read(&hf), "{name}: the tokenizer travels");
+        }
         let (a, b) = (cfg(&fixture(name)), cfg(&hf));
         for key in [
             "hidden_size",
@@ -262,6 +266,36 @@ fn an_imported_run_evaluates_generates_and_trains_with_its_tokenizer() {
     // Training the imported run itself needs data.
     let no_data = motrain(cwd, &["train", "--config", &cfg]);
     assert_bad_input(&no_data, &["data.train"]);
+}
+
+#[test]
+fn a_sliding_window_caps_the_context_and_a_longer_one_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = copy_fixture("mistral", tmp.path());
+    edit_config(&src, |c| c["sliding_window"] = 8.into());
+    let run = tmp.path().join("run");
+    let out = import(tmp.path(), &src, &run).ok();
+    assert!(out.stderr.contains("sliding window of 8 tokens"), "{}", out.describe());
+    assert_eq!(out.last_json()["max_seq_len"], 8);
+    // Within the window the imported model is transformers' exactly: the first 8 positions.
+    let expected = candle_core::safetensors::load(
+        fixture("mistral").join("expected.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = expected["input_ids"].narrow(1, 0, 8).unwrap().to_dtype(DType::U32).unwrap();
+    let want = expected["logits"].narrow(1, 0, 8).unwrap();
+    let (_, model) = motrain::checkpoint::load_model(&run).unwrap();
+    let got = model.forward(&ids, None).unwrap().reshape(want.dims()).unwrap();
+    assert!(max_diff(&got, &want) < 1e-4);
+    let shard = tmp.path().join("v_val_000000.bin");
+    write_shard(&shard, &pattern_tokens(200, 96));
+    let glob = tmp.path().join("v_val_*.bin");
+    let long = motrain(
+        tmp.path(),
+        &["eval", "--checkpoint", "run", "--data", glob.to_str().unwrap(), "--seq-len", "16"],
+    );
+    assert_bad_input(&long, &["--seq-len 16", "max_seq_len = 8"]);
 }
 
 /// Copies a fixture into `dir` for breaking.
