@@ -57,6 +57,22 @@ pub struct TrainState {
 }
 
 impl TrainState {
+    /// A run of `config` that has not trained yet: what `upcycle` and `import` write.
+    pub fn at_start(config: &Config) -> TrainState {
+        TrainState {
+            step: 0,
+            tokens: 0,
+            data_cursor: 0,
+            source_cursors: Vec::new(),
+            optimizer_t: 0,
+            skipped_steps: 0,
+            seed: config.run.seed,
+            elapsed_s: 0.0,
+            motrain_version: env!("CARGO_PKG_VERSION").to_string(),
+            config: config.clone(),
+        }
+    }
+
     /// The windows drawn from each of `n` train sources, or why they do not fit `n` sources.
     pub fn source_cursors(&self, n: usize) -> std::result::Result<Vec<u64>, String> {
         match (self.source_cursors.len(), n) {

@@ -77,18 +77,7 @@ pub fn upcycle(
     // A fresh optimizer (zero moments for what trains): the checkpoint is a run at step 0.
     let opt = AdamW::new(&params, |name| !params.is_frozen(name), &cfg.train)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let start = TrainState {
-        step: 0,
-        tokens: 0,
-        data_cursor: 0,
-        source_cursors: Vec::new(),
-        optimizer_t: 0,
-        skipped_steps: 0,
-        seed: cfg.run.seed,
-        elapsed_s: 0.0,
-        motrain_version: env!("CARGO_PKG_VERSION").to_string(),
-        config: cfg.clone(),
-    };
+    let start = TrainState::at_start(&cfg);
     checkpoint::save(
         out,
         &start,

@@ -297,18 +297,7 @@ fn write_run(
     src: &Path, notes: &[String],
 ) -> Result<(), ImportError> {
     let fail = |e: &dyn std::fmt::Display| ImportError::Write(e.to_string());
-    let state = TrainState {
-        step: 0,
-        tokens: 0,
-        data_cursor: 0,
-        source_cursors: Vec::new(),
-        optimizer_t: 0,
-        skipped_steps: 0,
-        seed: cfg.run.seed,
-        elapsed_s: 0.0,
-        motrain_version: env!("CARGO_PKG_VERSION").to_string(),
-        config: cfg.clone(),
-    };
+    let state = TrainState::at_start(cfg);
     checkpoint::save_streamed(dir, &state, |path| write_model(path, plan, weights))
         .map_err(|e| fail(&e))?;
     crate::run_dir::write_atomic(&crate::run_dir::config_path(dir), cfg.to_toml().as_bytes())
