@@ -2,6 +2,7 @@
 //! kernel on CPU f32 tensors and the plain candle formulation elsewhere; the plain formulation
 //! is also the reference the tests hold the kernels to.
 
+pub mod amx;
 pub mod attention;
 pub mod grouped;
 pub mod linear_ce;

@@ -1,0 +1,401 @@
+//! bf16 matmuls on Intel AMX tiles (Sapphire Rapids and newer), for `run.dtype = "bf16"` on the
+//! CPU: operands are f32 tensors (the master weights and activations), rounded to bf16 as they
+//! are packed; products accumulate in f32 and come out in f32. AVX512_BF16's `vdpbf16ps` issues
+//! at half the rate of an f32 FMA, so only the tiles make bf16 faster than f32 (see README).
+//!
+//! The AMX intrinsics are not stable Rust, so the five tile instructions are inline `asm!`, and
+//! detection reads CPUID and XCR0 directly and asks Linux for the tile state (`arch_prctl`).
+//! The op `matmul_bf16(a, b)` is `a · bᵀ` for 2-D tensors with its backward, as `Linear` uses it.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Whether this CPU and kernel run AMX bf16 tiles (checked once).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    let max_leaf = __cpuid(0).eax;
+    if max_leaf < 7 {
+        return false;
+    }
+    let leaf7 = __cpuid_count(7, 0);
+    let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+    let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
+    if !(amx_bf16 && amx_tile && osxsave) {
+        return false;
+    }
+    // XCR0 bits 17 and 18: the OS saves tile configuration and tile data.
+    let xcr0: u64;
+    // SAFETY: XGETBV with ECX = 0 is valid when OSXSAVE is set (checked above).
+    unsafe {
+        let (lo, hi): (u32, u32);
+        std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack));
+        xcr0 = (hi as u64) << 32 | lo as u64;
+    }
+    if xcr0 & (0b11 << 17) != 0b11 << 17 {
+        return false;
+    }
+    // Linux hands out the tile data state on request: ARCH_REQ_XCOMP_PERM for XTILEDATA (18).
+    // SAFETY: a plain syscall with integer arguments.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1023, 18) == 0 }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> bool {
+    false
+}
+
+/// f32 → bf16, rounding to nearest even (NaN stays NaN).
+#[inline(always)]
+fn bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// A 2-D f32 operand: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl Operand<'_> {
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.rs + j * self.cs]
+    }
+}
+
+/// Tiles are 16 rows of 64 bytes: 16 f32, or 32 bf16 (A), or 16 pairs of bf16 (B, VNNI).
+const T: usize = 16;
+/// K per tile step: 32 bf16.
+const KT: usize = 32;
+
+/// Packing reads its source in blocks of this many rows and columns, so that a transposed
+/// operand (a gradient's `dCᵀ`) is read a cache line at a time, not an element.
+const BLOCK: usize = 32;
+
+/// `A [M, K]` as bf16 rows of `kp` (K rounded up to 32), `mp` rows (M rounded up to 32).
+fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
+    let mut out = vec![0u16; mp * kp];
+    out.par_chunks_mut(BLOCK * kp).enumerate().for_each(|(ib, rows)| {
+        let i0 = ib * BLOCK;
+        let (ni, nj) = (a.rows.saturating_sub(i0).min(BLOCK), a.cols);
+        if a.cs == 1 {
+            // Row-major: each row converts as one contiguous run, vectorised.
+            for r in 0..ni {
+                let src = &a.data[(i0 + r) * a.rs..(i0 + r) * a.rs + nj];
+                let dst = &mut rows[r * kp..r * kp + nj];
+                super::simd::run(
+                    #[inline(always)]
+                    || dst.iter_mut().zip(src).for_each(|(d, &x)| *d = bf16(x)),
+                );
+            }
+            return;
+        }
+        if a.rs == 1 {
+            // Column-major (a transposed gradient): a column of the block is contiguous.
+            for j in 0..nj {
+                let col = &a.data[j * a.cs + i0..j * a.cs + i0 + ni];
+                for (r, &x) in col.iter().enumerate() {
+                    rows[r * kp + j] = bf16(x);
+                }
+            }
+            return;
+        }
+        for j0 in (0..nj).step_by(BLOCK) {
+            for r in 0..ni {
+                for j in j0..(j0 + BLOCK).min(nj) {
+                    rows[r * kp + j] = bf16(a.at(i0 + r, j));
+                }
+            }
+        }
+    });
+    out
+}
+
+/// `B [K, N]` in the tiles' VNNI layout: for each block of 16 columns, K/2 rows of 16 pairs
+/// `(B[2p][n], B[2p+1][n])`, so one B tile is 1 KiB of contiguous memory.
+fn pack_b(b: Operand, np: usize, kp: usize) -> Vec<u16> {
+    let block = kp / 2 * T * 2;
+    let mut out = vec![0u16; np / T * block];
+    out.par_chunks_mut(block).enumerate().for_each(|(nb, blk)| {
+        let cols = b.cols.saturating_sub(nb * T).min(T);
+        if b.rs == 1 && cols == T {
+            // Column-major B (a weight `[N, K]` read as `Bᵀ`): the pair (k, k+1) of column n is
+            // two neighbours in memory.
+            for p in 0..b.rows / 2 {
+                for c in 0..T {
+                    let at = (nb * T + c) * b.cs + 2 * p;
+                    blk[(p * T + c) * 2] = bf16(b.data[at]);
+                    blk[(p * T + c) * 2 + 1] = bf16(b.data[at + 1]);
+                }
+            }
+            if b.rows % 2 == 1 {
+                let k = b.rows - 1;
+                for c in 0..T {
+                    blk[(k / 2 * T + c) * 2] = bf16(b.data[(nb * T + c) * b.cs + k]);
+                }
+            }
+            return;
+        }
+        if b.cs == 1 && cols == T {
+            // Row-major B (activations read as a product's right side): rows k and k+1 are the
+            // pair, 16 neighbours each.
+            for k in 0..b.rows {
+                let row = &b.data[k * b.rs + nb * T..k * b.rs + nb * T + T];
+                for (c, &x) in row.iter().enumerate() {
+                    blk[(k / 2 * T + c) * 2 + k % 2] = bf16(x);
+                }
+            }
+            return;
+        }
+        for k0 in (0..b.rows).step_by(BLOCK) {
+            for c in 0..cols {
+                for k in k0..(k0 + BLOCK).min(b.rows) {
+                    blk[(k / 2 * T + c) * 2 + k % 2] = bf16(b.at(k, nb * T + c));
+                }
+            }
+        }
+    });
+    out
+}
+
+/// The tile configuration: palette 1, tiles 0–7 each 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+fn tile_config() -> TileConfig {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    for t in 0..8 {
+        c[16 + 2 * t] = 64;
+        c[48 + t] = T as u8;
+    }
+    TileConfig(c)
+}
+
+/// `C [M, N] = A · B` in f32 from bf16-rounded operands. Needs [`available`].
+fn gemm(a: Operand, b: Operand) -> Vec<f32> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (mp, kp, np) =
+        (m.next_multiple_of(2 * T), k.next_multiple_of(KT), n.next_multiple_of(2 * T));
+    let (ap, bp) = (pack_a(a, mp, kp), pack_b(b, np, kp));
+    let mut c = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return c;
+    }
+    let b_block = kp / 2 * T * 2;
+    // One task per 32 rows of C: two A tiles against two B tiles at a time, four C tiles.
+    c.par_chunks_mut(2 * T * n).enumerate().for_each(|(mb, c_rows)| {
+        let cfg = tile_config();
+        let mut acc = [0f32; 2 * T * 2 * T];
+        let a0 = ap[mb * 2 * T * kp..].as_ptr();
+        let a1 = ap[(mb * 2 * T + T) * kp..].as_ptr();
+        // SAFETY: `available()` granted the tile state; every tile load reads 16 rows of 64
+        // bytes inside the packed buffers (padded to whole tiles), and every store writes
+        // inside `acc`.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack));
+            for nb in 0..np / (2 * T) {
+                let b0 = bp[2 * nb * b_block..].as_ptr();
+                let b1 = bp[(2 * nb + 1) * b_block..].as_ptr();
+                std::arch::asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack)
+                );
+                for kc in 0..kp / KT {
+                    std::arch::asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0.add(kc * KT),
+                        a1 = in(reg) a1.add(kc * KT),
+                        b0 = in(reg) b0.add(kc * T * T * 2),
+                        b1 = in(reg) b1.add(kc * T * T * 2),
+                        sa = in(reg) kp * 2,
+                        sb = in(reg) 64usize,
+                        options(nostack, readonly),
+                    );
+                }
+                let p = acc.as_mut_ptr();
+                std::arch::asm!(
+                    "tilestored [{c00} + {s}*1], tmm0",
+                    "tilestored [{c01} + {s}*1], tmm1",
+                    "tilestored [{c10} + {s}*1], tmm2",
+                    "tilestored [{c11} + {s}*1], tmm3",
+                    c00 = in(reg) p,
+                    c01 = in(reg) p.add(T),
+                    c10 = in(reg) p.add(T * 2 * T),
+                    c11 = in(reg) p.add(T * 2 * T + T),
+                    s = in(reg) 2 * T * 4,
+                    options(nostack),
+                );
+                let rows = c_rows.len() / n;
+                let (col, cols) = (nb * 2 * T, (n - nb * 2 * T).min(2 * T));
+                for r in 0..rows {
+                    c_rows[r * n + col..r * n + col + cols]
+                        .copy_from_slice(&acc[r * 2 * T..r * 2 * T + cols]);
+                }
+            }
+            std::arch::asm!("tilerelease", options(nostack, nomem));
+        }
+    });
+    c
+}
+
+fn operand<'a>(s: &'a CpuStorage, l: &Layout, transpose: bool) -> Result<Operand<'a>> {
+    let data = &s.as_slice::<f32>()?[l.start_offset()..];
+    let (dims, strides) = (l.dims(), l.stride());
+    if dims.len() != 2 {
+        candle_core::bail!("matmul_bf16 takes 2-D tensors, got {dims:?}");
+    }
+    let (rows, cols, rs, cs) = (dims[0], dims[1], strides[0], strides[1]);
+    Ok(if transpose {
+        Operand { data, rows: cols, cols: rows, rs: cs, cs: rs }
+    } else {
+        Operand { data, rows, cols, rs, cs }
+    })
+}
+
+/// `a [M, K] · bᵀ` with `b [N, K]` (or `a · b` with `b [K, N]`), on AMX tiles in bf16.
+struct MatmulBf16 {
+    transpose_b: bool,
+}
+
+impl CustomOp2 for MatmulBf16 {
+    fn name(&self) -> &'static str {
+        "matmul-bf16"
+    }
+
+    fn cpu_fwd(
+        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !available() {
+            candle_core::bail!("bf16 matmuls on the CPU need AMX tiles, which this CPU lacks");
+        }
+        let (a, b) = (operand(s1, l1, false)?, operand(s2, l2, self.transpose_b)?);
+        if a.cols != b.rows {
+            candle_core::bail!("matmul_bf16: [{}, {}] · [{}, {}]", a.rows, a.cols, b.rows, b.cols);
+        }
+        Ok((CpuStorage::F32(gemm(a, b)), Shape::from((a.rows, b.cols))))
+    }
+
+    fn bwd(
+        &self, a: &Tensor, b: &Tensor, _c: &Tensor, dc: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mm = |x: &Tensor, y: &Tensor, transpose_b| {
+            x.apply_op2_no_bwd(y, &MatmulBf16 { transpose_b })
+        };
+        Ok(if self.transpose_b {
+            // C = A·Bᵀ: dA = dC·B, dB = dCᵀ·A.
+            (Some(mm(dc, b, false)?), Some(mm(&dc.t()?, a, false)?))
+        } else {
+            // C = A·B: dA = dC·Bᵀ, dB = Aᵀ·dC.
+            (Some(mm(dc, b, true)?), Some(mm(&a.t()?, dc, false)?))
+        })
+    }
+}
+
+/// `a [M, K] · bᵀ`, `b [N, K]`: a `Linear`'s product in bf16 on AMX tiles, f32 in and out.
+pub fn matmul_bf16_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.apply_op2(b, MatmulBf16 { transpose_b: true })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::randn;
+    use candle_core::{DType, Var};
+
+    fn round(t: &Tensor) -> Vec<Vec<f64>> {
+        t.to_vec2::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| f32::from_bits((bf16(x) as u32) << 16) as f64).collect())
+            .collect()
+    }
+
+    /// Against an f64 product of the bf16-rounded operands, at sizes off every tile edge.
+    #[test]
+    fn products_equal_the_bf16_rounded_reference() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AMX bf16 tiles");
+            return;
+        }
+        for (m, k, n) in [(1, 1, 1), (5, 40, 3), (33, 70, 47), (64, 256, 96), (100, 33, 130)] {
+            let (a, b) = (randn(&[m, k], 1), randn(&[n, k], 2));
+            let c = matmul_bf16_t(&a, &b).unwrap().to_vec2::<f32>().unwrap();
+            let (ra, rb) = (round(&a), round(&b));
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|t| ra[i][t] * rb[j][t]).sum();
+                    let got = c[i][j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{m}x{k}x{n} ({i},{j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Gradients of Σ (a·bᵀ)∘P equal f32 autograd's within bf16 rounding.
+    #[test]
+    fn gradients_match_the_f32_product_within_bf16_rounding() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AMX bf16 tiles");
+            return;
+        }
+        let (m, k, n) = (37, 50, 29);
+        let (a, b) = (
+            Var::from_tensor(&randn(&[m, k], 3)).unwrap(),
+            Var::from_tensor(&randn(&[n, k], 4)).unwrap(),
+        );
+        let p = randn(&[m, n], 5);
+        let grads = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+            let g = (f(a.as_tensor(), b.as_tensor()) * &p)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (g.get(a.as_tensor()).unwrap().clone(), g.get(b.as_tensor()).unwrap().clone())
+        };
+        let (da, db) = grads(&|a, b| matmul_bf16_t(a, b).unwrap());
+        let (ra, rb) = grads(&|a, b| a.matmul(&b.t().unwrap()).unwrap());
+        for (got, want) in [(da, ra), (db, rb)] {
+            let err = (&got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err <= 2e-2 * scale, "max |Δ| {err} against a scale of {scale}");
+            assert_eq!(got.dtype(), DType::F32);
+        }
+    }
+}
