@@ -13,7 +13,8 @@
 # the median of each column over the rounds. The "other CPU" column is the CPU time that other
 # processes used while the row ran, in % of all cores (from /proc/stat minus this row's own
 # CPU time): a row with more than a few % was disturbed (PyTorch's OpenMP threads suffer most).
-# motrain has no accelerated bf16 CPU path yet (run.dtype = "bf16" is not fast), so it runs f32 only.
+#   - motrain bf16 (run.dtype = "bf16": bf16 matmuls on AMX tiles, f32 weights and AdamW) on CPUs
+#     with amx_bf16, on the AVX-512 path.
 #
 # Usage: scripts/bench_vs_torch.sh [--config C] [--steps N] [--warmup W] [--rounds R]
 #            [--simd "portable avx2 avx512"] [--torch "f32 bf16"] [--threads T]
@@ -152,7 +153,7 @@ if which == "median":
         rss = statistics.median(r["json"]["peak_rss_bytes"] / 2**20 for r in ok) if ok else None
         rat = [x for x in map(ratio, ok) if x is not None]
         med = statistics.median(rat) if rat else None
-        prec = "bf16-autocast" if k[1] == "bf16" else k[1]
+        prec = {"pytorch": "bf16-autocast", "motrain": "bf16-amx"}[k[0]] if k[1] == "bf16" else k[1]
         spread = f"   (tokens/s {min(r['json']['tokens_per_s'] for r in ok):.0f}..{max(r['json']['tokens_per_s'] for r in ok):.0f})" if len(ok) > 1 else ""
         busy = max((r["other"] for r in rows if r["key"] == k), default=0)
         print(f"{k[0]:<8} {prec:<13} {k[2]:<9} {fmt(tps, '9.0f'):>9} {fmt(rss, '13.0f'):>13} {fmt(med, '12.2f') + ('x' if med else ''):>13} {f'max {busy}%':>10}{spread}")
@@ -163,7 +164,7 @@ else:
         if r["round"] != which:
             continue
         impl, prec, simd = r["key"]
-        prec = "bf16-autocast" if prec == "bf16" else prec
+        prec = {"pytorch": "bf16-autocast", "motrain": "bf16-amx"}[impl] if prec == "bf16" else prec
         if r["json"] is None:
             print(f"{impl:<8} {prec:<13} {simd:<9} {r['err']}")
             continue
@@ -178,6 +179,10 @@ for r in $(seq "$rounds"); do
     record "$r" motrain f32 "$s" -- env MOTRAIN_SIMD="$s" "$bin" bench --config "$config" \
       --steps "$steps" --warmup "$warmup" "${sets[@]}"
   done
+  if grep -qw amx_bf16 /proc/cpuinfo && [ -n "$simd" ]; then
+    record "$r" motrain bf16 avx512 -- env MOTRAIN_SIMD=avx512 "$bin" bench --config "$config" \
+      --steps "$steps" --warmup "$warmup" "${sets[@]}" --set 'run.dtype="bf16"'
+  fi
   for m in $torch_modes; do
     case $skip_torch in *" $m "*) continue ;; esac
     ac=none; [ "$m" = bf16 ] && ac=bf16

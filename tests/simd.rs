@@ -50,3 +50,42 @@ fn an_unknown_path_or_one_this_cpu_lacks_is_refused_before_anything_is_written()
         assert!(!f.run_dir(missing.name()).exists());
     }
 }
+
+/// `run.dtype = "bf16"` on the CPU: on AMX tiles it trains the f32 model with bf16 matmuls (the
+/// same losses to bf16's precision, said on the first line); without them it is refused with
+/// exit 2, naming f32, before anything is written.
+#[test]
+fn bf16_trains_on_amx_tiles_and_is_refused_without_them() {
+    let f = Fixture::new();
+    let config = f.config();
+    let steps = ["train.steps=30", "train.eval_every=0"];
+    let bf16 = ["train.steps=30", "train.eval_every=0", "run.dtype=\"bf16\""];
+    // A CPU without tiles, or one standing for it (a lower SIMD path), refuses it.
+    let amx = motrain::ops::amx::available();
+    for level in simd::available().into_iter().filter(|l| !(amx && *l == Level::Avx512)) {
+        let name = format!("bf16-{}", level.name());
+        let out = f.train_with(on(level.name()), &config, &name, &bf16);
+        assert_bad_input(&out, &["bf16", "AMX", "f32 is the fastest"]);
+        assert!(!f.run_dir(&name).exists());
+    }
+    if !motrain::ops::amx::available() {
+        return;
+    }
+    let out = f.train(&config, "bf16", &bf16).ok();
+    assert!(
+        out.stdout.lines().next().unwrap().ends_with("bf16 matmuls on AMX"),
+        "{}",
+        out.describe()
+    );
+    f.train(&config, "f32", &steps).ok();
+    let (a, b) = (losses(&f.run_dir("bf16")), losses(&f.run_dir("f32")));
+    assert_eq!(a.len(), b.len());
+    let mut differ = false;
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 2e-2 * y.abs(), "step {step}: bf16 loss {x} vs f32 {y}");
+        differ |= x != y;
+    }
+    assert!(differ, "bf16 matmuls must round: the losses cannot all be f32's");
+    f.train(&config, "bf16-again", &bf16).ok();
+    assert_eq!(losses(&f.run_dir("bf16-again")), a, "bf16 repeats itself bit for bit");
+}

@@ -185,7 +185,7 @@ mod tests {
             ("train.micro_batch_size=5", "multiple"),
             ("model.d_model=\"big\"", "model.d_model"),
             ("model.ffn_layers=[9]", "block 9"),
-            ("run.dtype=\"bf16\"", "cuda"),
+            ("run.dtype=\"f16\"", "expected f32 or bf16"),
             ("model.n_kv_heads=3", "must divide `model.n_heads` (4)"),
             ("model.n_kv_heads=0", "model.n_kv_heads"),
             ("model.rope_scaling={rope_type=\"linear\", factor=0}", "factor"),

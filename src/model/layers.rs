@@ -33,7 +33,11 @@ impl Linear {
 
     /// `x [N, in]` → `[N, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let y = if ops::amx::enabled() && x.rank() == 2 && ops::fused(&[x, &self.w]) {
+            ops::amx::matmul_bf16_t(x, &self.w)?
+        } else {
+            x.matmul(&self.w.t()?)?
+        };
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -54,11 +54,11 @@ fn detect() -> bool {
 /// f32 → bf16, rounding to nearest even (NaN stays NaN).
 #[inline(always)]
 fn bf16(x: f32) -> u16 {
+    // Branch-free, so that packing loops vectorise.
     let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
 }
 
 /// A 2-D f32 operand: element (i, j) at `data[i·rs + j·cs]`.
@@ -87,38 +87,58 @@ const KT: usize = 32;
 /// operand (a gradient's `dCᵀ`) is read a cache line at a time, not an element.
 const BLOCK: usize = 32;
 
-/// `A [M, K]` as bf16 rows of `kp` (K rounded up to 32), `mp` rows (M rounded up to 32).
+/// Where element (r, j) of a 16-row block of packed A goes: the block is stored tile by tile
+/// (16 rows × 32 bf16 = 1 KiB each, along K), so a tile load reads contiguous memory however
+/// long K is.
+#[inline(always)]
+fn a_index(r: usize, j: usize, kp: usize) -> usize {
+    (r / T) * T * kp + (j / KT) * T * KT + (r % T) * KT + j % KT
+}
+
+/// `A [M, K]` as bf16, `mp` rows (M rounded up to 32) by `kp` (K rounded up to 32), tile-major
+/// (see [`a_index`]).
 fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
     let mut out = vec![0u16; mp * kp];
-    out.par_chunks_mut(BLOCK * kp).enumerate().for_each(|(ib, rows)| {
-        let i0 = ib * BLOCK;
-        let (ni, nj) = (a.rows.saturating_sub(i0).min(BLOCK), a.cols);
+    // A column-major A (a transposed gradient, `dCᵀ`) is read down its columns: a task takes
+    // many rows, so each column segment it reads is long, and goes block by block (32×32) so
+    // the pages it touches at once stay few.
+    let rows_per_task = if a.rs == 1 && a.cs != 1 {
+        (mp / (4 * rayon::current_num_threads())).clamp(BLOCK, 8 * BLOCK) / BLOCK * BLOCK
+    } else {
+        BLOCK
+    };
+    out.par_chunks_mut(rows_per_task * kp).enumerate().for_each(|(task, rows)| {
+        let i0 = task * rows_per_task;
+        let (ni, nj) = (a.rows.saturating_sub(i0).min(rows_per_task), a.cols);
         if a.cs == 1 {
             // Row-major: each row converts as one contiguous run, vectorised.
             for r in 0..ni {
                 let src = &a.data[(i0 + r) * a.rs..(i0 + r) * a.rs + nj];
-                let dst = &mut rows[r * kp..r * kp + nj];
-                super::simd::run(
-                    #[inline(always)]
-                    || dst.iter_mut().zip(src).for_each(|(d, &x)| *d = bf16(x)),
-                );
-            }
-            return;
-        }
-        if a.rs == 1 {
-            // Column-major (a transposed gradient): a column of the block is contiguous.
-            for j in 0..nj {
-                let col = &a.data[j * a.cs + i0..j * a.cs + i0 + ni];
-                for (r, &x) in col.iter().enumerate() {
-                    rows[r * kp + j] = bf16(x);
+                for (c, seg) in src.chunks(KT).enumerate() {
+                    let at = a_index(r, c * KT, kp);
+                    let dst = &mut rows[at..at + seg.len()];
+                    super::simd::run(
+                        #[inline(always)]
+                        || dst.iter_mut().zip(seg).for_each(|(d, &x)| *d = bf16(x)),
+                    );
                 }
             }
-            return;
-        }
-        for j0 in (0..nj).step_by(BLOCK) {
+        } else if a.rs == 1 {
+            for j0 in (0..nj).step_by(BLOCK) {
+                for r0 in (0..ni).step_by(BLOCK) {
+                    let len = (ni - r0).min(BLOCK);
+                    for j in j0..(j0 + BLOCK).min(nj) {
+                        let col = &a.data[j * a.cs + i0 + r0..j * a.cs + i0 + r0 + len];
+                        for (r, &x) in col.iter().enumerate() {
+                            rows[a_index(r0 + r, j, kp)] = bf16(x);
+                        }
+                    }
+                }
+            }
+        } else {
             for r in 0..ni {
-                for j in j0..(j0 + BLOCK).min(nj) {
-                    rows[r * kp + j] = bf16(a.at(i0 + r, j));
+                for j in 0..nj {
+                    rows[a_index(r, j, kp)] = bf16(a.at(i0 + r, j));
                 }
             }
         }
@@ -187,23 +207,32 @@ fn tile_config() -> TileConfig {
     TileConfig(c)
 }
 
-/// `C [M, N] = A · B` in f32 from bf16-rounded operands. Needs [`available`].
-fn gemm(a: Operand, b: Operand) -> Vec<f32> {
+/// Without x86-64 there are no tiles: [`available`] is false and nothing calls this.
+#[cfg(not(target_arch = "x86_64"))]
+fn gemm(_: Operand, _: Operand, _: &mut [f32], _: usize, _: bool) {
+    unreachable!("AMX tiles are x86-64 only")
+}
+
+/// `dst (+)= A · B` in f32 from bf16-rounded operands, the rows of `dst` `dst_rs` apart.
+/// Needs [`available`].
+#[cfg(target_arch = "x86_64")]
+fn gemm(a: Operand, b: Operand, dst: &mut [f32], dst_rs: usize, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let (mp, kp, np) =
         (m.next_multiple_of(2 * T), k.next_multiple_of(KT), n.next_multiple_of(2 * T));
-    let (ap, bp) = (pack_a(a, mp, kp), pack_b(b, np, kp));
-    let mut c = vec![0f32; m * n];
     if m == 0 || n == 0 {
-        return c;
+        return;
     }
+    let (ap, bp) = (pack_a(a, mp, kp), pack_b(b, np, kp));
     let b_block = kp / 2 * T * 2;
     // One task per 32 rows of C: two A tiles against two B tiles at a time, four C tiles.
-    c.par_chunks_mut(2 * T * n).enumerate().for_each(|(mb, c_rows)| {
+    // A task takes several 32-row blocks, so each pair of B tiles it loads serves all of them
+    // from cache; enough tasks remain to keep every thread busy.
+    let blocks = m.div_ceil(2 * T);
+    let per_task = (blocks / (4 * rayon::current_num_threads())).clamp(1, 8);
+    dst.par_chunks_mut(per_task * 2 * T * dst_rs).enumerate().for_each(|(task, c_rows)| {
         let cfg = tile_config();
         let mut acc = [0f32; 2 * T * 2 * T];
-        let a0 = ap[mb * 2 * T * kp..].as_ptr();
-        let a1 = ap[(mb * 2 * T + T) * kp..].as_ptr();
         // SAFETY: `available()` granted the tile state; every tile load reads 16 rows of 64
         // bytes inside the packed buffers (padded to whole tiles), and every store writes
         // inside `acc`.
@@ -212,56 +241,101 @@ fn gemm(a: Operand, b: Operand) -> Vec<f32> {
             for nb in 0..np / (2 * T) {
                 let b0 = bp[2 * nb * b_block..].as_ptr();
                 let b1 = bp[(2 * nb + 1) * b_block..].as_ptr();
-                std::arch::asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack)
-                );
-                for kc in 0..kp / KT {
+                for local in 0..per_task {
+                    let mb = task * per_task + local;
+                    if mb >= blocks {
+                        break;
+                    }
+                    let a0 = ap[mb * 2 * T * kp..].as_ptr();
+                    let a1 = ap[(mb * 2 * T + T) * kp..].as_ptr();
                     std::arch::asm!(
-                        "tileloadd tmm4, [{a0} + {sa}*1]",
-                        "tileloadd tmm5, [{a1} + {sa}*1]",
-                        "tileloadd tmm6, [{b0} + {sb}*1]",
-                        "tileloadd tmm7, [{b1} + {sb}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a0.add(kc * KT),
-                        a1 = in(reg) a1.add(kc * KT),
-                        b0 = in(reg) b0.add(kc * T * T * 2),
-                        b1 = in(reg) b1.add(kc * T * T * 2),
-                        sa = in(reg) kp * 2,
-                        sb = in(reg) 64usize,
-                        options(nostack, readonly),
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack)
                     );
-                }
-                let p = acc.as_mut_ptr();
-                std::arch::asm!(
-                    "tilestored [{c00} + {s}*1], tmm0",
-                    "tilestored [{c01} + {s}*1], tmm1",
-                    "tilestored [{c10} + {s}*1], tmm2",
-                    "tilestored [{c11} + {s}*1], tmm3",
-                    c00 = in(reg) p,
-                    c01 = in(reg) p.add(T),
-                    c10 = in(reg) p.add(T * 2 * T),
-                    c11 = in(reg) p.add(T * 2 * T + T),
-                    s = in(reg) 2 * T * 4,
-                    options(nostack),
-                );
-                let rows = c_rows.len() / n;
-                let (col, cols) = (nb * 2 * T, (n - nb * 2 * T).min(2 * T));
-                for r in 0..rows {
-                    c_rows[r * n + col..r * n + col + cols]
-                        .copy_from_slice(&acc[r * 2 * T..r * 2 * T + cols]);
+                    for kc in 0..kp / KT {
+                        std::arch::asm!(
+                            "tileloadd tmm4, [{a0} + {sa}*1]",
+                            "tileloadd tmm5, [{a1} + {sa}*1]",
+                            "tileloadd tmm6, [{b0} + {sb}*1]",
+                            "tileloadd tmm7, [{b1} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) a0.add(kc * T * KT),
+                            a1 = in(reg) a1.add(kc * T * KT),
+                            b0 = in(reg) b0.add(kc * T * T * 2),
+                            b1 = in(reg) b1.add(kc * T * T * 2),
+                            sa = in(reg) KT * 2,
+                            sb = in(reg) 64usize,
+                            options(nostack, readonly),
+                        );
+                    }
+                    let p = acc.as_mut_ptr();
+                    std::arch::asm!(
+                        "tilestored [{c00} + {s}*1], tmm0",
+                        "tilestored [{c01} + {s}*1], tmm1",
+                        "tilestored [{c10} + {s}*1], tmm2",
+                        "tilestored [{c11} + {s}*1], tmm3",
+                        c00 = in(reg) p,
+                        c01 = in(reg) p.add(T),
+                        c10 = in(reg) p.add(T * 2 * T),
+                        c11 = in(reg) p.add(T * 2 * T + T),
+                        s = in(reg) 2 * T * 4,
+                        options(nostack),
+                    );
+                    let rows = (m - mb * 2 * T).min(2 * T);
+                    let (col, cols) = (nb * 2 * T, (n - nb * 2 * T).min(2 * T));
+                    for r in 0..rows {
+                        let at = (local * 2 * T + r) * dst_rs + col;
+                        let out = &mut c_rows[at..at + cols];
+                        let tile = &acc[r * 2 * T..r * 2 * T + cols];
+                        if accumulate {
+                            out.iter_mut().zip(tile).for_each(|(o, t)| *o += t);
+                        } else {
+                            out.copy_from_slice(tile);
+                        }
+                    }
                 }
             }
             std::arch::asm!("tilerelease", options(nostack, nomem));
         }
     });
-    c
+}
+
+/// [`crate::ops::gemm_into`] on AMX tiles: `dst (+)= lhs · rhs`, operands by (row stride,
+/// column stride).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
+    (m, n, k): (usize, usize, usize), dst: &mut [f32], dst_rs: usize, accumulate: bool,
+    lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32], (rhs_rs, rhs_cs): (usize, usize),
+) {
+    let a = Operand { data: lhs, rows: m, cols: k, rs: lhs_rs, cs: lhs_cs };
+    let b = Operand { data: rhs, rows: k, cols: n, rs: rhs_rs, cs: rhs_cs };
+    gemm(a, b, dst, dst_rs, accumulate)
+}
+
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether bf16 matmuls may run: the tiles are [`available`] and the SIMD path in use is
+/// AVX-512 (`MOTRAIN_SIMD=avx2` or `portable` stands for a CPU without them, so it has no
+/// tiles either).
+pub fn usable() -> bool {
+    available() && super::simd::level() == super::simd::Level::Avx512
+}
+
+/// Matmuls of f32 tensors run in bf16 on AMX tiles from now on (`run.dtype = "bf16"` on the
+/// CPU), as PyTorch's `set_float32_matmul_precision("medium")` lets them; needs [`usable`].
+pub fn enable() {
+    ENABLED.store(usable(), std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether f32 matmuls run in bf16 on AMX tiles.
+pub fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn operand<'a>(s: &'a CpuStorage, l: &Layout, transpose: bool) -> Result<Operand<'a>> {
@@ -298,7 +372,9 @@ impl CustomOp2 for MatmulBf16 {
         if a.cols != b.rows {
             candle_core::bail!("matmul_bf16: [{}, {}] · [{}, {}]", a.rows, a.cols, b.rows, b.cols);
         }
-        Ok((CpuStorage::F32(gemm(a, b)), Shape::from((a.rows, b.cols))))
+        let mut c = vec![0f32; a.rows * b.cols];
+        gemm(a, b, &mut c, b.cols, false);
+        Ok((CpuStorage::F32(c), Shape::from((a.rows, b.cols))))
     }
 
     fn bwd(
@@ -343,7 +419,9 @@ mod tests {
             eprintln!("skipped: this CPU has no AMX bf16 tiles");
             return;
         }
-        for (m, k, n) in [(1, 1, 1), (5, 40, 3), (33, 70, 47), (64, 256, 96), (100, 33, 130)] {
+        for (m, k, n) in
+            [(1, 1, 1), (5, 40, 3), (33, 70, 47), (64, 256, 96), (100, 33, 130), (700, 40, 50)]
+        {
             let (a, b) = (randn(&[m, k], 1), randn(&[n, k], 2));
             let c = matmul_bf16_t(&a, &b).unwrap().to_vec2::<f32>().unwrap();
             let (ra, rb) = (round(&a), round(&b));

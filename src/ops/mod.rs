@@ -106,6 +106,18 @@ pub(crate) fn gemm_into(
         k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
         "gemm: rhs too small"
     );
+    if amx::enabled() {
+        return amx::gemm_into(
+            (m, n, k),
+            dst,
+            dst_rs,
+            accumulate,
+            lhs,
+            (lhs_rs, lhs_cs),
+            rhs,
+            (rhs_rs, rhs_cs),
+        );
+    }
     let threads = rayon::current_num_threads();
     let parallelism =
         if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };

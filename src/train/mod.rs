@@ -92,6 +92,9 @@ impl Trainer {
     pub fn new(cfg: Config, dist: Rc<Dist>) -> Result<Trainer> {
         check_world(&cfg, &dist)?;
         let dev = crate::device::device(&cfg.run.device)?;
+        if cfg.run.dtype == "bf16" && dev.is_cpu() {
+            bf16_on_cpu()?;
+        }
         let model_cfg = cfg.model.clone();
         let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale)
             .freezing(move |name| !crate::model::trains(&model_cfg, name));
@@ -359,6 +362,25 @@ impl SourceSums {
             .map(|(s, (&sum, &t))| (s.name.clone(), sum / t))
             .collect()
     }
+}
+
+/// `run.dtype = "bf16"` on the CPU: f32 weights, activations and optimizer state, with every
+/// matmul's operands rounded to bf16 on AMX tiles and its products summed in f32. Only AMX makes
+/// that faster than f32 (AVX512_BF16's dot product runs at half the f32 FMA rate), so a CPU
+/// without it is refused, naming f32.
+fn bf16_on_cpu() -> Result<()> {
+    if !crate::ops::amx::usable() {
+        return Err(crate::config::ConfigError::Invalid {
+            origin: "`run.dtype` = \"bf16\"".into(),
+            message: format!(
+                "bf16 on the CPU needs AMX bf16 tiles (Intel Xeon Sapphire Rapids or newer), which this CPU ({}) lacks; f32 is the fastest dtype here",
+                crate::ops::simd::describe(&candle_core::Device::Cpu)
+            ),
+        }
+        .into());
+    }
+    crate::ops::amx::enable();
+    Ok(())
 }
 
 /// What the world size demands of the config, checked before anything is computed or written.
