@@ -96,7 +96,7 @@ pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<Ben
         peak_rss_bytes: peak_rss_bytes(),
         threads: rayon::current_num_threads(),
         cpu: crate::ops::simd::cpu_model(),
-        simd: crate::ops::simd::describe(trainer.params.device()),
+        simd: crate::ops::describe(trainer.params.device()),
         ranks: dist.size(),
         rank: dist.rank(),
         comm_s_per_step,

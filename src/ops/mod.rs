@@ -34,6 +34,17 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// What computes on `device`, for the first line of `train` and for `bench`: the SIMD path (or
+/// the GPU), and whether matmuls run in bf16 on AMX tiles.
+pub fn describe(device: &candle_core::Device) -> String {
+    let path = simd::describe(device);
+    if device.is_cpu() && amx::enabled() {
+        format!("{path} | bf16 matmuls on AMX")
+    } else {
+        path
+    }
+}
+
 /// Whether the fused CPU kernels apply to these tensors.
 pub(crate) fn fused(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)

@@ -128,9 +128,7 @@ pub fn level() -> Level {
 /// What the kernels run on, for the first line of a run and for benchmarks: `simd avx512`, or
 /// the GPU backend.
 pub fn describe(device: &candle_core::Device) -> String {
-    if device.is_cpu() && super::amx::enabled() {
-        format!("simd {} | bf16 matmuls on AMX", level())
-    } else if device.is_cpu() {
+    if device.is_cpu() {
         format!("simd {}", level())
     } else if device.is_cuda() {
         "cuda".to_string()

@@ -370,11 +370,23 @@ impl SourceSums {
 /// without it is refused, naming f32.
 fn bf16_on_cpu() -> Result<()> {
     if !crate::ops::amx::usable() {
+        let why = if crate::ops::amx::available() {
+            format!(
+                "{}={} stands for a CPU without them",
+                crate::ops::simd::ENV,
+                crate::ops::simd::level()
+            )
+        } else {
+            format!(
+                "this CPU ({}, {}) lacks them",
+                crate::ops::simd::cpu_model(),
+                crate::ops::simd::describe(&candle_core::Device::Cpu)
+            )
+        };
         return Err(crate::config::ConfigError::Invalid {
             origin: "`run.dtype` = \"bf16\"".into(),
             message: format!(
-                "bf16 on the CPU needs AMX bf16 tiles (Intel Xeon Sapphire Rapids or newer), which this CPU ({}) lacks; f32 is the fastest dtype here",
-                crate::ops::simd::describe(&candle_core::Device::Cpu)
+                "bf16 on the CPU needs AMX bf16 tiles (Intel Xeon Sapphire Rapids or newer), and {why}; f32 is the fastest dtype here"
             ),
         }
         .into());

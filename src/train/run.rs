@@ -116,7 +116,7 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         trainer.data.total_tokens(),
         t.steps,
         trainer.tokens_per_step(),
-        crate::ops::simd::describe(trainer.params.device())
+        crate::ops::describe(trainer.params.device())
     ));
     if cfg.data.is_mixture() {
         let parts: Vec<String> = trainer
