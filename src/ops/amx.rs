@@ -99,9 +99,9 @@ fn a_index(r: usize, j: usize, kp: usize) -> usize {
 /// (see [`a_index`]).
 fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
     let mut out = vec![0u16; mp * kp];
-    // A column-major A (a transposed gradient, `dCᵀ`) is read down its columns: a task takes
-    // many rows, so each column segment it reads is long, and goes block by block (32×32) so
-    // the pages it touches at once stay few.
+    // A column-major A (a transposed gradient, `dCᵀ`) is read a source row at a time: a task
+    // takes many of A's rows, so each source row segment it reads is long (the pages it walks
+    // are few), and the 32 source rows of one tile step land in tiles that stay in cache.
     let rows_per_task = if a.rs == 1 && a.cs != 1 {
         (mp / (4 * rayon::current_num_threads())).clamp(BLOCK, 8 * BLOCK) / BLOCK * BLOCK
     } else {
@@ -110,38 +110,38 @@ fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
     out.par_chunks_mut(rows_per_task * kp).enumerate().for_each(|(task, rows)| {
         let i0 = task * rows_per_task;
         let (ni, nj) = (a.rows.saturating_sub(i0).min(rows_per_task), a.cols);
-        if a.cs == 1 {
-            // Row-major: each row converts as one contiguous run, vectorised.
-            for r in 0..ni {
-                let src = &a.data[(i0 + r) * a.rs..(i0 + r) * a.rs + nj];
-                for (c, seg) in src.chunks(KT).enumerate() {
-                    let at = a_index(r, c * KT, kp);
-                    let dst = &mut rows[at..at + seg.len()];
-                    super::simd::run(
-                        #[inline(always)]
-                        || dst.iter_mut().zip(seg).for_each(|(d, &x)| *d = bf16(x)),
-                    );
-                }
-            }
-        } else if a.rs == 1 {
-            for j0 in (0..nj).step_by(BLOCK) {
-                for r0 in (0..ni).step_by(BLOCK) {
-                    let len = (ni - r0).min(BLOCK);
-                    for j in j0..(j0 + BLOCK).min(nj) {
-                        let col = &a.data[j * a.cs + i0 + r0..j * a.cs + i0 + r0 + len];
-                        for (r, &x) in col.iter().enumerate() {
-                            rows[a_index(r0 + r, j, kp)] = bf16(x);
+        if ni == 0 {
+            return; // padding rows only
+        }
+        super::simd::run(
+            #[inline(always)]
+            || {
+                if a.cs == 1 {
+                    // Row-major: runs of 32 convert contiguously, vectorised.
+                    for r in 0..ni {
+                        let src = &a.data[(i0 + r) * a.rs..(i0 + r) * a.rs + nj];
+                        for (c, seg) in src.chunks(KT).enumerate() {
+                            let at = a_index(r, c * KT, kp);
+                            let dst = &mut rows[at..at + seg.len()];
+                            dst.iter_mut().zip(seg).for_each(|(d, &x)| *d = bf16(x));
+                        }
+                    }
+                } else if a.rs == 1 {
+                    for j in 0..nj {
+                        let src = &a.data[j * a.cs + i0..j * a.cs + i0 + ni];
+                        for (r, &x) in src.iter().enumerate() {
+                            rows[a_index(r, j, kp)] = bf16(x);
+                        }
+                    }
+                } else {
+                    for r in 0..ni {
+                        for j in 0..nj {
+                            rows[a_index(r, j, kp)] = bf16(a.at(i0 + r, j));
                         }
                     }
                 }
-            }
-        } else {
-            for r in 0..ni {
-                for j in 0..nj {
-                    rows[a_index(r, j, kp)] = bf16(a.at(i0 + r, j));
-                }
-            }
-        }
+            },
+        )
     });
     out
 }
@@ -151,44 +151,61 @@ fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
 fn pack_b(b: Operand, np: usize, kp: usize) -> Vec<u16> {
     let block = kp / 2 * T * 2;
     let mut out = vec![0u16; np / T * block];
-    out.par_chunks_mut(block).enumerate().for_each(|(nb, blk)| {
-        let cols = b.cols.saturating_sub(nb * T).min(T);
-        if b.rs == 1 && cols == T {
-            // Column-major B (a weight `[N, K]` read as `Bᵀ`): the pair (k, k+1) of column n is
-            // two neighbours in memory.
-            for p in 0..b.rows / 2 {
-                for c in 0..T {
-                    let at = (nb * T + c) * b.cs + 2 * p;
-                    blk[(p * T + c) * 2] = bf16(b.data[at]);
-                    blk[(p * T + c) * 2 + 1] = bf16(b.data[at + 1]);
-                }
-            }
-            if b.rows % 2 == 1 {
-                let k = b.rows - 1;
-                for c in 0..T {
-                    blk[(k / 2 * T + c) * 2] = bf16(b.data[(nb * T + c) * b.cs + k]);
-                }
-            }
-            return;
+    // A row-major B is read a row at a time: a task takes several column blocks, so the row
+    // segment it reads is long.
+    let blocks = np / T;
+    let per_task =
+        if b.cs == 1 { (blocks / (4 * rayon::current_num_threads())).clamp(1, 16) } else { 1 };
+    out.par_chunks_mut(per_task * block).enumerate().for_each(|(task, blks)| {
+        let n0 = task * per_task * T;
+        let cols = b.cols.saturating_sub(n0).min(per_task * T);
+        if cols == 0 {
+            return; // padding columns only
         }
-        if b.cs == 1 && cols == T {
-            // Row-major B (activations read as a product's right side): rows k and k+1 are the
-            // pair, 16 neighbours each.
-            for k in 0..b.rows {
-                let row = &b.data[k * b.rs + nb * T..k * b.rs + nb * T + T];
-                for (c, &x) in row.iter().enumerate() {
-                    blk[(k / 2 * T + c) * 2 + k % 2] = bf16(x);
+        super::simd::run(
+            #[inline(always)]
+            || {
+                if b.cs == 1 {
+                    // Rows 2p and 2p+1 interleave into the pairs of one VNNI row per block.
+                    let zeros = [0f32; T];
+                    for p in 0..b.rows.div_ceil(2) {
+                        let row = |k: usize| &b.data[k * b.rs + n0..k * b.rs + n0 + cols];
+                        let (r0, r1) = (
+                            row(2 * p),
+                            if 2 * p + 1 < b.rows { row(2 * p + 1) } else { &zeros[..0] },
+                        );
+                        for (bi, (s0, dst)) in r0.chunks(T).zip(blks.chunks_mut(block)).enumerate()
+                        {
+                            let s1 =
+                                r1.get(bi * T..(bi * T + s0.len()).min(r1.len())).unwrap_or(&[]);
+                            let dst = &mut dst[p * T * 2..p * T * 2 + T * 2];
+                            for (c, &x) in s0.iter().enumerate() {
+                                dst[2 * c] = bf16(x);
+                            }
+                            for (c, &y) in s1.iter().enumerate() {
+                                dst[2 * c + 1] = bf16(y);
+                            }
+                        }
+                    }
+                } else if b.rs == 1 {
+                    // Column-major B (a weight `[N, K]` read as `Bᵀ`): a column is contiguous.
+                    for c in 0..cols {
+                        let col = &b.data[(n0 + c) * b.cs..(n0 + c) * b.cs + b.rows];
+                        let base = (c / T) * block + (c % T) * 2;
+                        for (k, &x) in col.iter().enumerate() {
+                            blks[base + k / 2 * T * 2 + k % 2] = bf16(x);
+                        }
+                    }
+                } else {
+                    for c in 0..cols {
+                        for k in 0..b.rows {
+                            blks[(c / T) * block + (k / 2 * T + c % T) * 2 + k % 2] =
+                                bf16(b.at(k, n0 + c));
+                        }
+                    }
                 }
-            }
-            return;
-        }
-        for k0 in (0..b.rows).step_by(BLOCK) {
-            for c in 0..cols {
-                for k in k0..(k0 + BLOCK).min(b.rows) {
-                    blk[(k / 2 * T + c) * 2 + k % 2] = bf16(b.at(k, nb * T + c));
-                }
-            }
-        }
+            },
+        )
     });
     out
 }
