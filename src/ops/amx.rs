@@ -127,10 +127,18 @@ fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
                         }
                     }
                 } else if a.rs == 1 {
+                    // Convert each source segment in one vectorised run, then scatter it down
+                    // the tiles' rows: for a fixed j, rows r are 32 bf16 apart in a tile.
+                    let mut seg = vec![0u16; ni];
                     for j in 0..nj {
                         let src = &a.data[j * a.cs + i0..j * a.cs + i0 + ni];
-                        for (r, &x) in src.iter().enumerate() {
-                            rows[a_index(r, j, kp)] = bf16(x);
+                        seg.iter_mut().zip(src).for_each(|(d, &x)| *d = bf16(x));
+                        let (tile, within) = ((j / KT) * T * KT, j % KT);
+                        for (blk, vals) in seg.chunks(T).enumerate() {
+                            let base = blk * T * kp + tile + within;
+                            for (r, &v) in vals.iter().enumerate() {
+                                rows[base + r * KT] = v;
+                            }
                         }
                     }
                 } else {
