@@ -185,18 +185,22 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
         c["eos_token_id"] = json!(eot);
     }
     let f = m.moe.expert_width(m.d_ff);
+    // Blocks with `model.ffn` (PESC's upcycled ones, a MoE's sparse ones) and the dense rest.
+    let mask = m.ffn_layer_mask().unwrap_or_default();
+    let (sparse, dense): (Vec<usize>, Vec<usize>) =
+        (0..m.n_layers).partition(|&i| mask.get(i).copied().unwrap_or(false));
     let extra = match arch {
         Architecture::Llama | Architecture::Mistral => {
             json!({"model_type": "llama", "attention_bias": false, "mlp_bias": false})
         }
         // Llama's `attention_bias` adds an o_proj bias as well: written as zeros.
         Architecture::Pesc => json!({
-            "model_type": "motrain_pesc", "attention_bias": qkv_bias_of(m), "mlp_bias": false,
+            "model_type": "motrain_pesc", "attention_bias": m.bias == Bias::Qkv, "mlp_bias": false,
             "auto_map": {
                 "AutoConfig": format!("{PESC_MODULE}.MotrainPescConfig"),
                 "AutoModelForCausalLM": format!("{PESC_MODULE}.MotrainPescForCausalLM"),
             },
-            "pesc_layers": (0..m.n_layers).filter(|&i| m.ffn_layer_mask().unwrap_or_default()[i]).collect::<Vec<_>>(),
+            "pesc_layers": sparse,
             "pesc_num_experts": m.pesc.n_experts, "pesc_top_k": m.pesc.top_k,
             "pesc_adapter_dim": m.pesc.adapter_dim, "pesc_adapter_scale": m.pesc.adapter_scale,
         }),
@@ -210,8 +214,6 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
             "sliding_window": null, "output_router_logits": false,
         }),
         Architecture::Qwen2Moe => {
-            let mask = m.ffn_layer_mask().unwrap_or_default();
-            let dense: Vec<usize> = (0..m.n_layers).filter(|&i| !mask[i]).collect();
             json!({
                 "model_type": "qwen2_moe", "moe_intermediate_size": f, "shared_expert_intermediate_size": m.moe.shared_expert_size,
                 "num_experts": m.moe.n_experts, "num_experts_per_tok": m.moe.top_k,
@@ -230,10 +232,6 @@ pub fn hf_config(m: &ModelConfig, arch: Architecture, eot: Option<u32>) -> Value
 /// The modeling file a PESC export carries (its module name, and its text).
 const PESC_MODULE: &str = "modeling_motrain_pesc";
 const PESC_MODELING: &str = include_str!("../python/modeling_motrain_pesc.py");
-
-fn qkv_bias_of(m: &ModelConfig) -> bool {
-    m.bias == Bias::Qkv
-}
 
 /// Our tensors under the architecture's names. The head is always written (a copy of the
 /// embedding when tied), which every loader accepts.
@@ -255,7 +253,7 @@ pub fn hf_tensors(
     if arch == Architecture::Pesc {
         // Our names are the modeling file's; Llama's attention bias includes o_proj's.
         out.extend(ours.iter().map(|(k, t)| (k.clone(), t.clone())));
-        if qkv_bias_of(m) {
+        if m.bias == Bias::Qkv {
             for i in 0..m.n_layers {
                 let zeros = Tensor::zeros(m.d_model, DType::F32, &candle_core::Device::Cpu)?;
                 out.insert(format!("model.layers.{i}.self_attn.o_proj.bias"), zeros);

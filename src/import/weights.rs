@@ -148,7 +148,11 @@ impl Weights {
 
     /// Writes `name` as little-endian f32 to `out`, and lets the kernel drop its pages.
     pub fn write_f32(&self, name: &str, out: &mut impl Write) -> std::io::Result<()> {
-        let s = &self.tensors[name];
+        let unreadable = |why: String| std::io::Error::other(format!("tensor `{name}`: {why}"));
+        let s = self.tensors.get(name).ok_or_else(|| unreadable("not in the weights".into()))?;
+        if !readable(s.dtype) {
+            return Err(unreadable(format!("{:?} is not one of {READABLE}", s.dtype)));
+        }
         let map = &self.files[s.file].1;
         let bytes = &map[s.start..s.end];
         // 1 MiB of output at a time.
@@ -172,7 +176,7 @@ impl Weights {
                         buf.extend_from_slice(&v.to_le_bytes());
                     }
                 }
-                other => unreachable!("dtype {other:?} is refused by the plan"),
+                _ => unreachable!("checked by `readable` above"),
             }
             out.write_all(&buf)?;
         }
