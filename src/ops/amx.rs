@@ -9,6 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Whether this CPU and kernel run AMX bf16 tiles (checked once).
@@ -61,6 +62,19 @@ fn bf16(x: f32) -> u16 {
     (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
 }
 
+/// A vector of `n` elements that `write` initialises, without zeroing them first: zeroing the
+/// packed operands and the outputs took a tenth of a bf16 training step.
+///
+/// # Safety
+/// `write` must initialise every one of the `n` elements it is given.
+unsafe fn written<T>(n: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    write(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: the caller's `write` initialised the first `n` elements.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// A 2-D f32 operand: element (i, j) at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
 struct Operand<'a> {
@@ -98,7 +112,6 @@ fn a_index(r: usize, j: usize, kp: usize) -> usize {
 /// `A [M, K]` as bf16, `mp` rows (M rounded up to 32) by `kp` (K rounded up to 32), tile-major
 /// (see [`a_index`]).
 fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
-    let mut out = vec![0u16; mp * kp];
     // A column-major A (a transposed gradient, `dCᵀ`) is read a source row at a time: a task
     // takes many of A's rows, so each source row segment it reads is long (the pages it walks
     // are few), and the 32 source rows of one tile step land in tiles that stay in cache.
@@ -107,115 +120,130 @@ fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
     } else {
         BLOCK
     };
-    out.par_chunks_mut(rows_per_task * kp).enumerate().for_each(|(task, rows)| {
-        let i0 = task * rows_per_task;
-        let (ni, nj) = (a.rows.saturating_sub(i0).min(rows_per_task), a.cols);
-        if ni == 0 {
-            return; // padding rows only
-        }
-        super::simd::run(
-            #[inline(always)]
-            || {
-                if a.cs == 1 {
-                    // Row-major: runs of 32 convert contiguously, vectorised.
-                    for r in 0..ni {
-                        let src = &a.data[(i0 + r) * a.rs..(i0 + r) * a.rs + nj];
-                        for (c, seg) in src.chunks(KT).enumerate() {
-                            let at = a_index(r, c * KT, kp);
-                            let dst = &mut rows[at..at + seg.len()];
-                            dst.iter_mut().zip(seg).for_each(|(d, &x)| *d = bf16(x));
+    // SAFETY: each task writes its whole chunk: zeros first wherever it holds padding.
+    let write = |out: &mut [MaybeUninit<u16>]| {
+        out.par_chunks_mut(rows_per_task * kp).enumerate().for_each(|(task, rows)| {
+            let i0 = task * rows_per_task;
+            let (ni, nj) = (a.rows.saturating_sub(i0).min(rows_per_task), a.cols);
+            if ni * kp != rows.len() || nj != kp {
+                rows.fill(MaybeUninit::new(0));
+            }
+            if ni == 0 {
+                return; // padding rows only
+            }
+            super::simd::run(
+                #[inline(always)]
+                || {
+                    if a.cs == 1 {
+                        // Row-major: runs of 32 convert contiguously, vectorised.
+                        for r in 0..ni {
+                            let src = &a.data[(i0 + r) * a.rs..(i0 + r) * a.rs + nj];
+                            for (c, seg) in src.chunks(KT).enumerate() {
+                                let at = a_index(r, c * KT, kp);
+                                let dst = &mut rows[at..at + seg.len()];
+                                dst.iter_mut()
+                                    .zip(seg)
+                                    .for_each(|(d, &x)| *d = MaybeUninit::new(bf16(x)));
+                            }
                         }
-                    }
-                } else if a.rs == 1 {
-                    // Convert each source segment in one vectorised run, then scatter it down
-                    // the tiles' rows: for a fixed j, rows r are 32 bf16 apart in a tile.
-                    let mut seg = vec![0u16; ni];
-                    for j in 0..nj {
-                        let src = &a.data[j * a.cs + i0..j * a.cs + i0 + ni];
-                        seg.iter_mut().zip(src).for_each(|(d, &x)| *d = bf16(x));
-                        let (tile, within) = ((j / KT) * T * KT, j % KT);
-                        for (blk, vals) in seg.chunks(T).enumerate() {
-                            let base = blk * T * kp + tile + within;
-                            for (r, &v) in vals.iter().enumerate() {
-                                rows[base + r * KT] = v;
+                    } else if a.rs == 1 {
+                        // Convert each source segment in one vectorised run, then scatter it down
+                        // the tiles' rows: for a fixed j, rows r are 32 bf16 apart in a tile.
+                        let mut seg = vec![0u16; ni];
+                        for j in 0..nj {
+                            let src = &a.data[j * a.cs + i0..j * a.cs + i0 + ni];
+                            seg.iter_mut().zip(src).for_each(|(d, &x)| *d = bf16(x));
+                            let (tile, within) = ((j / KT) * T * KT, j % KT);
+                            for (blk, vals) in seg.chunks(T).enumerate() {
+                                let base = blk * T * kp + tile + within;
+                                for (r, &v) in vals.iter().enumerate() {
+                                    rows[base + r * KT] = MaybeUninit::new(v);
+                                }
+                            }
+                        }
+                    } else {
+                        for r in 0..ni {
+                            for j in 0..nj {
+                                rows[a_index(r, j, kp)] = MaybeUninit::new(bf16(a.at(i0 + r, j)));
                             }
                         }
                     }
-                } else {
-                    for r in 0..ni {
-                        for j in 0..nj {
-                            rows[a_index(r, j, kp)] = bf16(a.at(i0 + r, j));
-                        }
-                    }
-                }
-            },
-        )
-    });
-    out
+                },
+            )
+        });
+    };
+    unsafe { written(mp * kp, write) }
 }
 
 /// `B [K, N]` in the tiles' VNNI layout: for each block of 16 columns, K/2 rows of 16 pairs
 /// `(B[2p][n], B[2p+1][n])`, so one B tile is 1 KiB of contiguous memory.
 fn pack_b(b: Operand, np: usize, kp: usize) -> Vec<u16> {
     let block = kp / 2 * T * 2;
-    let mut out = vec![0u16; np / T * block];
     // A row-major B is read a row at a time: a task takes several column blocks, so the row
     // segment it reads is long.
     let blocks = np / T;
     let per_task =
         if b.cs == 1 { (blocks / (4 * rayon::current_num_threads())).clamp(1, 16) } else { 1 };
-    out.par_chunks_mut(per_task * block).enumerate().for_each(|(task, blks)| {
-        let n0 = task * per_task * T;
-        let cols = b.cols.saturating_sub(n0).min(per_task * T);
-        if cols == 0 {
-            return; // padding columns only
-        }
-        super::simd::run(
-            #[inline(always)]
-            || {
-                if b.cs == 1 {
-                    // Rows 2p and 2p+1 interleave into the pairs of one VNNI row per block.
-                    let zeros = [0f32; T];
-                    for p in 0..b.rows.div_ceil(2) {
-                        let row = |k: usize| &b.data[k * b.rs + n0..k * b.rs + n0 + cols];
-                        let (r0, r1) = (
-                            row(2 * p),
-                            if 2 * p + 1 < b.rows { row(2 * p + 1) } else { &zeros[..0] },
-                        );
-                        for (bi, (s0, dst)) in r0.chunks(T).zip(blks.chunks_mut(block)).enumerate()
-                        {
-                            let s1 =
-                                r1.get(bi * T..(bi * T + s0.len()).min(r1.len())).unwrap_or(&[]);
-                            let dst = &mut dst[p * T * 2..p * T * 2 + T * 2];
-                            for (c, &x) in s0.iter().enumerate() {
-                                dst[2 * c] = bf16(x);
+    // SAFETY: each task writes its whole chunk: zeros first wherever it holds padding.
+    let write = |out: &mut [MaybeUninit<u16>]| {
+        out.par_chunks_mut(per_task * block).enumerate().for_each(|(task, blks)| {
+            let n0 = task * per_task * T;
+            let cols = b.cols.saturating_sub(n0).min(per_task * T);
+            if cols * block != blks.len() * T || b.rows != kp {
+                blks.fill(MaybeUninit::new(0));
+            }
+            if cols == 0 {
+                return; // padding columns only
+            }
+            super::simd::run(
+                #[inline(always)]
+                || {
+                    if b.cs == 1 {
+                        // Rows 2p and 2p+1 interleave into the pairs of one VNNI row per block.
+                        let zeros = [0f32; T];
+                        for p in 0..b.rows.div_ceil(2) {
+                            let row = |k: usize| &b.data[k * b.rs + n0..k * b.rs + n0 + cols];
+                            let (r0, r1) = (
+                                row(2 * p),
+                                if 2 * p + 1 < b.rows { row(2 * p + 1) } else { &zeros[..0] },
+                            );
+                            for (bi, (s0, dst)) in
+                                r0.chunks(T).zip(blks.chunks_mut(block)).enumerate()
+                            {
+                                let s1 = r1
+                                    .get(bi * T..(bi * T + s0.len()).min(r1.len()))
+                                    .unwrap_or(&[]);
+                                let dst = &mut dst[p * T * 2..p * T * 2 + T * 2];
+                                for (c, &x) in s0.iter().enumerate() {
+                                    dst[2 * c] = MaybeUninit::new(bf16(x));
+                                }
+                                for (c, &y) in s1.iter().enumerate() {
+                                    dst[2 * c + 1] = MaybeUninit::new(bf16(y));
+                                }
                             }
-                            for (c, &y) in s1.iter().enumerate() {
-                                dst[2 * c + 1] = bf16(y);
+                        }
+                    } else if b.rs == 1 {
+                        // Column-major B (a weight `[N, K]` read as `Bᵀ`): a column is contiguous.
+                        for c in 0..cols {
+                            let col = &b.data[(n0 + c) * b.cs..(n0 + c) * b.cs + b.rows];
+                            let base = (c / T) * block + (c % T) * 2;
+                            for (k, &x) in col.iter().enumerate() {
+                                blks[base + k / 2 * T * 2 + k % 2] = MaybeUninit::new(bf16(x));
+                            }
+                        }
+                    } else {
+                        for c in 0..cols {
+                            for k in 0..b.rows {
+                                blks[(c / T) * block + (k / 2 * T + c % T) * 2 + k % 2] =
+                                    MaybeUninit::new(bf16(b.at(k, n0 + c)));
                             }
                         }
                     }
-                } else if b.rs == 1 {
-                    // Column-major B (a weight `[N, K]` read as `Bᵀ`): a column is contiguous.
-                    for c in 0..cols {
-                        let col = &b.data[(n0 + c) * b.cs..(n0 + c) * b.cs + b.rows];
-                        let base = (c / T) * block + (c % T) * 2;
-                        for (k, &x) in col.iter().enumerate() {
-                            blks[base + k / 2 * T * 2 + k % 2] = bf16(x);
-                        }
-                    }
-                } else {
-                    for c in 0..cols {
-                        for k in 0..b.rows {
-                            blks[(c / T) * block + (k / 2 * T + c % T) * 2 + k % 2] =
-                                bf16(b.at(k, n0 + c));
-                        }
-                    }
-                }
-            },
-        )
-    });
-    out
+                },
+            )
+        });
+    };
+    unsafe { written(np / T * block, write) }
 }
 
 /// The tile configuration: palette 1, tiles 0–7 each 16 rows × 64 bytes.
@@ -234,14 +262,15 @@ fn tile_config() -> TileConfig {
 
 /// Without x86-64 there are no tiles: [`available`] is false and nothing calls this.
 #[cfg(not(target_arch = "x86_64"))]
-fn gemm(_: Operand, _: Operand, _: &mut [f32], _: usize, _: bool) {
+fn gemm(_: Operand, _: Operand, _: &mut [MaybeUninit<f32>], _: usize, _: bool) {
     unreachable!("AMX tiles are x86-64 only")
 }
 
-/// `dst (+)= A · B` in f32 from bf16-rounded operands, the rows of `dst` `dst_rs` apart.
-/// Needs [`available`].
+/// `dst (+)= A · B` in f32 from bf16-rounded operands, the rows of `dst` `dst_rs` apart: every
+/// element of the M×N product is written (so `dst` may start uninitialised unless
+/// `accumulate`, which reads it). Needs [`available`].
 #[cfg(target_arch = "x86_64")]
-fn gemm(a: Operand, b: Operand, dst: &mut [f32], dst_rs: usize, accumulate: bool) {
+fn gemm(a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let (mp, kp, np) =
         (m.next_multiple_of(2 * T), k.next_multiple_of(KT), n.next_multiple_of(2 * T));
@@ -319,9 +348,12 @@ fn gemm(a: Operand, b: Operand, dst: &mut [f32], dst_rs: usize, accumulate: bool
                         let out = &mut c_rows[at..at + cols];
                         let tile = &acc[r * 2 * T..r * 2 * T + cols];
                         if accumulate {
-                            out.iter_mut().zip(tile).for_each(|(o, t)| *o += t);
+                            // SAFETY: with `accumulate` the caller passed initialised memory.
+                            out.iter_mut()
+                                .zip(tile)
+                                .for_each(|(o, t)| *o = MaybeUninit::new(o.assume_init() + t));
                         } else {
-                            out.copy_from_slice(tile);
+                            out.iter_mut().zip(tile).for_each(|(o, &t)| *o = MaybeUninit::new(t));
                         }
                     }
                 }
@@ -340,6 +372,8 @@ pub(crate) fn gemm_into(
 ) {
     let a = Operand { data: lhs, rows: m, cols: k, rs: lhs_rs, cs: lhs_cs };
     let b = Operand { data: rhs, rows: k, cols: n, rs: rhs_rs, cs: rhs_cs };
+    // SAFETY: the same memory seen as possibly uninitialised; gemm writes only f32 values.
+    let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
     gemm(a, b, dst, dst_rs, accumulate)
 }
 
@@ -397,8 +431,8 @@ impl CustomOp2 for MatmulBf16 {
         if a.cols != b.rows {
             candle_core::bail!("matmul_bf16: [{}, {}] · [{}, {}]", a.rows, a.cols, b.rows, b.cols);
         }
-        let mut c = vec![0f32; a.rows * b.cols];
-        gemm(a, b, &mut c, b.cols, false);
+        // SAFETY: gemm writes every element of the product (dst_rs = N).
+        let c = unsafe { written(a.rows * b.cols, |c| gemm(a, b, c, b.cols, false)) };
         Ok((CpuStorage::F32(c), Shape::from((a.rows, b.cols))))
     }
 
@@ -470,35 +504,37 @@ mod tests {
             eprintln!("skipped: this CPU has no AMX bf16 tiles");
             return;
         }
-        let (m, k, n) = (37, 50, 29);
-        let (a, b) = (
-            Var::from_tensor(&randn(&[m, k], 3)).unwrap(),
-            Var::from_tensor(&randn(&[n, k], 4)).unwrap(),
-        );
-        let p = randn(&[m, n], 5);
-        let grads = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
-            let g = (f(a.as_tensor(), b.as_tensor()) * &p)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            (g.get(a.as_tensor()).unwrap().clone(), g.get(b.as_tensor()).unwrap().clone())
-        };
-        let (da, db) = grads(&|a, b| matmul_bf16_t(a, b).unwrap());
-        let (ra, rb) = grads(&|a, b| a.matmul(&b.t().unwrap()).unwrap());
-        for (got, want) in [(da, ra), (db, rb)] {
-            let err = (&got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(err <= 2e-2 * scale, "max |Δ| {err} against a scale of {scale}");
-            assert_eq!(got.dtype(), DType::F32);
+        // Off the tile edges (padding), and on them (packing writes every element itself).
+        for (m, k, n) in [(37, 50, 29), (256, 64, 96)] {
+            let (a, b) = (
+                Var::from_tensor(&randn(&[m, k], 3)).unwrap(),
+                Var::from_tensor(&randn(&[n, k], 4)).unwrap(),
+            );
+            let p = randn(&[m, n], 5);
+            let grads = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+                let g = (f(a.as_tensor(), b.as_tensor()) * &p)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (g.get(a.as_tensor()).unwrap().clone(), g.get(b.as_tensor()).unwrap().clone())
+            };
+            let (da, db) = grads(&|a, b| matmul_bf16_t(a, b).unwrap());
+            let (ra, rb) = grads(&|a, b| a.matmul(&b.t().unwrap()).unwrap());
+            for (got, want) in [(da, ra), (db, rb)] {
+                let err = (&got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err <= 2e-2 * scale, "max |Δ| {err} against a scale of {scale}");
+                assert_eq!(got.dtype(), DType::F32);
+            }
         }
     }
 }
