@@ -7,6 +7,7 @@
 //! detection reads CPUID and XCR0 directly and asks Linux for the tile state (`arch_prctl`).
 //! The op `matmul_bf16(a, b)` is `a · bᵀ` for 2-D tensors with its backward, as `Linear` uses it.
 
+use super::written;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -60,19 +61,6 @@ fn bf16(x: f32) -> u16 {
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
     let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
     (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
-}
-
-/// A vector of `n` elements that `write` initialises, without zeroing them first: zeroing the
-/// packed operands and the outputs took a tenth of a bf16 training step.
-///
-/// # Safety
-/// `write` must initialise every one of the `n` elements it is given.
-unsafe fn written<T>(n: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
-    let mut v = Vec::with_capacity(n);
-    write(&mut v.spare_capacity_mut()[..n]);
-    // SAFETY: the caller's `write` initialised the first `n` elements.
-    unsafe { v.set_len(n) };
-    v
 }
 
 /// A 2-D f32 operand: element (i, j) at `data[i·rs + j·cs]`.
@@ -367,13 +355,12 @@ fn gemm(a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, acc
 /// column stride).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
-    (m, n, k): (usize, usize, usize), dst: &mut [f32], dst_rs: usize, accumulate: bool,
-    lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32], (rhs_rs, rhs_cs): (usize, usize),
+    (m, n, k): (usize, usize, usize), dst: &mut [MaybeUninit<f32>], dst_rs: usize,
+    accumulate: bool, lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
 ) {
     let a = Operand { data: lhs, rows: m, cols: k, rs: lhs_rs, cs: lhs_cs };
     let b = Operand { data: rhs, rows: k, cols: n, rs: rhs_rs, cs: rhs_cs };
-    // SAFETY: the same memory seen as possibly uninitialised; gemm writes only f32 values.
-    let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
     gemm(a, b, dst, dst_rs, accumulate)
 }
 

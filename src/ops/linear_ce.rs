@@ -5,7 +5,7 @@
 //! a step) are thus written once and read twice, never copied, zero-filled or accumulated by
 //! the autograd.
 
-use super::{fused, sgemm, simd, slice, vec};
+use super::{fused, product, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -113,8 +113,7 @@ impl CustomOp3 for LinearCrossEntropy {
         }
         // logits = x·Wᵀ, then one pass per row: log-sum-exp, the loss, and (training) the
         // logits turned in place into dL/dlogits = (softmax − onehot)/N.
-        let mut logits = vec![0f32; n * v];
-        sgemm((n, v, d), &mut logits, x, (d, 1), w, (1, d));
+        let mut logits = product((n, v, d), x, (d, 1), w, (1, d));
         let inv_n = 1.0 / n as f32;
         let losses: Vec<f32> = logits
             .par_chunks_mut(v)
@@ -140,16 +139,8 @@ impl CustomOp3 for LinearCrossEntropy {
             })
             .collect();
         if self.with_grad {
-            let dx = self.dx.then(|| {
-                let mut dx = vec![0f32; n * d];
-                sgemm((n, d, v), &mut dx, &logits, (v, 1), w, (d, 1)); // dL·W
-                dx
-            });
-            let dw = self.dw.then(|| {
-                let mut dw = vec![0f32; v * d];
-                sgemm((v, d, n), &mut dw, &logits, (1, v), x, (d, 1)); // dLᵀ·x
-                dw
-            });
+            let dx = self.dx.then(|| product((n, d, v), &logits, (v, 1), w, (d, 1))); // dL·W
+            let dw = self.dw.then(|| product((v, d, n), &logits, (1, v), x, (d, 1))); // dLᵀ·x
             *self.grads.lock().unwrap() = Some((dx, dw));
         }
         // Summed in f64 and in row order, so the loss does not depend on threads.
