@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Tokens/s of dense, MoT and MoE top-1 training on every SIMD path this CPU has, alternated
 # round by round, with MoT/dense and MoE/dense per path. Prints the CPU and its SIMD flags first.
+# On a CPU with AMX bf16 tiles, a last path `bf16` runs all three with run.dtype = "bf16"
+# (matmuls on the tiles, the avx512 path for the rest).
 # Usage: scripts/bench_paths.sh [STEPS] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,13 +17,16 @@ for p in portable avx2 avx512; do
   MOTRAIN_SIMD=$p ./target/release/motrain bench --config /nonexistent 2>&1 | grep -q MOTRAIN_SIMD \
     || paths+=("$p")
 done
+grep -q -w amx_bf16 /proc/cpuinfo && paths+=(bf16)
 declare -A model=(
   [dense]="--config configs/bench-dense.toml"
   [mot]="--config configs/bench-mot.toml"
   [moe-top1]="--config configs/bench-dense.toml --set model.ffn=moe --set model.moe.n_experts=8 --set model.moe.top_k=1 --set model.moe.capacity_factor=1.25"
 )
-tps() { # MOTRAIN_SIMD, then bench arguments: prints tokens/s
-  MOTRAIN_SIMD=$1 ./target/release/motrain bench "${@:2}" --steps "$steps" --warmup 1 2>/dev/null \
+tps() { # path, then bench arguments: prints tokens/s
+  local simd=$1 dtype=()
+  [ "$1" = bf16 ] && simd=avx512 dtype=(--set run.dtype=bf16)
+  MOTRAIN_SIMD=$simd ./target/release/motrain bench "${@:2}" "${dtype[@]}" --steps "$steps" --warmup 1 2>/dev/null \
     | tail -1 | sed -E 's/.*"tokens_per_s":([0-9.]+).*/\1/'
 }
 printf '%-6s %-9s %-9s %10s %10s %10s %9s %9s\n' round path "" dense mot moe-top1 mot/dense moe/dense
