@@ -66,7 +66,11 @@ fn mpirun(ranks: usize, mode: &str, env: &[(&str, &str)], deadline: Duration) ->
 
 fn run(mut cmd: Command, deadline: Duration) -> Run {
     // Shared memory's single-copy mechanisms (CMA, KNEM) need ptrace rights containers lack.
+    // A session directory base per mpirun: Open MPI 4's `mkdir` of `/tmp/ompi.<host>.<uid>`
+    // races when two start at once (tests run in parallel); empty once mpirun exits.
+    let session = tempfile::Builder::new().prefix("motrain-ompi-").tempdir().unwrap().keep();
     cmd.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("OMPI_MCA_orte_tmpdir_base", session)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

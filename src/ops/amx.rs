@@ -7,6 +7,9 @@
 //! detection reads CPUID and XCR0 directly and asks Linux for the tile state (`arch_prctl`).
 //! The op `matmul_bf16(a, b)` is `a · bᵀ` for 2-D tensors with its backward, as `Linear` uses it.
 
+// Off x86-64 nothing reaches the packing and the kernel ([`available`] is false).
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use super::written;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;

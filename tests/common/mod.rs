@@ -413,6 +413,15 @@ pub fn mpirun_command(ranks: usize) -> Command {
     c.args(["--allow-run-as-root", "--oversubscribe", "-n", &ranks.to_string()])
         .args(["-x", "RAYON_NUM_THREADS=1", "-x", "OMPI_MCA_btl_vader_single_copy_mechanism=none"])
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("OMPI_MCA_orte_tmpdir_base", own_session_dir())
         .arg(bin());
     c
+}
+
+/// A session directory base of its own for one mpirun: Open MPI 4 creates
+/// `/tmp/ompi.<host>.<uid>` as it starts, and two mpiruns starting at the same moment (tests run
+/// in parallel) can both fail at that `mkdir` ("File exists", orte_init failed). Left behind
+/// empty: mpirun removes what it made inside.
+fn own_session_dir() -> PathBuf {
+    tempfile::Builder::new().prefix("motrain-ompi-").tempdir().unwrap().keep()
 }
