@@ -14,7 +14,7 @@
 //! matmuls once more.
 
 use super::swiglu::{swiglu_row, swiglu_row_backward};
-use super::{fused, gemm_into, simd, slice};
+use super::{fresh, fused, gemm_into, simd, slice};
 use crate::config::Activation;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -51,7 +51,12 @@ pub fn grouped_matmul_cat(x: &Tensor, a: &Tensor, b: &Tensor, offsets: &[usize])
 fn check(x: &Tensor, ws: &[&Tensor], offsets: &[usize]) -> Result<()> {
     let (r, din) = x.dims2()?;
     let (e, _, _) = ws[0].dims3()?;
-    if offsets.len() != e + 1 || offsets[e] != r || offsets.windows(2).any(|p| p[0] > p[1]) {
+    // The experts' rows partition the rows: every output row is some expert's.
+    if offsets.len() != e + 1
+        || offsets[0] != 0
+        || offsets[e] != r
+        || offsets.windows(2).any(|p| p[0] > p[1])
+    {
         candle_core::bail!("grouped matmul: bad offsets {offsets:?} for {e} experts and {r} rows");
     }
     for w in ws {
@@ -317,52 +322,60 @@ impl Grouped {
     /// `y[rows of e, cols of j] = x_e · W_jeᵀ` for every expert and stack.
     fn forward(&self, x: &[f32], ws: &[&[f32]], din: usize) -> Vec<f32> {
         let (r, width) = (x.len() / din.max(1), self.width());
-        let mut y = vec![0f32; r * width];
-        for (j, w) in ws.iter().enumerate() {
-            let (dout, col) = (self.outs[j], self.column(j));
-            for (e, b) in self.offsets.windows(2).enumerate() {
-                if b[1] > b[0] {
-                    let we = &w[e * dout * din..(e + 1) * dout * din];
-                    gemm_into(
-                        (b[1] - b[0], dout, din),
-                        &mut y[b[0] * width + col..],
-                        width,
-                        false,
-                        &x[b[0] * din..b[1] * din],
-                        (din, 1),
-                        we,
-                        (1, din),
-                    );
+        // SAFETY: the experts' rows partition the rows (`check`), and each stack writes its
+        // columns of every row without reading them.
+        unsafe {
+            fresh(r * width, |y| {
+                for (j, w) in ws.iter().enumerate() {
+                    let (dout, col) = (self.outs[j], self.column(j));
+                    for (e, b) in self.offsets.windows(2).enumerate() {
+                        if b[1] > b[0] {
+                            let we = &w[e * dout * din..(e + 1) * dout * din];
+                            gemm_into(
+                                (b[1] - b[0], dout, din),
+                                &mut y[b[0] * width + col..],
+                                width,
+                                false,
+                                &x[b[0] * din..b[1] * din],
+                                (din, 1),
+                                we,
+                                (1, din),
+                            );
+                        }
+                    }
                 }
-            }
+            })
         }
-        y
     }
 
     /// `dx_r = Σ_j dy_r[cols of j] · W_je`.
     fn dx(&self, g: &[f32], ws: &[&[f32]], din: usize) -> Vec<f32> {
         let width = self.width();
         let r = g.len() / width.max(1);
-        let mut dx = vec![0f32; r * din];
-        for (j, w) in ws.iter().enumerate() {
-            let (dout, col) = (self.outs[j], self.column(j));
-            for (e, b) in self.offsets.windows(2).enumerate() {
-                if b[1] > b[0] {
-                    let we = &w[e * dout * din..(e + 1) * dout * din];
-                    gemm_into(
-                        (b[1] - b[0], din, dout),
-                        &mut dx[b[0] * din..b[1] * din],
-                        din,
-                        j > 0,
-                        &g[b[0] * width + col..],
-                        (width, 1),
-                        we,
-                        (din, 1),
-                    );
+        // SAFETY: the experts' rows partition the rows (`check`); the first stack writes every
+        // row without reading it, the others add to what it wrote.
+        unsafe {
+            fresh(r * din, |dx| {
+                for (j, w) in ws.iter().enumerate() {
+                    let (dout, col) = (self.outs[j], self.column(j));
+                    for (e, b) in self.offsets.windows(2).enumerate() {
+                        if b[1] > b[0] {
+                            let we = &w[e * dout * din..(e + 1) * dout * din];
+                            gemm_into(
+                                (b[1] - b[0], din, dout),
+                                &mut dx[b[0] * din..b[1] * din],
+                                din,
+                                j > 0,
+                                &g[b[0] * width + col..],
+                                (width, 1),
+                                we,
+                                (din, 1),
+                            );
+                        }
+                    }
                 }
-            }
+            })
         }
-        dx
     }
 
     /// `dW_je = Σ_{r in e} dy_r[cols of j]ᵀ · x_r`; experts without rows get zeros.
@@ -591,6 +604,8 @@ mod tests {
     #[test]
     fn bad_offsets_are_an_error() {
         assert!(grouped_matmul(&randn(&[3, 2], 1), &randn(&[2, 2, 2], 2), &[0, 2, 2]).is_err());
+        // Rows before the first expert's would belong to no expert.
+        assert!(grouped_matmul(&randn(&[3, 2], 1), &randn(&[2, 2, 2], 2), &[1, 2, 3]).is_err());
         assert!(grouped_matmul_cat(
             &randn(&[3, 2], 1),
             &randn(&[2, 2, 2], 2),

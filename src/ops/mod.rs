@@ -102,6 +102,18 @@ pub(crate) unsafe fn written<T>(n: usize, write: impl FnOnce(&mut [MaybeUninit<T
     v
 }
 
+/// A vector of `n` f32 that `fill` computes, without zeroing it first: for the fused kernels,
+/// which write their outputs row by row.
+///
+/// # Safety
+/// `fill` must write every element, and read none before writing it (the slice starts
+/// uninitialised).
+pub(crate) unsafe fn fresh(n: usize, fill: impl FnOnce(&mut [f32])) -> Vec<f32> {
+    // SAFETY: f32 has no invalid bit patterns and, by the caller's contract, nothing is read
+    // before `fill` writes it, and everything is written.
+    unsafe { written(n, |y| fill(&mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]))) }
+}
+
 /// `lhs[m×k] · rhs[k×n]` as a new row-major `m×n` vector, each operand given by (row stride,
 /// column stride), on all threads of the current pool.
 pub(crate) fn product(

@@ -1,7 +1,7 @@
 //! RMSNorm and LayerNorm over the last axis, one pass forward and one pass backward.
 //! (candle's own fast paths cut the graph: issues #2168, #3011, #3752.)
 
-use super::{column_sums, fused, rows_per_task, simd, slice, vec};
+use super::{column_sums, fresh, fused, rows_per_task, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -53,20 +53,24 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(xs, xl)?, slice(ws, wl)?);
         let d = w.len();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
-            |(yr, xr)| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        let r = rstd(xr, self.eps);
-                        for i in 0..d {
-                            yr[i] = w[i] * xr[i] * r;
-                        }
+        // SAFETY: every row of y is written whole from x alone.
+        let y = unsafe {
+            fresh(x.len(), |y| {
+                y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
+                    |(yr, xr)| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                let r = rstd(xr, self.eps);
+                                for i in 0..d {
+                                    yr[i] = w[i] * xr[i] * r;
+                                }
+                            },
+                        )
                     },
                 )
-            },
-        );
+            })
+        };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -98,42 +102,47 @@ impl CustomOp3 for RmsNormBwd {
         let (x, w, g) = (slice(xs, xl)?, slice(ws, wl)?, slice(gs, gl)?);
         let d = w.len();
         let rows = x.len() / d;
-        let mut out = vec![0f32; x.len() + d];
-        let (dx, dw) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .with_min_len(rows_per_task(d))
-            .for_each(|(dxr, (xr, gr))| {
-                simd::run(
+        // SAFETY: every row of dx is written whole from x, w and g, and the last
+        // row(s) are copied from the column sums.
+        let out = unsafe {
+            fresh(x.len() + d, |out| {
+                let (dx, dw) = out.split_at_mut(x.len());
+                dx.par_chunks_mut(d)
+                    .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                    .with_min_len(rows_per_task(d))
+                    .for_each(|(dxr, (xr, gr))| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                let r = rstd(xr, self.eps);
+                                // dx = r·(g∘w) − r³·x·mean(g∘w∘x)
+                                let mut gwx = 0f32;
+                                for i in 0..d {
+                                    gwx += gr[i] * w[i] * xr[i];
+                                }
+                                let c = r * r * r * gwx / d as f32;
+                                for i in 0..d {
+                                    dxr[i] = r * gr[i] * w[i] - c * xr[i];
+                                }
+                            },
+                        )
+                    });
+                let sums = column_sums(
+                    rows,
+                    d,
+                    1,
                     #[inline(always)]
-                    || {
+                    |row, acc| {
+                        let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
                         let r = rstd(xr, self.eps);
-                        // dx = r·(g∘w) − r³·x·mean(g∘w∘x)
-                        let mut gwx = 0f32;
                         for i in 0..d {
-                            gwx += gr[i] * w[i] * xr[i];
-                        }
-                        let c = r * r * r * gwx / d as f32;
-                        for i in 0..d {
-                            dxr[i] = r * gr[i] * w[i] - c * xr[i];
+                            acc[i] += gr[i] * xr[i] * r;
                         }
                     },
-                )
-            });
-        let sums = column_sums(
-            rows,
-            d,
-            1,
-            #[inline(always)]
-            |row, acc| {
-                let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
-                let r = rstd(xr, self.eps);
-                for i in 0..d {
-                    acc[i] += gr[i] * xr[i] * r;
-                }
-            },
-        );
-        dw.copy_from_slice(&sums);
+                );
+                dw.copy_from_slice(&sums);
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((rows + 1, d))))
     }
 }
@@ -164,20 +173,24 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
         let d = w.len();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
-            |(yr, xr)| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        let (mu, r) = mean_rstd(xr, self.eps);
-                        for i in 0..d {
-                            yr[i] = w[i] * (xr[i] - mu) * r + b[i];
-                        }
+        // SAFETY: every row of y is written whole from x alone.
+        let y = unsafe {
+            fresh(x.len(), |y| {
+                y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
+                    |(yr, xr)| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                let (mu, r) = mean_rstd(xr, self.eps);
+                                for i in 0..d {
+                                    yr[i] = w[i] * (xr[i] - mu) * r + b[i];
+                                }
+                            },
+                        )
                     },
                 )
-            },
-        );
+            })
+        };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -210,48 +223,53 @@ impl CustomOp3 for LayerNormBwd {
         let (x, w, g) = (slice(xs, xl)?, slice(ws, wl)?, slice(gs, gl)?);
         let d = w.len();
         let rows = x.len() / d;
-        let mut out = vec![0f32; x.len() + 2 * d];
-        let (dx, dwb) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .with_min_len(rows_per_task(d))
-            .for_each(|(dxr, (xr, gr))| {
-                simd::run(
+        // SAFETY: every row of dx is written whole from x, w and g, and the last
+        // row(s) are copied from the column sums.
+        let out = unsafe {
+            fresh(x.len() + 2 * d, |out| {
+                let (dx, dwb) = out.split_at_mut(x.len());
+                dx.par_chunks_mut(d)
+                    .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                    .with_min_len(rows_per_task(d))
+                    .for_each(|(dxr, (xr, gr))| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                let (mu, r) = mean_rstd(xr, self.eps);
+                                // dx = r·(gw − mean(gw) − x̂·mean(gw·x̂)), gw = g∘w
+                                let (mut m1, mut m2) = (0f32, 0f32);
+                                for i in 0..d {
+                                    let gw = gr[i] * w[i];
+                                    m1 += gw;
+                                    m2 += gw * (xr[i] - mu) * r;
+                                }
+                                m1 /= d as f32;
+                                m2 /= d as f32;
+                                for i in 0..d {
+                                    let xh = (xr[i] - mu) * r;
+                                    dxr[i] = r * (gr[i] * w[i] - m1 - xh * m2);
+                                }
+                            },
+                        )
+                    });
+                let sums = column_sums(
+                    rows,
+                    d,
+                    2,
                     #[inline(always)]
-                    || {
+                    |row, acc| {
+                        let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
                         let (mu, r) = mean_rstd(xr, self.eps);
-                        // dx = r·(gw − mean(gw) − x̂·mean(gw·x̂)), gw = g∘w
-                        let (mut m1, mut m2) = (0f32, 0f32);
+                        let (aw, ab) = acc.split_at_mut(d);
                         for i in 0..d {
-                            let gw = gr[i] * w[i];
-                            m1 += gw;
-                            m2 += gw * (xr[i] - mu) * r;
-                        }
-                        m1 /= d as f32;
-                        m2 /= d as f32;
-                        for i in 0..d {
-                            let xh = (xr[i] - mu) * r;
-                            dxr[i] = r * (gr[i] * w[i] - m1 - xh * m2);
+                            aw[i] += gr[i] * (xr[i] - mu) * r;
+                            ab[i] += gr[i];
                         }
                     },
-                )
-            });
-        let sums = column_sums(
-            rows,
-            d,
-            2,
-            #[inline(always)]
-            |row, acc| {
-                let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
-                let (mu, r) = mean_rstd(xr, self.eps);
-                let (aw, ab) = acc.split_at_mut(d);
-                for i in 0..d {
-                    aw[i] += gr[i] * (xr[i] - mu) * r;
-                    ab[i] += gr[i];
-                }
-            },
-        );
-        dwb.copy_from_slice(&sums);
+                );
+                dwb.copy_from_slice(&sums);
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
     }
 }

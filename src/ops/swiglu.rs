@@ -1,7 +1,7 @@
 //! SwiGLU's gate on a fused projection: `[g | u]` rows of width `2f` → `silu(g) · u`, width `f`,
 //! fused with its backward. One `[N, 2f]` matmul feeds it instead of two `[N, f]` ones.
 
-use super::{fused, simd, slice, vec};
+use super::{fresh, fused, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -37,15 +37,20 @@ impl CustomOp1 for SwiGlu {
         let gu = slice(s, l)?;
         let w2 = width(l);
         let f = w2 / 2;
-        let mut y = vec![0f32; gu.len() / 2];
-        y.par_chunks_mut(f).zip(gu.par_chunks(w2)).with_min_len(super::rows_per_task(w2)).for_each(
-            |(y, row)| {
-                simd::run(
-                    #[inline(always)]
-                    || swiglu_row(row, y),
-                )
-            },
-        );
+        // SAFETY: every row of y is written whole by swiglu_row, which reads only gu.
+        let y = unsafe {
+            fresh(gu.len() / 2, |y| {
+                y.par_chunks_mut(f)
+                    .zip(gu.par_chunks(w2))
+                    .with_min_len(super::rows_per_task(w2))
+                    .for_each(|(y, row)| {
+                        simd::run(
+                            #[inline(always)]
+                            || swiglu_row(row, y),
+                        )
+                    })
+            })
+        };
         let mut dims = l.shape().dims().to_vec();
         *dims.last_mut().unwrap() = f;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -93,16 +98,20 @@ impl CustomOp2 for SwiGluBwd {
         let (gu, dy) = (slice(s, l)?, slice(ds, dl)?);
         let w2 = width(l);
         let f = w2 / 2;
-        let mut out = vec![0f32; gu.len()];
-        out.par_chunks_mut(w2)
-            .zip(gu.par_chunks(w2).zip(dy.par_chunks(f)))
-            .with_min_len(super::rows_per_task(w2))
-            .for_each(|(o, (row, d))| {
-                simd::run(
-                    #[inline(always)]
-                    || swiglu_row_backward(row, d, o),
-                )
-            });
+        // SAFETY: every row of out is written whole by swiglu_row_backward (dg and du).
+        let out = unsafe {
+            fresh(gu.len(), |out| {
+                out.par_chunks_mut(w2)
+                    .zip(gu.par_chunks(w2).zip(dy.par_chunks(f)))
+                    .with_min_len(super::rows_per_task(w2))
+                    .for_each(|(o, (row, d))| {
+                        simd::run(
+                            #[inline(always)]
+                            || swiglu_row_backward(row, d, o),
+                        )
+                    })
+            })
+        };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
