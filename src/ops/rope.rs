@@ -1,7 +1,7 @@
 //! Rotary position embedding as Hugging Face Llama applies it (halves, not interleaved), on
 //! `[B, S, H, dh]` activations in place of layout.
 
-use super::{fused, simd, slice};
+use super::{fresh, fused, simd, slice};
 use crate::config::{RopeScaling, RopeScalingKind};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -129,28 +129,38 @@ impl CustomOp1 for Rope {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(st, l)?;
         let (_, s, h, dh) = l.shape().dims4()?;
+        if dh % 2 != 0 {
+            candle_core::bail!("rope: the head width must be even, got {dh}");
+        }
         let half = dh / 2;
-        let mut y = vec![0f32; x.len()];
-        // One task per (batch, position): all heads share that position's angles.
-        y.par_chunks_mut(h * dh).zip(x.par_chunks(h * dh)).enumerate().with_min_len(16).for_each(
-            |(bs, (yr, xr))| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        let p = (self.offset + bs % s) * self.tables.half;
-                        let (c, sn) =
-                            (&self.tables.cos[p..p + half], &self.tables.sin[p..p + half]);
-                        for (dst, src) in yr.chunks_mut(dh).zip(xr.chunks(dh)) {
-                            for i in 0..half {
-                                let (x1, x2, sv) = (src[i], src[i + half], self.sign * sn[i]);
-                                dst[i] = x1 * c[i] - x2 * sv;
-                                dst[i + half] = x2 * c[i] + x1 * sv;
-                            }
-                        }
-                    },
-                )
-            },
-        );
+        // SAFETY: every (batch, position) row is written whole: both halves of each head.
+        let y = unsafe {
+            fresh(x.len(), |y| {
+                // One task per (batch, position): all heads share that position's angles.
+                y.par_chunks_mut(h * dh)
+                    .zip(x.par_chunks(h * dh))
+                    .enumerate()
+                    .with_min_len(16)
+                    .for_each(|(bs, (yr, xr))| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                let p = (self.offset + bs % s) * self.tables.half;
+                                let (c, sn) =
+                                    (&self.tables.cos[p..p + half], &self.tables.sin[p..p + half]);
+                                for (dst, src) in yr.chunks_mut(dh).zip(xr.chunks(dh)) {
+                                    for i in 0..half {
+                                        let (x1, x2, sv) =
+                                            (src[i], src[i + half], self.sign * sn[i]);
+                                        dst[i] = x1 * c[i] - x2 * sv;
+                                        dst[i + half] = x2 * c[i] + x1 * sv;
+                                    }
+                                }
+                            },
+                        )
+                    })
+            })
+        };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -176,6 +186,12 @@ mod tests {
 
     /// Linear scaling by 2 halves every frequency exactly, so position 2p of the scaled tables
     /// is position p of the plain ones.
+    #[test]
+    fn an_odd_head_width_is_an_error() {
+        let t = RopeTables::new(8, 16, 10000.0, None).unwrap();
+        assert!(rope(&randn(&[1, 2, 1, 7], 1), &t, 0).is_err());
+    }
+
     #[test]
     fn linear_scaling_stretches_positions() {
         use crate::config::{RopeScaling, RopeScalingKind};
