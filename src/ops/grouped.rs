@@ -18,6 +18,7 @@ use super::{fresh, fused, gemm_into, simd, slice};
 use crate::config::Activation;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// `x [R, in]`, `w [E, out, in]`, `offsets` (E + 1 row bounds, non-decreasing, ending at R)
@@ -319,6 +320,14 @@ impl Grouped {
         self.outs[..j].iter().sum()
     }
 
+    /// `(j, e, rows of e)` for each stack `j` (outermost) and each expert `e` that has rows.
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize, Range<usize>)> + '_ {
+        (0..self.outs.len()).flat_map(move |j| {
+            let experts = self.offsets.windows(2).enumerate();
+            experts.filter(|(_, b)| b[1] > b[0]).map(move |(e, b)| (j, e, b[0]..b[1]))
+        })
+    }
+
     /// `y[rows of e, cols of j] = x_e · W_jeᵀ` for every expert and stack.
     fn forward(&self, x: &[f32], ws: &[&[f32]], din: usize) -> Vec<f32> {
         let (r, width) = (x.len() / din.max(1), self.width());
@@ -326,23 +335,18 @@ impl Grouped {
         // columns of every row without reading them.
         unsafe {
             fresh(r * width, |y| {
-                for (j, w) in ws.iter().enumerate() {
+                for (j, e, rows) in self.blocks() {
                     let (dout, col) = (self.outs[j], self.column(j));
-                    for (e, b) in self.offsets.windows(2).enumerate() {
-                        if b[1] > b[0] {
-                            let we = &w[e * dout * din..(e + 1) * dout * din];
-                            gemm_into(
-                                (b[1] - b[0], dout, din),
-                                &mut y[b[0] * width + col..],
-                                width,
-                                false,
-                                &x[b[0] * din..b[1] * din],
-                                (din, 1),
-                                we,
-                                (1, din),
-                            );
-                        }
-                    }
+                    gemm_into(
+                        (rows.len(), dout, din),
+                        &mut y[rows.start * width + col..],
+                        width,
+                        false,
+                        &x[rows.start * din..rows.end * din],
+                        (din, 1),
+                        &ws[j][e * dout * din..(e + 1) * dout * din],
+                        (1, din),
+                    );
                 }
             })
         }
@@ -356,23 +360,18 @@ impl Grouped {
         // row without reading it, the others add to what it wrote.
         unsafe {
             fresh(r * din, |dx| {
-                for (j, w) in ws.iter().enumerate() {
-                    let (dout, col) = (self.outs[j], self.column(j));
-                    for (e, b) in self.offsets.windows(2).enumerate() {
-                        if b[1] > b[0] {
-                            let we = &w[e * dout * din..(e + 1) * dout * din];
-                            gemm_into(
-                                (b[1] - b[0], din, dout),
-                                &mut dx[b[0] * din..b[1] * din],
-                                din,
-                                j > 0,
-                                &g[b[0] * width + col..],
-                                (width, 1),
-                                we,
-                                (din, 1),
-                            );
-                        }
-                    }
+                for (j, e, rows) in self.blocks() {
+                    let dout = self.outs[j];
+                    gemm_into(
+                        (rows.len(), din, dout),
+                        &mut dx[rows.start * din..rows.end * din],
+                        din,
+                        j > 0,
+                        &g[rows.start * width + self.column(j)..],
+                        (width, 1),
+                        &ws[j][e * dout * din..(e + 1) * dout * din],
+                        (din, 1),
+                    );
                 }
             })
         }
