@@ -53,23 +53,18 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(xs, xl)?, slice(ws, wl)?);
         let d = w.len();
-        // SAFETY: every row of y is written whole from x alone.
+        // SAFETY: the row kernel writes all d elements of its row.
         let y = unsafe {
-            fresh(x.len(), |y| {
-                y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
-                    |(yr, xr)| {
-                        simd::run(
-                            #[inline(always)]
-                            || {
-                                let r = rstd(xr, self.eps);
-                                for i in 0..d {
-                                    yr[i] = w[i] * xr[i] * r;
-                                }
-                            },
-                        )
-                    },
-                )
-            })
+            forward_rows(
+                (x, d),
+                #[inline(always)]
+                |xr, yr| {
+                    let r = rstd(xr, self.eps);
+                    for i in 0..d {
+                        yr[i] = w[i] * xr[i] * r;
+                    }
+                },
+            )
         };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -82,6 +77,28 @@ impl CustomOp2 for RmsNorm {
         let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = both.narrow(0, rows, 1)?.reshape(w.shape())?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// A norm's output: each row from `row(x, y)`, in parallel.
+///
+/// # Safety
+/// `row` must write every element of its output row (which starts uninitialised).
+unsafe fn forward_rows(
+    (x, d): (&[f32], usize), row: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    // SAFETY: `row` writes each output row whole (the caller's contract).
+    unsafe {
+        fresh(x.len(), |y| {
+            y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
+                |(yr, xr)| {
+                    simd::run(
+                        #[inline(always)]
+                        || row(xr, yr),
+                    )
+                },
+            )
+        })
     }
 }
 
@@ -197,23 +214,18 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
         let d = w.len();
-        // SAFETY: every row of y is written whole from x alone.
+        // SAFETY: the row kernel writes all d elements of its row.
         let y = unsafe {
-            fresh(x.len(), |y| {
-                y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
-                    |(yr, xr)| {
-                        simd::run(
-                            #[inline(always)]
-                            || {
-                                let (mu, r) = mean_rstd(xr, self.eps);
-                                for i in 0..d {
-                                    yr[i] = w[i] * (xr[i] - mu) * r + b[i];
-                                }
-                            },
-                        )
-                    },
-                )
-            })
+            forward_rows(
+                (x, d),
+                #[inline(always)]
+                |xr, yr| {
+                    let (mu, r) = mean_rstd(xr, self.eps);
+                    for i in 0..d {
+                        yr[i] = w[i] * (xr[i] - mu) * r + b[i];
+                    }
+                },
+            )
         };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
