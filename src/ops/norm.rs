@@ -53,18 +53,23 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(xs, xl)?, slice(ws, wl)?);
         let d = w.len();
-        // SAFETY: the row kernel writes all d elements of its row.
+        // SAFETY: every row of y is written whole from x alone.
         let y = unsafe {
-            forward_rows(
-                (x, d),
-                #[inline(always)]
-                |xr, yr| {
-                    let r = rstd(xr, self.eps);
-                    for i in 0..d {
-                        yr[i] = w[i] * xr[i] * r;
-                    }
-                },
-            )
+            fresh(x.len(), |y| {
+                y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
+                    |(yr, xr)| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                let r = rstd(xr, self.eps);
+                                for i in 0..d {
+                                    yr[i] = w[i] * xr[i] * r;
+                                }
+                            },
+                        )
+                    },
+                )
+            })
         };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -77,66 +82,6 @@ impl CustomOp2 for RmsNorm {
         let dx = both.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = both.narrow(0, rows, 1)?.reshape(w.shape())?;
         Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// A norm's output: each row from `row(x, y)`, in parallel.
-///
-/// # Safety
-/// `row` must write every element of its output row (which starts uninitialised).
-unsafe fn forward_rows(
-    (x, d): (&[f32], usize), row: impl Fn(&[f32], &mut [f32]) + Sync,
-) -> Vec<f32> {
-    // SAFETY: `row` writes each output row whole (the caller's contract).
-    unsafe {
-        fresh(x.len(), |y| {
-            y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
-                |(yr, xr)| {
-                    simd::run(
-                        #[inline(always)]
-                        || row(xr, yr),
-                    )
-                },
-            )
-        })
-    }
-}
-
-/// A norm's backward as `[rows + n, d]`: each row of dx from `dx_row(x, g, dx)`, computed in
-/// parallel, then `n` rows of parameter gradients: the sums over rows of `param_row(x, g, acc)`
-/// (`acc` is `n·d` wide), summed deterministically.
-///
-/// # Safety
-/// `dx_row` must write every element of its dx row (which starts uninitialised).
-unsafe fn backward_rows(
-    (x, g, d): (&[f32], &[f32], usize), n: usize,
-    dx_row: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
-    param_row: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let rows = x.len() / d;
-    // SAFETY: `dx_row` writes each row of dx whole (the caller's contract), and the last n
-    // rows are copied from the column sums.
-    unsafe {
-        fresh(x.len() + n * d, |out| {
-            let (dx, params) = out.split_at_mut(x.len());
-            dx.par_chunks_mut(d)
-                .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-                .with_min_len(rows_per_task(d))
-                .for_each(|(dxr, (xr, gr))| {
-                    simd::run(
-                        #[inline(always)]
-                        || dx_row(xr, gr, dxr),
-                    )
-                });
-            let sums = column_sums(
-                rows,
-                d,
-                n,
-                #[inline(always)]
-                |row, acc| param_row(&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d], acc),
-            );
-            params.copy_from_slice(&sums);
-        })
     }
 }
 
@@ -157,32 +102,46 @@ impl CustomOp3 for RmsNormBwd {
         let (x, w, g) = (slice(xs, xl)?, slice(ws, wl)?, slice(gs, gl)?);
         let d = w.len();
         let rows = x.len() / d;
-        // SAFETY: the dx kernel writes all d elements of its row.
+        // SAFETY: every row of dx is written whole from x, w and g, and the last
+        // row(s) are copied from the column sums.
         let out = unsafe {
-            backward_rows(
-                (x, g, d),
-                1,
-                #[inline(always)]
-                |xr, gr, dxr| {
-                    let r = rstd(xr, self.eps);
-                    // dx = r·(g∘w) − r³·x·mean(g∘w∘x)
-                    let mut gwx = 0f32;
-                    for i in 0..d {
-                        gwx += gr[i] * w[i] * xr[i];
-                    }
-                    let c = r * r * r * gwx / d as f32;
-                    for i in 0..d {
-                        dxr[i] = r * gr[i] * w[i] - c * xr[i];
-                    }
-                },
-                #[inline(always)]
-                |xr, gr, acc| {
-                    let r = rstd(xr, self.eps);
-                    for i in 0..d {
-                        acc[i] += gr[i] * xr[i] * r;
-                    }
-                },
-            )
+            fresh(x.len() + d, |out| {
+                let (dx, dw) = out.split_at_mut(x.len());
+                dx.par_chunks_mut(d)
+                    .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                    .with_min_len(rows_per_task(d))
+                    .for_each(|(dxr, (xr, gr))| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                let r = rstd(xr, self.eps);
+                                // dx = r·(g∘w) − r³·x·mean(g∘w∘x)
+                                let mut gwx = 0f32;
+                                for i in 0..d {
+                                    gwx += gr[i] * w[i] * xr[i];
+                                }
+                                let c = r * r * r * gwx / d as f32;
+                                for i in 0..d {
+                                    dxr[i] = r * gr[i] * w[i] - c * xr[i];
+                                }
+                            },
+                        )
+                    });
+                let sums = column_sums(
+                    rows,
+                    d,
+                    1,
+                    #[inline(always)]
+                    |row, acc| {
+                        let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
+                        let r = rstd(xr, self.eps);
+                        for i in 0..d {
+                            acc[i] += gr[i] * xr[i] * r;
+                        }
+                    },
+                );
+                dw.copy_from_slice(&sums);
+            })
         };
         Ok((CpuStorage::F32(out), Shape::from((rows + 1, d))))
     }
@@ -214,18 +173,23 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
         let d = w.len();
-        // SAFETY: the row kernel writes all d elements of its row.
+        // SAFETY: every row of y is written whole from x alone.
         let y = unsafe {
-            forward_rows(
-                (x, d),
-                #[inline(always)]
-                |xr, yr| {
-                    let (mu, r) = mean_rstd(xr, self.eps);
-                    for i in 0..d {
-                        yr[i] = w[i] * (xr[i] - mu) * r + b[i];
-                    }
-                },
-            )
+            fresh(x.len(), |y| {
+                y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(
+                    |(yr, xr)| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                let (mu, r) = mean_rstd(xr, self.eps);
+                                for i in 0..d {
+                                    yr[i] = w[i] * (xr[i] - mu) * r + b[i];
+                                }
+                            },
+                        )
+                    },
+                )
+            })
         };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -259,38 +223,52 @@ impl CustomOp3 for LayerNormBwd {
         let (x, w, g) = (slice(xs, xl)?, slice(ws, wl)?, slice(gs, gl)?);
         let d = w.len();
         let rows = x.len() / d;
-        // SAFETY: the dx kernel writes all d elements of its row.
+        // SAFETY: every row of dx is written whole from x, w and g, and the last
+        // row(s) are copied from the column sums.
         let out = unsafe {
-            backward_rows(
-                (x, g, d),
-                2,
-                #[inline(always)]
-                |xr, gr, dxr| {
-                    let (mu, r) = mean_rstd(xr, self.eps);
-                    // dx = r·(gw − mean(gw) − x̂·mean(gw·x̂)), gw = g∘w
-                    let (mut m1, mut m2) = (0f32, 0f32);
-                    for i in 0..d {
-                        let gw = gr[i] * w[i];
-                        m1 += gw;
-                        m2 += gw * (xr[i] - mu) * r;
-                    }
-                    m1 /= d as f32;
-                    m2 /= d as f32;
-                    for i in 0..d {
-                        let xh = (xr[i] - mu) * r;
-                        dxr[i] = r * (gr[i] * w[i] - m1 - xh * m2);
-                    }
-                },
-                #[inline(always)]
-                |xr, gr, acc| {
-                    let (mu, r) = mean_rstd(xr, self.eps);
-                    let (aw, ab) = acc.split_at_mut(d);
-                    for i in 0..d {
-                        aw[i] += gr[i] * (xr[i] - mu) * r;
-                        ab[i] += gr[i];
-                    }
-                },
-            )
+            fresh(x.len() + 2 * d, |out| {
+                let (dx, dwb) = out.split_at_mut(x.len());
+                dx.par_chunks_mut(d)
+                    .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                    .with_min_len(rows_per_task(d))
+                    .for_each(|(dxr, (xr, gr))| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                let (mu, r) = mean_rstd(xr, self.eps);
+                                // dx = r·(gw − mean(gw) − x̂·mean(gw·x̂)), gw = g∘w
+                                let (mut m1, mut m2) = (0f32, 0f32);
+                                for i in 0..d {
+                                    let gw = gr[i] * w[i];
+                                    m1 += gw;
+                                    m2 += gw * (xr[i] - mu) * r;
+                                }
+                                m1 /= d as f32;
+                                m2 /= d as f32;
+                                for i in 0..d {
+                                    let xh = (xr[i] - mu) * r;
+                                    dxr[i] = r * (gr[i] * w[i] - m1 - xh * m2);
+                                }
+                            },
+                        )
+                    });
+                let sums = column_sums(
+                    rows,
+                    d,
+                    2,
+                    #[inline(always)]
+                    |row, acc| {
+                        let (xr, gr) = (&x[row * d..(row + 1) * d], &g[row * d..(row + 1) * d]);
+                        let (mu, r) = mean_rstd(xr, self.eps);
+                        let (aw, ab) = acc.split_at_mut(d);
+                        for i in 0..d {
+                            aw[i] += gr[i] * (xr[i] - mu) * r;
+                            ab[i] += gr[i];
+                        }
+                    },
+                );
+                dwb.copy_from_slice(&sums);
+            })
         };
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
     }
