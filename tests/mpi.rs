@@ -8,6 +8,8 @@
 //! cargo skips examples: build it first.
 #![cfg(feature = "mpi")]
 
+mod common;
+
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -66,11 +68,8 @@ fn mpirun(ranks: usize, mode: &str, env: &[(&str, &str)], deadline: Duration) ->
 
 fn run(mut cmd: Command, deadline: Duration) -> Run {
     // Shared memory's single-copy mechanisms (CMA, KNEM) need ptrace rights containers lack.
-    // A session directory base per mpirun: Open MPI 4's `mkdir` of `/tmp/ompi.<host>.<uid>`
-    // races when two start at once (tests run in parallel); empty once mpirun exits.
-    let session = tempfile::Builder::new().prefix("motrain-ompi-").tempdir().unwrap().keep();
     cmd.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("OMPI_MCA_orte_tmpdir_base", session)
+        .env("OMPI_MCA_orte_tmpdir_base", common::own_session_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -422,6 +422,6 @@ pub fn mpirun_command(ranks: usize) -> Command {
 /// `/tmp/ompi.<host>.<uid>` as it starts, and two mpiruns starting at the same moment (tests run
 /// in parallel) can both fail at that `mkdir` ("File exists", orte_init failed). Left behind
 /// empty: mpirun removes what it made inside.
-fn own_session_dir() -> PathBuf {
+pub fn own_session_dir() -> PathBuf {
     tempfile::Builder::new().prefix("motrain-ompi-").tempdir().unwrap().keep()
 }
