@@ -14,6 +14,10 @@ use std::sync::Mutex;
 /// `j ≤ i + Sk − Sq` (a cached prefix when `Sk > Sq`). With `KVH < H` (grouped-query
 /// attention; `KVH` divides `H`), query head `h` reads key/value head `h / (H / KVH)`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    // The fused kernel shifts each row by the scaled maximum, which needs a positive scale.
+    if !(scale > 0.0 && scale.is_finite()) {
+        candle_core::bail!("attention: the scale must be positive and finite, got {scale}")
+    }
     if fused(&[q, k, v]) {
         let op = Attention { scale: scale as f32, lse: Mutex::new(None) };
         q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -259,13 +263,9 @@ unsafe fn forward_rows(
         for r in 0..rows.n {
             let row = &mut tile[r * bk..(r + 1) * bk];
             let (live, masked) = row.split_at_mut(d.live(rows.i0 + r, j0, bk));
-            live.iter_mut().for_each(|x| *x *= scale);
-            let m = max[r].max(vec::max(live));
-            let mut total = 0f32;
-            for x in live.iter_mut() {
-                *x = vec::exp(*x - m);
-                total += *x;
-            }
+            // The scale is positive, so the scaled row's maximum is the scaled maximum.
+            let m = max[r].max(scale * vec::max(live));
+            let total = vec::exp_scaled_in_place(live, scale, m);
             masked.fill(0.0);
             let rescale = vec::exp(max[r] - m);
             (max[r], sum[r]) = (m, sum[r] * rescale + total);
@@ -472,6 +472,14 @@ mod tests {
             &causal_attention(&q, &expanded(&k), &expanded(&v), 0.5).unwrap(),
             1e-6,
         );
+    }
+
+    #[test]
+    fn a_scale_that_is_not_positive_is_an_error() {
+        let q = randn(&[1, 2, 1, 4], 7);
+        for scale in [0.0, -0.5, f64::NAN] {
+            assert!(causal_attention(&q, &q, &q, scale).is_err());
+        }
     }
 
     #[test]

@@ -89,6 +89,27 @@ pub fn sum_exp_shifted(a: &[f32], shift: f32) -> f32 {
     acc.iter().sum::<f32>() + r.iter().map(|&x| exp(x - shift)).sum::<f32>()
 }
 
+/// Replaces each `a[i]` by `exp(scale·a[i] − shift)` and returns their sum: one pass, with the
+/// sum in lanes so that the loop vectorises (a single running total would chain every add).
+#[inline(always)]
+pub fn exp_scaled_in_place(a: &mut [f32], scale: f32, shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let split = a.len() / LANES * LANES;
+    let (c, r) = a.split_at_mut(split);
+    for x in c.chunks_exact_mut(LANES) {
+        for l in 0..LANES {
+            x[l] = exp(x[l] * scale - shift);
+            acc[l] += x[l];
+        }
+    }
+    let mut total: f32 = acc.iter().sum();
+    for x in r {
+        *x = exp(*x * scale - shift);
+        total += *x;
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -110,5 +131,11 @@ mod tests {
         assert!((super::dot(&a, &b) - naive).abs() < 1e-5);
         assert!((super::sum(&a) - a.iter().sum::<f32>()).abs() < 1e-5);
         assert_eq!(super::max(&a), a.iter().cloned().fold(f32::MIN, f32::max));
+        let mut e = a.clone();
+        let total = super::exp_scaled_in_place(&mut e, 0.5, 0.25);
+        for (x, y) in a.iter().zip(&e) {
+            assert!((super::exp(0.5 * x - 0.25) - y).abs() < 1e-7);
+        }
+        assert!((total - e.iter().sum::<f32>()).abs() < 1e-5);
     }
 }
