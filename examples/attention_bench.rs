@@ -20,8 +20,16 @@ fn time(f: &dyn Fn()) -> f64 {
 }
 
 fn main() {
-    let arg = |i: usize, default: usize| {
-        std::env::args().nth(i).map_or(default, |s| s.parse().expect("a positive integer"))
+    let arg = |i: usize, default: usize| match std::env::args().nth(i) {
+        None => default,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                eprintln!("error: argument {i} is {s:?}, expected a positive integer");
+                eprintln!("usage: attention_bench [seq] [batch] [heads] [head_dim]");
+                std::process::exit(2)
+            }
+        },
     };
     let (s, b, h, dh) = (arg(1, 2048), arg(2, 2), arg(3, 4), arg(4, 64));
     let dev = Device::Cpu;

@@ -2,9 +2,11 @@
 //! flash-style: blocks of queries against blocks of keys with a running (online) softmax, so
 //! nothing of size `Sq × Sk` is ever held; the backward pass recomputes each block's
 //! probabilities from one log-sum-exp per query row. Blocks wholly above the causal diagonal
-//! are never computed. Serial GEMMs on strided views of the `[B, S, H, dh]` activations inside
-//! each rayon task: no transposes and no thread hand-off per small matmul.
+//! are never computed. Each head's keys and values are packed once (`small_gemm`'s layout) and
+//! multiplied by every block of queries with serial register-tiled products inside each rayon
+//! task: no thread hand-off per small matmul and no repacking per block.
 
+use super::small_gemm::{self, Dst, Lhs, Rhs};
 use super::{fused, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -52,44 +54,10 @@ pub fn causal_attention_reference(
     p.matmul(&v)?.transpose(1, 2)?.contiguous()
 }
 
-/// A strided matrix view for [`gemm_raw`]: base pointer, row stride, column stride.
+/// A row-major matrix view into one head of a `[B, S, H, dh]` tensor: base pointer and row
+/// stride (the columns, one head's `dh` features, are contiguous).
 #[derive(Clone, Copy)]
-struct View(*const f32, isize, isize);
-
-/// `dst (+)= lhs·rhs` with arbitrary strides, single-threaded.
-///
-/// # Safety
-/// Every view must be valid for the `m×k`, `k×n` and `m×n` index ranges its strides reach, and
-/// `dst` must not alias the inputs or be written by another thread at the same time.
-unsafe fn gemm_raw(
-    m: usize, n: usize, k: usize, dst: View, accumulate: bool, lhs: View, rhs: View,
-) {
-    // SAFETY: the caller guarantees that every view covers the index ranges gemm reaches and
-    // that `dst` is written by no one else (see `# Safety`).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.0 as *mut f32,
-            dst.2,
-            dst.1,
-            accumulate,
-            lhs.0,
-            lhs.2,
-            lhs.1,
-            rhs.0,
-            rhs.2,
-            rhs.1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
+struct View(*const f32, usize);
 
 /// A pointer that rayon tasks may share because each writes disjoint elements.
 #[derive(Clone, Copy)]
@@ -117,6 +85,8 @@ struct Dims {
     h: usize,
     kvh: usize,
     dh: usize,
+    /// The SIMD path the products run on, which fixes the packed operands' tile width.
+    level: simd::Level,
 }
 
 impl Dims {
@@ -132,19 +102,19 @@ impl Dims {
                 vl.shape()
             );
         }
-        Ok(Dims { b, sq, sk, h, kvh, dh })
+        Ok(Dims { b, sq, sk, h, kvh, dh, level: simd::level() })
     }
 
     /// A view of query head `hi` of batch `bi` in a `[B, Sq, H, dh]` tensor at `base`.
     fn q_head(&self, base: usize, bi: usize, hi: usize) -> View {
         let off = (bi * self.sq * self.h + hi) * self.dh;
-        View((base as *const f32).wrapping_add(off), (self.h * self.dh) as isize, 1)
+        View((base as *const f32).wrapping_add(off), self.h * self.dh)
     }
 
     /// A view of the key/value head that query head `hi` reads, in a `[B, Sk, KVH, dh]` tensor.
     fn kv_head(&self, base: usize, bi: usize, hi: usize) -> View {
         let off = (bi * self.sk * self.kvh + hi / (self.h / self.kvh)) * self.dh;
-        View((base as *const f32).wrapping_add(off), (self.kvh * self.dh) as isize, 1)
+        View((base as *const f32).wrapping_add(off), self.kvh * self.dh)
     }
 }
 
@@ -173,6 +143,21 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (slice(qs, ql)?, slice(ks, kl)?, slice(vs, vl)?);
         let d = Dims::of(ql, kl, vl)?;
+        let addr = |t: &[f32]| t.as_ptr() as usize;
+        // Kᵀ and V of each key/value head, packed once for all the query blocks that read them.
+        let packed: Vec<(Vec<f32>, Vec<f32>)> = (0..d.b * d.kvh)
+            .into_par_iter()
+            .map(|t| {
+                let (bi, hi) = (t / d.kvh, (t % d.kvh) * (d.h / d.kvh));
+                let (mut kt, mut vp) = (Vec::new(), Vec::new());
+                // SAFETY: the views cover this head's rows of k and v.
+                unsafe {
+                    d.pack_transposed(&mut kt, d.kv_head(addr(k), bi, hi), d.sk);
+                    d.pack_rows(&mut vp, d.kv_head(addr(v), bi, hi), d.sk);
+                }
+                (kt, vp)
+            })
+            .collect();
         let blocks = d.sq.div_ceil(BQ);
         let mut out = vec![0f32; q.len()];
         let mut lse = vec![0f32; d.b * d.h * d.sq];
@@ -184,13 +169,13 @@ impl CustomOp3 for Attention {
                 let (bh, i0) = (t / blocks, (t % blocks) * BQ);
                 let (bi, hi) = (bh / d.h, bh % d.h);
                 let rows = BQ.min(d.sq - i0);
-                let addr = |t: &[f32]| t.as_ptr() as usize;
-                // SAFETY: the views stay inside q/k/v/out by construction of the offsets and
+                let (kt, vp) = &packed[bi * d.kvh + hi / (d.h / d.kvh)];
+                let kv = (d.packed_transposed(kt), d.packed_rows(vp));
+                // SAFETY: the views stay inside q/out by construction of the offsets and
                 // strides; each task writes only its own rows of `out` and of `lse`.
                 unsafe {
                     let lse = std::slice::from_raw_parts_mut(lse_ptr.at(bh * d.sq + i0), rows);
                     let q = d.q_head(addr(q), bi, hi).row(i0);
-                    let kv = (d.kv_head(addr(k), bi, hi), d.kv_head(addr(v), bi, hi));
                     let o = d.q_head(out_ptr.at(0) as usize, bi, hi).row(i0);
                     let rows = Rows { i0, n: rows, q };
                     simd::run(
@@ -238,6 +223,57 @@ impl Dims {
     fn live(&self, i: usize, j0: usize, bk: usize) -> usize {
         (i + 1 + self.sk - self.sq).saturating_sub(j0).min(bk)
     }
+
+    /// `dh` and a sequence length rounded up to the products' tile width, the row lengths of
+    /// packed operands.
+    fn padded(&self, n: usize) -> usize {
+        n.next_multiple_of(small_gemm::width(self.level))
+    }
+
+    /// Rows `0..n` of `src` packed as a right operand, `[n][dh padded]`, zeros in the padding.
+    ///
+    /// # Safety
+    /// `src` must cover `n` rows of `dh` features.
+    unsafe fn pack_rows(&self, buf: &mut Vec<f32>, src: View, n: usize) {
+        let dh = self.dh;
+        buf.clear();
+        buf.resize(n * self.padded(dh), 0.0);
+        for (r, out) in buf.chunks_exact_mut(self.padded(dh)).enumerate() {
+            // SAFETY: row r < n is inside src.
+            out[..dh].copy_from_slice(unsafe { std::slice::from_raw_parts(src.row(r).0, dh) });
+        }
+    }
+
+    /// The transpose of rows `0..n` of `src` packed as a right operand: `[dh][n]` in panels
+    /// of the tile width, each panel `[dh][width]` contiguous.
+    ///
+    /// # Safety
+    /// As for [`Dims::pack_rows`].
+    unsafe fn pack_transposed(&self, buf: &mut Vec<f32>, src: View, n: usize) {
+        let (w, dh) = (small_gemm::width(self.level), self.dh);
+        buf.clear();
+        buf.resize(dh * self.padded(n), 0.0);
+        for r in 0..n {
+            // SAFETY: row r < n is inside src.
+            let row = unsafe { std::slice::from_raw_parts(src.row(r).0, dh) };
+            let panel = &mut buf[r / w * dh * w..];
+            for (c, &x) in row.iter().enumerate() {
+                panel[c * w + r % w] = x;
+            }
+        }
+    }
+
+    /// A buffer filled by [`Dims::pack_rows`], as the right operand it is.
+    fn packed_rows(&self, buf: &[f32]) -> Rhs {
+        let w = small_gemm::width(self.level);
+        Rhs { ptr: buf.as_ptr(), rs: self.padded(self.dh), ps: w, w }
+    }
+
+    /// A buffer filled by [`Dims::pack_transposed`], as a right operand.
+    fn packed_transposed(&self, buf: &[f32]) -> Rhs {
+        let w = small_gemm::width(self.level);
+        Rhs { ptr: buf.as_ptr(), rs: w, ps: self.dh * w, w }
+    }
 }
 
 /// One block of query rows: softmax over the keys block by block with a running maximum and
@@ -245,11 +281,11 @@ impl Dims {
 /// each row's log-sum-exp stored for the backward pass.
 ///
 /// # Safety
-/// `rows.q`, the key and value views and `o` must cover the rows they are used for, and `o`
-/// must be written by no one else.
+/// `rows.q` and `o` must cover the block's rows, `kt` and `v` the packed head (see
+/// [`Dims::pack_rows`]), and `o` must be written by no one else.
 #[inline(always)]
 unsafe fn forward_rows(
-    d: &Dims, scale: f32, rows: &Rows, (k, v): (View, View), o: View, lse: &mut [f32],
+    d: &Dims, scale: f32, rows: &Rows, (kt, v): (Rhs, Rhs), o: View, lse: &mut [f32],
     tile: &mut [f32],
 ) {
     let dh = d.dh;
@@ -257,9 +293,10 @@ unsafe fn forward_rows(
     let keys = d.keys_for(rows.i0 + rows.n);
     for j0 in (0..keys).step_by(BK) {
         let bk = BK.min(keys - j0);
-        let kj = k.row(j0).t(); // Kᵀ of the block: [dh, bk]
-                                // SAFETY: as the caller guarantees; `tile` holds BQ×BK ≥ n×bk floats.
-        unsafe { gemm_raw(rows.n, bk, dh, View(tile.as_ptr(), bk as isize, 1), false, rows.q, kj) };
+        let s = Dst { ptr: tile.as_mut_ptr(), rs: bk };
+        // SAFETY (both products): as the caller guarantees; `tile` holds BQ×BK ≥ n×bk floats.
+        // S = Q·Kᵀ over this block of keys: [n, bk].
+        unsafe { small_gemm::gemm(d.level, rows.n, bk, dh, s, false, rows.q.lhs(), kt.col(j0)) };
         for r in 0..rows.n {
             let row = &mut tile[r * bk..(r + 1) * bk];
             let (live, masked) = row.split_at_mut(d.live(rows.i0 + r, j0, bk));
@@ -275,10 +312,9 @@ unsafe fn forward_rows(
                 out.iter_mut().for_each(|x| *x *= rescale);
             }
         }
-        // SAFETY: as above. O += P·V over this block of keys.
-        unsafe {
-            gemm_raw(rows.n, dh, bk, o, true, View(tile.as_ptr(), bk as isize, 1), v.row(j0))
-        };
+        // O += P·V over this block of keys.
+        let p = Lhs { ptr: tile.as_ptr(), rs: bk, cs: 1 };
+        unsafe { small_gemm::gemm(d.level, rows.n, dh, bk, o.dst(), true, p, v.row(j0)) };
     }
     for r in 0..rows.n {
         // SAFETY: as above.
@@ -290,20 +326,39 @@ unsafe fn forward_rows(
 }
 
 impl View {
-    /// Row `r` of a row-major view, as a mutable pointer.
+    /// Row `r`, as a mutable pointer.
     fn at_row(&self, r: usize) -> *mut f32 {
-        self.0.wrapping_offset(r as isize * self.1) as *mut f32
+        self.0.wrapping_add(r * self.1) as *mut f32
     }
 
     /// The view from row `r` on.
     fn row(self, r: usize) -> View {
-        View(self.at_row(r), self.1, self.2)
+        View(self.at_row(r), self.1)
     }
 
-    /// The transpose.
-    fn t(self) -> View {
-        View(self.0, self.2, self.1)
+    /// As the left operand of a product.
+    fn lhs(self) -> Lhs {
+        Lhs { ptr: self.0, rs: self.1, cs: 1 }
     }
+
+    /// As the destination of a product.
+    fn dst(self) -> Dst {
+        Dst { ptr: self.0 as *mut f32, rs: self.1 }
+    }
+}
+
+/// A backward task's buffers: the probability and score-gradient tiles, each query row's
+/// `dO·O`, and the packed right operands (Kᵀ, Vᵀ and K of the key/value head; Q and dO of
+/// the query head).
+struct Scratch {
+    p: Vec<f32>,
+    ds: Vec<f32>,
+    dot: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    k: Vec<f32>,
+    q: Vec<f32>,
+    g: Vec<f32>,
 }
 
 /// Returns dq, dk, dv concatenated (flat), each in its input's layout. `[q, k, v, o, dO]`
@@ -328,22 +383,47 @@ fn attention_bwd(t: [&Tensor; 5], lse: &[f32], scale: f32) -> Result<Tensor> {
     // One task per key/value head: its key blocks collect gradients from every query block of
     // every query head that reads it.
     (0..d.b * d.kvh).into_par_iter().for_each_init(
-        || (vec![0f32; BQ * BK], vec![0f32; BQ * BK], vec![0f32; d.sq]),
-        |(p, ds, dot), t| {
+        || Scratch {
+            p: vec![0f32; BQ * BK],
+            ds: vec![0f32; BQ * BK],
+            dot: vec![0f32; d.sq],
+            kt: Vec::new(),
+            vt: Vec::new(),
+            k: Vec::new(),
+            q: Vec::new(),
+            g: Vec::new(),
+        },
+        |s, t| {
             let bi = t / d.kvh;
-            for hi in (t % d.kvh) * group..(t % d.kvh + 1) * group {
+            let heads = (t % d.kvh) * group..(t % d.kvh + 1) * group;
+            let kvh = |ptr: usize| d.kv_head(ptr, bi, heads.start);
+            // SAFETY: the views cover this key/value head's rows.
+            unsafe {
+                d.pack_transposed(&mut s.kt, kvh(ptrs[1]), d.sk);
+                d.pack_transposed(&mut s.vt, kvh(ptrs[2]), d.sk);
+                d.pack_rows(&mut s.k, kvh(ptrs[1]), d.sk);
+            }
+            for hi in heads.clone() {
                 let qh = |ptr: usize| d.q_head(ptr, bi, hi);
-                let kvh = |ptr: usize| d.kv_head(ptr, bi, hi);
-                let inputs = [qh(ptrs[0]), kvh(ptrs[1]), kvh(ptrs[2]), qh(ptrs[3]), qh(ptrs[4])];
+                // SAFETY: as above, for the query head.
+                unsafe {
+                    d.pack_rows(&mut s.q, qh(ptrs[0]), d.sq);
+                    d.pack_rows(&mut s.g, qh(ptrs[4]), d.sq);
+                }
+                let inputs = [qh(ptrs[0]), qh(ptrs[3]), qh(ptrs[4])];
+                let (rows, cols) =
+                    (|b: &[f32]| d.packed_rows(b), |b: &[f32]| d.packed_transposed(b));
+                let packed = [cols(&s.kt), cols(&s.vt), rows(&s.k), rows(&s.q), rows(&s.g)];
                 let grads = [qh(base), kvh(dk), kvh(dv)];
                 let bh = bi * d.h + hi;
                 let lse = &lse[bh * d.sq..(bh + 1) * d.sq];
+                let tiles = (&mut s.p[..], &mut s.ds[..], &mut s.dot[..]);
                 // SAFETY: the views stay inside their tensors by construction of the offsets and
                 // strides; each task writes only the rows of its own key/value head and of the
                 // query heads that read it.
                 simd::run(
                     #[inline(always)]
-                    || unsafe { backward_head(&d, scale, inputs, grads, lse, (p, ds, dot)) },
+                    || unsafe { backward_head(&d, scale, inputs, packed, grads, lse, tiles) },
                 );
             }
         },
@@ -356,21 +436,18 @@ fn attention_bwd(t: [&Tensor; 5], lse: &[f32], scale: f32) -> Result<Tensor> {
 /// `dQ += dS·K`, `dK += dSᵀ·Q`.
 ///
 /// # Safety
-/// Every view must cover its head's rows; `grads` (dq, dk, dv) must be written by no one else.
+/// Every view must cover its head's rows and the packed operands their head (see
+/// [`Dims::pack_rows`]); `grads` (dq, dk, dv) must be written by no one else.
 #[inline(always)]
 unsafe fn backward_head(
-    d: &Dims, scale: f32, [q, k, v, o, g]: [View; 5], [dq, dk, dv]: [View; 3], lse: &[f32],
-    (p, ds, dot): (&mut [f32], &mut [f32], &mut [f32]),
+    d: &Dims, scale: f32, [q, o, g]: [View; 3], [kt, vt, k, qp, gp]: [Rhs; 5],
+    [dq, dk, dv]: [View; 3], lse: &[f32], (p, ds, dot): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
-    let dh = d.dh;
-    let row = |view: View, i: usize| view.row(i);
+    let (dh, level) = (d.dh, d.level);
     for (i, x) in dot.iter_mut().enumerate() {
         // SAFETY: row i of dO and O is inside the head.
         let (gi, oi) = unsafe {
-            (
-                std::slice::from_raw_parts(row(g, i).0, dh),
-                std::slice::from_raw_parts(row(o, i).0, dh),
-            )
+            (std::slice::from_raw_parts(g.row(i).0, dh), std::slice::from_raw_parts(o.row(i).0, dh))
         };
         *x = vec::dot(gi, oi);
     }
@@ -379,11 +456,11 @@ unsafe fn backward_head(
         let keys = d.keys_for(i0 + n);
         for j0 in (0..keys).step_by(BK) {
             let bk = BK.min(keys - j0);
-            let (pv, dsv) = (View(p.as_ptr(), bk as isize, 1), View(ds.as_ptr(), bk as isize, 1));
-            let kt = row(k, j0).t();
-            // SAFETY (all gemm calls): the views cover the rows of this block pair; p and ds
+            let (pd, dsd) =
+                (Dst { ptr: p.as_mut_ptr(), rs: bk }, Dst { ptr: ds.as_mut_ptr(), rs: bk });
+            // SAFETY (all products): the views cover the rows of this block pair; p and ds
             // hold BQ×BK ≥ n×bk floats.
-            unsafe { gemm_raw(n, bk, dh, pv, false, row(q, i0), kt) };
+            unsafe { small_gemm::gemm(level, n, bk, dh, pd, false, q.row(i0).lhs(), kt.col(j0)) };
             for r in 0..n {
                 let pr = &mut p[r * bk..(r + 1) * bk];
                 let (live, masked) = pr.split_at_mut(d.live(i0 + r, j0, bk));
@@ -391,9 +468,9 @@ unsafe fn backward_head(
                 live.iter_mut().for_each(|x| *x = vec::exp(*x * scale - shift));
                 masked.fill(0.0);
             }
-            let pt = View(p.as_ptr(), 1, bk as isize);
-            unsafe { gemm_raw(bk, dh, n, row(dv, j0), true, pt, row(g, i0)) };
-            unsafe { gemm_raw(n, bk, dh, dsv, false, row(g, i0), row(v, j0).t()) };
+            let pt = Lhs { ptr: p.as_ptr(), rs: 1, cs: bk };
+            unsafe { small_gemm::gemm(level, bk, dh, n, dv.row(j0).dst(), true, pt, gp.row(i0)) };
+            unsafe { small_gemm::gemm(level, n, bk, dh, dsd, false, g.row(i0).lhs(), vt.col(j0)) };
             for r in 0..n {
                 let c = dot[i0 + r];
                 let (pr, dr) = (&p[r * bk..(r + 1) * bk], &mut ds[r * bk..(r + 1) * bk]);
@@ -401,9 +478,10 @@ unsafe fn backward_head(
                     *x = scale * pj * (*x - c);
                 }
             }
-            unsafe { gemm_raw(n, dh, bk, row(dq, i0), true, dsv, row(k, j0)) };
-            let dst = View(ds.as_ptr(), 1, bk as isize);
-            unsafe { gemm_raw(bk, dh, n, row(dk, j0), true, dst, row(q, i0)) };
+            let (dsl, dst) =
+                (Lhs { ptr: ds.as_ptr(), rs: bk, cs: 1 }, Lhs { ptr: ds.as_ptr(), rs: 1, cs: bk });
+            unsafe { small_gemm::gemm(level, n, dh, bk, dq.row(i0).dst(), true, dsl, k.row(j0)) };
+            unsafe { small_gemm::gemm(level, bk, dh, n, dk.row(j0).dst(), true, dst, qp.row(i0)) };
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod norm;
 mod paths;
 pub mod rope;
 pub mod simd;
+mod small_gemm;
 pub mod swiglu;
 pub mod vec;
 
