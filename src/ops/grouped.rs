@@ -3,6 +3,10 @@
 //! expert's `dW_e` straight into one `[E, out, in]` gradient, where per-expert `narrow`s of the
 //! stacked weight would each cost a zero-padded copy of the whole stack (O(E²) traffic).
 //!
+//! With at least as many experts holding rows as threads, the experts run side by side, one
+//! rayon task each, each product on its task's thread; with fewer, one after the other, each
+//! product across the pool.
+//!
 //! Several weight stacks can share one op (`grouped_matmul_cat`): their outputs sit side by
 //! side in one `[R, Σ out]` result, as SwiGLU's gate and up want, without concatenating the
 //! weights — a copy of every expert's matrices, and of their gradients, on each step.
@@ -297,6 +301,9 @@ impl CustomOp3 for GroupedUp {
 }
 
 /// The product of `x` with one or two weight stacks of output widths `outs`.
+/// An expert's index, its rows, and a buffer's slice of those rows.
+type ExpertRows<'a> = (usize, Range<usize>, &'a mut [f32]);
+
 #[derive(Clone)]
 struct Grouped {
     offsets: Arc<Vec<usize>>,
@@ -320,12 +327,26 @@ impl Grouped {
         self.outs[..j].iter().sum()
     }
 
-    /// `(j, e, rows of e)` for each stack `j` (outermost) and each expert `e` that has rows.
-    fn blocks(&self) -> impl Iterator<Item = (usize, usize, Range<usize>)> + '_ {
-        (0..self.outs.len()).flat_map(move |j| {
-            let experts = self.offsets.windows(2).enumerate();
-            experts.filter(|(_, b)| b[1] > b[0]).map(move |(e, b)| (j, e, b[0]..b[1]))
-        })
+    /// Whether the experts run side by side (see the module doc): then each product runs on
+    /// one thread.
+    fn side_by_side(&self) -> bool {
+        let active = self.offsets.windows(2).filter(|b| b[1] > b[0]).count();
+        active >= rayon::current_num_threads()
+    }
+
+    /// Each expert that has rows: its index, its rows, and those rows of `buf` (`width` floats
+    /// a row) as a slice of their own, so that the experts can be computed side by side.
+    fn per_expert<'a>(&self, buf: &'a mut [f32], width: usize) -> Vec<ExpertRows<'a>> {
+        let mut rest = buf;
+        let mut out = Vec::new();
+        for (e, b) in self.offsets.windows(2).enumerate() {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut((b[1] - b[0]) * width);
+            rest = tail;
+            if b[1] > b[0] {
+                out.push((e, b[0]..b[1], mine));
+            }
+        }
+        out
     }
 
     /// `y[rows of e, cols of j] = x_e · W_jeᵀ` for every expert and stack.
@@ -335,19 +356,22 @@ impl Grouped {
         // columns of every row without reading them.
         unsafe {
             fresh(r * width, |y| {
-                for (j, e, rows) in self.blocks() {
-                    let (dout, col) = (self.outs[j], self.column(j));
-                    gemm_into(
-                        (rows.len(), dout, din),
-                        &mut y[rows.start * width + col..],
-                        width,
-                        false,
-                        &x[rows.start * din..rows.end * din],
-                        (din, 1),
-                        &ws[j][e * dout * din..(e + 1) * dout * din],
-                        (1, din),
-                    );
-                }
+                let parallel = !self.side_by_side();
+                self.per_expert(y, width).into_par_iter().for_each(|(e, rows, y)| {
+                    for (j, &dout) in self.outs.iter().enumerate() {
+                        gemm_into(
+                            (rows.len(), dout, din),
+                            &mut y[self.column(j)..],
+                            width,
+                            false,
+                            &x[rows.start * din..rows.end * din],
+                            (din, 1),
+                            &ws[j][e * dout * din..(e + 1) * dout * din],
+                            (1, din),
+                            parallel,
+                        );
+                    }
+                })
             })
         }
     }
@@ -360,19 +384,22 @@ impl Grouped {
         // row without reading it, the others add to what it wrote.
         unsafe {
             fresh(r * din, |dx| {
-                for (j, e, rows) in self.blocks() {
-                    let dout = self.outs[j];
-                    gemm_into(
-                        (rows.len(), din, dout),
-                        &mut dx[rows.start * din..rows.end * din],
-                        din,
-                        j > 0,
-                        &g[rows.start * width + self.column(j)..],
-                        (width, 1),
-                        &ws[j][e * dout * din..(e + 1) * dout * din],
-                        (din, 1),
-                    );
-                }
+                let parallel = !self.side_by_side();
+                self.per_expert(dx, din).into_par_iter().for_each(|(e, rows, dx)| {
+                    for (j, &dout) in self.outs.iter().enumerate() {
+                        gemm_into(
+                            (rows.len(), din, dout),
+                            dx,
+                            din,
+                            j > 0,
+                            &g[rows.start * width + self.column(j)..],
+                            (width, 1),
+                            &ws[j][e * dout * din..(e + 1) * dout * din],
+                            (din, 1),
+                            parallel,
+                        );
+                    }
+                })
             })
         }
     }
@@ -382,21 +409,24 @@ impl Grouped {
         let (width, dout, col) = (self.width(), self.outs[j], self.column(j));
         let e_count = self.offsets.len() - 1;
         let mut dw = vec![0f32; e_count * dout * din];
-        for (e, b) in self.offsets.windows(2).enumerate() {
-            if b[1] > b[0] {
-                let dst = &mut dw[e * dout * din..(e + 1) * dout * din];
-                gemm_into(
-                    (dout, din, b[1] - b[0]),
-                    dst,
-                    din,
-                    false,
-                    &g[b[0] * width + col..],
-                    (1, width),
-                    &x[b[0] * din..b[1] * din],
-                    (din, 1),
-                );
-            }
-        }
+        let parallel = !self.side_by_side();
+        dw.par_chunks_mut((dout * din).max(1)).zip(self.offsets.par_windows(2)).for_each(
+            |(dst, b)| {
+                if b[1] > b[0] {
+                    gemm_into(
+                        (dout, din, b[1] - b[0]),
+                        dst,
+                        din,
+                        false,
+                        &g[b[0] * width + col..],
+                        (1, width),
+                        &x[b[0] * din..b[1] * din],
+                        (din, 1),
+                        parallel,
+                    );
+                }
+            },
+        );
         dw
     }
 

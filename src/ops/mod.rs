@@ -123,28 +123,33 @@ pub(crate) fn product(
 ) -> Vec<f32> {
     let (m, n, _) = mnk;
     // SAFETY: without `accumulate`, `gemm` writes every element of the m×n product.
-    unsafe { written(m * n, |dst| gemm(mnk, dst, n, false, lhs, lhs_strides, rhs, rhs_strides)) }
+    unsafe {
+        written(m * n, |dst| gemm(mnk, dst, n, false, lhs, lhs_strides, rhs, rhs_strides, true))
+    }
 }
 
 /// `dst (+)= lhs · rhs` where the rows of `dst` are `dst_rs` apart (a column block of a wider
-/// matrix); `accumulate` adds to what `dst` holds instead of overwriting it.
+/// matrix); `accumulate` adds to what `dst` holds instead of overwriting it; `parallel` splits
+/// the product across the current pool, which products that rayon tasks already run side by
+/// side do not want (it only adds hand-offs).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
     mnk: (usize, usize, usize), dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: &[f32],
-    lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize),
+    lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize), parallel: bool,
 ) {
     // SAFETY: the same memory seen as possibly uninitialised; `gemm` stores only f32 values.
     let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    gemm(mnk, dst, dst_rs, accumulate, lhs, lhs_strides, rhs, rhs_strides)
+    gemm(mnk, dst, dst_rs, accumulate, lhs, lhs_strides, rhs, rhs_strides, parallel)
 }
 
 /// [`gemm_into`] on a destination that may be uninitialised unless `accumulate`: every element
-/// of the m×n product is written, none read unless `accumulate`.
+/// of the m×n product is written, none read unless `accumulate`. With `parallel` the f32
+/// product is split across the current pool (the AMX one always is).
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     (m, n, k): (usize, usize, usize), dst: &mut [MaybeUninit<f32>], dst_rs: usize,
     accumulate: bool, lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
+    (rhs_rs, rhs_cs): (usize, usize), parallel: bool,
 ) {
     assert!(
         dst_rs >= n && (m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n),
@@ -170,7 +175,7 @@ fn gemm(
             (rhs_rs, rhs_cs),
         );
     }
-    let threads = rayon::current_num_threads();
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
     let parallelism =
         if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above bound every index gemm touches; with `read_dst` false it only
