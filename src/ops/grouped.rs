@@ -300,10 +300,10 @@ impl CustomOp3 for GroupedUp {
     }
 }
 
-/// The product of `x` with one or two weight stacks of output widths `outs`.
 /// An expert's index, its rows, and a buffer's slice of those rows.
 type ExpertRows<'a> = (usize, Range<usize>, &'a mut [f32]);
 
+/// The product of `x` with one or two weight stacks of output widths `outs`.
 #[derive(Clone)]
 struct Grouped {
     offsets: Arc<Vec<usize>>,
