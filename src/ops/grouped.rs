@@ -408,26 +408,30 @@ impl Grouped {
     fn dw(&self, g: &[f32], x: &[f32], j: usize, din: usize) -> Vec<f32> {
         let (width, dout, col) = (self.width(), self.outs[j], self.column(j));
         let e_count = self.offsets.len() - 1;
-        let mut dw = vec![0f32; e_count * dout * din];
         let parallel = !self.side_by_side();
-        dw.par_chunks_mut((dout * din).max(1)).zip(self.offsets.par_windows(2)).for_each(
-            |(dst, b)| {
-                if b[1] > b[0] {
-                    gemm_into(
-                        (dout, din, b[1] - b[0]),
-                        dst,
-                        din,
-                        false,
-                        &g[b[0] * width + col..],
-                        (1, width),
-                        &x[b[0] * din..b[1] * din],
-                        (din, 1),
-                        parallel,
-                    );
-                }
-            },
-        );
-        dw
+        // SAFETY: every expert's block is written: by its product, or with zeros. Not zeroing
+        // the whole stack first saves a pass over every expert's weights (MoT's experts all
+        // have rows).
+        unsafe {
+            fresh(e_count * dout * din, |dw| {
+                dw.par_chunks_mut((dout * din).max(1)).zip(self.offsets.par_windows(2)).for_each(
+                    |(dst, b)| match b[1] > b[0] {
+                        true => gemm_into(
+                            (dout, din, b[1] - b[0]),
+                            dst,
+                            din,
+                            false,
+                            &g[b[0] * width + col..],
+                            (1, width),
+                            &x[b[0] * din..b[1] * din],
+                            (din, 1),
+                            parallel,
+                        ),
+                        false => dst.fill(0.0),
+                    },
+                )
+            })
+        }
     }
 
     fn output_shape(&self, xl: &Layout) -> Result<Shape> {

@@ -21,7 +21,7 @@ pub mod vec;
 #[cfg(test)]
 pub mod testing;
 
-use candle_core::{CpuStorage, Layout, Result, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use std::mem::MaybeUninit;
 
 /// The f32 elements of a contiguous CPU tensor.
@@ -50,6 +50,35 @@ pub fn describe(device: &candle_core::Device) -> String {
 /// Whether the fused CPU kernels apply to these tensors.
 pub(crate) fn fused(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
+/// `Σ x²` over a tensor's elements, in f64. On the CPU in f32 one pass over the tensor
+/// (`sum_of_squares_host`); elsewhere through candle's ops.
+pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
+    if fused(&[t]) && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let Storage::Cpu(c) = &*storage {
+            return Ok(sum_of_squares_host(slice(c, layout)?));
+        }
+    }
+    let t = t.to_dtype(candle_core::DType::F32)?;
+    Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
+/// `Σ x²` in f64 over fixed chunks summed in parallel and then in order, so the result does not
+/// depend on the number of threads.
+pub fn sum_of_squares_host(x: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    let parts: Vec<f64> = x
+        .par_chunks(1 << 16)
+        .map(|c| {
+            simd::run(
+                #[inline(always)]
+                || vec::sum_of_squares(c),
+            )
+        })
+        .collect();
+    parts.iter().sum()
 }
 
 /// Rows per rayon task: enough work to amortise scheduling.

@@ -67,3 +67,20 @@ fn mot_mixing_agrees_on_every_path() {
     same_on_every_path("merge", &[x, z.clone()], |t| mot::merge(&t[0], &t[1], 4));
     same_on_every_path("emit", &[randn(&[5, 18, 67], 13), z], |t| mot::emit(&t[0], &t[1], 4));
 }
+
+/// The gradient norm's sum of squares: on every path within f64 rounding of a naive f64 loop
+/// (several chunks and a ragged tail), and the same bits on one thread and on four.
+#[test]
+fn sum_of_squares_matches_a_naive_loop_on_every_path() {
+    let x = randn(&[3 * (1 << 16) + 123], 21);
+    let naive: f64 = x.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64 * v as f64).sum();
+    for level in simd::available() {
+        let got = simd::with_level(level, || super::sum_of_squares(&x).unwrap());
+        assert!((got - naive).abs() <= 1e-12 * naive, "{level}: {got} against {naive}");
+    }
+    let on = |threads| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| super::sum_of_squares(&x).unwrap())
+    };
+    assert_eq!(on(1).to_bits(), on(4).to_bits());
+}

@@ -22,6 +22,7 @@ use crate::dist::Dist;
 use crate::eval::{evaluate_sources, SourcesEval};
 use crate::model::stats::LayerStats;
 use crate::model::{Params, Transformer};
+use crate::ops;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 use optim::AdamW;
@@ -448,7 +449,7 @@ fn clip_scale(clip: f64, grad_norm: f64) -> f64 {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
     for g in grads {
-        total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        total += ops::sum_of_squares(g)?;
     }
     Ok(total.sqrt())
 }

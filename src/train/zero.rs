@@ -108,7 +108,7 @@ impl ShardedAdamW {
 
     /// The global gradient norm, from every rank's shard.
     pub fn norm(&self, dist: &Dist, grads: &ShardGrads) -> f64 {
-        let mut sq = [grads.0.iter().map(|&g| g as f64 * g as f64).sum::<f64>()];
+        let mut sq = [crate::ops::sum_of_squares_host(&grads.0)];
         dist.all_reduce_sum_in_place_f64(&mut sq);
         sq[0].sqrt()
     }
