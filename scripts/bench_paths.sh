@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Tokens/s of dense, MoT and MoE top-1 training on every SIMD path this CPU has, alternated
-# round by round, with MoT/dense and MoE/dense per path. Prints the CPU and its SIMD flags first.
+# Tokens/s of MoT and MoE top-1 training against dense on every SIMD path this CPU has, each
+# pair timed step by step in turn in one process (`motrain bench --vs`), with MoT/dense and
+# MoE/dense per path; MoT against dense at the same tokens per step (batch 32). Prints the CPU
+# and its SIMD flags first.
 # On a CPU with AMX bf16 tiles, a last path `bf16` runs all three with run.dtype = "bf16"
 # (matmuls on the tiles, the avx512 path for the rest).
 # Usage: scripts/bench_paths.sh [STEPS] [ROUNDS]
@@ -18,26 +20,22 @@ for p in portable avx2 avx512; do
     || paths+=("$p")
 done
 grep -q -w amx_bf16 /proc/cpuinfo && paths+=(bf16)
-declare -A model=(
-  [dense]="--config configs/bench-dense.toml"
-  [mot]="--config configs/bench-mot.toml"
-  [moe-top1]="--config configs/bench-dense.toml --set model.ffn=moe --set model.moe.n_experts=8 --set model.moe.top_k=1 --set model.moe.capacity_factor=1.25"
-)
-tps() { # path, then bench arguments: prints tokens/s
+moe_args=(--vs-set model.ffn=moe --vs-set model.moe.n_experts=8 --vs-set model.moe.top_k=1
+          --vs-set model.moe.capacity_factor=1.25)
+pair() { # path, then bench arguments: prints "dense_tok/s other_tok/s ratio" of one --vs run,
+         # whose two models are timed step by step in turn
   local simd=$1 dtype=()
   [ "$1" = bf16 ] && simd=avx512 dtype=(--set run.dtype=bf16)
   MOTRAIN_SIMD=$simd ./target/release/motrain bench "${@:2}" "${dtype[@]}" --steps "$steps" --warmup 1 2>/dev/null \
-    | tail -1 | sed -E 's/.*"tokens_per_s":([0-9.]+).*/\1/'
+    | tail -1 | sed -E 's/.*"ratio":([0-9.]+).*"tokens_per_s":\[([0-9.]+),([0-9.]+)\].*/\2 \3 \1/'
 }
-printf '%-6s %-9s %-9s %10s %10s %10s %9s %9s\n' round path "" dense mot moe-top1 mot/dense moe/dense
+printf '%-6s %-9s %12s %10s %12s %10s %9s %9s\n' round path dense@32 mot dense@16 moe-top1 mot/dense moe/dense
 for r in $(seq "$rounds"); do
   for p in "${paths[@]}"; do
-    declare -A t=()
-    for m in dense mot moe-top1; do
-      # shellcheck disable=SC2086
-      t[$m]=$(tps "$p" ${model[$m]})
-    done
-    awk -v r="$r" -v p="$p" -v d="${t[dense]}" -v m="${t[mot]}" -v e="${t[moe-top1]}" 'BEGIN {
-      printf "%-6s %-9s %-9s %10.0f %10.0f %10.0f %9.2f %9.2f\n", r, p, "tok/s", d, m, e, m / d, e / d }'
+    # MoT against dense at its batch (32: the same tokens per step); MoE top-1 at bench-dense's.
+    read -r d32 mot rmot < <(pair "$p" --config configs/bench-dense.toml --set train.batch_size=32 \
+      --vs configs/bench-mot.toml)
+    read -r d16 moe rmoe < <(pair "$p" --config configs/bench-dense.toml "${moe_args[@]}")
+    printf '%-6s %-9s %12.0f %10.0f %12.0f %10.0f %9.2f %9.2f\n' "$r" "$p" "$d32" "$mot" "$d16" "$moe" "$rmot" "$rmoe"
   done
 done

@@ -63,48 +63,99 @@ pub struct MixingOps {
 /// Times `steps` optimizer steps after `warmup` untimed ones.
 pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<BenchResult> {
     let dist = std::rc::Rc::new(crate::dist::Dist::from_env()?);
-    let mut trainer = Trainer::new(cfg, dist.clone())?;
+    let mut run = Timed::new(cfg, &dist)?;
     for _ in 0..warmup {
-        trainer.train_step()?;
+        run.trainer.train_step()?;
     }
-    let (start, comm_before) = (Instant::now(), trainer.comm_time);
-    let mut loss = f64::NAN;
     for _ in 0..steps {
-        loss = trainer.train_step()?.loss;
+        run.step()?;
     }
-    let secs = start.elapsed().as_secs_f64();
-    let comm_s_per_step = (trainer.comm_time - comm_before).as_secs_f64() / steps.max(1) as f64;
-    let (mot_ops, experts) = match trainer.cfg.model.ffn {
-        crate::config::FfnKind::Mot => {
-            (Some(time_mixing_ops(&trainer.cfg, 10)?), Some(time_experts(&trainer.cfg, 6)?))
+    run.result(name, steps, &dist)
+}
+
+/// Two configs timed step by step in turn (`bench --vs`): a machine whose speed drifts over
+/// seconds, as shared cloud machines do, slows both alike, so their ratio holds where two
+/// separate runs would not. Both models live in one process; peak RSS is the process's.
+pub fn bench_pair(
+    a: (Config, &str), b: (Config, &str), steps: usize, warmup: usize,
+) -> Result<(BenchResult, BenchResult)> {
+    let dist = std::rc::Rc::new(crate::dist::Dist::from_env()?);
+    let mut runs = [Timed::new(a.0, &dist)?, Timed::new(b.0, &dist)?];
+    for _ in 0..warmup {
+        for r in &mut runs {
+            r.trainer.train_step()?;
         }
-        _ => (None, None),
-    };
-    let tokens_per_step = trainer.tokens_per_step();
-    let tokens_per_s = (tokens_per_step * steps as u64) as f64 / secs;
-    let fpt = flops_per_token(&trainer.cfg.model, trainer.cfg.data.seq_len);
-    Ok(BenchResult {
-        config: name.to_string(),
-        ffn: format!("{:?}", trainer.cfg.model.ffn).to_lowercase(),
-        params: trainer.params.count(),
-        steps,
-        tokens_per_step,
-        tokens_per_s,
-        step_time_s: secs / steps as f64,
-        flops_per_token: fpt,
-        gflops_per_s: fpt * tokens_per_s / 1e9,
-        peak_rss_bytes: peak_rss_bytes(),
-        threads: rayon::current_num_threads(),
-        cpu: crate::ops::simd::cpu_model(),
-        simd: crate::ops::describe(trainer.params.device()),
-        ranks: dist.size(),
-        rank: dist.rank(),
-        comm_s_per_step,
-        comm_share: comm_s_per_step / (secs / steps.max(1) as f64),
-        final_loss: loss,
-        mot_ops,
-        experts,
-    })
+    }
+    for _ in 0..steps {
+        for r in &mut runs {
+            r.step()?;
+        }
+    }
+    let [ra, rb] = runs;
+    Ok((ra.result(a.1, steps, &dist)?, rb.result(b.1, steps, &dist)?))
+}
+
+/// A trainer and the time its timed steps took.
+struct Timed {
+    trainer: Trainer,
+    secs: f64,
+    comm_secs: f64,
+    loss: f64,
+}
+
+impl Timed {
+    fn new(cfg: Config, dist: &std::rc::Rc<crate::dist::Dist>) -> Result<Timed> {
+        Ok(Timed {
+            trainer: Trainer::new(cfg, dist.clone())?,
+            secs: 0.0,
+            comm_secs: 0.0,
+            loss: f64::NAN,
+        })
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let (start, comm_before) = (Instant::now(), self.trainer.comm_time);
+        self.loss = self.trainer.train_step()?.loss;
+        self.secs += start.elapsed().as_secs_f64();
+        self.comm_secs += (self.trainer.comm_time - comm_before).as_secs_f64();
+        Ok(())
+    }
+
+    fn result(self, name: &str, steps: usize, dist: &crate::dist::Dist) -> Result<BenchResult> {
+        let (trainer, secs) = (self.trainer, self.secs);
+        let comm_s_per_step = self.comm_secs / steps.max(1) as f64;
+        let (mot_ops, experts) = match trainer.cfg.model.ffn {
+            crate::config::FfnKind::Mot => {
+                (Some(time_mixing_ops(&trainer.cfg, 10)?), Some(time_experts(&trainer.cfg, 6)?))
+            }
+            _ => (None, None),
+        };
+        let tokens_per_step = trainer.tokens_per_step();
+        let tokens_per_s = (tokens_per_step * steps as u64) as f64 / secs;
+        let fpt = flops_per_token(&trainer.cfg.model, trainer.cfg.data.seq_len);
+        Ok(BenchResult {
+            config: name.to_string(),
+            ffn: format!("{:?}", trainer.cfg.model.ffn).to_lowercase(),
+            params: trainer.params.count(),
+            steps,
+            tokens_per_step,
+            tokens_per_s,
+            step_time_s: secs / steps as f64,
+            flops_per_token: fpt,
+            gflops_per_s: fpt * tokens_per_s / 1e9,
+            peak_rss_bytes: peak_rss_bytes(),
+            threads: rayon::current_num_threads(),
+            cpu: crate::ops::simd::cpu_model(),
+            simd: crate::ops::describe(trainer.params.device()),
+            ranks: dist.size(),
+            rank: dist.rank(),
+            comm_s_per_step,
+            comm_share: comm_s_per_step / (secs / steps.max(1) as f64),
+            final_loss: self.loss,
+            mot_ops,
+            experts,
+        })
+    }
 }
 
 fn time_mixing_ops(cfg: &Config, reps: usize) -> Result<MixingOps> {

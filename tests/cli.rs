@@ -573,6 +573,37 @@ fn bench_prints_speed_as_json() {
     assert!(!f.run_dir("base").exists(), "bench wrote a run directory");
 }
 
+/// `--vs` times a second model step by step in turn with the first: one JSON line each, then
+/// their comparison; a --vs config that does not load is a clear error.
+#[test]
+fn bench_vs_compares_two_models_in_one_run() {
+    let f = Fixture::new();
+    let cfg = f.config();
+    let cfg = cfg.to_str().unwrap();
+    let args =
+        ["bench", "--config", cfg, "--vs-set", "model.ffn=moe", "--steps", "2", "--warmup", "0"];
+    let out = f.run(&args).ok();
+    let lines: Vec<Value> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", out.describe());
+    assert_eq!(lines[0]["ffn"], "dense", "{}", lines[0]);
+    assert_eq!(lines[1]["ffn"], "moe", "{}", lines[1]);
+    let ratio = num(&lines[2], "ratio");
+    let expected = num(&lines[1], "tokens_per_s") / num(&lines[0], "tokens_per_s");
+    assert!(ratio > 0.0 && (ratio - expected).abs() < 1e-9 * expected, "{}", lines[2]);
+    assert!(out.stderr.contains("alternated step by step"), "{}", out.describe());
+
+    let out = f.run(&["bench", "--config", cfg, "--vs", "/nonexistent/b.toml", "--steps", "1"]);
+    assert_bad_input(&out, &["/nonexistent/b.toml"]);
+    let out = f.run(&["bench", "--config", cfg, "--vs-set", "model.nope=1", "--steps", "1"]);
+    assert_bad_input(&out, &["model.nope"]);
+    assert!(!f.run_dir("base").exists(), "bench wrote a run directory");
+}
+
 // ---------------------------------------------------------------------------------------------
 // tokenizer + prepare
 

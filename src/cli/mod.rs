@@ -203,6 +203,13 @@ enum Command {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Also time this config (with --set and --vs-set applied), step by step in turn with
+        /// --config; the last line then compares the two.
+        #[arg(long, value_name = "FILE")]
+        vs: Option<PathBuf>,
+        /// An override for the --vs config alone (--config's file when --vs is not given).
+        #[arg(long = "vs-set", value_name = "KEY=VALUE")]
+        vs_overrides: Vec<String>,
     },
 }
 
@@ -530,33 +537,63 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench { config, overrides, steps, warmup } => {
+        Command::Bench { config, overrides, steps, warmup, vs, vs_overrides } => {
             if steps == 0 {
                 return Err(UsageError("--steps must be at least 1".into()).into());
             }
             let cfg = Config::load(&config, &overrides)?;
-            let r = crate::bench::bench(cfg, &config.display().to_string(), steps, warmup)?;
-            if r.rank != 0 {
-                return Ok(()); // rank 0 of a data-parallel bench reports for all
+            let name = config.display().to_string();
+            if vs.is_none() && vs_overrides.is_empty() {
+                let r = crate::bench::bench(cfg, &name, steps, warmup)?;
+                if r.rank == 0 {
+                    report_bench(&r)?; // rank 0 of a data-parallel bench reports for all
+                }
+                return Ok(());
             }
-            eprintln!(
-                "{}: {:.0} tokens/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.0} MiB | {} | {}",
-                r.config,
-                r.tokens_per_s,
-                r.step_time_s,
-                r.gflops_per_s,
-                r.peak_rss_bytes as f64 / 1048576.0,
-                r.simd,
-                r.cpu
-            );
-            if let Some(m) = &r.mot_ops {
-                eprintln!("MoT mixing ops per layer (forward + backward): fused {:.2} ms, plain {:.2} ms ({:.2}x)", m.fused_ms, m.plain_ms, m.speedup);
+            let vs_path = vs.unwrap_or_else(|| config.clone());
+            let vs_cfg = Config::load(&vs_path, &[overrides, vs_overrides.clone()].concat())?;
+            let vs_name = match vs_overrides.is_empty() {
+                true => vs_path.display().to_string(),
+                false => format!("{} {}", vs_path.display(), vs_overrides.join(" ")),
+            };
+            let (a, b) = crate::bench::bench_pair((cfg, &name), (vs_cfg, &vs_name), steps, warmup)?;
+            if a.rank != 0 {
+                return Ok(());
             }
-            if let Some(x) = &r.experts {
-                eprintln!("MoT experts per layer (forward + backward): kept {:.2} ms, recomputed {:.2} ms ({:.2}x)", x.kept_ms, x.recomputed_ms, x.cost);
-            }
-            println!("{}", serde_json::to_string(&r)?);
+            report_bench(&a)?;
+            report_bench(&b)?;
+            let ratio = b.tokens_per_s / a.tokens_per_s;
+            eprintln!("{vs_name} / {name}: {ratio:.3}x tokens/s (alternated step by step)");
+            let pair = json!({
+                "config": name,
+                "vs": vs_name,
+                "tokens_per_s": [a.tokens_per_s, b.tokens_per_s],
+                "ratio": ratio,
+            });
+            println!("{pair}");
             Ok(())
         }
     }
+}
+
+/// One bench result: a line for people on stderr, its JSON on stdout.
+fn report_bench(r: &crate::bench::BenchResult) -> Result<()> {
+    eprintln!(
+        "{}: {:.0} tokens/s, {:.3} s/step, {:.1} GFLOP/s, peak RSS {:.0} MiB | {} | {}",
+        r.config,
+        r.tokens_per_s,
+        r.step_time_s,
+        r.gflops_per_s,
+        r.peak_rss_bytes as f64 / 1048576.0,
+        r.simd,
+        r.cpu
+    );
+    if let Some(m) = &r.mot_ops {
+        eprintln!("MoT mixing ops per layer (forward + backward): fused {:.2} ms, plain {:.2} ms ({:.2}x)", m.fused_ms, m.plain_ms, m.speedup);
+    }
+    if let Some(x) = &r.experts {
+        eprintln!("MoT experts per layer (forward + backward): kept {:.2} ms, recomputed {:.2} ms ({:.2}x)", x.kept_ms, x.recomputed_ms, x.cost);
+    }
+    println!("{}", serde_json::to_string(r)?);
+    Ok(())
 }
