@@ -5,7 +5,7 @@
 # and its SIMD flags first.
 # On a CPU with AMX bf16 tiles, a last path `bf16` runs all three with run.dtype = "bf16"
 # (matmuls on the tiles, the avx512 path for the rest).
-# Usage: scripts/bench_paths.sh [STEPS] [ROUNDS]
+# Usage: scripts/bench_paths.sh [STEPS] [ROUNDS]   (needs python3 for the JSON)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-5}
@@ -27,7 +27,7 @@ pair() { # path, then bench arguments: prints "dense_tok/s other_tok/s ratio" of
   local simd=$1 dtype=()
   [ "$1" = bf16 ] && simd=avx512 dtype=(--set run.dtype=bf16)
   MOTRAIN_SIMD=$simd ./target/release/motrain bench "${@:2}" "${dtype[@]}" --steps "$steps" --warmup 1 2>/dev/null \
-    | tail -1 | sed -E 's/.*"ratio":([0-9.]+).*"tokens_per_s":\[([0-9.]+),([0-9.]+)\].*/\2 \3 \1/'
+    | tail -1 | python3 -c 'import json, sys; r = json.load(sys.stdin); print(*r["tokens_per_s"], r["ratio"])'
 }
 printf '%-6s %-9s %12s %10s %12s %10s %9s %9s\n' round path dense@32 mot dense@16 moe-top1 mot/dense moe/dense
 for r in $(seq "$rounds"); do

@@ -60,39 +60,27 @@ pub struct MixingOps {
     pub speedup: f64,
 }
 
-/// Times `steps` optimizer steps after `warmup` untimed ones.
-pub fn bench(cfg: Config, name: &str, steps: usize, warmup: usize) -> Result<BenchResult> {
+/// Times `steps` optimizer steps of each config after `warmup` untimed ones. Several configs
+/// (`bench --vs`) are timed step by step in turn, A, B, A, B …: a machine whose speed drifts
+/// over seconds, as shared cloud machines do, slows them alike, so their ratio holds where
+/// separate runs would not. All models live in one process; peak RSS is the process's.
+pub fn bench(runs: Vec<(Config, String)>, steps: usize, warmup: usize) -> Result<Vec<BenchResult>> {
     let dist = std::rc::Rc::new(crate::dist::Dist::from_env()?);
-    let mut run = Timed::new(cfg, &dist)?;
-    for _ in 0..warmup {
-        run.trainer.train_step()?;
+    let mut timed = Vec::with_capacity(runs.len());
+    for (cfg, name) in runs {
+        timed.push((Timed::new(cfg, &dist)?, name));
     }
-    for _ in 0..steps {
-        run.step()?;
-    }
-    run.result(name, steps, &dist)
-}
-
-/// Two configs timed step by step in turn (`bench --vs`): a machine whose speed drifts over
-/// seconds, as shared cloud machines do, slows both alike, so their ratio holds where two
-/// separate runs would not. Both models live in one process; peak RSS is the process's.
-pub fn bench_pair(
-    a: (Config, &str), b: (Config, &str), steps: usize, warmup: usize,
-) -> Result<(BenchResult, BenchResult)> {
-    let dist = std::rc::Rc::new(crate::dist::Dist::from_env()?);
-    let mut runs = [Timed::new(a.0, &dist)?, Timed::new(b.0, &dist)?];
     for _ in 0..warmup {
-        for r in &mut runs {
-            r.trainer.train_step()?;
+        for (t, _) in &mut timed {
+            t.trainer.train_step()?;
         }
     }
     for _ in 0..steps {
-        for r in &mut runs {
-            r.step()?;
+        for (t, _) in &mut timed {
+            t.step()?;
         }
     }
-    let [ra, rb] = runs;
-    Ok((ra.result(a.1, steps, &dist)?, rb.result(b.1, steps, &dist)?))
+    timed.into_iter().map(|(t, name)| t.result(&name, steps, &dist)).collect()
 }
 
 /// A trainer and the time its timed steps took.

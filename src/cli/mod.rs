@@ -542,26 +542,26 @@ pub fn run(cli: Cli) -> Result<()> {
                 return Err(UsageError("--steps must be at least 1".into()).into());
             }
             let cfg = Config::load(&config, &overrides)?;
-            let name = config.display().to_string();
-            if vs.is_none() && vs_overrides.is_empty() {
-                let r = crate::bench::bench(cfg, &name, steps, warmup)?;
-                if r.rank == 0 {
-                    report_bench(&r)?; // rank 0 of a data-parallel bench reports for all
-                }
+            let mut runs = vec![(cfg, config.display().to_string())];
+            if vs.is_some() || !vs_overrides.is_empty() {
+                let vs_path = vs.unwrap_or_else(|| config.clone());
+                let vs_cfg = Config::load(&vs_path, &[overrides, vs_overrides.clone()].concat())?;
+                let vs_name = match vs_overrides.is_empty() {
+                    true => vs_path.display().to_string(),
+                    false => format!("{} {}", vs_path.display(), vs_overrides.join(" ")),
+                };
+                runs.push((vs_cfg, vs_name));
+            }
+            let results = crate::bench::bench(runs, steps, warmup)?;
+            // Rank 0 of a data-parallel bench reports for all.
+            if results[0].rank != 0 {
                 return Ok(());
             }
-            let vs_path = vs.unwrap_or_else(|| config.clone());
-            let vs_cfg = Config::load(&vs_path, &[overrides, vs_overrides.clone()].concat())?;
-            let vs_name = match vs_overrides.is_empty() {
-                true => vs_path.display().to_string(),
-                false => format!("{} {}", vs_path.display(), vs_overrides.join(" ")),
-            };
-            let (a, b) = crate::bench::bench_pair((cfg, &name), (vs_cfg, &vs_name), steps, warmup)?;
-            if a.rank != 0 {
-                return Ok(());
+            for r in &results {
+                report_bench(r)?;
             }
-            report_bench(&a)?;
-            report_bench(&b)?;
+            let [a, b] = &results[..] else { return Ok(()) };
+            let (name, vs_name) = (&a.config, &b.config);
             let ratio = b.tokens_per_s / a.tokens_per_s;
             eprintln!("{vs_name} / {name}: {ratio:.3}x tokens/s (alternated step by step)");
             let pair = json!({
