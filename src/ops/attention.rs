@@ -302,7 +302,7 @@ unsafe fn forward_rows(
             let (live, masked) = row.split_at_mut(d.live(rows.i0 + r, j0, bk));
             // The scale is positive, so the scaled row's maximum is the scaled maximum.
             let m = max[r].max(scale * vec::max(live));
-            let total = vec::exp_scaled_in_place(live, scale, m);
+            let total = vec::exp_scaled_in_place(live, scale, m, d.level.fma());
             masked.fill(0.0);
             let rescale = vec::exp(max[r] - m);
             (max[r], sum[r]) = (m, sum[r] * rescale + total);
@@ -465,7 +465,7 @@ unsafe fn backward_head(
                 let pr = &mut p[r * bk..(r + 1) * bk];
                 let (live, masked) = pr.split_at_mut(d.live(i0 + r, j0, bk));
                 let shift = lse[i0 + r];
-                live.iter_mut().for_each(|x| *x = vec::exp(*x * scale - shift));
+                vec::exp_scaled_in_place(live, scale, shift, level.fma());
                 masked.fill(0.0);
             }
             let pt = Lhs { ptr: p.as_ptr(), rs: 1, cs: bk };

@@ -114,7 +114,7 @@ impl CustomOp3 for LinearCrossEntropy {
         // logits = x·Wᵀ, then one pass per row: log-sum-exp, the loss, and (training) the
         // logits turned in place into dL/dlogits = (softmax − onehot)/N.
         let mut logits = product((n, v, d), x, (d, 1), w, (1, d));
-        let inv_n = 1.0 / n as f32;
+        let (inv_n, fma) = (1.0 / n as f32, simd::level().fma());
         let losses: Vec<f32> = logits
             .par_chunks_mut(v)
             .zip(targets.par_iter())
@@ -125,12 +125,10 @@ impl CustomOp3 for LinearCrossEntropy {
                     || {
                         let t = t as usize;
                         let m = vec::max(row);
-                        let lse = m + vec::sum_exp_shifted(row, m).ln();
+                        let lse = m + vec::sum_exp_shifted(row, m, fma).ln();
                         let loss = lse - row[t];
                         if self.with_grad {
-                            for z in row.iter_mut() {
-                                *z = vec::exp(*z - lse) * inv_n;
-                            }
+                            vec::exp_shifted_times(row, lse, inv_n, fma);
                             row[t] -= inv_n;
                         }
                         loss

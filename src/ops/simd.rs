@@ -39,6 +39,13 @@ impl Level {
         Level::ALL.into_iter().find(|l| l.name() == s || (s == "portable" && *l == Level::Portable))
     }
 
+    /// Whether code compiled for the path has fused multiply-add: every x86 path but the
+    /// portable one (baseline x86-64 has none, and `f32::mul_add` is a libm call there), and
+    /// NEON, which always has it.
+    pub fn fma(self) -> bool {
+        self != Level::Portable || cfg!(target_arch = "aarch64")
+    }
+
     /// Whether this CPU can run the path.
     pub fn supported(self) -> bool {
         match self {
