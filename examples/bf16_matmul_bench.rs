@@ -1,9 +1,10 @@
-//! The bf16 AMX matmul against candle's f32 matmul on motrain's bench shapes, per product of a
-//! linear map's step: forward `X·Wᵀ`, input gradient `dY·W`, weight gradient `dYᵀ·X` (ms, median
+//! A `Linear`'s products in bf16 on AMX tiles against f32 gemm (both motrain's op,
+//! `ops::linear`) on motrain's bench shapes, per product of a linear map's step: forward `X·Wᵀ`, input gradient `dY·W`, weight gradient `dYᵀ·X` (ms, median
 //! of 9 after 3 warm-ups). Needs a CPU with AMX tiles:
 //! `cargo run --release --example bf16_matmul_bench`.
 use candle_core::{Device, Tensor};
-use motrain::ops::amx::matmul_bf16_t as mm;
+use motrain::ops::linear::matmul_t_on;
+use motrain::ops::Kernel;
 fn time(f: &dyn Fn()) -> f64 {
     for _ in 0..3 {
         f();
@@ -28,22 +29,24 @@ fn main() {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let dy = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
         let t = |f: &dyn Fn()| time(f) * 1e3;
+        let f32 = |x: &Tensor, w: &Tensor| matmul_t_on(Kernel::F32, x, w);
+        let mm = |x: &Tensor, w: &Tensor| matmul_t_on(Kernel::Amx, x, w);
         println!(
             "{m}x{k}x{n} ms  f32/bf16: fwd {:.2}/{:.2}  dA {:.2}/{:.2}  dW {:.2}/{:.2}",
             t(&|| {
-                a.matmul(&w.t().unwrap()).unwrap();
+                f32(&a, &w).unwrap();
             }),
             t(&|| {
                 mm(&a, &w).unwrap();
             }),
             t(&|| {
-                dy.matmul(&w).unwrap();
+                f32(&dy, &w.t().unwrap()).unwrap();
             }),
             t(&|| {
                 mm(&dy, &w.t().unwrap()).unwrap();
             }),
             t(&|| {
-                dy.t().unwrap().matmul(&a).unwrap();
+                f32(&dy.t().unwrap(), &a.t().unwrap()).unwrap();
             }),
             t(&|| {
                 mm(&dy.t().unwrap(), &a.t().unwrap()).unwrap();

@@ -33,8 +33,8 @@ impl Linear {
 
     /// `x [N, in]` → `[N, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if ops::amx::enabled() && x.rank() == 2 && ops::fused(&[x, &self.w]) {
-            ops::amx::matmul_bf16_t(x, &self.w)?
+        let y = if x.rank() == 2 && ops::fused(&[x, &self.w]) {
+            ops::linear::matmul_t(x, &self.w)?
         } else {
             x.matmul(&self.w.t()?)?
         };

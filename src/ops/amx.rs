@@ -5,13 +5,12 @@
 //!
 //! The AMX intrinsics are not stable Rust, so the five tile instructions are inline `asm!`, and
 //! detection reads CPUID and XCR0 directly and asks Linux for the tile state (`arch_prctl`).
-//! The op `matmul_bf16(a, b)` is `a · bᵀ` for 2-D tensors with its backward, as `Linear` uses it.
+//! `Linear` reaches the tiles through [`super::linear`], whose product dispatches here.
 
 // Off x86-64 nothing reaches the packing and the kernel ([`available`] is false).
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use super::written;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -387,71 +386,17 @@ pub fn enabled() -> bool {
     ENABLED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-fn operand<'a>(s: &'a CpuStorage, l: &Layout, transpose: bool) -> Result<Operand<'a>> {
-    let data = &s.as_slice::<f32>()?[l.start_offset()..];
-    let (dims, strides) = (l.dims(), l.stride());
-    if dims.len() != 2 {
-        candle_core::bail!("matmul_bf16 takes 2-D tensors, got {dims:?}");
-    }
-    let (rows, cols, rs, cs) = (dims[0], dims[1], strides[0], strides[1]);
-    Ok(if transpose {
-        Operand { data, rows: cols, cols: rows, rs: cs, cs: rs }
-    } else {
-        Operand { data, rows, cols, rs, cs }
-    })
-}
-
-/// `a [M, K] · bᵀ` with `b [N, K]` (or `a · b` with `b [K, N]`), on AMX tiles in bf16.
-struct MatmulBf16 {
-    transpose_b: bool,
-}
-
-impl CustomOp2 for MatmulBf16 {
-    fn name(&self) -> &'static str {
-        "matmul-bf16"
-    }
-
-    fn cpu_fwd(
-        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        if !available() {
-            candle_core::bail!("bf16 matmuls on the CPU need AMX tiles, which this CPU lacks");
-        }
-        let (a, b) = (operand(s1, l1, false)?, operand(s2, l2, self.transpose_b)?);
-        if a.cols != b.rows {
-            candle_core::bail!("matmul_bf16: [{}, {}] · [{}, {}]", a.rows, a.cols, b.rows, b.cols);
-        }
-        // SAFETY: gemm writes every element of the product (dst_rs = N).
-        let c = unsafe { written(a.rows * b.cols, |c| gemm(a, b, c, b.cols, false)) };
-        Ok((CpuStorage::F32(c), Shape::from((a.rows, b.cols))))
-    }
-
-    fn bwd(
-        &self, a: &Tensor, b: &Tensor, _c: &Tensor, dc: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mm = |x: &Tensor, y: &Tensor, transpose_b| {
-            x.apply_op2_no_bwd(y, &MatmulBf16 { transpose_b })
-        };
-        Ok(if self.transpose_b {
-            // C = A·Bᵀ: dA = dC·B, dB = dCᵀ·A.
-            (Some(mm(dc, b, false)?), Some(mm(&dc.t()?, a, false)?))
-        } else {
-            // C = A·B: dA = dC·Bᵀ, dB = Aᵀ·dC.
-            (Some(mm(dc, b, true)?), Some(mm(&a.t()?, dc, false)?))
-        })
-    }
-}
-
-/// `a [M, K] · bᵀ`, `b [N, K]`: a `Linear`'s product in bf16 on AMX tiles, f32 in and out.
-pub fn matmul_bf16_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.apply_op2(b, MatmulBf16 { transpose_b: true })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::linear::matmul_t_on;
     use crate::ops::testing::randn;
-    use candle_core::{DType, Var};
+    use crate::ops::Kernel;
+    use candle_core::{DType, Tensor, Var};
+
+    fn matmul_bf16_t(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        matmul_t_on(Kernel::Amx, a, b)
+    }
 
     fn round(t: &Tensor) -> Vec<Vec<f64>> {
         t.to_vec2::<f32>()

@@ -111,9 +111,10 @@ impl CustomOp3 for LinearCrossEntropy {
         if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("target {t} is not below the vocabulary size {v}");
         }
+        let kernel = super::Kernel::current();
         // logits = x·Wᵀ, then one pass per row: log-sum-exp, the loss, and (training) the
         // logits turned in place into dL/dlogits = (softmax − onehot)/N.
-        let mut logits = product((n, v, d), x, (d, 1), w, (1, d));
+        let mut logits = product(kernel, (n, v, d), x, (d, 1), w, (1, d));
         let (inv_n, fma) = (1.0 / n as f32, simd::level().fma());
         let losses: Vec<f32> = logits
             .par_chunks_mut(v)
@@ -137,8 +138,8 @@ impl CustomOp3 for LinearCrossEntropy {
             })
             .collect();
         if self.with_grad {
-            let dx = self.dx.then(|| product((n, d, v), &logits, (v, 1), w, (d, 1))); // dL·W
-            let dw = self.dw.then(|| product((v, d, n), &logits, (1, v), x, (d, 1))); // dLᵀ·x
+            let dx = self.dx.then(|| product(kernel, (n, d, v), &logits, (v, 1), w, (d, 1))); // dL·W
+            let dw = self.dw.then(|| product(kernel, (v, d, n), &logits, (1, v), x, (d, 1))); // dLᵀ·x
             *self.grads.lock().unwrap() = Some((dx, dw));
         }
         // Summed in f64 and in row order, so the loss does not depend on threads.

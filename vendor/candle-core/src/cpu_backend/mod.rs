@@ -1503,37 +1503,6 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        // motrain: a tall product (a Linear's forward or its input gradient: m is the tokens)
-        // is split into blocks of whole rows, each a one-thread gemm, as rayon tasks. gemm's
-        // own Parallelism::Rayon cuts each of its passes into exactly one static piece per
-        // thread, so a thread that the machine pauses (a vCPU descheduled on a shared cloud
-        // host) stalls the whole product; blocks that idle threads steal do not.
-        let row_block = (m / (4 * num_threads)).max(256).next_multiple_of(16);
-        if num_threads > 1 && m >= 2 * row_block {
-            let (lhs_a, rhs_a, dst_a) =
-                (lhs.as_ptr() as usize, rhs.as_ptr() as usize, dst_base as usize);
-            let blocks = m.div_ceil(row_block);
-            (0..b * blocks).into_par_iter().for_each(|t| {
-                let (step, i0) = (t / blocks, t % blocks * row_block);
-                let rows = row_block.min(m - i0);
-                // SAFETY: as for the loop below, restricted to rows i0..i0 + rows of this
-                // batch step; each task stores a disjoint block of dst.
-                unsafe {
-                    let lhs_p = (lhs_a as *const T).add(step * a_skip + i0 * lhs_rs);
-                    let rhs_p = (rhs_a as *const T).add(step * b_skip);
-                    let dst_p = (dst_a as *mut T).add(step * c_skip + i0 * dst_rs);
-                    gemm(
-                        rows, n, k, dst_p, dst_cs as isize, dst_rs as isize, false, lhs_p,
-                        lhs_cs as isize, lhs_rs as isize, rhs_p, rhs_cs as isize,
-                        rhs_rs as isize, T::zero(), T::one(), false, false, false,
-                        Parallelism::None,
-                    )
-                }
-            });
-            // SAFETY: the tasks above stored all dst_len elements.
-            unsafe { dst.set_len(dst_len) };
-            return Ok(dst);
-        }
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
