@@ -41,7 +41,8 @@ pub fn exp_fma(x: f32) -> f32 {
     let t = x.mul_add(std::f32::consts::LOG2_E, MAGIC);
     let n = t - MAGIC;
     let r = n.mul_add(-1.428_606_8e-6, n.mul_add(-0.693_145_75, x));
-    let (r2, r4) = (r * r, r * r * (r * r));
+    let r2 = r * r;
+    let r4 = r2 * r2;
     let low = r2.mul_add(r.mul_add(0.166_666_67, 0.5), 1.0 + r);
     let high = r2.mul_add(
         r.mul_add(0.000_198_412_7, 0.001_388_889),
