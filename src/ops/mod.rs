@@ -283,7 +283,7 @@ fn gemm(
 /// whole number per thread (three blocks on two threads would leave one idle a third of the
 /// time); at least 256 rows each keep the packing of the other operand small beside the
 /// product. Blocks of whole rows only: splitting columns as well re-reads the long operands of
-/// the weight gradients (k = tokens) and measured slower (0.79–0.93× on three of their shapes).
+/// the weight gradients (k = tokens) and measured slower (0.73–0.93× on three of their shapes).
 fn row_blocks(m: usize, threads: usize) -> Option<usize> {
     let blocks = (m / 256).min(4 * threads) / threads * threads;
     (threads > 1 && blocks >= 2).then(|| m.div_ceil(blocks).next_multiple_of(16))
