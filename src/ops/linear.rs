@@ -80,7 +80,7 @@ pub fn matmul_t_on(kernel: Kernel, x: &Tensor, w: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::testing::randn;
-    use candle_core::Var;
+    use candle_core::{DType, Var};
 
     /// Forward and both gradients against candle's matmul, at shapes that run as one gemm and
     /// as blocks of rows (m ≥ 512 on two threads or more), with both gradients' blocks too.
@@ -125,6 +125,47 @@ mod tests {
         let one = on(1);
         for threads in [2, 3, 4] {
             assert!(on(threads) == one, "{threads} threads");
+        }
+    }
+
+    /// On AMX tiles: gradients of Σ (a·bᵀ)∘P equal f32 autograd's within bf16 rounding.
+    #[test]
+    fn amx_gradients_match_the_f32_product_within_bf16_rounding() {
+        if !crate::ops::amx::available() {
+            eprintln!("skipped: this CPU has no AMX bf16 tiles");
+            return;
+        }
+        // Off the tile edges (padding), and on them (packing writes every element itself).
+        for (m, k, n) in [(37, 50, 29), (256, 64, 96)] {
+            let (a, b) = (
+                Var::from_tensor(&randn(&[m, k], 3)).unwrap(),
+                Var::from_tensor(&randn(&[n, k], 4)).unwrap(),
+            );
+            let p = randn(&[m, n], 5);
+            let grads = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+                let g = (f(a.as_tensor(), b.as_tensor()) * &p)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (g.get(a.as_tensor()).unwrap().clone(), g.get(b.as_tensor()).unwrap().clone())
+            };
+            let (da, db) = grads(&|a, b| matmul_t_on(Kernel::Amx, a, b).unwrap());
+            let (ra, rb) = grads(&|a, b| a.matmul(&b.t().unwrap()).unwrap());
+            for (got, want) in [(da, ra), (db, rb)] {
+                let err = (&got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err <= 2e-2 * scale, "max |Δ| {err} against a scale of {scale}");
+                assert_eq!(got.dtype(), DType::F32);
+            }
         }
     }
 }
