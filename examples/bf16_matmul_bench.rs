@@ -1,7 +1,7 @@
 //! A `Linear`'s products in bf16 on AMX tiles against f32 gemm (both motrain's op,
-//! `ops::linear`) on motrain's bench shapes, per product of a linear map's step: forward `X·Wᵀ`, input gradient `dY·W`, weight gradient `dYᵀ·X` (ms, median
-//! of 9 after 3 warm-ups). Needs a CPU with AMX tiles:
-//! `cargo run --release --example bf16_matmul_bench`.
+//! `ops::linear`) on motrain's bench shapes, per product of a linear map's step: forward `X·Wᵀ`,
+//! input gradient `dY·W`, weight gradient `dYᵀ·X` (ms, median of 9 after 3 warm-ups). Needs a
+//! CPU with AMX tiles: `cargo run --release --example bf16_matmul_bench`.
 use candle_core::{Device, Tensor};
 use motrain::ops::linear::matmul_t_on;
 use motrain::ops::Kernel;
