@@ -111,6 +111,7 @@ impl Timed {
 
     fn result(self, name: &str, steps: usize, dist: &crate::dist::Dist) -> Result<BenchResult> {
         let (trainer, secs) = (self.trainer, self.secs);
+        trainer.use_kernel();
         let comm_s_per_step = self.comm_secs / steps.max(1) as f64;
         let (mot_ops, experts) = match trainer.cfg.model.ffn {
             crate::config::FfnKind::Mot => {

@@ -88,4 +88,26 @@ fn bf16_trains_on_amx_tiles_and_is_refused_without_them() {
     assert!(differ, "bf16 matmuls must round: the losses cannot all be f32's");
     f.train(&config, "bf16-again", &bf16).ok();
     assert_eq!(losses(&f.run_dir("bf16-again")), a, "bf16 repeats itself bit for bit");
+
+    // `bench --vs` steps an f32 and a bf16 model of one process in turn: each keeps its own
+    // matmuls, so each ends where it ends when benched alone.
+    let cfg = config.to_str().unwrap();
+    let dtype = "run.dtype=\"bf16\"";
+    let bench = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec!["bench", "--config", cfg, "--steps", "3", "--warmup", "0"];
+        args.extend(extra);
+        let out = f.run(&args).ok();
+        out.stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let both = bench(&["--vs-set", dtype]);
+    let (alone_f32, alone_bf16) = (bench(&[]), bench(&["--set", dtype]));
+    assert_eq!(both[0]["final_loss"], alone_f32[0]["final_loss"], "f32 beside bf16: {}", both[0]);
+    assert_eq!(both[1]["final_loss"], alone_bf16[0]["final_loss"], "bf16 beside f32: {}", both[1]);
+    assert_ne!(both[0]["final_loss"], both[1]["final_loss"]);
+    assert!(!both[0]["simd"].as_str().unwrap().contains("AMX"), "{}", both[0]);
+    assert!(both[1]["simd"].as_str().unwrap().ends_with("bf16 matmuls on AMX"), "{}", both[1]);
 }

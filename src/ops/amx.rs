@@ -375,10 +375,11 @@ pub fn usable() -> bool {
     available() && super::simd::level() == super::simd::Level::Avx512
 }
 
-/// Matmuls of f32 tensors run in bf16 on AMX tiles from now on (`run.dtype = "bf16"` on the
-/// CPU), as PyTorch's `set_float32_matmul_precision("medium")` lets them; needs [`usable`].
-pub fn enable() {
-    ENABLED.store(usable(), std::sync::atomic::Ordering::Relaxed)
+/// Whether matmuls of f32 tensors run in bf16 on AMX tiles from now on (`run.dtype = "bf16"`
+/// on the CPU), as PyTorch's `set_float32_matmul_precision("medium")` lets them; on needs
+/// [`usable`].
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on && usable(), std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Whether f32 matmuls run in bf16 on AMX tiles.

@@ -153,7 +153,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The kernel f32 matmuls run on now: AMX once [`amx::enable`] was called.
+    /// The kernel f32 matmuls run on now: AMX while [`amx::set_enabled`] has them on.
     pub fn current() -> Kernel {
         if amx::enabled() {
             Kernel::Amx

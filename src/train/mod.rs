@@ -85,6 +85,8 @@ pub struct Trainer {
     elapsed_before: f64,
     /// Test hook (`MOTRAIN_FAULT_NAN_STEP=N`): step N's loss becomes NaN, as a diverging run's would.
     nan_fault_step: Option<usize>,
+    /// Whether this model's matmuls run in bf16 on AMX tiles (`run.dtype = "bf16"` on the CPU).
+    tiles: bool,
 }
 
 impl Trainer {
@@ -93,9 +95,11 @@ impl Trainer {
     pub fn new(cfg: Config, dist: Rc<Dist>) -> Result<Trainer> {
         check_world(&cfg, &dist)?;
         let dev = crate::device::device(&cfg.run.device)?;
-        if cfg.run.dtype == "bf16" && dev.is_cpu() {
+        let tiles = cfg.run.dtype == "bf16" && dev.is_cpu();
+        if tiles {
             bf16_on_cpu()?;
         }
+        crate::ops::amx::set_enabled(tiles);
         let model_cfg = cfg.model.clone();
         let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale)
             .freezing(move |name| !crate::model::trains(&model_cfg, name));
@@ -127,7 +131,14 @@ impl Trainer {
             comm_time: Duration::ZERO,
             elapsed_before: 0.0,
             nan_fault_step,
+            tiles,
         })
+    }
+
+    /// Sets the process's matmul kernel to this model's dtype: `bench --vs` steps an f32 and
+    /// a bf16 model of one process in turn.
+    pub fn use_kernel(&self) {
+        crate::ops::amx::set_enabled(self.tiles);
     }
 
     /// Continues exactly where `ckpt` stopped: weights, moments, step, data cursor.
@@ -161,6 +172,7 @@ impl Trainer {
     /// One optimizer step over `batch_size` sequences in micro-batches, this rank's share of
     /// them computed here.
     pub fn train_step(&mut self) -> Result<StepStats> {
+        self.use_kernel();
         let accum = self.cfg.accumulation();
         let micro = self.cfg.train.micro_batch_size;
         let mine = accum / self.dist.size();
@@ -271,6 +283,7 @@ impl Trainer {
     /// The validation loss of each source with val shards and their weighted mean, the
     /// batches split over the ranks; None without val shards.
     pub fn eval(&self) -> Result<Option<SourcesEval>> {
+        self.use_kernel();
         evaluate_sources(
             &self.model,
             &self.val,
@@ -392,7 +405,6 @@ fn bf16_on_cpu() -> Result<()> {
         }
         .into());
     }
-    crate::ops::amx::enable();
     Ok(())
 }
 
