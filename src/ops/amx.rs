@@ -10,6 +10,10 @@
 // Off x86-64 nothing reaches the packing and the kernel ([`available`] is false).
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
+#[cfg(target_arch = "x86_64")]
+mod pack;
+
+#[cfg(test)]
 use super::written;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -31,7 +35,8 @@ fn detect() -> bool {
     let leaf7 = __cpuid_count(7, 0);
     let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
     let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
-    if !(amx_bf16 && amx_tile && osxsave) {
+    // The packing is AVX-512 (every CPU with the tiles has it, unless a hypervisor hides it).
+    if !(amx_bf16 && amx_tile && osxsave && std::arch::is_x86_feature_detected!("avx512f")) {
         return false;
     }
     // XCR0 bits 17 and 18: the OS saves tile configuration and tile data.
@@ -86,155 +91,11 @@ impl Operand<'_> {
 const T: usize = 16;
 /// K per tile step: 32 bf16.
 const KT: usize = 32;
-
-/// Packing reads its source in blocks of this many rows and columns, so that a transposed
-/// operand (a gradient's `dCᵀ`) is read a cache line at a time, not an element.
-const BLOCK: usize = 32;
-
-/// Where element (r, j) of a 16-row block of packed A goes: the block is stored tile by tile
-/// (16 rows × 32 bf16 = 1 KiB each, along K), so a tile load reads contiguous memory however
-/// long K is.
-#[inline(always)]
-fn a_index(r: usize, j: usize, kp: usize) -> usize {
-    (r / T) * T * kp + (j / KT) * T * KT + (r % T) * KT + j % KT
-}
-
-/// `A [M, K]` as bf16, `mp` rows (M rounded up to 32) by `kp` (K rounded up to 32), tile-major
-/// (see [`a_index`]).
-fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
-    // A column-major A (a transposed gradient, `dCᵀ`) is read a source row at a time: a task
-    // takes many of A's rows, so each source row segment it reads is long (the pages it walks
-    // are few), and the 32 source rows of one tile step land in tiles that stay in cache.
-    let rows_per_task = if a.rs == 1 && a.cs != 1 {
-        (mp / (4 * rayon::current_num_threads())).clamp(BLOCK, 8 * BLOCK) / BLOCK * BLOCK
-    } else {
-        BLOCK
-    };
-    // SAFETY: each task writes its whole chunk: zeros first wherever it holds padding.
-    let write = |out: &mut [MaybeUninit<u16>]| {
-        out.par_chunks_mut(rows_per_task * kp).enumerate().for_each(|(task, rows)| {
-            let i0 = task * rows_per_task;
-            let (ni, nj) = (a.rows.saturating_sub(i0).min(rows_per_task), a.cols);
-            if ni * kp != rows.len() || nj != kp {
-                rows.fill(MaybeUninit::new(0));
-            }
-            if ni == 0 {
-                return; // padding rows only
-            }
-            super::simd::run(
-                #[inline(always)]
-                || {
-                    if a.cs == 1 {
-                        // Row-major: runs of 32 convert contiguously, vectorised.
-                        for r in 0..ni {
-                            let src = &a.data[(i0 + r) * a.rs..(i0 + r) * a.rs + nj];
-                            for (c, seg) in src.chunks(KT).enumerate() {
-                                let at = a_index(r, c * KT, kp);
-                                let dst = &mut rows[at..at + seg.len()];
-                                dst.iter_mut()
-                                    .zip(seg)
-                                    .for_each(|(d, &x)| *d = MaybeUninit::new(bf16(x)));
-                            }
-                        }
-                    } else if a.rs == 1 {
-                        // Convert each source segment in one vectorised run, then scatter it down
-                        // the tiles' rows: for a fixed j, rows r are 32 bf16 apart in a tile.
-                        let mut seg = vec![0u16; ni];
-                        for j in 0..nj {
-                            let src = &a.data[j * a.cs + i0..j * a.cs + i0 + ni];
-                            seg.iter_mut().zip(src).for_each(|(d, &x)| *d = bf16(x));
-                            let (tile, within) = ((j / KT) * T * KT, j % KT);
-                            for (blk, vals) in seg.chunks(T).enumerate() {
-                                let base = blk * T * kp + tile + within;
-                                for (r, &v) in vals.iter().enumerate() {
-                                    rows[base + r * KT] = MaybeUninit::new(v);
-                                }
-                            }
-                        }
-                    } else {
-                        for r in 0..ni {
-                            for j in 0..nj {
-                                rows[a_index(r, j, kp)] = MaybeUninit::new(bf16(a.at(i0 + r, j)));
-                            }
-                        }
-                    }
-                },
-            )
-        });
-    };
-    unsafe { written(mp * kp, write) }
-}
-
-/// `B [K, N]` in the tiles' VNNI layout: for each block of 16 columns, K/2 rows of 16 pairs
-/// `(B[2p][n], B[2p+1][n])`, so one B tile is 1 KiB of contiguous memory.
-fn pack_b(b: Operand, np: usize, kp: usize) -> Vec<u16> {
-    let block = kp / 2 * T * 2;
-    // A row-major B is read a row at a time: a task takes several column blocks, so the row
-    // segment it reads is long.
-    let blocks = np / T;
-    let per_task =
-        if b.cs == 1 { (blocks / (4 * rayon::current_num_threads())).clamp(1, 16) } else { 1 };
-    // SAFETY: each task writes its whole chunk: zeros first wherever it holds padding.
-    let write = |out: &mut [MaybeUninit<u16>]| {
-        out.par_chunks_mut(per_task * block).enumerate().for_each(|(task, blks)| {
-            let n0 = task * per_task * T;
-            let cols = b.cols.saturating_sub(n0).min(per_task * T);
-            if cols * block != blks.len() * T || b.rows != kp {
-                blks.fill(MaybeUninit::new(0));
-            }
-            if cols == 0 {
-                return; // padding columns only
-            }
-            super::simd::run(
-                #[inline(always)]
-                || {
-                    if b.cs == 1 {
-                        // Rows 2p and 2p+1 interleave into the pairs of one VNNI row per block.
-                        let zeros = [0f32; T];
-                        for p in 0..b.rows.div_ceil(2) {
-                            let row = |k: usize| &b.data[k * b.rs + n0..k * b.rs + n0 + cols];
-                            let (r0, r1) = (
-                                row(2 * p),
-                                if 2 * p + 1 < b.rows { row(2 * p + 1) } else { &zeros[..0] },
-                            );
-                            for (bi, (s0, dst)) in
-                                r0.chunks(T).zip(blks.chunks_mut(block)).enumerate()
-                            {
-                                let s1 = r1
-                                    .get(bi * T..(bi * T + s0.len()).min(r1.len()))
-                                    .unwrap_or(&[]);
-                                let dst = &mut dst[p * T * 2..p * T * 2 + T * 2];
-                                for (c, &x) in s0.iter().enumerate() {
-                                    dst[2 * c] = MaybeUninit::new(bf16(x));
-                                }
-                                for (c, &y) in s1.iter().enumerate() {
-                                    dst[2 * c + 1] = MaybeUninit::new(bf16(y));
-                                }
-                            }
-                        }
-                    } else if b.rs == 1 {
-                        // Column-major B (a weight `[N, K]` read as `Bᵀ`): a column is contiguous.
-                        for c in 0..cols {
-                            let col = &b.data[(n0 + c) * b.cs..(n0 + c) * b.cs + b.rows];
-                            let base = (c / T) * block + (c % T) * 2;
-                            for (k, &x) in col.iter().enumerate() {
-                                blks[base + k / 2 * T * 2 + k % 2] = MaybeUninit::new(bf16(x));
-                            }
-                        }
-                    } else {
-                        for c in 0..cols {
-                            for k in 0..b.rows {
-                                blks[(c / T) * block + (k / 2 * T + c % T) * 2 + k % 2] =
-                                    MaybeUninit::new(bf16(b.at(k, n0 + c)));
-                            }
-                        }
-                    }
-                },
-            )
-        });
-    };
-    unsafe { written(np / T * block, write) }
-}
+/// K per block of the tile loop: an A or B panel of two tiles' width is then 16 KiB.
+const KC: usize = 256;
+/// Pairs of B tiles (32 columns each) per column chunk when K has several blocks, which bounds
+/// the partial sums a task keeps to `NB · per_task · 4 KiB`.
+const NB: usize = 16;
 
 /// The tile configuration: palette 1, tiles 0–7 each 16 rows × 64 bytes.
 #[repr(C, align(64))]
@@ -267,83 +128,133 @@ fn gemm(a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, acc
     if m == 0 || n == 0 {
         return;
     }
-    let (ap, bp) = (pack_a(a, mp, kp), pack_b(b, np, kp));
+    let (ap, bp) = (pack::pack_a(a, mp, kp), pack::pack_b(b, np, kp));
     let b_block = kp / 2 * T * 2;
     // One task per 32 rows of C: two A tiles against two B tiles at a time, four C tiles.
     // A task takes several 32-row blocks, so each pair of B tiles it loads serves all of them
     // from cache; enough tasks remain to keep every thread busy.
     let blocks = m.div_ceil(2 * T);
     let per_task = (blocks / (4 * rayon::current_num_threads())).clamp(1, 8);
+    // K in blocks of KC, so that the A and B panels of one block stay in L1 and L2 however
+    // long K is (a weight gradient's K is every token of the batch); the four C tiles of each
+    // pair of blocks wait in `partial`, in f32 exactly as the tiles hold them, between K blocks.
+    let (k_steps, nb_all) = (kp / KT, np / (2 * T));
+    let k_blocks = k_steps.div_ceil(KC / KT).max(1);
+    let nb_chunk = if k_blocks > 1 { NB.min(nb_all) } else { nb_all };
     dst.par_chunks_mut(per_task * 2 * T * dst_rs).enumerate().for_each(|(task, c_rows)| {
         let cfg = tile_config();
         let mut acc = [0f32; 2 * T * 2 * T];
+        let mut partial =
+            vec![0f32; if k_blocks > 1 { nb_chunk * per_task * 4 * T * T } else { 0 }];
         // SAFETY: `available()` granted the tile state; every tile load reads 16 rows of 64
-        // bytes inside the packed buffers (padded to whole tiles), and every store writes
-        // inside `acc`.
+        // bytes inside the packed buffers (padded to whole tiles) or `partial`, and every store
+        // writes inside `acc` or `partial`.
         unsafe {
             std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack));
-            for nb in 0..np / (2 * T) {
-                let b0 = bp[2 * nb * b_block..].as_ptr();
-                let b1 = bp[(2 * nb + 1) * b_block..].as_ptr();
-                for local in 0..per_task {
-                    let mb = task * per_task + local;
-                    if mb >= blocks {
-                        break;
-                    }
-                    let a0 = ap[mb * 2 * T * kp..].as_ptr();
-                    let a1 = ap[(mb * 2 * T + T) * kp..].as_ptr();
-                    std::arch::asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack)
-                    );
-                    for kc in 0..kp / KT {
-                        std::arch::asm!(
-                            "tileloadd tmm4, [{a0} + {sa}*1]",
-                            "tileloadd tmm5, [{a1} + {sa}*1]",
-                            "tileloadd tmm6, [{b0} + {sb}*1]",
-                            "tileloadd tmm7, [{b1} + {sb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) a0.add(kc * T * KT),
-                            a1 = in(reg) a1.add(kc * T * KT),
-                            b0 = in(reg) b0.add(kc * T * T * 2),
-                            b1 = in(reg) b1.add(kc * T * T * 2),
-                            sa = in(reg) KT * 2,
-                            sb = in(reg) 64usize,
-                            options(nostack, readonly),
-                        );
-                    }
-                    let p = acc.as_mut_ptr();
-                    std::arch::asm!(
-                        "tilestored [{c00} + {s}*1], tmm0",
-                        "tilestored [{c01} + {s}*1], tmm1",
-                        "tilestored [{c10} + {s}*1], tmm2",
-                        "tilestored [{c11} + {s}*1], tmm3",
-                        c00 = in(reg) p,
-                        c01 = in(reg) p.add(T),
-                        c10 = in(reg) p.add(T * 2 * T),
-                        c11 = in(reg) p.add(T * 2 * T + T),
-                        s = in(reg) 2 * T * 4,
-                        options(nostack),
-                    );
-                    let rows = (m - mb * 2 * T).min(2 * T);
-                    let (col, cols) = (nb * 2 * T, (n - nb * 2 * T).min(2 * T));
-                    for r in 0..rows {
-                        let at = (local * 2 * T + r) * dst_rs + col;
-                        let out = &mut c_rows[at..at + cols];
-                        let tile = &acc[r * 2 * T..r * 2 * T + cols];
-                        if accumulate {
-                            // SAFETY: with `accumulate` the caller passed initialised memory.
-                            out.iter_mut()
-                                .zip(tile)
-                                .for_each(|(o, t)| *o = MaybeUninit::new(o.assume_init() + t));
-                        } else {
-                            out.iter_mut().zip(tile).for_each(|(o, &t)| *o = MaybeUninit::new(t));
+            for nb0 in (0..nb_all).step_by(nb_chunk) {
+                let nbs = nb0..(nb0 + nb_chunk).min(nb_all);
+                for kb in 0..k_blocks {
+                    let steps = kb * KC / KT..((kb + 1) * KC / KT).min(k_steps);
+                    for nb in nbs.clone() {
+                        let b0 = bp[2 * nb * b_block..].as_ptr();
+                        let b1 = bp[(2 * nb + 1) * b_block..].as_ptr();
+                        for local in 0..per_task {
+                            let mb = task * per_task + local;
+                            if mb >= blocks {
+                                break;
+                            }
+                            let a0 = ap[mb * 2 * T * kp..].as_ptr();
+                            let a1 = ap[(mb * 2 * T + T) * kp..].as_ptr();
+                            let slot = ((nb - nb0) * per_task + local) * 4 * T * T;
+                            if kb == 0 {
+                                std::arch::asm!(
+                                    "tilezero tmm0",
+                                    "tilezero tmm1",
+                                    "tilezero tmm2",
+                                    "tilezero tmm3",
+                                    options(nostack)
+                                );
+                            } else {
+                                let p = partial[slot..slot + 4 * T * T].as_ptr();
+                                std::arch::asm!(
+                                    "tileloadd tmm0, [{c0} + {s}*1]",
+                                    "tileloadd tmm1, [{c1} + {s}*1]",
+                                    "tileloadd tmm2, [{c2} + {s}*1]",
+                                    "tileloadd tmm3, [{c3} + {s}*1]",
+                                    c0 = in(reg) p,
+                                    c1 = in(reg) p.add(T * T),
+                                    c2 = in(reg) p.add(2 * T * T),
+                                    c3 = in(reg) p.add(3 * T * T),
+                                    s = in(reg) T * 4,
+                                    options(nostack, readonly),
+                                );
+                            }
+                            for kc in steps.clone() {
+                                std::arch::asm!(
+                                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    a0 = in(reg) a0.add(kc * T * KT),
+                                    a1 = in(reg) a1.add(kc * T * KT),
+                                    b0 = in(reg) b0.add(kc * T * T * 2),
+                                    b1 = in(reg) b1.add(kc * T * T * 2),
+                                    sa = in(reg) KT * 2,
+                                    sb = in(reg) 64usize,
+                                    options(nostack, readonly),
+                                );
+                            }
+                            if kb + 1 < k_blocks {
+                                let p = partial[slot..slot + 4 * T * T].as_mut_ptr();
+                                std::arch::asm!(
+                                    "tilestored [{c0} + {s}*1], tmm0",
+                                    "tilestored [{c1} + {s}*1], tmm1",
+                                    "tilestored [{c2} + {s}*1], tmm2",
+                                    "tilestored [{c3} + {s}*1], tmm3",
+                                    c0 = in(reg) p,
+                                    c1 = in(reg) p.add(T * T),
+                                    c2 = in(reg) p.add(2 * T * T),
+                                    c3 = in(reg) p.add(3 * T * T),
+                                    s = in(reg) T * 4,
+                                    options(nostack),
+                                );
+                                continue;
+                            }
+                            let p = acc.as_mut_ptr();
+                            std::arch::asm!(
+                                "tilestored [{c00} + {s}*1], tmm0",
+                                "tilestored [{c01} + {s}*1], tmm1",
+                                "tilestored [{c10} + {s}*1], tmm2",
+                                "tilestored [{c11} + {s}*1], tmm3",
+                                c00 = in(reg) p,
+                                c01 = in(reg) p.add(T),
+                                c10 = in(reg) p.add(T * 2 * T),
+                                c11 = in(reg) p.add(T * 2 * T + T),
+                                s = in(reg) 2 * T * 4,
+                                options(nostack),
+                            );
+                            let rows = (m - mb * 2 * T).min(2 * T);
+                            let (col, cols) = (nb * 2 * T, (n - nb * 2 * T).min(2 * T));
+                            for r in 0..rows {
+                                let at = (local * 2 * T + r) * dst_rs + col;
+                                let out = &mut c_rows[at..at + cols];
+                                let tile = &acc[r * 2 * T..r * 2 * T + cols];
+                                if accumulate {
+                                    // SAFETY: with `accumulate` the caller passed initialised
+                                    // memory.
+                                    out.iter_mut().zip(tile).for_each(|(o, t)| {
+                                        *o = MaybeUninit::new(o.assume_init() + t)
+                                    });
+                                } else {
+                                    out.iter_mut()
+                                        .zip(tile)
+                                        .for_each(|(o, &t)| *o = MaybeUninit::new(t));
+                                }
+                            }
                         }
                     }
                 }

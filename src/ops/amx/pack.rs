@@ -1,0 +1,342 @@
+//! Packing: f32 operands copied into the tiles' bf16 layouts, rounded to nearest even on the
+//! way, in AVX-512 (every CPU with AMX tiles has it; [`super::available`] checks).
+//!
+//! Both layouts are made of 32-bit pairs of bf16 neighbours along K: a row of an A tile is 16
+//! pairs `(A[r][2p], A[r][2p+1])`, a row of a B tile (VNNI) is 16 pairs `(B[2p][n], B[2p+1][n])`.
+//! So an operand whose K runs along memory (a row-major A, a column-major B) packs straight
+//! through, and one whose K runs across memory (the transposed operands of a weight gradient,
+//! `dYᵀ`, and of a forward product, `Wᵀ`) packs through a 16 × 16 transpose of those pairs in
+//! registers. A scalar copy, element by element, ran ~3 ns an element on those, which made a
+//! weight gradient's product slower in bf16 than in f32.
+
+use super::{bf16, Operand, KT, T};
+use crate::ops::written;
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// Rows a task packs at least (A).
+const BLOCK: usize = 32;
+
+/// Where element (r, j) of a 16-row block of packed A goes: the block is stored tile by tile
+/// (16 rows × 32 bf16 = 1 KiB each, along K), so a tile load reads contiguous memory however
+/// long K is.
+#[inline(always)]
+fn a_index(r: usize, j: usize, kp: usize) -> usize {
+    (r / T) * T * kp + (j / KT) * T * KT + (r % T) * KT + j % KT
+}
+
+/// `A [M, K]` as bf16, `mp` rows (M rounded up to 32) by `kp` (K rounded up to 32), tile-major
+/// (see [`a_index`]).
+pub(super) fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
+    // A column-major A (`dYᵀ`) is read 16 rows at a time from each of 32 source rows: a task
+    // takes many of A's rows, so the segments it reads from one source row join up.
+    let rows_per_task = if a.rs == 1 && a.cs != 1 {
+        (mp / (4 * rayon::current_num_threads())).clamp(BLOCK, 8 * BLOCK) / BLOCK * BLOCK
+    } else {
+        BLOCK
+    };
+    // SAFETY: each task writes its whole chunk: zeros first wherever it holds padding.
+    let write = |out: &mut [MaybeUninit<u16>]| {
+        out.par_chunks_mut(rows_per_task * kp).enumerate().for_each(|(task, rows)| {
+            let i0 = task * rows_per_task;
+            let ni = a.rows.saturating_sub(i0).min(rows_per_task);
+            if ni * kp != rows.len() || a.cols != kp {
+                rows.fill(MaybeUninit::new(0));
+            }
+            if ni == 0 {
+                return; // padding rows only
+            }
+            // SAFETY (all three): the CPU has AVX-512, as every CPU with the tiles does.
+            if a.cs == 1 {
+                unsafe { x86::a_along_k(a, i0, ni, kp, rows) }
+            } else if a.rs == 1 {
+                unsafe { x86::a_across_k(a, i0, ni, kp, rows) }
+            } else {
+                for r in 0..ni {
+                    for j in 0..a.cols {
+                        rows[a_index(r, j, kp)] = MaybeUninit::new(bf16(a.at(i0 + r, j)));
+                    }
+                }
+            }
+        });
+    };
+    unsafe { written(mp * kp, write) }
+}
+
+/// `B [K, N]` in the tiles' VNNI layout: for each block of 16 columns, K/2 rows of 16 pairs
+/// `(B[2p][n], B[2p+1][n])`, so one B tile is 1 KiB of contiguous memory.
+pub(super) fn pack_b(b: Operand, np: usize, kp: usize) -> Vec<u16> {
+    let block = kp / 2 * T * 2;
+    // A row-major B is read a row at a time: a task takes several column blocks, so the row
+    // segment it reads is long.
+    let blocks = np / T;
+    let per_task =
+        if b.cs == 1 { (blocks / (4 * rayon::current_num_threads())).clamp(1, 16) } else { 1 };
+    // SAFETY: each task writes its whole chunk: zeros first wherever it holds padding.
+    let write = |out: &mut [MaybeUninit<u16>]| {
+        out.par_chunks_mut(per_task * block).enumerate().for_each(|(task, blks)| {
+            let n0 = task * per_task * T;
+            let cols = b.cols.saturating_sub(n0).min(per_task * T);
+            if cols * block != blks.len() * T || b.rows != kp {
+                blks.fill(MaybeUninit::new(0));
+            }
+            if cols == 0 {
+                return; // padding columns only
+            }
+            // SAFETY (both): the CPU has AVX-512, as every CPU with the tiles does.
+            if b.cs == 1 {
+                unsafe { x86::b_across_k(b, n0, cols, kp, blks) }
+            } else if b.rs == 1 {
+                unsafe { x86::b_along_k(b, n0, cols, kp, blks) }
+            } else {
+                for c in 0..cols {
+                    for k in 0..b.rows {
+                        blks[(c / T) * block + (k / 2 * T + c % T) * 2 + k % 2] =
+                            MaybeUninit::new(bf16(b.at(k, n0 + c)));
+                    }
+                }
+            }
+        });
+    };
+    unsafe { written(np / T * block, write) }
+}
+
+/// The four packing kernels. Each writes whole 64-byte tile rows (zeros past the operand's
+/// edge), reading through masked loads that never touch memory past a row's end.
+mod x86 {
+    use super::{a_index, Operand, KT, T};
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// Up to 16 floats from the start of `src`, zeros after its end.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn load(src: &[f32]) -> __m512 {
+        let n = src.len().min(16);
+        // SAFETY: the mask covers the first `n` floats, all inside `src`; masked-off lanes are
+        // not read.
+        unsafe { _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, src.as_ptr()) }
+    }
+
+    /// `s[from..from + 16]`, cut at the end of `s` (empty past it).
+    #[inline(always)]
+    fn sixteen(s: &[f32], from: usize) -> &[f32] {
+        &s[from.min(s.len())..(from + 16).min(s.len())]
+    }
+
+    /// One 64-byte row of a tile.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn store(dst: &mut [MaybeUninit<u16>], v: __m512i) {
+        let dst = &mut dst[..2 * T];
+        // SAFETY: `dst` holds 32 u16, 64 bytes.
+        unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), v) }
+    }
+
+    /// bf16 of 16 floats, rounded to nearest even (a NaN stays a quiet NaN), in the upper half
+    /// of each 32-bit lane: bit for bit [`super::bf16`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn round(x: __m512) -> __m512i {
+        let b = _mm512_castps_si512(x);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let rounded = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+        let abs = _mm512_and_si512(b, _mm512_set1_epi32(0x7fff_ffff));
+        let nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
+        _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)))
+    }
+
+    /// Lane c = `(bf16(x[c]), bf16(y[c]))`: the pairs of two K rows.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn pairs(x: __m512, y: __m512) -> __m512i {
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        _mm512_or_si512(_mm512_srli_epi32::<16>(round(x)), _mm512_and_si512(round(y), high))
+    }
+
+    /// 32 consecutive floats as 32 bf16 in order: the pairs of neighbours along K.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn neighbours(lo: __m512, hi: __m512) -> __m512i {
+        let lo = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(round(lo)));
+        let hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(round(hi)));
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    /// The 16 × 16 transpose of 32-bit lanes: lane j of row i becomes lane i of row j.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = r;
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4i + q], 128-bit lane L: rows 4i..4i+4 of column 4L + q.
+        let mut u = t;
+        for i in 0..4 {
+            let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+            u[4 * i] = _mm512_unpacklo_epi64(a, c);
+            u[4 * i + 1] = _mm512_unpackhi_epi64(a, c);
+            u[4 * i + 2] = _mm512_unpacklo_epi64(b, d);
+            u[4 * i + 3] = _mm512_unpackhi_epi64(b, d);
+        }
+        // Column 4L + q gathers lane L of u[q], u[4 + q], u[8 + q], u[12 + q].
+        let mut out = u;
+        for q in 0..4 {
+            let lo01 = _mm512_shuffle_i32x4::<0x44>(u[q], u[4 + q]);
+            let lo23 = _mm512_shuffle_i32x4::<0xee>(u[q], u[4 + q]);
+            let hi01 = _mm512_shuffle_i32x4::<0x44>(u[8 + q], u[12 + q]);
+            let hi23 = _mm512_shuffle_i32x4::<0xee>(u[8 + q], u[12 + q]);
+            out[q] = _mm512_shuffle_i32x4::<0x88>(lo01, hi01);
+            out[4 + q] = _mm512_shuffle_i32x4::<0xdd>(lo01, hi01);
+            out[8 + q] = _mm512_shuffle_i32x4::<0x88>(lo23, hi23);
+            out[12 + q] = _mm512_shuffle_i32x4::<0xdd>(lo23, hi23);
+        }
+        out
+    }
+
+    /// Rows `i0..i0 + ni` of a row-major A (`X`, `dY`) into `out`, tile-major.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn a_along_k(
+        a: Operand, i0: usize, ni: usize, kp: usize, out: &mut [MaybeUninit<u16>],
+    ) {
+        for r in 0..ni {
+            let row = &a.data[(i0 + r) * a.rs..][..a.cols];
+            for c in 0..kp / KT {
+                let v = neighbours(load(sixteen(row, c * KT)), load(sixteen(row, c * KT + 16)));
+                store(&mut out[a_index(r, c * KT, kp)..], v);
+            }
+        }
+    }
+
+    /// Rows `i0..i0 + ni` of a column-major A (`dYᵀ`): for each 16 rows and 32 K, the pairs
+    /// of 32 source rows, transposed.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn a_across_k(
+        a: Operand, i0: usize, ni: usize, kp: usize, out: &mut [MaybeUninit<u16>],
+    ) {
+        // Source row j (K index j) holds A's column j: rows i0 + r0 .. i0 + r0 + nr of it.
+        let column = |j: usize, r0: usize, nr: usize| -> &[f32] {
+            if j < a.cols {
+                &a.data[j * a.cs + i0 + r0..][..nr]
+            } else {
+                &[]
+            }
+        };
+        for c in 0..kp / KT {
+            for r0 in (0..ni).step_by(T) {
+                let nr = (ni - r0).min(T);
+                let mut v = [_mm512_setzero_si512(); T];
+                for (p, v) in v.iter_mut().enumerate() {
+                    let j = c * KT + 2 * p;
+                    *v = pairs(load(column(j, r0, nr)), load(column(j + 1, r0, nr)));
+                }
+                for (r, row) in transpose(v).into_iter().enumerate() {
+                    store(&mut out[a_index(r0 + r, c * KT, kp)..], row);
+                }
+            }
+        }
+    }
+
+    /// Columns `n0..n0 + cols` of a row-major B (`W` in `dY·W`, `X` in `dYᵀ·X`): pairs of K
+    /// rows straight into VNNI rows.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn b_across_k(
+        b: Operand, n0: usize, cols: usize, kp: usize, out: &mut [MaybeUninit<u16>],
+    ) {
+        let block = kp / 2 * T * 2;
+        let row = |k: usize| -> &[f32] {
+            if k < b.rows {
+                &b.data[k * b.rs + n0..][..cols]
+            } else {
+                &[]
+            }
+        };
+        for p in 0..kp / 2 {
+            let (x, y) = (row(2 * p), row(2 * p + 1));
+            for blk in 0..cols.div_ceil(T) {
+                let v = pairs(load(sixteen(x, blk * T)), load(sixteen(y, blk * T)));
+                store(&mut out[blk * block + p * T * 2..], v);
+            }
+        }
+    }
+
+    /// Columns `n0..n0 + cols` of a column-major B (`Wᵀ` in `X·Wᵀ`): for each 16 columns and
+    /// 32 K, the neighbour pairs of 16 source rows, transposed.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn b_along_k(
+        b: Operand, n0: usize, cols: usize, kp: usize, out: &mut [MaybeUninit<u16>],
+    ) {
+        let block = kp / 2 * T * 2;
+        for blk in 0..cols.div_ceil(T) {
+            for c in 0..kp / KT {
+                let mut v = [_mm512_setzero_si512(); T];
+                for (i, v) in v.iter_mut().enumerate().take(cols - blk * T) {
+                    let col = &b.data[(n0 + blk * T + i) * b.cs..][..b.rows];
+                    *v = neighbours(load(sixteen(col, c * KT)), load(sixteen(col, c * KT + 16)));
+                }
+                for (p, row) in transpose(v).into_iter().enumerate() {
+                    store(&mut out[blk * block + (c * T + p) * T * 2..], row);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packing kernels against the element-by-element layouts, bit for bit, for all four
+    /// memory orders at sizes off every tile edge (NaN, infinities and ties included).
+    #[test]
+    fn packs_match_the_element_by_element_layouts() {
+        if !super::super::available() {
+            eprintln!("skipped: this CPU has no AMX bf16 tiles");
+            return;
+        }
+        let value = |i: usize| match i % 97 {
+            0 => f32::NAN,
+            1 => f32::INFINITY,
+            2 => f32::from_bits(0x3f80_8000), // a tie: rounds to even
+            3 => -f32::from_bits(0x3f81_8000),
+            _ => ((i * 7919) % 1013) as f32 / 37.0 - 13.0,
+        };
+        for (rows, cols) in [(1, 1), (5, 40), (33, 70), (64, 96), (100, 33), (300, 17)] {
+            let data: Vec<f32> = (0..rows * cols).map(value).collect();
+            let (rp, cp) = (rows.next_multiple_of(2 * T), cols.next_multiple_of(KT));
+            let at = |i: usize, j: usize| data[i * cols + j];
+            for (rs, cs) in [(cols, 1), (1, rows), (2 * cols, 2)] {
+                // Element (i, j) at i·rs + j·cs; whatever lies between stays NaN.
+                let mut src = vec![f32::NAN; (rows - 1) * rs + (cols - 1) * cs + 1];
+                for i in 0..rows {
+                    for j in 0..cols {
+                        src[i * rs + j * cs] = at(i, j);
+                    }
+                }
+                let a = Operand { data: &src, rows, cols, rs, cs };
+                let packed = pack_a(a, rp, cp);
+                let mut want = vec![0u16; rp * cp];
+                for i in 0..rows {
+                    for j in 0..cols {
+                        want[a_index(i, j, cp)] = bf16(at(i, j));
+                    }
+                }
+                assert_eq!(packed, want, "A {rows}x{cols} strides ({rs}, {cs})");
+                // The same data as B [K = rows, N = cols].
+                let (kp, np) = (rows.next_multiple_of(KT), cols.next_multiple_of(2 * T));
+                let b = Operand { data: &src, rows, cols, rs, cs };
+                let packed = pack_b(b, np, kp);
+                let block = kp / 2 * T * 2;
+                let mut want = vec![0u16; np / T * block];
+                for c in 0..cols {
+                    for k in 0..rows {
+                        want[(c / T) * block + (k / 2 * T + c % T) * 2 + k % 2] = bf16(at(k, c));
+                    }
+                }
+                assert_eq!(packed, want, "B {rows}x{cols} strides ({rs}, {cs})");
+            }
+        }
+    }
+}
