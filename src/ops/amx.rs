@@ -175,19 +175,8 @@ fn gemm(a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, acc
                                     options(nostack)
                                 );
                             } else {
-                                let p = partial[slot..slot + 4 * T * T].as_ptr();
-                                std::arch::asm!(
-                                    "tileloadd tmm0, [{c0} + {s}*1]",
-                                    "tileloadd tmm1, [{c1} + {s}*1]",
-                                    "tileloadd tmm2, [{c2} + {s}*1]",
-                                    "tileloadd tmm3, [{c3} + {s}*1]",
-                                    c0 = in(reg) p,
-                                    c1 = in(reg) p.add(T * T),
-                                    c2 = in(reg) p.add(2 * T * T),
-                                    c3 = in(reg) p.add(3 * T * T),
-                                    s = in(reg) T * 4,
-                                    options(nostack, readonly),
-                                );
+                                let p = partial[slot..slot + 4 * T * T].as_mut_ptr();
+                                c_tiles::<true>(quarters(p), T * 4);
                             }
                             for kc in steps.clone() {
                                 std::arch::asm!(
@@ -210,33 +199,13 @@ fn gemm(a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, acc
                             }
                             if kb + 1 < k_blocks {
                                 let p = partial[slot..slot + 4 * T * T].as_mut_ptr();
-                                std::arch::asm!(
-                                    "tilestored [{c0} + {s}*1], tmm0",
-                                    "tilestored [{c1} + {s}*1], tmm1",
-                                    "tilestored [{c2} + {s}*1], tmm2",
-                                    "tilestored [{c3} + {s}*1], tmm3",
-                                    c0 = in(reg) p,
-                                    c1 = in(reg) p.add(T * T),
-                                    c2 = in(reg) p.add(2 * T * T),
-                                    c3 = in(reg) p.add(3 * T * T),
-                                    s = in(reg) T * 4,
-                                    options(nostack),
-                                );
+                                c_tiles::<false>(quarters(p), T * 4);
                                 continue;
                             }
+                            // The four tiles side by side: `acc` is the 32×32 block of C.
                             let p = acc.as_mut_ptr();
-                            std::arch::asm!(
-                                "tilestored [{c00} + {s}*1], tmm0",
-                                "tilestored [{c01} + {s}*1], tmm1",
-                                "tilestored [{c10} + {s}*1], tmm2",
-                                "tilestored [{c11} + {s}*1], tmm3",
-                                c00 = in(reg) p,
-                                c01 = in(reg) p.add(T),
-                                c10 = in(reg) p.add(T * 2 * T),
-                                c11 = in(reg) p.add(T * 2 * T + T),
-                                s = in(reg) 2 * T * 4,
-                                options(nostack),
-                            );
+                            let quads = [p, p.add(T), p.add(T * 2 * T), p.add(T * 2 * T + T)];
+                            c_tiles::<false>(quads, 2 * T * 4);
                             let rows = (m - mb * 2 * T).min(2 * T);
                             let (col, cols) = (nb * 2 * T, (n - nb * 2 * T).min(2 * T));
                             for r in 0..rows {
@@ -262,6 +231,47 @@ fn gemm(a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, acc
             std::arch::asm!("tilerelease", options(nostack, nomem));
         }
     });
+}
+
+/// The four C tiles' 16×16 f32 blocks laid one after another from `p`.
+#[cfg(target_arch = "x86_64")]
+fn quarters(p: *mut f32) -> [*mut f32; 4] {
+    [p, p.wrapping_add(T * T), p.wrapping_add(2 * T * T), p.wrapping_add(3 * T * T)]
+}
+
+/// Loads (`LOAD`) or stores the C tiles tmm0–3 from or to the 16-row f32 blocks at `c`, their
+/// rows `stride` bytes apart.
+///
+/// # Safety
+/// The tiles must be configured, and each block's 16 rows of 64 bytes readable (load) or
+/// writable (store).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn c_tiles<const LOAD: bool>(c: [*mut f32; 4], stride: usize) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        if LOAD {
+            std::arch::asm!(
+                "tileloadd tmm0, [{c0} + {s}*1]",
+                "tileloadd tmm1, [{c1} + {s}*1]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c3} + {s}*1]",
+                c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
+                s = in(reg) stride,
+                options(nostack, readonly),
+            );
+        } else {
+            std::arch::asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c3} + {s}*1], tmm3",
+                c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
+                s = in(reg) stride,
+                options(nostack),
+            );
+        }
+    }
 }
 
 /// [`crate::ops::gemm_into`] on AMX tiles: `dst (+)= lhs · rhs`, operands by (row stride,
