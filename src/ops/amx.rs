@@ -15,6 +15,7 @@ mod pack;
 
 #[cfg(test)]
 use super::written;
+#[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
