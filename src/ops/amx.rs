@@ -13,6 +13,8 @@
 #[cfg(target_arch = "x86_64")]
 mod pack;
 
+#[cfg(target_arch = "x86_64")]
+use super::fresh;
 #[cfg(test)]
 use super::written;
 #[cfg(target_arch = "x86_64")]
@@ -114,42 +116,50 @@ fn tile_config() -> TileConfig {
 
 /// Without x86-64 there are no tiles: [`available`] is false and nothing calls this.
 #[cfg(not(target_arch = "x86_64"))]
-fn gemm(_: Operand, _: Operand, _: &mut [MaybeUninit<f32>], _: usize, _: bool) {
+fn gemm(_: Operand, _: Operand, _: &mut [MaybeUninit<f32>], _: usize, _: bool, _: bool) {
     unreachable!("AMX tiles are x86-64 only")
 }
 
 /// `dst (+)= A · B` in f32 from bf16-rounded operands, the rows of `dst` `dst_rs` apart: every
 /// element of the M×N product is written (so `dst` may start uninitialised unless
-/// `accumulate`, which reads it). Needs [`available`].
+/// `accumulate`, which reads it). `parallel` splits the packing and the tiles across the
+/// current pool; without it all runs on the calling thread. Needs [`available`].
 #[cfg(target_arch = "x86_64")]
-fn gemm(a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, accumulate: bool) {
+fn gemm(
+    a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, accumulate: bool,
+    parallel: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let (mp, kp, np) =
         (m.next_multiple_of(2 * T), k.next_multiple_of(KT), n.next_multiple_of(2 * T));
     if m == 0 || n == 0 {
         return;
     }
-    let (ap, bp) = (pack::pack_a(a, mp, kp), pack::pack_b(b, np, kp));
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let (ap, bp) = (pack::pack_a(a, mp, kp, parallel), pack::pack_b(b, np, kp, parallel));
     let b_block = kp / 2 * T * 2;
     // One task per 32 rows of C: two A tiles against two B tiles at a time, four C tiles.
     // A task takes several 32-row blocks, so each pair of B tiles it loads serves all of them
     // from cache; enough tasks remain to keep every thread busy.
     let blocks = m.div_ceil(2 * T);
-    let per_task = (blocks / (4 * rayon::current_num_threads())).clamp(1, 8);
+    let per_task = (blocks / (4 * threads)).clamp(1, 8);
     // K in blocks of KC, so that the A and B panels of one block stay in L1 and L2 however
     // long K is (a weight gradient's K is every token of the batch); the four C tiles of each
     // pair of blocks wait in `partial`, in f32 exactly as the tiles hold them, between K blocks.
     let (k_steps, nb_all) = (kp / KT, np / (2 * T));
     let k_blocks = k_steps.div_ceil(KC / KT).max(1);
     let nb_chunk = if k_blocks > 1 { NB.min(nb_all) } else { nb_all };
-    dst.par_chunks_mut(per_task * 2 * T * dst_rs).enumerate().for_each(|(task, c_rows)| {
+    for_chunks(dst, per_task * 2 * T * dst_rs, parallel, |task, c_rows| {
         let cfg = tile_config();
         let mut acc = [0f32; 2 * T * 2 * T];
-        let mut partial =
-            vec![0f32; if k_blocks > 1 { nb_chunk * per_task * 4 * T * T } else { 0 }];
+        // SAFETY: every slot is stored (its tiles zeroed at the first K block) before any is
+        // loaded back.
+        let mut partial = unsafe {
+            fresh(if k_blocks > 1 { nb_chunk * per_task * 4 * T * T } else { 0 }, |_| {})
+        };
         // SAFETY: `available()` granted the tile state; every tile load reads 16 rows of 64
         // bytes inside the packed buffers (padded to whole tiles) or `partial`, and every store
-        // writes inside `acc` or `partial`.
+        // writes inside `acc`, `partial`, or a 32×32 block of `c_rows` checked to lie inside it.
         unsafe {
             std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack));
             for nb0 in (0..nb_all).step_by(nb_chunk) {
@@ -203,12 +213,23 @@ fn gemm(a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, acc
                                 c_tiles::<false>(quarters(p), T * 4);
                                 continue;
                             }
-                            // The four tiles side by side: `acc` is the 32×32 block of C.
+                            let rows = (m - mb * 2 * T).min(2 * T);
+                            let (col, cols) = (nb * 2 * T, (n - nb * 2 * T).min(2 * T));
+                            // A whole 32×32 block of C that is only written goes straight from
+                            // the tiles to `dst`.
+                            let first = (local * 2 * T) * dst_rs + col;
+                            let last = first + (2 * T - 1) * dst_rs + 2 * T;
+                            if !accumulate && rows == 2 * T && cols == 2 * T && last <= c_rows.len()
+                            {
+                                let p = c_rows[first..last].as_mut_ptr().cast::<f32>();
+                                let quads = [p, p.add(T), p.add(T * dst_rs), p.add(T * dst_rs + T)];
+                                c_tiles::<false>(quads, dst_rs * 4);
+                                continue;
+                            }
+                            // Otherwise the four tiles side by side: `acc` is the 32×32 block.
                             let p = acc.as_mut_ptr();
                             let quads = [p, p.add(T), p.add(T * 2 * T), p.add(T * 2 * T + T)];
                             c_tiles::<false>(quads, 2 * T * 4);
-                            let rows = (m - mb * 2 * T).min(2 * T);
-                            let (col, cols) = (nb * 2 * T, (n - nb * 2 * T).min(2 * T));
                             for r in 0..rows {
                                 let at = (local * 2 * T + r) * dst_rs + col;
                                 let out = &mut c_rows[at..at + cols];
@@ -232,6 +253,19 @@ fn gemm(a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, acc
             std::arch::asm!("tilerelease", options(nostack, nomem));
         }
     });
+}
+
+/// `f(index, chunk)` for each `size`-long chunk of `buf`: as rayon tasks when `parallel`, else
+/// in order on this thread.
+#[cfg(target_arch = "x86_64")]
+fn for_chunks<E: Send>(
+    buf: &mut [E], size: usize, parallel: bool, f: impl Fn(usize, &mut [E]) + Send + Sync,
+) {
+    if parallel {
+        buf.par_chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c))
+    } else {
+        buf.chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c))
+    }
 }
 
 /// The four C tiles' 16×16 f32 blocks laid one after another from `p`.
@@ -276,16 +310,16 @@ unsafe fn c_tiles<const LOAD: bool>(c: [*mut f32; 4], stride: usize) {
 }
 
 /// [`crate::ops::gemm_into`] on AMX tiles: `dst (+)= lhs · rhs`, operands by (row stride,
-/// column stride).
+/// column stride), split across the current pool when `parallel`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
     (m, n, k): (usize, usize, usize), dst: &mut [MaybeUninit<f32>], dst_rs: usize,
     accumulate: bool, lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
+    (rhs_rs, rhs_cs): (usize, usize), parallel: bool,
 ) {
     let a = Operand { data: lhs, rows: m, cols: k, rs: lhs_rs, cs: lhs_cs };
     let b = Operand { data: rhs, rows: k, cols: n, rs: rhs_rs, cs: rhs_cs };
-    gemm(a, b, dst, dst_rs, accumulate)
+    gemm(a, b, dst, dst_rs, accumulate, parallel)
 }
 
 static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -331,19 +365,31 @@ mod tests {
             eprintln!("skipped: this CPU has no AMX bf16 tiles");
             return;
         }
-        for (m, k, n) in
-            [(1, 1, 1), (5, 40, 3), (33, 70, 47), (64, 256, 96), (100, 33, 130), (700, 40, 50)]
-        {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (5, 40, 3),
+            (33, 70, 47),
+            (64, 256, 96),
+            (100, 33, 130),
+            (700, 40, 50),
+            (64, 600, 40),
+            (40, 300, 600),
+        ] {
             let (a, b) = (randn(&[m, k], 1), randn(&[n, k], 2));
             let (av, bv) = (
                 a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             );
-            // SAFETY: without `accumulate`, gemm_into writes every element of the m×n product.
-            let c = unsafe {
-                written(m * n, |c| gemm_into((m, n, k), c, n, false, &av, (k, 1), &bv, (1, k)))
-            };
             let (ra, rb) = (round(&a), round(&b));
+            let product = |parallel| {
+                // SAFETY: without `accumulate`, gemm_into writes every element of the product.
+                unsafe {
+                    written(m * n, |c| {
+                        gemm_into((m, n, k), c, n, false, &av, (k, 1), &bv, (1, k), parallel)
+                    })
+                }
+            };
+            let c = product(true);
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|t| ra[i][t] * rb[j][t]).sum();
@@ -354,6 +400,8 @@ mod tests {
                     );
                 }
             }
+            // On one thread: the same sums in the same order.
+            assert_eq!(product(false), c, "{m}x{k}x{n} on one thread");
         }
     }
 }

@@ -127,6 +127,13 @@ where
 /// `write` must initialise every one of the `n` elements it is given.
 pub(crate) unsafe fn written<T>(n: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
+    // Under test, garbage in every element first, so that a kernel leaving one unwritten fails
+    // its test rather than passing on memory that happened to be zero.
+    #[cfg(test)]
+    // SAFETY: the capacity holds `n` elements; bytes only, nothing is read as a `T`.
+    unsafe {
+        std::ptr::write_bytes(v.as_mut_ptr(), 0xa5, n)
+    };
     write(&mut v.spare_capacity_mut()[..n]);
     // SAFETY: the caller's `write` initialised the first `n` elements.
     unsafe { v.set_len(n) };
@@ -194,8 +201,8 @@ pub(crate) fn gemm_into(
 }
 
 /// [`gemm_into`] on a destination that may be uninitialised unless `accumulate`: every element
-/// of the m×n product is written, none read unless `accumulate`. With `parallel` the f32
-/// product is split across the current pool (the AMX one always is).
+/// of the m×n product is written, none read unless `accumulate`. With `parallel` the product
+/// is split across the current pool.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     kernel: Kernel, (m, n, k): (usize, usize, usize), dst: &mut [MaybeUninit<f32>], dst_rs: usize,
@@ -224,6 +231,7 @@ fn gemm(
             (lhs_rs, lhs_cs),
             rhs,
             (rhs_rs, rhs_cs),
+            parallel,
         );
     }
     let threads = if parallel { rayon::current_num_threads() } else { 1 };

@@ -9,13 +9,21 @@
 //! registers. A scalar copy, element by element, ran ~3 ns an element on those, which made a
 //! weight gradient's product slower in bf16 than in f32.
 
-use super::{bf16, Operand, KT, T};
+use super::{bf16, for_chunks, Operand, KT, T};
 use crate::ops::written;
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Rows a task packs at least (A).
 const BLOCK: usize = 32;
+
+/// The threads a packing splits across.
+fn threads(parallel: bool) -> usize {
+    if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
 
 /// Where element (r, j) of a 16-row block of packed A goes: the block is stored tile by tile
 /// (16 rows × 32 bf16 = 1 KiB each, along K), so a tile load reads contiguous memory however
@@ -26,21 +34,23 @@ fn a_index(r: usize, j: usize, kp: usize) -> usize {
 }
 
 /// `A [M, K]` as bf16, `mp` rows (M rounded up to 32) by `kp` (K rounded up to 32), tile-major
-/// (see [`a_index`]).
-pub(super) fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
+/// (see [`a_index`]); across the current pool when `parallel`.
+pub(super) fn pack_a(a: Operand, mp: usize, kp: usize, parallel: bool) -> Vec<u16> {
     // A column-major A (`dYᵀ`) is read 16 rows at a time from each of 32 source rows: a task
     // takes many of A's rows, so the segments it reads from one source row join up.
     let rows_per_task = if a.rs == 1 && a.cs != 1 {
-        (mp / (4 * rayon::current_num_threads())).clamp(BLOCK, 8 * BLOCK) / BLOCK * BLOCK
+        (mp / (4 * threads(parallel))).clamp(BLOCK, 8 * BLOCK) / BLOCK * BLOCK
     } else {
         BLOCK
     };
+    // Only the element-by-element fallback leaves K's padding unwritten.
+    let general = a.cs != 1 && a.rs != 1;
     // SAFETY: each task writes its whole chunk: zeros first wherever it holds padding.
     let write = |out: &mut [MaybeUninit<u16>]| {
-        out.par_chunks_mut(rows_per_task * kp).enumerate().for_each(|(task, rows)| {
+        for_chunks(out, rows_per_task * kp, parallel, |task, rows| {
             let i0 = task * rows_per_task;
             let ni = a.rows.saturating_sub(i0).min(rows_per_task);
-            if ni * kp != rows.len() || a.cols != kp {
+            if ni * kp != rows.len() || (general && a.cols != kp) {
                 rows.fill(MaybeUninit::new(0));
             }
             if ni == 0 {
@@ -64,20 +74,22 @@ pub(super) fn pack_a(a: Operand, mp: usize, kp: usize) -> Vec<u16> {
 }
 
 /// `B [K, N]` in the tiles' VNNI layout: for each block of 16 columns, K/2 rows of 16 pairs
-/// `(B[2p][n], B[2p+1][n])`, so one B tile is 1 KiB of contiguous memory.
-pub(super) fn pack_b(b: Operand, np: usize, kp: usize) -> Vec<u16> {
+/// `(B[2p][n], B[2p+1][n])`, so one B tile is 1 KiB of contiguous memory; across the current
+/// pool when `parallel`.
+pub(super) fn pack_b(b: Operand, np: usize, kp: usize, parallel: bool) -> Vec<u16> {
     let block = kp / 2 * T * 2;
     // A row-major B is read a row at a time: a task takes several column blocks, so the row
     // segment it reads is long.
     let blocks = np / T;
-    let per_task =
-        if b.cs == 1 { (blocks / (4 * rayon::current_num_threads())).clamp(1, 16) } else { 1 };
+    let per_task = if b.cs == 1 { (blocks / (4 * threads(parallel))).clamp(1, 16) } else { 1 };
+    // Only the element-by-element fallback leaves K's padding unwritten.
+    let general = b.cs != 1 && b.rs != 1;
     // SAFETY: each task writes its whole chunk: zeros first wherever it holds padding.
     let write = |out: &mut [MaybeUninit<u16>]| {
-        out.par_chunks_mut(per_task * block).enumerate().for_each(|(task, blks)| {
+        for_chunks(out, per_task * block, parallel, |task, blks| {
             let n0 = task * per_task * T;
             let cols = b.cols.saturating_sub(n0).min(per_task * T);
-            if cols * block != blks.len() * T || b.rows != kp {
+            if cols * block != blks.len() * T || (general && b.rows != kp) {
                 blks.fill(MaybeUninit::new(0));
             }
             if cols == 0 {
@@ -316,18 +328,19 @@ mod tests {
                     }
                 }
                 let a = Operand { data: &src, rows, cols, rs, cs };
-                let packed = pack_a(a, rp, cp);
                 let mut want = vec![0u16; rp * cp];
                 for i in 0..rows {
                     for j in 0..cols {
                         want[a_index(i, j, cp)] = bf16(at(i, j));
                     }
                 }
-                assert_eq!(packed, want, "A {rows}x{cols} strides ({rs}, {cs})");
+                for parallel in [true, false] {
+                    let packed = pack_a(a, rp, cp, parallel);
+                    assert_eq!(packed, want, "A {rows}x{cols} ({rs}, {cs}) parallel {parallel}");
+                }
                 // The same data as B [K = rows, N = cols].
                 let (kp, np) = (rows.next_multiple_of(KT), cols.next_multiple_of(2 * T));
                 let b = Operand { data: &src, rows, cols, rs, cs };
-                let packed = pack_b(b, np, kp);
                 let block = kp / 2 * T * 2;
                 let mut want = vec![0u16; np / T * block];
                 for c in 0..cols {
@@ -335,7 +348,10 @@ mod tests {
                         want[(c / T) * block + (k / 2 * T + c % T) * 2 + k % 2] = bf16(at(k, c));
                     }
                 }
-                assert_eq!(packed, want, "B {rows}x{cols} strides ({rs}, {cs})");
+                for parallel in [true, false] {
+                    let packed = pack_b(b, np, kp, parallel);
+                    assert_eq!(packed, want, "B {rows}x{cols} ({rs}, {cs}) parallel {parallel}");
+                }
             }
         }
     }
