@@ -18,7 +18,7 @@
 //! matmuls once more.
 
 use super::swiglu::{swiglu_row, swiglu_row_backward};
-use super::{fresh, fused, gemm_into, simd, slice};
+use super::{fresh, fused, gemm_into, simd, slice, Kernel};
 use crate::config::Activation;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -30,7 +30,7 @@ use std::sync::Arc;
 pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize]) -> Result<Tensor> {
     check(x, &[w], offsets)?;
     if fused(&[x, w]) {
-        x.contiguous()?.apply_op2(&w.contiguous()?, Grouped::new(offsets, &[w])?)
+        x.contiguous()?.apply_op2(&w.contiguous()?, Grouped::new(Kernel::current(), offsets, &[w])?)
     } else {
         grouped_matmul_reference(x, w, offsets)
     }
@@ -38,12 +38,19 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize]) -> Result<Tenso
 
 /// `x [R, in]`, `a [E, p, in]`, `b [E, q, in]` → `[R, p + q]`: both products, side by side.
 pub fn grouped_matmul_cat(x: &Tensor, a: &Tensor, b: &Tensor, offsets: &[usize]) -> Result<Tensor> {
+    grouped_matmul_cat_on(Kernel::current(), x, a, b, offsets)
+}
+
+/// [`grouped_matmul_cat`] on a given kernel (CPU f32 tensors).
+pub fn grouped_matmul_cat_on(
+    kernel: Kernel, x: &Tensor, a: &Tensor, b: &Tensor, offsets: &[usize],
+) -> Result<Tensor> {
     check(x, &[a, b], offsets)?;
     if fused(&[x, a, b]) {
         x.contiguous()?.apply_op3(
             &a.contiguous()?,
             &b.contiguous()?,
-            Grouped::new(offsets, &[a, b])?,
+            Grouped::new(kernel, offsets, &[a, b])?,
         )
     } else {
         Tensor::cat(
@@ -102,7 +109,7 @@ pub fn grouped_up(
     if !fused(&[x, up]) || (activation == Activation::Swiglu) != gate.is_some() {
         candle_core::bail!("grouped_up: CPU f32 tensors, with a gate exactly for swiglu");
     }
-    let op = GroupedUp { grouped: Grouped::new(offsets, &ws)?, activation };
+    let op = GroupedUp { grouped: Grouped::new(Kernel::current(), offsets, &ws)?, activation };
     let x = x.contiguous()?;
     match gate {
         Some(g) => x.apply_op3(&g.contiguous()?, &up.contiguous()?, op),
@@ -122,7 +129,7 @@ impl GroupedUp {
     ) -> (Grouped, usize, Vec<&'a [f32]>) {
         let (b0, b1) = (self.grouped.offsets[e], self.grouped.offsets[e + 1]);
         let f = self.grouped.outs[0];
-        let one = Grouped { offsets: Arc::new(vec![0, b1 - b0]), outs: self.grouped.outs.clone() };
+        let one = Grouped { offsets: Arc::new(vec![0, b1 - b0]), ..self.grouped.clone() };
         (one, b0, ws.iter().map(|w| &w[e * f * din..(e + 1) * f * din]).collect())
     }
 
@@ -303,18 +310,21 @@ impl CustomOp3 for GroupedUp {
 /// An expert's index, its rows, and a buffer's slice of those rows.
 type ExpertRows<'a> = (usize, Range<usize>, &'a mut [f32]);
 
-/// The product of `x` with one or two weight stacks of output widths `outs`.
+/// The product of `x` with one or two weight stacks of output widths `outs`, on `kernel`, its
+/// backward products too (the kernel of the forward, whatever [`Kernel::current`] says then).
 #[derive(Clone)]
 struct Grouped {
     offsets: Arc<Vec<usize>>,
     outs: Vec<usize>,
+    kernel: Kernel,
 }
 
 impl Grouped {
-    fn new(offsets: &[usize], ws: &[&Tensor]) -> Result<Grouped> {
+    fn new(kernel: Kernel, offsets: &[usize], ws: &[&Tensor]) -> Result<Grouped> {
         Ok(Grouped {
             offsets: Arc::new(offsets.to_vec()),
             outs: ws.iter().map(|w| w.dim(1)).collect::<Result<_>>()?,
+            kernel,
         })
     }
 
@@ -360,6 +370,7 @@ impl Grouped {
                 self.per_expert(y, width).into_par_iter().for_each(|(e, rows, y)| {
                     for (j, &dout) in self.outs.iter().enumerate() {
                         gemm_into(
+                            self.kernel,
                             (rows.len(), dout, din),
                             &mut y[self.column(j)..],
                             width,
@@ -388,6 +399,7 @@ impl Grouped {
                 self.per_expert(dx, din).into_par_iter().for_each(|(e, rows, dx)| {
                     for (j, &dout) in self.outs.iter().enumerate() {
                         gemm_into(
+                            self.kernel,
                             (rows.len(), din, dout),
                             dx,
                             din,
@@ -417,6 +429,7 @@ impl Grouped {
                 dw.par_chunks_mut((dout * din).max(1)).zip(self.offsets.par_windows(2)).for_each(
                     |(dst, b)| match b[1] > b[0] {
                         true => gemm_into(
+                            self.kernel,
                             (dout, din, b[1] - b[0]),
                             dst,
                             din,
@@ -597,6 +610,36 @@ mod tests {
             1e-5,
         );
         check_grads(&[x, a, b], |v| grouped_matmul_cat(&v[0], &v[1], &v[2], &OFFSETS), reference);
+    }
+
+    /// On AMX tiles, forward and both gradients against the f32 kernel within bf16 rounding:
+    /// experts side by side (each product on one thread) and one expert across the pool.
+    #[test]
+    fn amx_products_match_the_f32_kernel_within_bf16_rounding() {
+        if !crate::ops::amx::available() {
+            eprintln!("skipped: this CPU has no AMX bf16 tiles");
+            return;
+        }
+        use candle_core::Var;
+        let side_by_side: Vec<usize> = (0..=8).map(|e| e * 40 - e % 3).collect();
+        for offsets in [side_by_side, vec![0, 0, 300, 300]] {
+            let (e, r) = (offsets.len() - 1, offsets[offsets.len() - 1]);
+            let vars = [randn(&[r, 70], 1), randn(&[e, 50, 70], 2), randn(&[e, 40, 70], 3)]
+                .map(|t| Var::from_tensor(&t).unwrap());
+            let p = randn(&[r, 90], 4);
+            let run = |kernel| {
+                let [x, a, b] = vars.each_ref().map(|v| v.as_tensor());
+                let y = grouped_matmul_cat_on(kernel, x, a, b, &offsets).unwrap();
+                let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+                [y, g.get(x).unwrap().clone(), g.get(a).unwrap().clone(), g.get(b).unwrap().clone()]
+            };
+            for (got, want) in run(Kernel::Amx).iter().zip(run(Kernel::F32)) {
+                let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let err = err.to_scalar::<f32>().unwrap();
+                assert!(err <= 2e-2 * scale, "{offsets:?}: max |Δ| {err}, scale {scale}");
+            }
+        }
     }
 
     /// The recomputing op against the plain ops it replaces, forward and gradients, for each

@@ -191,12 +191,12 @@ pub(crate) fn product(
 /// side do not want (it only adds hand-offs).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
-    mnk: (usize, usize, usize), dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: &[f32],
-    lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize), parallel: bool,
+    kernel: Kernel, mnk: (usize, usize, usize), dst: &mut [f32], dst_rs: usize, accumulate: bool,
+    lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize),
+    parallel: bool,
 ) {
     // SAFETY: the same memory seen as possibly uninitialised; `gemm` stores only f32 values.
     let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    let kernel = Kernel::current();
     gemm(kernel, mnk, dst, dst_rs, accumulate, lhs, lhs_strides, rhs, rhs_strides, parallel)
 }
 
