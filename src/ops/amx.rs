@@ -135,7 +135,7 @@ fn gemm(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let threads = super::threads(parallel);
     let (ap, bp) = (pack::pack_a(a, mp, kp, parallel), pack::pack_b(b, np, kp, parallel));
     let b_block = kp / 2 * T * 2;
     // One task per 32 rows of C: two A tiles against two B tiles at a time, four C tiles.

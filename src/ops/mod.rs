@@ -234,7 +234,7 @@ fn gemm(
             parallel,
         );
     }
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let threads = threads(parallel);
     let gemm_f32 =
         |(m, n): (usize, usize), dst: *mut f32, lhs: *const f32, rhs: *const f32, parallelism| {
             // SAFETY: the caller passes a block of rows of the product checked above; unless
@@ -281,6 +281,16 @@ fn gemm(
         };
         gemm_f32((rows.min(m - i0), n), dst, lhs, rhs_a as *const f32, gemm::Parallelism::None)
     });
+}
+
+/// The threads a product split across the current pool (`parallel`) or kept on the calling
+/// thread uses.
+pub(crate) fn threads(parallel: bool) -> usize {
+    if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
 }
 
 /// How many rows of an m-row f32 product each rayon task takes, as a one-thread gemm, or

@@ -10,20 +10,11 @@
 //! weight gradient's product slower in bf16 than in f32.
 
 use super::{bf16, for_chunks, Operand, KT, T};
-use crate::ops::written;
+use crate::ops::{threads, written};
 use std::mem::MaybeUninit;
 
 /// Rows a task packs at least (A).
 const BLOCK: usize = 32;
-
-/// The threads a packing splits across.
-fn threads(parallel: bool) -> usize {
-    if parallel {
-        rayon::current_num_threads()
-    } else {
-        1
-    }
-}
 
 /// Where element (r, j) of a 16-row block of packed A goes: the block is stored tile by tile
 /// (16 rows × 32 bf16 = 1 KiB each, along K), so a tile load reads contiguous memory however
