@@ -66,6 +66,21 @@ pub fn emit(y: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
     }
 }
 
+/// The weights' gradient of merge and emit: `a [B, S, d]`, `c [E, N, d]` → `r [B, S, E]`,
+/// `r[i, e] = ⟨a_i, c[e, n(i)]⟩` (no gradient of its own: it runs inside backward passes).
+pub fn group_dot(a: &Tensor, c: &Tensor, g: usize) -> Result<Tensor> {
+    let (b, s, d) = a.dims3()?;
+    check_group(b, g)?;
+    if c.dim(1)? != b / g * s || c.dim(2)? != d {
+        candle_core::bail!("mot group_dot: {:?} does not match {:?}", c.dims(), a.dims());
+    }
+    if use_kernel(&[a, c]) {
+        a.contiguous()?.apply_op2_no_bwd(&c.contiguous()?, &GroupDot { g })
+    } else {
+        group_dot_reference(a, c, g)
+    }
+}
+
 fn check_group(b: usize, g: usize) -> Result<()> {
     if g == 0 || !b.is_multiple_of(g) {
         candle_core::bail!("Mixture of Tokens groups {g} sequences at one position, so the batch ({b} sequences) must be a multiple of {g}");
@@ -145,6 +160,11 @@ struct Emit {
     g: usize,
 }
 
+/// Forward-only: the softmax's backward on the CPU, from `(w, dw)`.
+struct GroupSoftmaxBackward {
+    g: usize,
+}
+
 /// Forward-only: used inside the backward passes.
 struct GroupDot {
     g: usize,
@@ -172,10 +192,28 @@ impl CustomOp1 for GroupSoftmax {
 
     /// `dz = w ⊙ (dw − Σ_group w ⊙ dw)`.
     fn bwd(&self, _z: &Tensor, w: &Tensor, dw: &Tensor) -> Result<Option<Tensor>> {
+        if fused(&[w, dw]) {
+            let dw = dw.contiguous()?;
+            return Ok(Some(w.apply_op2_no_bwd(&dw, &GroupSoftmaxBackward { g: self.g })?));
+        }
         let wdw = (w * dw)?;
         let sum = grouped(&wdw, self.g)?.sum_keepdim(1)?; // [K, 1, S, E]
         let dz = (grouped(&wdw, self.g)? - grouped(w, self.g)?.broadcast_mul(&sum)?)?;
         Ok(Some(dz.reshape(w.shape())?))
+    }
+}
+
+impl CustomOp2 for GroupSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "mot-group-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self, ws: &CpuStorage, wl: &Layout, ds: &CpuStorage, dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, s, e) = wl.shape().dims3()?;
+        let dz = cpu::group_softmax_backward(slice(ws, wl)?, slice(ds, dl)?, b, s, e, self.g);
+        Ok((CpuStorage::F32(dz), wl.shape().clone()))
     }
 }
 
@@ -267,217 +305,8 @@ impl CustomOp2 for GroupDot {
 }
 
 // ---------------------------------------------------------------------------------------------
-/// The CPU kernels. Work is split into tasks of (group row-block k, block of positions), so a
-/// task reads its G input rows once while they sit in L1 and writes rows no other task touches.
-mod cpu {
-    use super::*;
-    use crate::ops::vec::{dot, exp, max};
-
-    /// Positions per task: enough tasks to keep every thread busy, whatever K is.
-    fn positions_per_task(k: usize, s: usize) -> usize {
-        let blocks = (4 * rayon::current_num_threads()).div_ceil(k).max(1);
-        s.div_ceil(blocks).max(1)
-    }
-
-    /// Splits `buf`, seen as `[outer, S, width]`, into the pieces each task writes: task
-    /// `(k, p)` gets, for every outer index `o` with `owner(o) == k` (in order of `o`), rows
-    /// `[p·sb, (p+1)·sb)` of that `[S, width]` slab.
-    fn split(
-        buf: &mut [f32], s: usize, width: usize, sb: usize, k: usize,
-        owner: impl Fn(usize) -> usize,
-    ) -> Vec<Vec<&mut [f32]>> {
-        let per_k = s.div_ceil(sb);
-        let mut tasks: Vec<Vec<&mut [f32]>> = (0..k * per_k).map(|_| Vec::new()).collect();
-        if width == 0 || s == 0 {
-            return tasks;
-        }
-        for (o, slab) in buf.chunks_mut(s * width).enumerate() {
-            for (p, piece) in slab.chunks_mut(sb * width).enumerate() {
-                tasks[owner(o) * per_k + p].push(piece);
-            }
-        }
-        tasks
-    }
-
-    /// `dst += a · src`, a loop the compiler vectorises.
-    #[inline]
-    fn axpy(dst: &mut [f32], a: f32, src: &[f32]) {
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d += a * x;
-        }
-    }
-
-    /// `dst = Σ_{i < n} a_i · x_i` where `term(i) = (a_i, x_i)`: each block of `dst` is summed
-    /// in registers over all the terms and stored once, where adding each term into `dst`
-    /// (`axpy`) loads and stores it once per term. The additions are those of `axpy` from
-    /// zero, in the same order, so the bits are too. Blocks of 64 floats (4 AVX-512 or 8 AVX2
-    /// registers, enough sums in flight to hide the adds' latency); 32 on the portable path,
-    /// whose 16 SSE registers 64 would spill.
-    #[inline(always)]
-    fn weighted_sum<'a>(dst: &mut [f32], n: usize, term: impl Fn(usize) -> (f32, &'a [f32])) {
-        if simd::level() == simd::Level::Portable {
-            sum_in_blocks::<32>(dst, n, term)
-        } else {
-            sum_in_blocks::<64>(dst, n, term)
-        }
-    }
-
-    #[inline(always)]
-    fn sum_in_blocks<'a, const LANES: usize>(
-        dst: &mut [f32], n: usize, term: impl Fn(usize) -> (f32, &'a [f32]),
-    ) {
-        let whole = dst.len() / LANES * LANES;
-        let (blocks, tail) = dst.split_at_mut(whole);
-        for (b, out) in blocks.chunks_exact_mut(LANES).enumerate() {
-            let mut acc = [0f32; LANES];
-            for i in 0..n {
-                let (a, x) = term(i);
-                for (s, &x) in acc.iter_mut().zip(&x[b * LANES..(b + 1) * LANES]) {
-                    *s += a * x;
-                }
-            }
-            out.copy_from_slice(&acc);
-        }
-        tail.fill(0.0);
-        for i in 0..n {
-            let (a, x) = term(i);
-            axpy(tail, a, &x[whole..]);
-        }
-    }
-
-    /// Copies `n` rows of `d` floats, row `i` from `src(i)`, into `buf` one after another: the
-    /// rows a position mixes lie a power of two apart (a whole `[S, d]` slab), where they
-    /// would share a handful of cache sets.
-    #[inline(always)]
-    fn gather<'a>(buf: &mut [f32], n: usize, d: usize, src: impl Fn(usize) -> &'a [f32]) {
-        for (i, row) in buf.chunks_exact_mut(d.max(1)).take(n).enumerate() {
-            row.copy_from_slice(src(i));
-        }
-    }
-
-    pub fn group_softmax(z: &[f32], b: usize, s: usize, e: usize, g: usize) -> Vec<f32> {
-        let k = b / g;
-        let sb = positions_per_task(k, s);
-        let mut w = vec![0f32; z.len()];
-        split(&mut w, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
-            |(t, mut rows)| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                        let mut col = vec![0f32; g];
-                        for ds in 0..rows.first().map_or(0, |r| r.len() / e) {
-                            for ex in 0..e {
-                                for (i, c) in col.iter_mut().enumerate() {
-                                    *c = z[((kk * g + i) * s + s0 + ds) * e + ex];
-                                }
-                                let m = max(&col);
-                                col.iter_mut().for_each(|c| *c = exp(*c - m));
-                                let total: f32 = col.iter().sum();
-                                for (i, row) in rows.iter_mut().enumerate() {
-                                    row[ds * e + ex] = col[i] / total;
-                                }
-                            }
-                        }
-                    },
-                )
-            },
-        );
-        w
-    }
-
-    pub fn merge(
-        x: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize,
-    ) -> Vec<f32> {
-        let k = b / g;
-        let sb = positions_per_task(k, s);
-        // m is [E·K, S, d]: slab o = ex·K + kk belongs to group row-block kk.
-        let fill = |m: &mut [f32]| {
-            split(m, s, d, sb, k, |o| o % k).into_par_iter().enumerate().for_each(
-                |(t, mut experts)| {
-                    simd::run(
-                        #[inline(always)]
-                        || {
-                            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                            let mut members = vec![0f32; g * d];
-                            for ds in 0..experts.first().map_or(0, |r| r.len() / d) {
-                                let row = |i: usize| (kk * g + i) * s + s0 + ds;
-                                gather(&mut members, g, d, |i| &x[row(i) * d..(row(i) + 1) * d]);
-                                for (ex, dst) in experts.iter_mut().enumerate() {
-                                    weighted_sum(&mut dst[ds * d..(ds + 1) * d], g, |i| {
-                                        (w[row(i) * e + ex], &members[i * d..(i + 1) * d])
-                                    });
-                                }
-                            }
-                        },
-                    )
-                },
-            )
-        };
-        // SAFETY: the tasks' pieces cover `m`, and every row of a piece is written.
-        unsafe { fresh(e * k * s * d, fill) }
-    }
-
-    pub fn emit(
-        y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize,
-    ) -> Vec<f32> {
-        let k = b / g;
-        let sb = positions_per_task(k, s);
-        let fill = |out: &mut [f32]| {
-            split(out, s, d, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
-                |(t, mut members)| {
-                    simd::run(
-                        #[inline(always)]
-                        || {
-                            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                            let mut experts = vec![0f32; e * d];
-                            for ds in 0..members.first().map_or(0, |r| r.len() / d) {
-                                let n = kk * s + s0 + ds;
-                                gather(&mut experts, e, d, |ex| &y[(ex * k * s + n) * d..][..d]);
-                                for (i, dst) in members.iter_mut().enumerate() {
-                                    let wi = &w[((kk * g + i) * s + s0 + ds) * e..][..e];
-                                    weighted_sum(&mut dst[ds * d..(ds + 1) * d], e, |ex| {
-                                        (wi[ex], &experts[ex * d..(ex + 1) * d])
-                                    });
-                                }
-                            }
-                        },
-                    )
-                },
-            )
-        };
-        // SAFETY: the tasks' pieces cover `out`, and every row of a piece is written.
-        unsafe { fresh(b * s * d, fill) }
-    }
-
-    pub fn group_dot(
-        a: &[f32], c: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize,
-    ) -> Vec<f32> {
-        let k = b / g;
-        let sb = positions_per_task(k, s);
-        let mut r = vec![0f32; b * s * e];
-        split(&mut r, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
-            |(t, mut members)| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                        for ds in 0..members.first().map_or(0, |r| r.len() / e) {
-                            let n = kk * s + s0 + ds;
-                            for (i, dst) in members.iter_mut().enumerate() {
-                                let ai = &a[((kk * g + i) * s + s0 + ds) * d..][..d];
-                                for (ex, v) in dst[ds * e..(ds + 1) * e].iter_mut().enumerate() {
-                                    *v = dot(ai, &c[(ex * k * s + n) * d..][..d]);
-                                }
-                            }
-                        }
-                    },
-                )
-            },
-        );
-        r
-    }
-}
+/// The CPU kernels.
+mod cpu;
 
 #[cfg(test)]
 mod tests {
@@ -608,7 +437,7 @@ mod tests {
             assert_close(&group_softmax(&z, g).unwrap(), &w, 1e-6);
             assert_close(&merge(&x, &w, g).unwrap(), &merge_reference(&x, &w, g).unwrap(), 1e-5);
             assert_close(&emit(&y, &w, g).unwrap(), &emit_reference(&y, &w, g).unwrap(), 1e-5);
-            let dot = x.apply_op2_no_bwd(&y, &GroupDot { g }).unwrap();
+            let dot = group_dot(&x, &y, g).unwrap();
             assert_close(&dot, &group_dot_reference(&x, &y, g).unwrap(), 1e-5);
             check_grads(
                 std::slice::from_ref(&z),

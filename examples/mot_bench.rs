@@ -1,0 +1,69 @@
+//! The Mixture of Tokens mixing kernels one by one, at a layer's shape (default: bench-mot's,
+//! B 32, S 256, d 256, E 16, G 16), in ms (median of 7 after 2 warm-ups) and GFLOP/s of their
+//! multiply-adds: `cargo run --release --example mot_bench [B] [S] [d] [E] [G]`.
+use candle_core::{Device, Tensor};
+use motrain::ops::mot::{emit, group_dot, group_softmax, merge};
+
+fn time(f: &dyn Fn()) -> f64 {
+    for _ in 0..2 {
+        f();
+    }
+    let mut ts: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    ts.sort_by(|a, b| a.total_cmp(b));
+    ts[3]
+}
+
+fn main() {
+    let arg = |i: usize, default: usize| match std::env::args().nth(i) {
+        None => default,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                eprintln!("error: argument {i} is {s:?}, expected a positive integer");
+                eprintln!("usage: mot_bench [B] [S] [d] [E] [G]");
+                std::process::exit(2)
+            }
+        },
+    };
+    let (b, s, d, e, g) = (arg(1, 32), arg(2, 256), arg(3, 256), arg(4, 16), arg(5, 16));
+    if b % g != 0 {
+        eprintln!("error: the batch ({b}) must be a multiple of the group size ({g})");
+        std::process::exit(2)
+    }
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (b, s, d), &dev).unwrap();
+    let z = Tensor::randn(0f32, 1.0, (b, s, e), &dev).unwrap();
+    let w = group_softmax(&z, g).unwrap();
+    let m = merge(&x, &w, g).unwrap();
+    // Every kernel but the softmax does B·S·E·d multiply-adds.
+    let flop = 2.0 * (b * s * e * d) as f64;
+    let report = |name: &str, t: f64| {
+        println!("{name:<13} {:7.2} ms {:6.1} GFLOP/s", t * 1e3, flop / t / 1e9);
+    };
+    println!("mot b {b} s {s} d {d} e {e} g {g} | {}", motrain::ops::describe(&dev));
+    report("group_softmax", time(&|| drop(group_softmax(&z, g).unwrap())));
+    let zv = candle_core::Var::from_tensor(&z).unwrap();
+    let dw = Tensor::randn(0f32, 1.0, (b, s, e), &dev).unwrap();
+    report(
+        "softmax+bwd",
+        time(&|| {
+            drop(
+                (group_softmax(&zv, g).unwrap() * &dw)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap(),
+            )
+        }),
+    );
+    report("merge", time(&|| drop(merge(&x, &w, g).unwrap())));
+    report("emit", time(&|| drop(emit(&m, &w, g).unwrap())));
+    report("group_dot", time(&|| drop(group_dot(&x, &m, g).unwrap())));
+}

@@ -1,0 +1,333 @@
+//! The CPU kernels of the mixing ops. Work is split into tasks of (group row-block k, block of
+//! positions), so a task reads its G input rows once while they sit in L1 and writes rows no
+//! other task touches.
+
+use super::*;
+use crate::ops::vec::{dot, exp};
+
+/// Positions per task: enough tasks to keep every thread busy, whatever K is.
+fn positions_per_task(k: usize, s: usize) -> usize {
+    let blocks = (4 * rayon::current_num_threads()).div_ceil(k).max(1);
+    s.div_ceil(blocks).max(1)
+}
+
+/// Splits `buf`, seen as `[outer, S, width]`, into the pieces each task writes: task
+/// `(k, p)` gets, for every outer index `o` with `owner(o) == k` (in order of `o`), rows
+/// `[p·sb, (p+1)·sb)` of that `[S, width]` slab.
+fn split(
+    buf: &mut [f32], s: usize, width: usize, sb: usize, k: usize, owner: impl Fn(usize) -> usize,
+) -> Vec<Vec<&mut [f32]>> {
+    let per_k = s.div_ceil(sb);
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..k * per_k).map(|_| Vec::new()).collect();
+    if width == 0 || s == 0 {
+        return tasks;
+    }
+    for (o, slab) in buf.chunks_mut(s * width).enumerate() {
+        for (p, piece) in slab.chunks_mut(sb * width).enumerate() {
+            tasks[owner(o) * per_k + p].push(piece);
+        }
+    }
+    tasks
+}
+
+/// `dst += a · src`, a loop the compiler vectorises.
+#[inline]
+fn axpy(dst: &mut [f32], a: f32, src: &[f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d += a * x;
+    }
+}
+
+/// Where the coefficients of a weighted sum sit: term `i`'s coefficient for output `r` at
+/// `data[i·term + r·out]` (for MoT, straight in the `[B, S, E]` mixing weights).
+#[derive(Clone, Copy)]
+struct Coefs<'a> {
+    data: &'a [f32],
+    term: usize,
+    out: usize,
+}
+
+impl Coefs<'_> {
+    #[inline(always)]
+    fn at(&self, i: usize, r: usize) -> f32 {
+        self.data[i * self.term + r * self.out]
+    }
+}
+
+/// `outs[r][at..at + len] = Σ_{i < n} c.at(i, r) · row(i)` for every output `r`: each block
+/// of the outputs is summed in registers over all the terms and stored once, where adding
+/// each term into its output (`axpy`) would load and store it once per term, and a tile of
+/// several outputs loads each block of `row(i)` once for all of them. The additions are those
+/// of `axpy` from zero, in the same order, so the bits are too. Tiles of 4 outputs × 64 floats
+/// (16 AVX-512 registers); 1 × 64 on AVX2 and 1 × 32 on the portable path, whose 16 registers
+/// more would spill.
+#[inline(always)]
+fn weighted_sums<'a>(
+    outs: &mut [&mut [f32]], span: (usize, usize), n: usize, c: Coefs,
+    row: impl Fn(usize) -> &'a [f32],
+) {
+    match simd::level() {
+        simd::Level::Portable => tiles::<1, 32, _>(outs, span, n, c, row),
+        simd::Level::Avx2 => tiles::<1, 64, _>(outs, span, n, c, row),
+        _ => tiles::<4, 64, _>(outs, span, n, c, row),
+    }
+}
+
+/// [`weighted_sums`] in tiles of `R` outputs, the last outputs one at a time.
+#[inline(always)]
+fn tiles<'a, const R: usize, const LANES: usize, X: Fn(usize) -> &'a [f32]>(
+    outs: &mut [&mut [f32]], span: (usize, usize), n: usize, c: Coefs, row: X,
+) {
+    let whole = outs.len() / R * R;
+    let (tiled, rest) = outs.split_at_mut(whole);
+    for (t, tile) in tiled.chunks_exact_mut(R).enumerate() {
+        let c = Coefs { data: &c.data[t * R * c.out..], ..c };
+        sum_in_blocks::<R, LANES, X>(tile, span, n, c, &row);
+    }
+    for (r, out) in rest.iter_mut().enumerate() {
+        let c = Coefs { data: &c.data[(whole + r) * c.out..], ..c };
+        sum_in_blocks::<1, LANES, X>(std::slice::from_mut(out), span, n, c, &row);
+    }
+}
+
+/// One tile of `R` outputs.
+#[inline(always)]
+fn sum_in_blocks<'a, const R: usize, const LANES: usize, X: Fn(usize) -> &'a [f32]>(
+    outs: &mut [&mut [f32]], (at, len): (usize, usize), n: usize, c: Coefs, row: &X,
+) {
+    let whole = len / LANES * LANES;
+    for b in (0..whole).step_by(LANES) {
+        let mut acc = [[0f32; LANES]; R];
+        for i in 0..n {
+            let x: &[f32; LANES] = row(i)[b..b + LANES].try_into().unwrap();
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = c.at(i, r);
+                for (s, &x) in acc.iter_mut().zip(x) {
+                    *s += a * x;
+                }
+            }
+        }
+        for (out, acc) in outs.iter_mut().zip(&acc) {
+            out[at + b..at + b + LANES].copy_from_slice(acc);
+        }
+    }
+    for (r, out) in outs.iter_mut().enumerate() {
+        let tail = &mut out[at + whole..at + len];
+        tail.fill(0.0);
+        for i in 0..n {
+            axpy(tail, c.at(i, r), &row(i)[whole..len]);
+        }
+    }
+}
+
+/// Copies `n` rows of `d` floats, row `i` from `src(i)`, into `buf` one after another: the
+/// rows a position mixes lie a power of two apart (a whole `[S, d]` slab), where they
+/// would share a handful of cache sets.
+#[inline(always)]
+fn gather<'a>(buf: &mut [f32], n: usize, d: usize, src: impl Fn(usize) -> &'a [f32]) {
+    for (i, row) in buf.chunks_exact_mut(d.max(1)).take(n).enumerate() {
+        row.copy_from_slice(src(i));
+    }
+}
+
+/// `out[j] = dot(a, c_j)` for the rows `c_j` of `c` (`d` floats each), four rows at a
+/// time so that each block of `a` is loaded once for all four; each dot sums exactly as
+/// [`dot`] does (16 lanes, then the lanes in order, then the tail), so the bits are its.
+#[inline(always)]
+fn dots(a: &[f32], c: &[f32], d: usize, out: &mut [f32]) {
+    const L: usize = 16;
+    let whole = d / L * L;
+    let quads = out.len() / 4 * 4;
+    for j0 in (0..quads).step_by(4) {
+        let rows: [&[f32]; 4] = std::array::from_fn(|j| &c[(j0 + j) * d..(j0 + j + 1) * d]);
+        let (mut s0, mut s1, mut s2, mut s3) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
+        for b in (0..whole).step_by(L) {
+            let x: &[f32; L] = a[b..b + L].try_into().unwrap();
+            let y0: &[f32; L] = rows[0][b..b + L].try_into().unwrap();
+            let y1: &[f32; L] = rows[1][b..b + L].try_into().unwrap();
+            let y2: &[f32; L] = rows[2][b..b + L].try_into().unwrap();
+            let y3: &[f32; L] = rows[3][b..b + L].try_into().unwrap();
+            for l in 0..L {
+                s0[l] += x[l] * y0[l];
+                s1[l] += x[l] * y1[l];
+                s2[l] += x[l] * y2[l];
+                s3[l] += x[l] * y3[l];
+            }
+        }
+        for (j, acc) in [s0, s1, s2, s3].iter().enumerate() {
+            let mut t: f32 = acc.iter().sum();
+            for (x, y) in a[whole..].iter().zip(&rows[j][whole..]) {
+                t += x * y;
+            }
+            out[j0 + j] = t;
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate().skip(quads) {
+        *o = dot(a, &c[j * d..(j + 1) * d]);
+    }
+}
+
+pub fn group_softmax(z: &[f32], b: usize, s: usize, e: usize, g: usize) -> Vec<f32> {
+    let k = b / g;
+    let sb = positions_per_task(k, s);
+    let mut w = vec![0f32; z.len()];
+    split(&mut w, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(|(t, mut rows)| {
+        simd::run(
+            #[inline(always)]
+            || {
+                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                // Across the experts at once: member i's E logits are contiguous,
+                // so each step below is a vector op over experts, and every expert
+                // still takes its max, exponentials and sum over the members in order.
+                let (mut mx, mut total) = (vec![0f32; e], vec![0f32; e]);
+                for ds in 0..rows.first().map_or(0, |r| r.len() / e) {
+                    let logits = |i: usize| &z[((kk * g + i) * s + s0 + ds) * e..][..e];
+                    mx.fill(f32::NEG_INFINITY);
+                    for i in 0..g {
+                        mx.iter_mut().zip(logits(i)).for_each(|(m, &v)| *m = m.max(v));
+                    }
+                    total.fill(0.0);
+                    for (i, row) in rows.iter_mut().enumerate() {
+                        let out = &mut row[ds * e..(ds + 1) * e];
+                        for (((o, &v), &m), t) in
+                            out.iter_mut().zip(logits(i)).zip(&mx).zip(total.iter_mut())
+                        {
+                            *o = exp(v - m);
+                            *t += *o;
+                        }
+                    }
+                    for row in rows.iter_mut() {
+                        let out = &mut row[ds * e..(ds + 1) * e];
+                        out.iter_mut().zip(&total).for_each(|(o, &t)| *o /= t);
+                    }
+                }
+            },
+        )
+    });
+    w
+}
+
+/// The softmax's backward, `dz_i = w_i ⊙ dw_i − w_i ⊙ Σ_group w_j ⊙ dw_j`, per expert and
+/// across the experts at once, as [`group_softmax`] is.
+pub fn group_softmax_backward(
+    w: &[f32], dw: &[f32], b: usize, s: usize, e: usize, g: usize,
+) -> Vec<f32> {
+    let k = b / g;
+    let sb = positions_per_task(k, s);
+    let fill = |dz: &mut [f32]| {
+        split(dz, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(|(t, mut rows)| {
+            simd::run(
+                #[inline(always)]
+                || {
+                    let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                    let mut total = vec![0f32; e];
+                    for ds in 0..rows.first().map_or(0, |r| r.len() / e) {
+                        let at = |i: usize| ((kk * g + i) * s + s0 + ds) * e;
+                        total.fill(0.0);
+                        for i in 0..g {
+                            let (wi, di) = (&w[at(i)..][..e], &dw[at(i)..][..e]);
+                            for ((t, &w), &d) in total.iter_mut().zip(wi).zip(di) {
+                                *t += w * d;
+                            }
+                        }
+                        for (i, row) in rows.iter_mut().enumerate() {
+                            let (wi, di) = (&w[at(i)..][..e], &dw[at(i)..][..e]);
+                            let out = &mut row[ds * e..(ds + 1) * e];
+                            for (((o, &w), &d), &t) in out.iter_mut().zip(wi).zip(di).zip(&total) {
+                                *o = w * d - w * t;
+                            }
+                        }
+                    }
+                },
+            )
+        })
+    };
+    // SAFETY: the tasks' pieces cover `dz`, and every row of a piece is written.
+    unsafe { fresh(w.len(), fill) }
+}
+
+pub fn merge(x: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
+    let k = b / g;
+    let sb = positions_per_task(k, s);
+    // m is [E·K, S, d]: slab o = ex·K + kk belongs to group row-block kk.
+    let fill = |m: &mut [f32]| {
+        split(m, s, d, sb, k, |o| o % k).into_par_iter().enumerate().for_each(|(t, mut experts)| {
+            simd::run(
+                #[inline(always)]
+                || {
+                    let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                    let mut members = vec![0f32; g * d];
+                    for ds in 0..experts.first().map_or(0, |r| r.len() / d) {
+                        let row = |i: usize| (kk * g + i) * s + s0 + ds;
+                        gather(&mut members, g, d, |i| &x[row(i) * d..(row(i) + 1) * d]);
+                        // Member i's weight for expert ex: w[row(i)·E + ex].
+                        let c = Coefs { data: &w[row(0) * e..], term: s * e, out: 1 };
+                        weighted_sums(&mut experts, (ds * d, d), g, c, |i| {
+                            &members[i * d..(i + 1) * d]
+                        });
+                    }
+                },
+            )
+        })
+    };
+    // SAFETY: the tasks' pieces cover `m`, and every row of a piece is written.
+    unsafe { fresh(e * k * s * d, fill) }
+}
+
+pub fn emit(y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
+    let k = b / g;
+    let sb = positions_per_task(k, s);
+    let fill = |out: &mut [f32]| {
+        split(out, s, d, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
+            |(t, mut members)| {
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                        let mut experts = vec![0f32; e * d];
+                        for ds in 0..members.first().map_or(0, |r| r.len() / d) {
+                            let n = kk * s + s0 + ds;
+                            gather(&mut experts, e, d, |ex| &y[(ex * k * s + n) * d..][..d]);
+                            // Member i's weight for expert ex, at `(kk·G + i)·S + s0 + ds` of w.
+                            let base = (kk * g * s + s0 + ds) * e;
+                            let c = Coefs { data: &w[base..], term: 1, out: s * e };
+                            weighted_sums(&mut members, (ds * d, d), e, c, |ex| {
+                                &experts[ex * d..(ex + 1) * d]
+                            });
+                        }
+                    },
+                )
+            },
+        )
+    };
+    // SAFETY: the tasks' pieces cover `out`, and every row of a piece is written.
+    unsafe { fresh(b * s * d, fill) }
+}
+
+pub fn group_dot(
+    a: &[f32], c: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize,
+) -> Vec<f32> {
+    let k = b / g;
+    let sb = positions_per_task(k, s);
+    let mut r = vec![0f32; b * s * e];
+    split(&mut r, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
+        |(t, mut members)| {
+            simd::run(
+                #[inline(always)]
+                || {
+                    let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                    let mut experts = vec![0f32; e * d];
+                    for ds in 0..members.first().map_or(0, |r| r.len() / e) {
+                        let n = kk * s + s0 + ds;
+                        gather(&mut experts, e, d, |ex| &c[(ex * k * s + n) * d..][..d]);
+                        for (i, dst) in members.iter_mut().enumerate() {
+                            let ai = &a[((kk * g + i) * s + s0 + ds) * d..][..d];
+                            dots(ai, &experts, d, &mut dst[ds * e..(ds + 1) * e]);
+                        }
+                    }
+                },
+            )
+        },
+    );
+    r
+}
