@@ -1,36 +1,14 @@
 //! The fused causal attention at long context, forward and forward+backward, in GFLOP/s of the
 //! causal products (ms, median of 7 after 2 warm-ups):
 //! `cargo run --release --example attention_bench [seq] [batch] [heads] [head_dim]`.
+mod common;
+
 use candle_core::{Device, Tensor, Var};
 use motrain::ops::attention::causal_attention;
 
-fn time(f: &dyn Fn()) -> f64 {
-    for _ in 0..2 {
-        f();
-    }
-    let mut ts: Vec<f64> = (0..7)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    ts.sort_by(|a, b| a.total_cmp(b));
-    ts[3]
-}
-
 fn main() {
-    let arg = |i: usize, default: usize| match std::env::args().nth(i) {
-        None => default,
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if n > 0 => n,
-            _ => {
-                eprintln!("error: argument {i} is {s:?}, expected a positive integer");
-                eprintln!("usage: attention_bench [seq] [batch] [heads] [head_dim]");
-                std::process::exit(2)
-            }
-        },
-    };
+    let arg =
+        |i, default| common::arg(i, default, "attention_bench [seq] [batch] [heads] [head_dim]");
     let (s, b, h, dh) = (arg(1, 2048), arg(2, 2), arg(3, 4), arg(4, 64));
     let dev = Device::Cpu;
     let qkv: Vec<Var> =
@@ -40,10 +18,10 @@ fn main() {
     let g = Tensor::randn(0f32, 1.0, (b, s, h, dh), &dev).unwrap();
     // Causal products: QKᵀ and PV over half the square, 2 flops per multiply-add.
     let fwd_flop = 2.0 * 2.0 * (b * h * dh) as f64 * (s * s) as f64 / 2.0;
-    let tf = time(&|| {
+    let tf = common::median_time(2, 7, &|| {
         forward();
     });
-    let tb = time(&|| {
+    let tb = common::median_time(2, 7, &|| {
         let y = forward();
         (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
     });

@@ -2,22 +2,11 @@
 //! `ops::linear`) on motrain's bench shapes, per product of a linear map's step: forward `X·Wᵀ`,
 //! input gradient `dY·W`, weight gradient `dYᵀ·X` (ms, median of 9 after 3 warm-ups). Needs a
 //! CPU with AMX tiles: `cargo run --release --example bf16_matmul_bench`.
+mod common;
+
 use candle_core::{Device, Tensor};
 use motrain::ops::linear::matmul_t_on;
 use motrain::ops::Kernel;
-fn time(f: &dyn Fn()) -> f64 {
-    for _ in 0..3 {
-        f();
-    }
-    let mut ts = vec![];
-    for _ in 0..9 {
-        let t = std::time::Instant::now();
-        f();
-        ts.push(t.elapsed().as_secs_f64());
-    }
-    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    ts[4]
-}
 fn main() {
     if !motrain::ops::amx::available() {
         eprintln!("this CPU has no AMX bf16 tiles");
@@ -28,7 +17,7 @@ fn main() {
         let a = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let dy = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
-        let t = |f: &dyn Fn()| time(f) * 1e3;
+        let t = |f: &dyn Fn()| common::median_time(3, 9, f) * 1e3;
         let f32 = |x: &Tensor, w: &Tensor| matmul_t_on(Kernel::F32, x, w);
         let mm = |x: &Tensor, w: &Tensor| matmul_t_on(Kernel::Amx, x, w);
         println!(

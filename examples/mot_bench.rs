@@ -1,36 +1,13 @@
 //! The Mixture of Tokens mixing kernels one by one, at a layer's shape (default: bench-mot's,
 //! B 32, S 256, d 256, E 16, G 16), in ms (median of 7 after 2 warm-ups) and GFLOP/s of their
 //! multiply-adds: `cargo run --release --example mot_bench [B] [S] [d] [E] [G]`.
+mod common;
+
 use candle_core::{Device, Tensor};
 use motrain::ops::mot::{emit, group_dot, group_softmax, merge};
 
-fn time(f: &dyn Fn()) -> f64 {
-    for _ in 0..2 {
-        f();
-    }
-    let mut ts: Vec<f64> = (0..7)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    ts.sort_by(|a, b| a.total_cmp(b));
-    ts[3]
-}
-
 fn main() {
-    let arg = |i: usize, default: usize| match std::env::args().nth(i) {
-        None => default,
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if n > 0 => n,
-            _ => {
-                eprintln!("error: argument {i} is {s:?}, expected a positive integer");
-                eprintln!("usage: mot_bench [B] [S] [d] [E] [G]");
-                std::process::exit(2)
-            }
-        },
-    };
+    let arg = |i, default| common::arg(i, default, "mot_bench [B] [S] [d] [E] [G]");
     let (b, s, d, e, g) = (arg(1, 32), arg(2, 256), arg(3, 256), arg(4, 16), arg(5, 16));
     if b % g != 0 {
         eprintln!("error: the batch ({b}) must be a multiple of the group size ({g})");
@@ -47,12 +24,12 @@ fn main() {
         println!("{name:<13} {:7.2} ms {:6.1} GFLOP/s", t * 1e3, flop / t / 1e9);
     };
     println!("mot b {b} s {s} d {d} e {e} g {g} | {}", motrain::ops::describe(&dev));
-    report("group_softmax", time(&|| drop(group_softmax(&z, g).unwrap())));
+    report("group_softmax", common::median_time(2, 7, &|| drop(group_softmax(&z, g).unwrap())));
     let zv = candle_core::Var::from_tensor(&z).unwrap();
     let dw = Tensor::randn(0f32, 1.0, (b, s, e), &dev).unwrap();
     report(
         "softmax+bwd",
-        time(&|| {
+        common::median_time(2, 7, &|| {
             drop(
                 (group_softmax(&zv, g).unwrap() * &dw)
                     .unwrap()
@@ -63,7 +40,7 @@ fn main() {
             )
         }),
     );
-    report("merge", time(&|| drop(merge(&x, &w, g).unwrap())));
-    report("emit", time(&|| drop(emit(&m, &w, g).unwrap())));
-    report("group_dot", time(&|| drop(group_dot(&x, &m, g).unwrap())));
+    report("merge", common::median_time(2, 7, &|| drop(merge(&x, &w, g).unwrap())));
+    report("emit", common::median_time(2, 7, &|| drop(emit(&m, &w, g).unwrap())));
+    report("group_dot", common::median_time(2, 7, &|| drop(group_dot(&x, &m, g).unwrap())));
 }

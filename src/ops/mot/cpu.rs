@@ -30,6 +30,58 @@ fn split(
     tasks
 }
 
+/// Which group row-block each `[S, width]` slab of an output belongs to.
+#[derive(Clone, Copy)]
+enum Slabs {
+    /// `[B, S, width]`: slab o is batch row o, in block o / G.
+    Rows,
+    /// `[E·K, S, width]`: slab o holds expert o / K's merged tokens of block o % K.
+    Experts,
+}
+
+/// A task's share of the work: group row-block `kk` at positions `s0..s0 + positions`.
+#[derive(Clone, Copy)]
+struct Task {
+    kk: usize,
+    s0: usize,
+    positions: usize,
+}
+
+/// A fresh output of `len` floats, seen as `[S, width]` slabs (`slabs`), filled by `body` one
+/// task at a time on the pool, each task on the SIMD path in use: `body(task, pieces)` gets the
+/// task's pieces of the output, one per slab of its block, in order, `positions` rows each.
+///
+/// # Safety
+/// `body` must write every element of every piece it is given (the output starts
+/// uninitialised), and `body` should be `#[inline(always)]` so that it is compiled for the
+/// SIMD path.
+unsafe fn run_tasks(
+    len: usize, (b, s, width, g): (usize, usize, usize, usize), slabs: Slabs,
+    body: impl Fn(Task, &mut [&mut [f32]]) + Sync,
+) -> Vec<f32> {
+    let k = b / g;
+    let sb = positions_per_task(k, s);
+    let owner = |o: usize| match slabs {
+        Slabs::Rows => o / g,
+        Slabs::Experts => o % k,
+    };
+    let fill = |out: &mut [f32]| {
+        split(out, s, width, sb, k, owner).into_par_iter().enumerate().for_each(
+            |(t, mut pieces)| {
+                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+                let positions = pieces.first().map_or(0, |p| p.len() / width.max(1));
+                simd::run(
+                    #[inline(always)]
+                    || body(Task { kk, s0, positions }, &mut pieces),
+                )
+            },
+        )
+    };
+    // SAFETY: the tasks' pieces cover the output, and `body` writes all of each (the caller's
+    // contract).
+    unsafe { fresh(len, fill) }
+}
+
 /// `dst += a · src`, a loop the compiler vectorises.
 #[inline]
 fn axpy(dst: &mut [f32], a: f32, src: &[f32]) {
@@ -168,20 +220,20 @@ fn dots(a: &[f32], c: &[f32], d: usize, out: &mut [f32]) {
 }
 
 pub fn group_softmax(z: &[f32], b: usize, s: usize, e: usize, g: usize) -> Vec<f32> {
-    let k = b / g;
-    let sb = positions_per_task(k, s);
-    let mut w = vec![0f32; z.len()];
-    split(&mut w, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(|(t, mut rows)| {
-        simd::run(
+    // SAFETY: every row of a piece is written, at every expert.
+    unsafe {
+        run_tasks(
+            z.len(),
+            (b, s, e, g),
+            Slabs::Rows,
             #[inline(always)]
-            || {
-                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                // Across the experts at once: member i's E logits are contiguous,
-                // so each step below is a vector op over experts, and every expert
-                // still takes its max, exponentials and sum over the members in order.
+            |t: Task, rows: &mut [&mut [f32]]| {
+                // Across the experts at once: member i's E logits are contiguous, so each step
+                // below is a vector op over experts, and every expert still takes its max,
+                // exponentials and sum over the members in order.
                 let (mut mx, mut total) = (vec![0f32; e], vec![0f32; e]);
-                for ds in 0..rows.first().map_or(0, |r| r.len() / e) {
-                    let logits = |i: usize| &z[((kk * g + i) * s + s0 + ds) * e..][..e];
+                for ds in 0..t.positions {
+                    let logits = |i: usize| &z[((t.kk * g + i) * s + t.s0 + ds) * e..][..e];
                     mx.fill(f32::NEG_INFINITY);
                     for i in 0..g {
                         mx.iter_mut().zip(logits(i)).for_each(|(m, &v)| *m = m.max(v));
@@ -190,7 +242,7 @@ pub fn group_softmax(z: &[f32], b: usize, s: usize, e: usize, g: usize) -> Vec<f
                     for (i, row) in rows.iter_mut().enumerate() {
                         let out = &mut row[ds * e..(ds + 1) * e];
                         for (((o, &v), &m), t) in
-                            out.iter_mut().zip(logits(i)).zip(&mx).zip(total.iter_mut())
+                            out.iter_mut().zip(logits(i)).zip(&mx).zip(&mut total)
                         {
                             *o = exp(v - m);
                             *t += *o;
@@ -203,8 +255,7 @@ pub fn group_softmax(z: &[f32], b: usize, s: usize, e: usize, g: usize) -> Vec<f
                 }
             },
         )
-    });
-    w
+    }
 }
 
 /// The softmax's backward, `dz_i = w_i ⊙ dw_i − w_i ⊙ Σ_group w_j ⊙ dw_j`, per expert and
@@ -212,122 +263,106 @@ pub fn group_softmax(z: &[f32], b: usize, s: usize, e: usize, g: usize) -> Vec<f
 pub fn group_softmax_backward(
     w: &[f32], dw: &[f32], b: usize, s: usize, e: usize, g: usize,
 ) -> Vec<f32> {
-    let k = b / g;
-    let sb = positions_per_task(k, s);
-    let fill = |dz: &mut [f32]| {
-        split(dz, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(|(t, mut rows)| {
-            simd::run(
-                #[inline(always)]
-                || {
-                    let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                    let mut total = vec![0f32; e];
-                    for ds in 0..rows.first().map_or(0, |r| r.len() / e) {
-                        let at = |i: usize| ((kk * g + i) * s + s0 + ds) * e;
-                        total.fill(0.0);
-                        for i in 0..g {
-                            let (wi, di) = (&w[at(i)..][..e], &dw[at(i)..][..e]);
-                            for ((t, &w), &d) in total.iter_mut().zip(wi).zip(di) {
-                                *t += w * d;
-                            }
-                        }
-                        for (i, row) in rows.iter_mut().enumerate() {
-                            let (wi, di) = (&w[at(i)..][..e], &dw[at(i)..][..e]);
-                            let out = &mut row[ds * e..(ds + 1) * e];
-                            for (((o, &w), &d), &t) in out.iter_mut().zip(wi).zip(di).zip(&total) {
-                                *o = w * d - w * t;
-                            }
+    // SAFETY: every row of a piece is written, at every expert.
+    unsafe {
+        run_tasks(
+            w.len(),
+            (b, s, e, g),
+            Slabs::Rows,
+            #[inline(always)]
+            |t: Task, rows: &mut [&mut [f32]]| {
+                let mut total = vec![0f32; e];
+                for ds in 0..t.positions {
+                    let at = |i: usize| ((t.kk * g + i) * s + t.s0 + ds) * e;
+                    total.fill(0.0);
+                    for i in 0..g {
+                        let (wi, di) = (&w[at(i)..][..e], &dw[at(i)..][..e]);
+                        for ((t, &w), &d) in total.iter_mut().zip(wi).zip(di) {
+                            *t += w * d;
                         }
                     }
-                },
-            )
-        })
-    };
-    // SAFETY: the tasks' pieces cover `dz`, and every row of a piece is written.
-    unsafe { fresh(w.len(), fill) }
+                    for (i, row) in rows.iter_mut().enumerate() {
+                        let (wi, di) = (&w[at(i)..][..e], &dw[at(i)..][..e]);
+                        let out = &mut row[ds * e..(ds + 1) * e];
+                        for (((o, &w), &d), &t) in out.iter_mut().zip(wi).zip(di).zip(&total) {
+                            *o = w * d - w * t;
+                        }
+                    }
+                }
+            },
+        )
+    }
 }
 
 pub fn merge(x: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
     let k = b / g;
-    let sb = positions_per_task(k, s);
-    // m is [E·K, S, d]: slab o = ex·K + kk belongs to group row-block kk.
-    let fill = |m: &mut [f32]| {
-        split(m, s, d, sb, k, |o| o % k).into_par_iter().enumerate().for_each(|(t, mut experts)| {
-            simd::run(
-                #[inline(always)]
-                || {
-                    let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                    let mut members = vec![0f32; g * d];
-                    for ds in 0..experts.first().map_or(0, |r| r.len() / d) {
-                        let row = |i: usize| (kk * g + i) * s + s0 + ds;
-                        gather(&mut members, g, d, |i| &x[row(i) * d..(row(i) + 1) * d]);
-                        // Member i's weight for expert ex: w[row(i)·E + ex].
-                        let c = Coefs { data: &w[row(0) * e..], term: s * e, out: 1 };
-                        weighted_sums(&mut experts, (ds * d, d), g, c, |i| {
-                            &members[i * d..(i + 1) * d]
-                        });
-                    }
-                },
-            )
-        })
-    };
-    // SAFETY: the tasks' pieces cover `m`, and every row of a piece is written.
-    unsafe { fresh(e * k * s * d, fill) }
+    // SAFETY: `weighted_sums` writes every row of every expert's piece. m is [E·K, S, d].
+    unsafe {
+        run_tasks(
+            e * k * s * d,
+            (b, s, d, g),
+            Slabs::Experts,
+            #[inline(always)]
+            |t: Task, experts: &mut [&mut [f32]]| {
+                let mut members = vec![0f32; g * d];
+                for ds in 0..t.positions {
+                    let row = |i: usize| (t.kk * g + i) * s + t.s0 + ds;
+                    gather(&mut members, g, d, |i| &x[row(i) * d..(row(i) + 1) * d]);
+                    // Member i's weight for expert ex: w[row(i)·E + ex].
+                    let c = Coefs { data: &w[row(0) * e..], term: s * e, out: 1 };
+                    weighted_sums(experts, (ds * d, d), g, c, |i| &members[i * d..(i + 1) * d]);
+                }
+            },
+        )
+    }
 }
 
 pub fn emit(y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
     let k = b / g;
-    let sb = positions_per_task(k, s);
-    let fill = |out: &mut [f32]| {
-        split(out, s, d, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
-            |(t, mut members)| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                        let mut experts = vec![0f32; e * d];
-                        for ds in 0..members.first().map_or(0, |r| r.len() / d) {
-                            let n = kk * s + s0 + ds;
-                            gather(&mut experts, e, d, |ex| &y[(ex * k * s + n) * d..][..d]);
-                            // Member i's weight for expert ex, at `(kk·G + i)·S + s0 + ds` of w.
-                            let base = (kk * g * s + s0 + ds) * e;
-                            let c = Coefs { data: &w[base..], term: 1, out: s * e };
-                            weighted_sums(&mut members, (ds * d, d), e, c, |ex| {
-                                &experts[ex * d..(ex + 1) * d]
-                            });
-                        }
-                    },
-                )
+    // SAFETY: `weighted_sums` writes every row of every member's piece.
+    unsafe {
+        run_tasks(
+            b * s * d,
+            (b, s, d, g),
+            Slabs::Rows,
+            #[inline(always)]
+            |t: Task, members: &mut [&mut [f32]]| {
+                let mut experts = vec![0f32; e * d];
+                for ds in 0..t.positions {
+                    let n = t.kk * s + t.s0 + ds;
+                    gather(&mut experts, e, d, |ex| &y[(ex * k * s + n) * d..][..d]);
+                    // Member i's weight for expert ex, at `(kk·G + i)·S + s0 + ds` of w.
+                    let base = (t.kk * g * s + t.s0 + ds) * e;
+                    let c = Coefs { data: &w[base..], term: 1, out: s * e };
+                    weighted_sums(members, (ds * d, d), e, c, |ex| &experts[ex * d..(ex + 1) * d]);
+                }
             },
         )
-    };
-    // SAFETY: the tasks' pieces cover `out`, and every row of a piece is written.
-    unsafe { fresh(b * s * d, fill) }
+    }
 }
 
 pub fn group_dot(
     a: &[f32], c: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize,
 ) -> Vec<f32> {
     let k = b / g;
-    let sb = positions_per_task(k, s);
-    let mut r = vec![0f32; b * s * e];
-    split(&mut r, s, e, sb, k, |o| o / g).into_par_iter().enumerate().for_each(
-        |(t, mut members)| {
-            simd::run(
-                #[inline(always)]
-                || {
-                    let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                    let mut experts = vec![0f32; e * d];
-                    for ds in 0..members.first().map_or(0, |r| r.len() / e) {
-                        let n = kk * s + s0 + ds;
-                        gather(&mut experts, e, d, |ex| &c[(ex * k * s + n) * d..][..d]);
-                        for (i, dst) in members.iter_mut().enumerate() {
-                            let ai = &a[((kk * g + i) * s + s0 + ds) * d..][..d];
-                            dots(ai, &experts, d, &mut dst[ds * e..(ds + 1) * e]);
-                        }
+    // SAFETY: `dots` writes every expert of every row of every member's piece.
+    unsafe {
+        run_tasks(
+            b * s * e,
+            (b, s, e, g),
+            Slabs::Rows,
+            #[inline(always)]
+            |t: Task, members: &mut [&mut [f32]]| {
+                let mut experts = vec![0f32; e * d];
+                for ds in 0..t.positions {
+                    let n = t.kk * s + t.s0 + ds;
+                    gather(&mut experts, e, d, |ex| &c[(ex * k * s + n) * d..][..d]);
+                    for (i, dst) in members.iter_mut().enumerate() {
+                        let ai = &a[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
+                        dots(ai, &experts, d, &mut dst[ds * e..(ds + 1) * e]);
                     }
-                },
-            )
-        },
-    );
-    r
+                }
+            },
+        )
+    }
 }
