@@ -219,6 +219,23 @@ fn dots(a: &[f32], c: &[f32], d: usize, out: &mut [f32]) {
     }
 }
 
+/// `f(ds, rows)` for each of the task's positions, `rows` the E rows of `y [E, N, d]` that
+/// the position's group has (its merged tokens, or their gradients), copied together first
+/// (see [`gather`]). `f` should be `#[inline(always)]`, as the task's body is, so that it is
+/// compiled for the SIMD path.
+#[inline(always)]
+fn each_position(
+    t: Task, y: &[f32], (k, s, d, e): (usize, usize, usize, usize),
+    mut f: impl FnMut(usize, &[f32]),
+) {
+    let mut rows = vec![0f32; e * d];
+    for ds in 0..t.positions {
+        let n = t.kk * s + t.s0 + ds;
+        gather(&mut rows, e, d, |ex| &y[(ex * k * s + n) * d..][..d]);
+        f(ds, &rows);
+    }
+}
+
 pub fn group_softmax(z: &[f32], b: usize, s: usize, e: usize, g: usize) -> Vec<f32> {
     // SAFETY: every row of a piece is written, at every expert.
     unsafe {
@@ -327,15 +344,20 @@ pub fn emit(y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usi
             Slabs::Rows,
             #[inline(always)]
             |t: Task, members: &mut [&mut [f32]]| {
-                let mut experts = vec![0f32; e * d];
-                for ds in 0..t.positions {
-                    let n = t.kk * s + t.s0 + ds;
-                    gather(&mut experts, e, d, |ex| &y[(ex * k * s + n) * d..][..d]);
-                    // Member i's weight for expert ex, at `(kk·G + i)·S + s0 + ds` of w.
-                    let base = (t.kk * g * s + t.s0 + ds) * e;
-                    let c = Coefs { data: &w[base..], term: 1, out: s * e };
-                    weighted_sums(members, (ds * d, d), e, c, |ex| &experts[ex * d..(ex + 1) * d]);
-                }
+                each_position(
+                    t,
+                    y,
+                    (k, s, d, e),
+                    #[inline(always)]
+                    |ds, experts| {
+                        // Member i's weight for expert ex, at `(kk·G + i)·S + s0 + ds` of w.
+                        let base = (t.kk * g * s + t.s0 + ds) * e;
+                        let c = Coefs { data: &w[base..], term: 1, out: s * e };
+                        weighted_sums(members, (ds * d, d), e, c, |ex| {
+                            &experts[ex * d..(ex + 1) * d]
+                        });
+                    },
+                )
             },
         )
     }
@@ -353,15 +375,18 @@ pub fn group_dot(
             Slabs::Rows,
             #[inline(always)]
             |t: Task, members: &mut [&mut [f32]]| {
-                let mut experts = vec![0f32; e * d];
-                for ds in 0..t.positions {
-                    let n = t.kk * s + t.s0 + ds;
-                    gather(&mut experts, e, d, |ex| &c[(ex * k * s + n) * d..][..d]);
-                    for (i, dst) in members.iter_mut().enumerate() {
-                        let ai = &a[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
-                        dots(ai, &experts, d, &mut dst[ds * e..(ds + 1) * e]);
-                    }
-                }
+                each_position(
+                    t,
+                    c,
+                    (k, s, d, e),
+                    #[inline(always)]
+                    |ds, experts| {
+                        for (i, dst) in members.iter_mut().enumerate() {
+                            let ai = &a[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
+                            dots(ai, experts, d, &mut dst[ds * e..(ds + 1) * e]);
+                        }
+                    },
+                )
             },
         )
     }
