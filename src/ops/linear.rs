@@ -55,13 +55,13 @@ impl CustomOp2 for MatMul {
         let mm = |x: &Tensor, y: &Tensor, transpose_b| {
             x.apply_op2_no_bwd(y, &MatMul { transpose_b, kernel })
         };
-        Ok(if self.transpose_b {
-            // C = A·Bᵀ: dA = dC·B, dB = dCᵀ·A.
-            (Some(mm(dc, b, false)?), Some(mm(&dc.t()?, a, false)?))
-        } else {
-            // C = A·B: dA = dC·Bᵀ, dB = Aᵀ·dC.
-            (Some(mm(dc, b, true)?), Some(mm(&a.t()?, dc, false)?))
-        })
+        // Only `matmul_t` records this op for a backward pass (the backward's own products, in
+        // either form, run without a graph), so the product here is always C = A·Bᵀ.
+        if !self.transpose_b {
+            candle_core::bail!("linear product: only A·Bᵀ (matmul_t) has a backward");
+        }
+        // dA = dC·B, dB = dCᵀ·A.
+        Ok((Some(mm(dc, b, false)?), Some(mm(&dc.t()?, a, false)?)))
     }
 }
 

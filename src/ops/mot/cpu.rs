@@ -219,20 +219,35 @@ fn dots(a: &[f32], c: &[f32], d: usize, out: &mut [f32]) {
     }
 }
 
-/// `f(ds, rows)` for each of the task's positions, `rows` the E rows of `y [E, N, d]` that
-/// the position's group has (its merged tokens, or their gradients), copied together first
-/// (see [`gather`]). `f` should be `#[inline(always)]`, as the task's body is, so that it is
-/// compiled for the SIMD path.
+/// [`run_tasks`] over a `[B, S, width]` output whose every position reads the E rows of
+/// `y [E, N, d]` that its group has (its merged tokens, or their gradients): `body(task, ds,
+/// rows, pieces)` runs for each of a task's positions `ds`, with those rows copied together
+/// first (see [`gather`]).
+///
+/// # Safety
+/// As [`run_tasks`]: over a task's positions, `body` must write every element of its pieces.
 #[inline(always)]
-fn each_position(
-    t: Task, y: &[f32], (k, s, d, e): (usize, usize, usize, usize),
-    mut f: impl FnMut(usize, &[f32]),
-) {
-    let mut rows = vec![0f32; e * d];
-    for ds in 0..t.positions {
-        let n = t.kk * s + t.s0 + ds;
-        gather(&mut rows, e, d, |ex| &y[(ex * k * s + n) * d..][..d]);
-        f(ds, &rows);
+unsafe fn run_per_position(
+    len: usize, (b, s, width, g): (usize, usize, usize, usize), y: &[f32], (d, e): (usize, usize),
+    body: impl Fn(Task, usize, &[f32], &mut [&mut [f32]]) + Sync,
+) -> Vec<f32> {
+    let k = b / g;
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        run_tasks(
+            len,
+            (b, s, width, g),
+            Slabs::Rows,
+            #[inline(always)]
+            |t: Task, pieces: &mut [&mut [f32]]| {
+                let mut rows = vec![0f32; e * d];
+                for ds in 0..t.positions {
+                    let n = t.kk * s + t.s0 + ds;
+                    gather(&mut rows, e, d, |ex| &y[(ex * k * s + n) * d..][..d]);
+                    body(t, ds, &rows, pieces);
+                }
+            },
+        )
     }
 }
 
@@ -335,29 +350,19 @@ pub fn merge(x: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: us
 }
 
 pub fn emit(y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize) -> Vec<f32> {
-    let k = b / g;
     // SAFETY: `weighted_sums` writes every row of every member's piece.
     unsafe {
-        run_tasks(
+        run_per_position(
             b * s * d,
             (b, s, d, g),
-            Slabs::Rows,
+            y,
+            (d, e),
             #[inline(always)]
-            |t: Task, members: &mut [&mut [f32]]| {
-                each_position(
-                    t,
-                    y,
-                    (k, s, d, e),
-                    #[inline(always)]
-                    |ds, experts| {
-                        // Member i's weight for expert ex, at `(kk·G + i)·S + s0 + ds` of w.
-                        let base = (t.kk * g * s + t.s0 + ds) * e;
-                        let c = Coefs { data: &w[base..], term: 1, out: s * e };
-                        weighted_sums(members, (ds * d, d), e, c, |ex| {
-                            &experts[ex * d..(ex + 1) * d]
-                        });
-                    },
-                )
+            |t, ds, experts, members| {
+                // Member i's weight for expert ex, at `(kk·G + i)·S + s0 + ds` of w.
+                let base = (t.kk * g * s + t.s0 + ds) * e;
+                let c = Coefs { data: &w[base..], term: 1, out: s * e };
+                weighted_sums(members, (ds * d, d), e, c, |ex| &experts[ex * d..(ex + 1) * d]);
             },
         )
     }
@@ -366,27 +371,19 @@ pub fn emit(y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usi
 pub fn group_dot(
     a: &[f32], c: &[f32], b: usize, s: usize, d: usize, e: usize, g: usize,
 ) -> Vec<f32> {
-    let k = b / g;
     // SAFETY: `dots` writes every expert of every row of every member's piece.
     unsafe {
-        run_tasks(
+        run_per_position(
             b * s * e,
             (b, s, e, g),
-            Slabs::Rows,
+            c,
+            (d, e),
             #[inline(always)]
-            |t: Task, members: &mut [&mut [f32]]| {
-                each_position(
-                    t,
-                    c,
-                    (k, s, d, e),
-                    #[inline(always)]
-                    |ds, experts| {
-                        for (i, dst) in members.iter_mut().enumerate() {
-                            let ai = &a[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
-                            dots(ai, experts, d, &mut dst[ds * e..(ds + 1) * e]);
-                        }
-                    },
-                )
+            |t, ds, experts, members| {
+                for (i, dst) in members.iter_mut().enumerate() {
+                    let ai = &a[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
+                    dots(ai, experts, d, &mut dst[ds * e..(ds + 1) * e]);
+                }
             },
         )
     }
