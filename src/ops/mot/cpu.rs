@@ -39,12 +39,14 @@ enum Slabs {
     Experts,
 }
 
-/// A task's share of the work: group row-block `kk` at positions `s0..s0 + positions`.
+/// A task's share of the work: group row-block `kk` at positions `s0..s0 + positions`, on
+/// the SIMD path `level` (read once per task, not once per position).
 #[derive(Clone, Copy)]
 struct Task {
     kk: usize,
     s0: usize,
     positions: usize,
+    level: simd::Level,
 }
 
 /// A fresh output of `len` floats, seen as `[S, width]` slabs (`slabs`), filled by `body` one
@@ -70,9 +72,10 @@ unsafe fn run_tasks(
             |(t, mut pieces)| {
                 let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
                 let positions = pieces.first().map_or(0, |p| p.len() / width.max(1));
+                let level = simd::level();
                 simd::run(
                     #[inline(always)]
-                    || body(Task { kk, s0, positions }, &mut pieces),
+                    || body(Task { kk, s0, positions, level }, &mut pieces),
                 )
             },
         )
@@ -112,13 +115,13 @@ impl Coefs<'_> {
 /// several outputs loads each block of `row(i)` once for all of them. The additions are those
 /// of `axpy` from zero, in the same order, so the bits are too. Tiles of 4 outputs × 64 floats
 /// (16 AVX-512 registers); 1 × 64 on AVX2 and 1 × 32 on the portable path, whose 16 registers
-/// more would spill.
+/// more would spill. `level` is the SIMD path the caller runs on.
 #[inline(always)]
 fn weighted_sums<'a>(
-    outs: &mut [&mut [f32]], span: (usize, usize), n: usize, c: Coefs,
+    level: simd::Level, outs: &mut [&mut [f32]], span: (usize, usize), n: usize, c: Coefs,
     row: impl Fn(usize) -> &'a [f32],
 ) {
-    match simd::level() {
+    match level {
         simd::Level::Portable => tiles::<1, 32, _>(outs, span, n, c, row),
         simd::Level::Avx2 => tiles::<1, 64, _>(outs, span, n, c, row),
         _ => tiles::<4, 64, _>(outs, span, n, c, row),
@@ -342,7 +345,9 @@ pub fn merge(x: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: us
                     gather(&mut members, g, d, |i| &x[row(i) * d..(row(i) + 1) * d]);
                     // Member i's weight for expert ex: w[row(i)·E + ex].
                     let c = Coefs { data: &w[row(0) * e..], term: s * e, out: 1 };
-                    weighted_sums(experts, (ds * d, d), g, c, |i| &members[i * d..(i + 1) * d]);
+                    weighted_sums(t.level, experts, (ds * d, d), g, c, |i| {
+                        &members[i * d..(i + 1) * d]
+                    });
                 }
             },
         )
@@ -362,7 +367,9 @@ pub fn emit(y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usi
                 // Member i's weight for expert ex, at `(kk·G + i)·S + s0 + ds` of w.
                 let base = (t.kk * g * s + t.s0 + ds) * e;
                 let c = Coefs { data: &w[base..], term: 1, out: s * e };
-                weighted_sums(members, (ds * d, d), e, c, |ex| &experts[ex * d..(ex + 1) * d]);
+                weighted_sums(t.level, members, (ds * d, d), e, c, |ex| {
+                    &experts[ex * d..(ex + 1) * d]
+                });
             },
         )
     }
