@@ -173,7 +173,7 @@ fn time_mixing_ops(cfg: &Config, reps: usize) -> Result<MixingOps> {
 }
 
 fn time_experts(cfg: &Config, reps: usize) -> Result<ExpertTimes> {
-    use crate::model::{experts::Experts, Params};
+    use crate::model::{context::FfnContext, experts::Experts, Params};
     use candle_core::{Device, Tensor};
     let m = &cfg.model;
     let (e, d, f) = (m.mot.n_experts, m.d_model, m.mot.expert_width(m.d_ff));
@@ -184,7 +184,8 @@ fn time_experts(cfg: &Config, reps: usize) -> Result<ExpertTimes> {
     let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (e * n, d), &Device::Cpu)?)?;
     let offsets: Vec<usize> = (0..=e).map(|i| i * n).collect();
     let (recomputed_ms, kept_ms) = best_alternating(reps, |recompute| {
-        experts.forward(&x, &offsets, recompute)?.sum_all()?.backward()?;
+        let ctx = FfnContext { recompute, ..FfnContext::new(true, e * n, 1) };
+        experts.forward(&x, &offsets, &ctx)?.sum_all()?.backward()?;
         Ok(())
     })?;
     Ok(ExpertTimes { kept_ms, recomputed_ms, cost: recomputed_ms / kept_ms })

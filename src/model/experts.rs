@@ -1,6 +1,7 @@
 //! The experts that MoE and MoT layers share: E feed-forward networks with stacked weights,
 //! run together on the rows each one was given (grouped matmuls, one expert after another).
 
+use super::context::FfnContext;
 use super::ffn::activate;
 use super::params::Params;
 use crate::config::Activation;
@@ -40,14 +41,15 @@ impl Experts {
     /// Every expert on its rows: `x [R, d]` holds expert `e`'s rows at
     /// `[offsets[e], offsets[e+1])`; → `[R, d]`. With `recompute` (on CPU) the hidden
     /// activations are not kept for backward but computed again there.
-    pub fn forward(&self, x: &Tensor, offsets: &[usize], recompute: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, offsets: &[usize], ctx: &FfnContext) -> Result<Tensor> {
+        let train = ctx.train;
         let hidden = match &self.gate {
-            _ if recompute && fused(&[x, &self.up]) => {
+            _ if ctx.recompute && fused(&[x, &self.up]) => {
                 grouped_up(x, self.gate.as_ref(), &self.up, self.activation, offsets)?
             }
-            Some(gate) => swiglu(&grouped_matmul_cat(x, gate, &self.up, offsets)?)?, // [R, 2f] → [R, f]
-            None => activate(self.activation, &grouped_matmul(x, &self.up, offsets)?)?,
+            Some(gate) => swiglu(&grouped_matmul_cat(x, gate, &self.up, offsets, train)?)?, // [R, 2f] → [R, f]
+            None => activate(self.activation, &grouped_matmul(x, &self.up, offsets, train)?)?,
         };
-        grouped_matmul(&hidden, &self.down, offsets)
+        grouped_matmul(&hidden, &self.down, offsets, train)
     }
 }

@@ -73,8 +73,7 @@ impl MoeLayer {
     /// carries them).
     pub fn forward(&self, x: &Tensor, ctx: &mut FfnContext) -> Result<Tensor> {
         let routed = route(&self.router, &self.rules, self.index, x, ctx)?;
-        let out = routed
-            .combine(x, |rows, offsets| self.experts.forward(rows, offsets, ctx.recompute))?;
+        let out = routed.combine(x, |rows, offsets| self.experts.forward(rows, offsets, ctx))?;
         match &self.shared {
             Some(shared) => out + shared.forward(x)?,
             None => Ok(out),

@@ -65,10 +65,7 @@ impl MotLayer {
         let m = merge(&x.reshape((b, s, d))?, &w, g)?; // [E, N, d]
         let n = m.dim(1)?;
         let offsets: Vec<usize> = (0..=e).map(|i| i * n).collect();
-        let y = self
-            .experts
-            .forward(&m.reshape((e * n, d))?, &offsets, ctx.recompute)?
-            .reshape((e, n, d))?;
+        let y = self.experts.forward(&m.reshape((e * n, d))?, &offsets, ctx)?.reshape((e, n, d))?;
         ctx.stats.push(LayerStats::Mot(self.statistics(&w, g)?));
         emit(&y, &w, g)?.reshape((b * s, d))
     }

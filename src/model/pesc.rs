@@ -39,9 +39,9 @@ impl Adapters {
 
     /// `Up_e(GELU(Down_e(h)))` for every adapter on its rows: `h [R, d]` holds adapter e's rows
     /// at `[offsets[e], offsets[e+1])`; → `[R, d]`.
-    pub fn forward(&self, h: &Tensor, offsets: &[usize]) -> Result<Tensor> {
-        let mid = grouped_matmul(h, &self.down, offsets)?.gelu_erf()?; // [R, a]
-        grouped_matmul(&mid, &self.up, offsets)
+    pub fn forward(&self, h: &Tensor, offsets: &[usize], train: bool) -> Result<Tensor> {
+        let mid = grouped_matmul(h, &self.down, offsets, train)?.gelu_erf()?; // [R, a]
+        grouped_matmul(&mid, &self.up, offsets, train)
     }
 }
 
@@ -86,7 +86,8 @@ impl PescLayer {
         let y = self.ffn.forward(x)?;
         let routed = route(&self.router, &self.rules, self.index, x, ctx)?;
         let h = dropout(&y, self.dropout, ctx, self.index)?;
-        let adapted = routed.combine(&h, |rows, offsets| self.adapters.forward(rows, offsets))?;
+        let adapted =
+            routed.combine(&h, |rows, offsets| self.adapters.forward(rows, offsets, ctx.train))?;
         y + (adapted * self.scale)?
     }
 }

@@ -114,10 +114,29 @@ fn tile_config() -> TileConfig {
     TileConfig(c)
 }
 
-/// Without x86-64 there are no tiles: [`available`] is false and nothing calls this.
+/// Without x86-64 there are no tiles: [`available`] is false and nothing calls these.
 #[cfg(not(target_arch = "x86_64"))]
 fn gemm(_: Operand, _: Operand, _: &mut [MaybeUninit<f32>], _: usize, _: bool, _: bool) {
     unreachable!("AMX tiles are x86-64 only")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn gemm_packed(_: Operand, _: &PackedB, _: &mut [MaybeUninit<f32>], _: usize, _: bool, _: bool) {
+    unreachable!("AMX tiles are x86-64 only")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn forward_keeping(
+    _: Operand, _: Operand, _: &mut [MaybeUninit<f32>], _: usize, _: bool,
+) -> PackedB {
+    unreachable!("AMX tiles are x86-64 only")
+}
+
+/// A B operand `[K, N]` already in the tiles' layout (see `pack`), K and N rounded up to 32.
+pub(crate) struct PackedB {
+    data: Vec<u16>,
+    k: usize,
+    n: usize,
 }
 
 /// `dst (+)= A · B` in f32 from bf16-rounded operands, the rows of `dst` `dst_rs` apart: every
@@ -130,13 +149,44 @@ fn gemm(
     parallel: bool,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (kp, np) = (k.next_multiple_of(KT), n.next_multiple_of(2 * T));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let packed = PackedB { data: pack::pack_b(b, np, kp, parallel), k, n };
+    gemm_packed(a, &packed, dst, dst_rs, accumulate, parallel)
+}
+
+/// `dst = X · Wᵀ` as [`gemm`] does it with `a = X` and `b = Wᵀ` (`W [N, K]` row-major), which
+/// also returns `W` packed as the B operand of the input gradient's `dY · W`: both layouts come
+/// from one read of the f32 weights, where packing each from memory on its own is most of what
+/// the bf16 products of a small expert cost beyond their tiles.
+#[cfg(target_arch = "x86_64")]
+fn forward_keeping(
+    a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, parallel: bool,
+) -> PackedB {
+    let (k, n) = (a.cols, b.cols);
+    let (kp, np) = (k.next_multiple_of(KT), n.next_multiple_of(2 * T));
+    let (forward, backward) = pack::pack_b_both(b, np, kp, parallel);
+    gemm_packed(a, &PackedB { data: forward, k, n }, dst, dst_rs, false, parallel);
+    PackedB { data: backward, k: n, n: k }
+}
+
+/// [`gemm`] with B already packed.
+#[cfg(target_arch = "x86_64")]
+fn gemm_packed(
+    a: Operand, b: &PackedB, dst: &mut [MaybeUninit<f32>], dst_rs: usize, accumulate: bool,
+    parallel: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.n);
+    assert_eq!(k, b.k, "packed B: K does not match A's columns");
     let (mp, kp, np) =
         (m.next_multiple_of(2 * T), k.next_multiple_of(KT), n.next_multiple_of(2 * T));
     if m == 0 || n == 0 {
         return;
     }
     let threads = super::threads(parallel);
-    let (ap, bp) = (pack::pack_a(a, mp, kp, parallel), pack::pack_b(b, np, kp, parallel));
+    let (ap, bp) = (pack::pack_a(a, mp, kp, parallel), &b.data);
     let b_block = kp / 2 * T * 2;
     // One task per 32 rows of C: two A tiles against two B tiles at a time, four C tiles.
     // A task takes several 32-row blocks, so each pair of B tiles it loads serves all of them
@@ -320,6 +370,53 @@ pub(crate) fn gemm_into(
     let a = Operand { data: lhs, rows: m, cols: k, rs: lhs_rs, cs: lhs_cs };
     let b = Operand { data: rhs, rows: k, cols: n, rs: rhs_rs, cs: rhs_cs };
     gemm(a, b, dst, dst_rs, accumulate, parallel)
+}
+
+/// [`gemm_into`]'s forward product `dst = lhs · Wᵀ` (`W [n, k]` row-major), returning `W`
+/// packed for the input gradient's [`gemm_packed_into`] (`dY · W`) as well.
+pub(crate) fn forward_keeping_into(
+    (m, n, k): (usize, usize, usize), dst: &mut [f32], dst_rs: usize, lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize), w: &[f32], parallel: bool,
+) -> PackedB {
+    check_dst(dst, m, n, dst_rs);
+    assert!(
+        m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
+        "gemm: lhs too small"
+    );
+    assert!(w.len() >= n * k, "gemm: weight too small");
+    let dst = uninit(dst);
+    let a = Operand { data: lhs, rows: m, cols: k, rs: lhs_rs, cs: lhs_cs };
+    let b = Operand { data: w, rows: k, cols: n, rs: 1, cs: k };
+    forward_keeping(a, b, dst, dst_rs, parallel)
+}
+
+/// [`gemm_into`] with the right operand already packed: `dst (+)= lhs · B`, `lhs [m, B's K]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_packed_into(
+    m: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize), b: &PackedB, parallel: bool,
+) {
+    check_dst(dst, m, b.n, dst_rs);
+    let k = b.k;
+    assert!(
+        m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
+        "gemm: lhs too small"
+    );
+    let a = Operand { data: lhs, rows: m, cols: k, rs: lhs_rs, cs: lhs_cs };
+    gemm_packed(a, b, uninit(dst), dst_rs, accumulate, parallel)
+}
+
+fn check_dst(dst: &[f32], m: usize, n: usize, dst_rs: usize) {
+    assert!(
+        dst_rs >= n && (m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n),
+        "gemm: destination too small"
+    );
+}
+
+/// Initialised memory seen as possibly uninitialised, as the kernels take it.
+fn uninit(dst: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: the same memory and layout; the kernels store only f32 values to it.
+    unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
 static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

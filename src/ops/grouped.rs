@@ -11,46 +11,55 @@
 //! side in one `[R, Σ out]` result, as SwiGLU's gate and up want, without concatenating the
 //! weights — a copy of every expert's matrices, and of their gradients, on each step.
 //!
-//! `grouped_up` is the experts' up projection and activation in one op that keeps nothing of
-//! its own for the backward pass (`train.recompute_experts`): the `[R, 2f]` pre-activation is
-//! most of what a MoT or MoE layer holds until backward, so the backward recomputes it one
-//! expert at a time, into a buffer of one expert's rows, at the price of the up projection's
-//! matmuls once more.
+//! A training forward on AMX tiles packs each expert's weight for the input gradient's product
+//! as well, from the same read of its f32 values, and keeps it until the backward takes it: a
+//! MoT or MoE layer has many times a dense layer's weights for the same tokens, so packing them
+//! once more from memory costs more there than anywhere else (+2 bytes a weight held between).
+//!
+//! `grouped_up` (in `recompute`) is the experts' up projection and activation in one op that
+//! recomputes its pre-activation in backward (`train.recompute_experts`).
 
-use super::swiglu::{swiglu_row, swiglu_row_backward};
-use super::{fresh, fused, gemm_into, simd, slice, Kernel};
-use crate::config::Activation;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+mod recompute;
+
+pub use recompute::grouped_up;
+
+use super::amx::{self, PackedB};
+use super::{fresh, fused, gemm_into, slice, Kernel};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// `x [R, in]`, `w [E, out, in]`, `offsets` (E + 1 row bounds, non-decreasing, ending at R)
-/// → `[R, out]`.
-pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize]) -> Result<Tensor> {
+/// → `[R, out]`; `training`: a backward pass will follow.
+pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize], training: bool) -> Result<Tensor> {
     check(x, &[w], offsets)?;
     if fused(&[x, w]) {
-        x.contiguous()?.apply_op2(&w.contiguous()?, Grouped::new(Kernel::current(), offsets, &[w])?)
+        let op = Grouped::new(Kernel::current(), offsets, &[w], training)?;
+        x.contiguous()?.apply_op2(&w.contiguous()?, op)
     } else {
         grouped_matmul_reference(x, w, offsets)
     }
 }
 
 /// `x [R, in]`, `a [E, p, in]`, `b [E, q, in]` → `[R, p + q]`: both products, side by side.
-pub fn grouped_matmul_cat(x: &Tensor, a: &Tensor, b: &Tensor, offsets: &[usize]) -> Result<Tensor> {
-    grouped_matmul_cat_on(Kernel::current(), x, a, b, offsets)
+pub fn grouped_matmul_cat(
+    x: &Tensor, a: &Tensor, b: &Tensor, offsets: &[usize], training: bool,
+) -> Result<Tensor> {
+    grouped_matmul_cat_on(Kernel::current(), x, a, b, offsets, training)
 }
 
 /// [`grouped_matmul_cat`] on a given kernel (CPU f32 tensors).
 pub fn grouped_matmul_cat_on(
-    kernel: Kernel, x: &Tensor, a: &Tensor, b: &Tensor, offsets: &[usize],
+    kernel: Kernel, x: &Tensor, a: &Tensor, b: &Tensor, offsets: &[usize], training: bool,
 ) -> Result<Tensor> {
     check(x, &[a, b], offsets)?;
     if fused(&[x, a, b]) {
         x.contiguous()?.apply_op3(
             &a.contiguous()?,
             &b.contiguous()?,
-            Grouped::new(kernel, offsets, &[a, b])?,
+            Grouped::new(kernel, offsets, &[a, b], training)?,
         )
     } else {
         Tensor::cat(
@@ -98,217 +107,12 @@ pub fn grouped_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[usize]) -> Re
     Tensor::cat(&parts, 0)
 }
 
-/// `act(x_e · W_eᵀ)` for every expert on its rows, recomputed in backward: `x [R, in]`, `up`
-/// `[E, f, in]` and, for SwiGLU, `gate [E, f, in]` (→ `silu(x·Gᵀ) ⊙ (x·Uᵀ)`) → `[R, f]`.
-/// CPU f32 only (`fused`); elsewhere the experts use the plain ops.
-pub fn grouped_up(
-    x: &Tensor, gate: Option<&Tensor>, up: &Tensor, activation: Activation, offsets: &[usize],
-) -> Result<Tensor> {
-    let ws: Vec<&Tensor> = gate.into_iter().chain([up]).collect();
-    check(x, &ws, offsets)?;
-    if !fused(&[x, up]) || (activation == Activation::Swiglu) != gate.is_some() {
-        candle_core::bail!("grouped_up: CPU f32 tensors, with a gate exactly for swiglu");
-    }
-    let op = GroupedUp { grouped: Grouped::new(Kernel::current(), offsets, &ws)?, activation };
-    let x = x.contiguous()?;
-    match gate {
-        Some(g) => x.apply_op3(&g.contiguous()?, &up.contiguous()?, op),
-        None => x.apply_op2(&up.contiguous()?, op),
-    }
-}
-
-struct GroupedUp {
-    grouped: Grouped,
-    activation: Activation,
-}
-
-impl GroupedUp {
-    /// Expert `e`'s rows alone, as a one-expert grouped matmul over its slice of each stack.
-    fn expert<'a>(
-        &self, e: usize, ws: &[&'a [f32]], din: usize,
-    ) -> (Grouped, usize, Vec<&'a [f32]>) {
-        let (b0, b1) = (self.grouped.offsets[e], self.grouped.offsets[e + 1]);
-        let f = self.grouped.outs[0];
-        let one = Grouped { offsets: Arc::new(vec![0, b1 - b0]), ..self.grouped.clone() };
-        (one, b0, ws.iter().map(|w| &w[e * f * din..(e + 1) * f * din]).collect())
-    }
-
-    fn forward(&self, x: &[f32], ws: &[&[f32]], din: usize) -> Vec<f32> {
-        let (f, width) = (self.grouped.outs[0], self.grouped.width());
-        let mut a = vec![0f32; x.len() / din.max(1) * f];
-        for e in 0..self.grouped.offsets.len() - 1 {
-            let (one, b0, we) = self.expert(e, ws, din);
-            let n = one.offsets[1];
-            if n == 0 {
-                continue;
-            }
-            let h = one.forward(&x[b0 * din..(b0 + n) * din], &we, din); // [n, width]
-            let act = self.activation;
-            a[b0 * f..(b0 + n) * f]
-                .par_chunks_mut(f)
-                .zip(h.par_chunks(width))
-                .with_min_len(super::rows_per_task(width))
-                .for_each(|(a, h)| {
-                    simd::run(
-                        #[inline(always)]
-                        || activate(act, h, a),
-                    )
-                });
-        }
-        a
-    }
-
-    /// `dx` and each stack's `dW` from `da [R, f]`, one expert at a time.
-    fn backward(
-        &self, x: &[f32], ws: &[&[f32]], da: &[f32], din: usize,
-    ) -> (Vec<f32>, Vec<Vec<f32>>) {
-        let (f, width) = (self.grouped.outs[0], self.grouped.width());
-        let mut dx = vec![0f32; x.len()];
-        let mut dws = vec![vec![0f32; ws[0].len()]; ws.len()];
-        for e in 0..self.grouped.offsets.len() - 1 {
-            let (one, b0, we) = self.expert(e, ws, din);
-            let n = one.offsets[1];
-            if n == 0 {
-                continue;
-            }
-            let xe = &x[b0 * din..(b0 + n) * din];
-            let h = one.forward(xe, &we, din); // recomputed [n, width]
-            let mut dh = vec![0f32; n * width];
-            let act = self.activation;
-            dh.par_chunks_mut(width)
-                .zip(h.par_chunks(width).zip(da[b0 * f..(b0 + n) * f].par_chunks(f)))
-                .with_min_len(super::rows_per_task(width))
-                .for_each(|(dh, (h, da))| {
-                    simd::run(
-                        #[inline(always)]
-                        || activate_backward(act, h, da, dh),
-                    )
-                });
-            dx[b0 * din..(b0 + n) * din].copy_from_slice(&one.dx(&dh, &we, din));
-            for (j, dw) in dws.iter_mut().enumerate() {
-                dw[e * f * din..(e + 1) * f * din].copy_from_slice(&one.dw(&dh, xe, j, din));
-            }
-        }
-        (dx, dws)
-    }
-
-    fn run_forward(
-        &self, xs: &CpuStorage, xl: &Layout, ws: &[&[f32]],
-    ) -> Result<(CpuStorage, Shape)> {
-        let (r, din) = xl.shape().dims2()?;
-        Ok((
-            CpuStorage::F32(self.forward(slice(xs, xl)?, ws, din)),
-            Shape::from((r, self.grouped.outs[0])),
-        ))
-    }
-
-    /// Gradients for `x` and the stacks, computed on the host from the tensors' storage.
-    fn run_backward(
-        &self, x: &Tensor, ws: &[&Tensor], da: &Tensor,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        let da = da.contiguous()?;
-        let guards: Vec<_> = [x, &da]
-            .into_iter()
-            .chain(ws.iter().copied())
-            .map(|t| t.storage_and_layout())
-            .collect();
-        let host = |i: usize| -> Result<&[f32]> {
-            match &*guards[i].0 {
-                Storage::Cpu(c) => slice(c, guards[i].1),
-                _ => candle_core::bail!("grouped_up: CPU tensors only"),
-            }
-        };
-        let w_slices: Vec<&[f32]> = (2..guards.len()).map(host).collect::<Result<_>>()?;
-        let din = x.dim(1)?;
-        let (dx, dws) = self.backward(host(0)?, &w_slices, host(1)?, din);
-        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
-        let dws = dws
-            .into_iter()
-            .zip(ws)
-            .map(|(d, w)| Tensor::from_vec(d, w.shape(), w.device()))
-            .collect::<Result<_>>()?;
-        Ok((dx, dws))
-    }
-}
-
-/// One row: `h` (gate then up columns for SwiGLU) → `a`, exactly as the plain ops compute it.
-#[inline(always)]
-fn activate(act: Activation, h: &[f32], a: &mut [f32]) {
-    match act {
-        Activation::Swiglu => swiglu_row(h, a),
-        Activation::Gelu => a.iter_mut().zip(h).for_each(|(a, &v)| {
-            *a = (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
-                * 0.5
-                * v
-        }),
-        Activation::Relu => a.iter_mut().zip(h).for_each(|(a, &v)| *a = v.max(0.0)),
-    }
-}
-
-/// One row: `dh = da · ∂a/∂h`.
-#[inline(always)]
-fn activate_backward(act: Activation, h: &[f32], da: &[f32], dh: &mut [f32]) {
-    match act {
-        Activation::Swiglu => swiglu_row_backward(h, da, dh),
-        Activation::Gelu => {
-            for i in 0..da.len() {
-                let v = h[i];
-                let cdf = 0.5
-                    * (1.0 + candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = (-0.5 * v * v).exp() * 0.398_942_3; // 1/√(2π)
-                dh[i] = da[i] * (cdf + v * pdf);
-            }
-        }
-        Activation::Relu => {
-            for i in 0..da.len() {
-                dh[i] = if h[i] > 0.0 { da[i] } else { 0.0 };
-            }
-        }
-    }
-}
-
-impl CustomOp2 for GroupedUp {
-    fn name(&self) -> &'static str {
-        "grouped-up"
-    }
-
-    fn cpu_fwd(
-        &self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run_forward(xs, xl, &[slice(ws, wl)?])
-    }
-
-    fn bwd(
-        &self, x: &Tensor, up: &Tensor, _a: &Tensor, da: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, mut dws) = self.run_backward(x, &[up], da)?;
-        Ok((Some(dx), dws.pop()))
-    }
-}
-
-impl CustomOp3 for GroupedUp {
-    fn name(&self) -> &'static str {
-        "grouped-up-swiglu"
-    }
-
-    fn cpu_fwd(
-        &self, xs: &CpuStorage, xl: &Layout, g: &CpuStorage, gl: &Layout, u: &CpuStorage,
-        ul: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run_forward(xs, xl, &[slice(g, gl)?, slice(u, ul)?])
-    }
-
-    fn bwd(
-        &self, x: &Tensor, gate: &Tensor, up: &Tensor, _a: &Tensor, da: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dws) = self.run_backward(x, &[gate, up], da)?;
-        let mut dws = dws.into_iter();
-        Ok((Some(dx), dws.next(), dws.next()))
-    }
-}
-
 /// An expert's index, its rows, and a buffer's slice of those rows.
 type ExpertRows<'a> = (usize, Range<usize>, &'a mut [f32]);
+
+/// Weights packed for the input gradient by a training forward on the tiles, by (stack,
+/// expert), until the backward takes them.
+type Kept = Mutex<HashMap<(usize, usize), PackedB>>;
 
 /// The product of `x` with one or two weight stacks of output widths `outs`, on `kernel`, its
 /// backward products too (the kernel of the forward, whatever [`Kernel::current`] says then).
@@ -317,14 +121,17 @@ struct Grouped {
     offsets: Arc<Vec<usize>>,
     outs: Vec<usize>,
     kernel: Kernel,
+    /// Some for a training forward on the tiles (see the module doc).
+    kept: Option<Arc<Kept>>,
 }
 
 impl Grouped {
-    fn new(kernel: Kernel, offsets: &[usize], ws: &[&Tensor]) -> Result<Grouped> {
+    fn new(kernel: Kernel, offsets: &[usize], ws: &[&Tensor], training: bool) -> Result<Grouped> {
         Ok(Grouped {
             offsets: Arc::new(offsets.to_vec()),
             outs: ws.iter().map(|w| w.dim(1)).collect::<Result<_>>()?,
             kernel,
+            kept: (training && kernel == Kernel::Amx).then(Arc::default),
         })
     }
 
@@ -369,6 +176,19 @@ impl Grouped {
                 let parallel = !self.side_by_side();
                 self.per_expert(y, width).into_par_iter().for_each(|(e, rows, y)| {
                     for (j, &dout) in self.outs.iter().enumerate() {
+                        if let Some(kept) = &self.kept {
+                            let packed = amx::forward_keeping_into(
+                                (rows.len(), dout, din),
+                                &mut y[self.column(j)..],
+                                width,
+                                &x[rows.start * din..rows.end * din],
+                                (din, 1),
+                                &ws[j][e * dout * din..(e + 1) * dout * din],
+                                parallel,
+                            );
+                            kept.lock().unwrap().insert((j, e), packed);
+                            continue;
+                        }
                         gemm_into(
                             self.kernel,
                             (rows.len(), dout, din),
@@ -398,13 +218,31 @@ impl Grouped {
                 let parallel = !self.side_by_side();
                 self.per_expert(dx, din).into_par_iter().for_each(|(e, rows, dx)| {
                     for (j, &dout) in self.outs.iter().enumerate() {
+                        let g = &g[rows.start * width + self.column(j)..];
+                        // A second backward through the same graph finds it taken, and packs.
+                        let kept =
+                            self.kept.as_ref().and_then(|k| k.lock().unwrap().remove(&(j, e)));
+                        if let Some(w) = kept {
+                            let (m, accumulate) = (rows.len(), j > 0);
+                            amx::gemm_packed_into(
+                                m,
+                                dx,
+                                din,
+                                accumulate,
+                                g,
+                                (width, 1),
+                                &w,
+                                parallel,
+                            );
+                            continue;
+                        }
                         gemm_into(
                             self.kernel,
                             (rows.len(), din, dout),
                             dx,
                             din,
                             j > 0,
-                            &g[rows.start * width + self.column(j)..],
+                            g,
                             (width, 1),
                             &ws[j][e * dout * din..(e + 1) * dout * din],
                             (din, 1),
@@ -576,6 +414,7 @@ impl CustomOp2 for GroupedDw {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Activation;
     use crate::ops::testing::{assert_close, check_grads, randn};
 
     // Expert 1 gets no rows: its gradient must be zero, not missing.
@@ -586,13 +425,13 @@ mod tests {
         let x = randn(&[9, 4], 1);
         let w = randn(&[4, 3, 4], 2);
         assert_close(
-            &grouped_matmul(&x, &w, &OFFSETS).unwrap(),
+            &grouped_matmul(&x, &w, &OFFSETS, true).unwrap(),
             &grouped_matmul_reference(&x, &w, &OFFSETS).unwrap(),
             1e-5,
         );
         check_grads(
             &[x, w],
-            |v| grouped_matmul(&v[0], &v[1], &OFFSETS),
+            |v| grouped_matmul(&v[0], &v[1], &OFFSETS, true),
             |v| grouped_matmul_reference(&v[0], &v[1], &OFFSETS),
         );
     }
@@ -605,15 +444,21 @@ mod tests {
             grouped_matmul_reference(&v[0], &Tensor::cat(&[&v[1], &v[2]], 1)?, &OFFSETS)
         };
         assert_close(
-            &grouped_matmul_cat(&x, &a, &b, &OFFSETS).unwrap(),
+            &grouped_matmul_cat(&x, &a, &b, &OFFSETS, true).unwrap(),
             &reference(&[x.clone(), a.clone(), b.clone()]).unwrap(),
             1e-5,
         );
-        check_grads(&[x, a, b], |v| grouped_matmul_cat(&v[0], &v[1], &v[2], &OFFSETS), reference);
+        check_grads(
+            &[x, a, b],
+            |v| grouped_matmul_cat(&v[0], &v[1], &v[2], &OFFSETS, true),
+            reference,
+        );
     }
 
     /// On AMX tiles, forward and both gradients against the f32 kernel within bf16 rounding:
-    /// experts side by side (each product on one thread) and one expert across the pool.
+    /// experts side by side (each product on one thread) and one expert across the pool. A
+    /// training forward, which keeps the weights packed for the backward, gives the same bits
+    /// as one that does not, and so does a second backward through its graph, which packs.
     #[test]
     fn amx_products_match_the_f32_kernel_within_bf16_rounding() {
         if !crate::ops::amx::available() {
@@ -627,13 +472,22 @@ mod tests {
             let vars = [randn(&[r, 70], 1), randn(&[e, 50, 70], 2), randn(&[e, 40, 70], 3)]
                 .map(|t| Var::from_tensor(&t).unwrap());
             let p = randn(&[r, 90], 4);
-            let run = |kernel| {
+            let run = |kernel, training, backwards| {
                 let [x, a, b] = vars.each_ref().map(|v| v.as_tensor());
-                let y = grouped_matmul_cat_on(kernel, x, a, b, &offsets).unwrap();
-                let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
-                [y, g.get(x).unwrap().clone(), g.get(a).unwrap().clone(), g.get(b).unwrap().clone()]
+                let y = grouped_matmul_cat_on(kernel, x, a, b, &offsets, training).unwrap();
+                let loss = (&y * &p).unwrap().sum_all().unwrap();
+                let mut g = loss.backward().unwrap();
+                for _ in 1..backwards {
+                    g = loss.backward().unwrap();
+                }
+                let grad = |t: &Tensor| g.get(t).unwrap().clone();
+                [y.clone(), grad(x), grad(a), grad(b)].map(|t| t.flatten_all().unwrap())
             };
-            for (got, want) in run(Kernel::Amx).iter().zip(run(Kernel::F32)) {
+            let bits = |ts: [Tensor; 4]| ts.map(|t| t.to_vec1::<f32>().unwrap());
+            let amx = run(Kernel::Amx, true, 1);
+            assert_eq!(bits(amx.clone()), bits(run(Kernel::Amx, false, 1)), "{offsets:?}");
+            assert_eq!(bits(amx.clone()), bits(run(Kernel::Amx, true, 2)), "{offsets:?}");
+            for (got, want) in amx.iter().zip(run(Kernel::F32, true, 1)) {
                 let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
                 let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 let err = err.to_scalar::<f32>().unwrap();
@@ -650,7 +504,7 @@ mod tests {
         let (g, u) = (randn(&[4, 3, 4], 2), randn(&[4, 3, 4], 3));
         let swiglu_ref = |v: &[Tensor]| {
             crate::ops::swiglu::swiglu_reference(&grouped_matmul_cat(
-                &v[0], &v[1], &v[2], &OFFSETS,
+                &v[0], &v[1], &v[2], &OFFSETS, true,
             )?)
         };
         let fused =
@@ -679,14 +533,19 @@ mod tests {
 
     #[test]
     fn bad_offsets_are_an_error() {
-        assert!(grouped_matmul(&randn(&[3, 2], 1), &randn(&[2, 2, 2], 2), &[0, 2, 2]).is_err());
+        assert!(
+            grouped_matmul(&randn(&[3, 2], 1), &randn(&[2, 2, 2], 2), &[0, 2, 2], true).is_err()
+        );
         // Rows before the first expert's would belong to no expert.
-        assert!(grouped_matmul(&randn(&[3, 2], 1), &randn(&[2, 2, 2], 2), &[1, 2, 3]).is_err());
+        assert!(
+            grouped_matmul(&randn(&[3, 2], 1), &randn(&[2, 2, 2], 2), &[1, 2, 3], true).is_err()
+        );
         assert!(grouped_matmul_cat(
             &randn(&[3, 2], 1),
             &randn(&[2, 2, 2], 2),
             &randn(&[2, 2, 3], 2),
-            &[0, 2, 3]
+            &[0, 2, 3],
+            true
         )
         .is_err());
     }

@@ -104,6 +104,53 @@ pub(super) fn pack_b(b: Operand, np: usize, kp: usize, parallel: bool) -> Vec<u1
     unsafe { written(np / T * block, write) }
 }
 
+/// A column-major `B = Wᵀ [K, N]` (`W [N, K]` row-major, the weight of a forward product)
+/// packed as [`pack_b`] packs it, and `W [N, K]` itself packed as the B operand of the input
+/// gradient's `dY · W` (`kp` columns rounded up from K, `np` rows from N): the pairs of
+/// neighbouring rows of `W` that the second layout wants sit in the registers the first one
+/// loads, so both cost one read of the f32 weights.
+pub(super) fn pack_b_both(
+    b: Operand, np: usize, kp: usize, parallel: bool,
+) -> (Vec<u16>, Vec<u16>) {
+    assert!(b.rs == 1, "pack_b_both: B must be column-major (a row-major W, transposed)");
+    let block = kp / 2 * T * 2;
+    // The second layout as B' [N, K]: K-blocks of 16 columns, each np/2 rows of 16 pairs.
+    let block_w = np / 2 * T * 2;
+    let mut forward = Vec::new();
+    // SAFETY: each task writes its chunk of the first layout whole, and the rows of the second
+    // that its columns of B (rows of W) make: tasks' column ranges are disjoint, so are those
+    // rows. Rows past N's last 16-row block are zeroed after the tasks.
+    let write_both = |backward: &mut [MaybeUninit<u16>]| {
+        let to = Shared(backward.as_mut_ptr());
+        let write = |out: &mut [MaybeUninit<u16>]| {
+            for_chunks(out, block, parallel, |task, blk| {
+                let n0 = task * T;
+                let cols = b.cols.saturating_sub(n0).min(T);
+                if cols < T {
+                    blk.fill(MaybeUninit::new(0));
+                }
+                if cols > 0 {
+                    let to = &to;
+                    // SAFETY: the CPU has AVX-512; see above for the second layout's rows.
+                    unsafe { x86::b_along_k_both(b, n0, cols, kp, blk, to.0, block_w) }
+                }
+            });
+        };
+        forward = unsafe { written(np / T * block, write) };
+        for kb in 0..kp / T {
+            let rows = kb * block_w + b.cols.next_multiple_of(T) * T..(kb + 1) * block_w;
+            backward[rows].fill(MaybeUninit::new(0));
+        }
+    };
+    let backward = unsafe { written(kp / T * block_w, write_both) };
+    (forward, backward)
+}
+
+/// The second layout's buffer, written by several tasks at disjoint places.
+struct Shared(*mut MaybeUninit<u16>);
+// SAFETY: the tasks that share it write disjoint elements (see `pack_b_both`).
+unsafe impl Sync for Shared {}
+
 /// The four packing kernels. Each writes whole 64-byte tile rows (zeros past the operand's
 /// edge), reading through masked loads that never touch memory past a row's end.
 mod x86 {
@@ -265,6 +312,42 @@ mod x86 {
         }
     }
 
+    /// [`b_along_k`] for one 16-column block (`cols` ≤ 16), also writing rows `n0/2..n0/2 + 8`
+    /// of `W = Bᵀ` packed as a B operand (`to`, K-blocks `block_w` apart): the pairs of its
+    /// neighbouring rows, from the same loads.
+    ///
+    /// # Safety
+    /// `to` must hold `kp / 16` K-blocks of `block_w` elements, `block_w ≥ (n0 + 16) · 16`,
+    /// which no other thread writes at those rows.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn b_along_k_both(
+        b: Operand, n0: usize, cols: usize, kp: usize, out: &mut [MaybeUninit<u16>],
+        to: *mut MaybeUninit<u16>, block_w: usize,
+    ) {
+        for c in 0..kp / KT {
+            let (mut lo, mut hi) = ([_mm512_setzero_ps(); T], [_mm512_setzero_ps(); T]);
+            for i in 0..cols {
+                let col = &b.data[(n0 + i) * b.cs..][..b.rows];
+                (lo[i], hi[i]) = (load(sixteen(col, c * KT)), load(sixteen(col, c * KT + 16)));
+            }
+            let v: [__m512i; T] = std::array::from_fn(|i| neighbours(lo[i], hi[i]));
+            for (p, row) in transpose(v).into_iter().enumerate() {
+                store(&mut out[(c * T + p) * T * 2..], row);
+            }
+            for q in 0..T / 2 {
+                let at = (n0 / 2 + q) * T * 2;
+                // SAFETY: inside `to` at rows of this task's (the caller's contract); 64-byte
+                // stores of whole tile rows.
+                unsafe {
+                    let lo_row = to.add(2 * c * block_w + at);
+                    let hi_row = to.add((2 * c + 1) * block_w + at);
+                    _mm512_storeu_si512(lo_row.cast(), pairs(lo[2 * q], lo[2 * q + 1]));
+                    _mm512_storeu_si512(hi_row.cast(), pairs(hi[2 * q], hi[2 * q + 1]));
+                }
+            }
+        }
+    }
+
     /// Columns `n0..n0 + cols` of a column-major B (`Wᵀ` in `X·Wᵀ`): for each 16 columns and
     /// 32 K, the neighbour pairs of 16 source rows, transposed.
     #[target_feature(enable = "avx512f")]
@@ -342,6 +425,19 @@ mod tests {
                 for parallel in [true, false] {
                     let packed = pack_b(b, np, kp, parallel);
                     assert_eq!(packed, want, "B {rows}x{cols} ({rs}, {cs}) parallel {parallel}");
+                }
+                if rs != 1 {
+                    continue;
+                }
+                // A column-major B is a forward product's `Wᵀ`: packed with `W [cols, rows]`
+                // as the input gradient's B, which is the transposed view packed on its own.
+                let w = Operand { data: &src, rows: cols, cols: rows, rs: cs, cs: 1 };
+                let want_w =
+                    pack_b(w, rows.next_multiple_of(2 * T), cols.next_multiple_of(KT), false);
+                for parallel in [true, false] {
+                    let (forward, backward) = pack_b_both(b, np, kp, parallel);
+                    assert_eq!(forward, want, "B {rows}x{cols} both, parallel {parallel}");
+                    assert_eq!(backward, want_w, "W {cols}x{rows} both, parallel {parallel}");
                 }
             }
         }
