@@ -126,9 +126,7 @@ fn gemm_packed(_: Operand, _: &PackedB, _: &mut [MaybeUninit<f32>], _: usize, _:
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn forward_keeping(
-    _: Operand, _: Operand, _: &mut [MaybeUninit<f32>], _: usize, _: bool,
-) -> PackedB {
+pub(crate) fn pack_weight(_: &[f32], _: usize, _: usize, _: bool) -> (PackedB, PackedB) {
     unreachable!("AMX tiles are x86-64 only")
 }
 
@@ -157,19 +155,17 @@ fn gemm(
     gemm_packed(a, &packed, dst, dst_rs, accumulate, parallel)
 }
 
-/// `dst = X · Wᵀ` as [`gemm`] does it with `a = X` and `b = Wᵀ` (`W [N, K]` row-major), which
-/// also returns `W` packed as the B operand of the input gradient's `dY · W`: both layouts come
-/// from one read of the f32 weights, where packing each from memory on its own is most of what
-/// the bf16 products of a small expert cost beyond their tiles.
+/// A weight `W [n, k]` (row-major) packed as the B operands of both of its products: `Wᵀ`
+/// for the forward `X · Wᵀ`, and `W` for the input gradient `dY · W`. Both come from one read
+/// of the f32 weights, where packing each from memory on its own is most of what the bf16
+/// products of a small expert cost beyond their tiles.
 #[cfg(target_arch = "x86_64")]
-fn forward_keeping(
-    a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, parallel: bool,
-) -> PackedB {
-    let (k, n) = (a.cols, b.cols);
+pub(crate) fn pack_weight(w: &[f32], n: usize, k: usize, parallel: bool) -> (PackedB, PackedB) {
+    assert!(w.len() >= n * k, "pack_weight: {} values for a {n}×{k} weight", w.len());
+    let wt = Operand { data: w, rows: k, cols: n, rs: 1, cs: k };
     let (kp, np) = (k.next_multiple_of(KT), n.next_multiple_of(2 * T));
-    let (forward, backward) = pack::pack_b_both(b, np, kp, parallel);
-    gemm_packed(a, &PackedB { data: forward, k, n }, dst, dst_rs, false, parallel);
-    PackedB { data: backward, k: n, n: k }
+    let (forward, backward) = pack::pack_b_both(wt, np, kp, parallel);
+    (PackedB { data: forward, k, n }, PackedB { data: backward, k: n, n: k })
 }
 
 /// [`gemm`] with B already packed.
@@ -372,51 +368,22 @@ pub(crate) fn gemm_into(
     gemm(a, b, dst, dst_rs, accumulate, parallel)
 }
 
-/// [`gemm_into`]'s forward product `dst = lhs · Wᵀ` (`W [n, k]` row-major), returning `W`
-/// packed for the input gradient's [`gemm_packed_into`] (`dY · W`) as well.
-pub(crate) fn forward_keeping_into(
-    (m, n, k): (usize, usize, usize), dst: &mut [f32], dst_rs: usize, lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize), w: &[f32], parallel: bool,
-) -> PackedB {
-    check_dst(dst, m, n, dst_rs);
-    assert!(
-        m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
-        "gemm: lhs too small"
-    );
-    assert!(w.len() >= n * k, "gemm: weight too small");
-    let dst = uninit(dst);
-    let a = Operand { data: lhs, rows: m, cols: k, rs: lhs_rs, cs: lhs_cs };
-    let b = Operand { data: w, rows: k, cols: n, rs: 1, cs: k };
-    forward_keeping(a, b, dst, dst_rs, parallel)
-}
-
-/// [`gemm_into`] with the right operand already packed: `dst (+)= lhs · B`, `lhs [m, B's K]`.
+/// [`gemm_into`] with the right operand packed ([`pack_weight`]): `dst (+)= lhs · B`, where
+/// `lhs` is `[m, B's K]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_packed_into(
-    m: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: &[f32],
+    m: usize, dst: &mut [MaybeUninit<f32>], dst_rs: usize, accumulate: bool, lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize), b: &PackedB, parallel: bool,
 ) {
-    check_dst(dst, m, b.n, dst_rs);
-    let k = b.k;
-    assert!(
-        m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
-        "gemm: lhs too small"
-    );
-    let a = Operand { data: lhs, rows: m, cols: k, rs: lhs_rs, cs: lhs_cs };
-    gemm_packed(a, b, uninit(dst), dst_rs, accumulate, parallel)
+    let a = Operand { data: lhs, rows: m, cols: b.k, rs: lhs_rs, cs: lhs_cs };
+    gemm_packed(a, b, dst, dst_rs, accumulate, parallel)
 }
 
-fn check_dst(dst: &[f32], m: usize, n: usize, dst_rs: usize) {
-    assert!(
-        dst_rs >= n && (m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n),
-        "gemm: destination too small"
-    );
-}
-
-/// Initialised memory seen as possibly uninitialised, as the kernels take it.
-fn uninit(dst: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: the same memory and layout; the kernels store only f32 values to it.
-    unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) }
+impl PackedB {
+    /// `(K, N)` of the operand, before rounding.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
 }
 
 static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

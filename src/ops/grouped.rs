@@ -24,7 +24,7 @@ mod recompute;
 pub use recompute::grouped_up;
 
 use super::amx::{self, PackedB};
-use super::{fresh, fused, gemm_into, slice, Kernel};
+use super::{fresh, fused, gemm_into, gemm_packed_into, slice, Kernel};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -175,29 +175,29 @@ impl Grouped {
             fresh(r * width, |y| {
                 let parallel = !self.side_by_side();
                 self.per_expert(y, width).into_par_iter().for_each(|(e, rows, y)| {
+                    let x = &x[rows.start * din..rows.end * din];
                     for (j, &dout) in self.outs.iter().enumerate() {
+                        let (w, y) = (
+                            &ws[j][e * dout * din..(e + 1) * dout * din],
+                            &mut y[self.column(j)..],
+                        );
+                        let m = rows.len();
                         if let Some(kept) = &self.kept {
-                            let packed = amx::forward_keeping_into(
-                                (rows.len(), dout, din),
-                                &mut y[self.column(j)..],
-                                width,
-                                &x[rows.start * din..rows.end * din],
-                                (din, 1),
-                                &ws[j][e * dout * din..(e + 1) * dout * din],
-                                parallel,
-                            );
-                            kept.lock().unwrap().insert((j, e), packed);
+                            let (w_t, w) = amx::pack_weight(w, dout, din, parallel);
+                            gemm_packed_into(m, y, width, false, x, (din, 1), &w_t, parallel);
+                            kept.lock().unwrap().insert((j, e), w);
                             continue;
                         }
+                        let mnk = (m, dout, din);
                         gemm_into(
                             self.kernel,
-                            (rows.len(), dout, din),
-                            &mut y[self.column(j)..],
+                            mnk,
+                            y,
                             width,
                             false,
-                            &x[rows.start * din..rows.end * din],
+                            x,
                             (din, 1),
-                            &ws[j][e * dout * din..(e + 1) * dout * din],
+                            w,
                             (1, din),
                             parallel,
                         );
@@ -224,16 +224,7 @@ impl Grouped {
                             self.kept.as_ref().and_then(|k| k.lock().unwrap().remove(&(j, e)));
                         if let Some(w) = kept {
                             let (m, accumulate) = (rows.len(), j > 0);
-                            amx::gemm_packed_into(
-                                m,
-                                dx,
-                                din,
-                                accumulate,
-                                g,
-                                (width, 1),
-                                &w,
-                                parallel,
-                            );
+                            gemm_packed_into(m, dx, din, accumulate, g, (width, 1), &w, parallel);
                             continue;
                         }
                         gemm_into(

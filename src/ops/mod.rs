@@ -195,9 +195,40 @@ pub(crate) fn gemm_into(
     lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize),
     parallel: bool,
 ) {
-    // SAFETY: the same memory seen as possibly uninitialised; `gemm` stores only f32 values.
-    let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
-    gemm(kernel, mnk, dst, dst_rs, accumulate, lhs, lhs_strides, rhs, rhs_strides, parallel)
+    gemm(kernel, mnk, uninit(dst), dst_rs, accumulate, lhs, lhs_strides, rhs, rhs_strides, parallel)
+}
+
+/// [`gemm_into`] on AMX tiles with the right operand already packed ([`amx::pack_weight`]):
+/// `dst (+)= lhs · B`, `lhs` `[m, B's K]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_packed_into(
+    m: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: &[f32],
+    lhs_strides: (usize, usize), b: &amx::PackedB, parallel: bool,
+) {
+    let (k, n) = b.dims();
+    check_dst_and_lhs((m, n, k), dst.len(), dst_rs, lhs.len(), lhs_strides);
+    amx::gemm_packed_into(m, uninit(dst), dst_rs, accumulate, lhs, lhs_strides, b, parallel)
+}
+
+/// Initialised memory seen as possibly uninitialised, as the product kernels take it.
+fn uninit(dst: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: the same memory and layout; the kernels store only f32 values to it.
+    unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// That an m×n product fits `dst` (rows `dst_rs` apart) and an m×k `lhs` fits its slice.
+fn check_dst_and_lhs(
+    (m, n, k): (usize, usize, usize), dst_len: usize, dst_rs: usize, lhs_len: usize,
+    (lhs_rs, lhs_cs): (usize, usize),
+) {
+    assert!(
+        dst_rs >= n && (m == 0 || n == 0 || dst_len >= (m - 1) * dst_rs + n),
+        "gemm: destination too small"
+    );
+    assert!(
+        m == 0 || k == 0 || lhs_len > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
+        "gemm: lhs too small"
+    );
 }
 
 /// [`gemm_into`] on a destination that may be uninitialised unless `accumulate`: every element
@@ -209,14 +240,7 @@ fn gemm(
     accumulate: bool, lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize), parallel: bool,
 ) {
-    assert!(
-        dst_rs >= n && (m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n),
-        "gemm: destination too small"
-    );
-    assert!(
-        m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
-        "gemm: lhs too small"
-    );
+    check_dst_and_lhs((m, n, k), dst.len(), dst_rs, lhs.len(), (lhs_rs, lhs_cs));
     assert!(
         k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
         "gemm: rhs too small"

@@ -68,11 +68,56 @@ pub(super) fn pack_a(a: Operand, mp: usize, kp: usize, parallel: bool) -> Vec<u1
 /// `(B[2p][n], B[2p+1][n])`, so one B tile is 1 KiB of contiguous memory; across the current
 /// pool when `parallel`.
 pub(super) fn pack_b(b: Operand, np: usize, kp: usize, parallel: bool) -> Vec<u16> {
+    pack_b_and(b, np, kp, parallel, None)
+}
+
+/// A column-major `B = Wᵀ [K, N]` (`W [N, K]` row-major, the weight of a forward product)
+/// packed as [`pack_b`] packs it, and `W [N, K]` itself packed as the B operand of the input
+/// gradient's `dY · W` (`kp` columns rounded up from K, `np` rows from N): the pairs of
+/// neighbouring rows of `W` that the second layout wants sit in the registers the first one
+/// loads, so both cost one read of the f32 weights.
+pub(super) fn pack_b_both(
+    b: Operand, np: usize, kp: usize, parallel: bool,
+) -> (Vec<u16>, Vec<u16>) {
+    assert!(b.rs == 1, "pack_b_both: B must be column-major (a row-major W, transposed)");
+    // The second layout as B' [N, K]: K-blocks of 16 columns, each np/2 rows of 16 pairs.
+    let block_w = np / 2 * T * 2;
+    let mut forward = Vec::new();
+    // SAFETY: the tasks write the rows of the second layout that their columns of B (rows of
+    // W) make; the rows past N's last 16-row block are zeroed here.
+    let write = |backward: &mut [MaybeUninit<u16>]| {
+        let second = Second { to: backward.as_mut_ptr(), block_w };
+        forward = pack_b_and(b, np, kp, parallel, Some(&second));
+        for kb in 0..kp / T {
+            let rows = kb * block_w + b.cols.next_multiple_of(T) * T..(kb + 1) * block_w;
+            backward[rows].fill(MaybeUninit::new(0));
+        }
+    };
+    let backward = unsafe { written(kp / T * block_w, write) };
+    (forward, backward)
+}
+
+/// The second layout of [`pack_b_both`]: K-blocks of `block_w` elements from `to`, which
+/// several tasks write at disjoint rows.
+struct Second {
+    to: *mut MaybeUninit<u16>,
+    block_w: usize,
+}
+
+// SAFETY: the tasks that share it write disjoint elements (see `pack_b_both`).
+unsafe impl Sync for Second {}
+
+/// [`pack_b`], which with `second` (a column-major B only) also writes `Bᵀ`'s layout there.
+fn pack_b_and(
+    b: Operand, np: usize, kp: usize, parallel: bool, second: Option<&Second>,
+) -> Vec<u16> {
     let block = kp / 2 * T * 2;
     // A row-major B is read a row at a time: a task takes several column blocks, so the row
     // segment it reads is long.
+    // (A B with both strides 1, one row or column, is row-major here unless it owes `second`.)
+    let row_major = b.cs == 1 && second.is_none();
     let blocks = np / T;
-    let per_task = if b.cs == 1 { (blocks / (4 * threads(parallel))).clamp(1, 16) } else { 1 };
+    let per_task = if row_major { (blocks / (4 * threads(parallel))).clamp(1, 16) } else { 1 };
     // Only the element-by-element fallback leaves K's padding unwritten.
     let general = b.cs != 1 && b.rs != 1;
     // SAFETY: each task writes its whole chunk: zeros first wherever it holds padding.
@@ -86,11 +131,12 @@ pub(super) fn pack_b(b: Operand, np: usize, kp: usize, parallel: bool) -> Vec<u1
             if cols == 0 {
                 return; // padding columns only
             }
-            // SAFETY (both): the CPU has AVX-512, as every CPU with the tiles does.
-            if b.cs == 1 {
+            // SAFETY (all): the CPU has AVX-512, as every CPU with the tiles does; a column-major
+            // B's task is one block of 16 columns, so its rows of `second` are its own.
+            if row_major {
                 unsafe { x86::b_across_k(b, n0, cols, kp, blks) }
             } else if b.rs == 1 {
-                unsafe { x86::b_along_k(b, n0, cols, kp, blks) }
+                unsafe { x86::b_along_k(b, n0, cols, kp, blks, second) }
             } else {
                 for c in 0..cols {
                     for k in 0..b.rows {
@@ -104,57 +150,10 @@ pub(super) fn pack_b(b: Operand, np: usize, kp: usize, parallel: bool) -> Vec<u1
     unsafe { written(np / T * block, write) }
 }
 
-/// A column-major `B = Wᵀ [K, N]` (`W [N, K]` row-major, the weight of a forward product)
-/// packed as [`pack_b`] packs it, and `W [N, K]` itself packed as the B operand of the input
-/// gradient's `dY · W` (`kp` columns rounded up from K, `np` rows from N): the pairs of
-/// neighbouring rows of `W` that the second layout wants sit in the registers the first one
-/// loads, so both cost one read of the f32 weights.
-pub(super) fn pack_b_both(
-    b: Operand, np: usize, kp: usize, parallel: bool,
-) -> (Vec<u16>, Vec<u16>) {
-    assert!(b.rs == 1, "pack_b_both: B must be column-major (a row-major W, transposed)");
-    let block = kp / 2 * T * 2;
-    // The second layout as B' [N, K]: K-blocks of 16 columns, each np/2 rows of 16 pairs.
-    let block_w = np / 2 * T * 2;
-    let mut forward = Vec::new();
-    // SAFETY: each task writes its chunk of the first layout whole, and the rows of the second
-    // that its columns of B (rows of W) make: tasks' column ranges are disjoint, so are those
-    // rows. Rows past N's last 16-row block are zeroed after the tasks.
-    let write_both = |backward: &mut [MaybeUninit<u16>]| {
-        let to = Shared(backward.as_mut_ptr());
-        let write = |out: &mut [MaybeUninit<u16>]| {
-            for_chunks(out, block, parallel, |task, blk| {
-                let n0 = task * T;
-                let cols = b.cols.saturating_sub(n0).min(T);
-                if cols < T {
-                    blk.fill(MaybeUninit::new(0));
-                }
-                if cols > 0 {
-                    let to = &to;
-                    // SAFETY: the CPU has AVX-512; see above for the second layout's rows.
-                    unsafe { x86::b_along_k_both(b, n0, cols, kp, blk, to.0, block_w) }
-                }
-            });
-        };
-        forward = unsafe { written(np / T * block, write) };
-        for kb in 0..kp / T {
-            let rows = kb * block_w + b.cols.next_multiple_of(T) * T..(kb + 1) * block_w;
-            backward[rows].fill(MaybeUninit::new(0));
-        }
-    };
-    let backward = unsafe { written(kp / T * block_w, write_both) };
-    (forward, backward)
-}
-
-/// The second layout's buffer, written by several tasks at disjoint places.
-struct Shared(*mut MaybeUninit<u16>);
-// SAFETY: the tasks that share it write disjoint elements (see `pack_b_both`).
-unsafe impl Sync for Shared {}
-
 /// The four packing kernels. Each writes whole 64-byte tile rows (zeros past the operand's
 /// edge), reading through masked loads that never touch memory past a row's end.
 mod x86 {
-    use super::{a_index, Operand, KT, T};
+    use super::{a_index, Operand, Second, KT, T};
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
@@ -312,18 +311,20 @@ mod x86 {
         }
     }
 
-    /// [`b_along_k`] for one 16-column block (`cols` ≤ 16), also writing rows `n0/2..n0/2 + 8`
-    /// of `W = Bᵀ` packed as a B operand (`to`, K-blocks `block_w` apart): the pairs of its
-    /// neighbouring rows, from the same loads.
+    /// Columns `n0..n0 + cols` (`cols` ≤ 16) of a column-major B (`Wᵀ` in `X·Wᵀ`): for each
+    /// 32 K, the neighbour pairs of 16 source rows, transposed. With `second`, also rows
+    /// `n0/2..n0/2 + 8` of `W = Bᵀ` packed as a B operand: the pairs of its neighbouring rows,
+    /// from the same loads.
     ///
     /// # Safety
-    /// `to` must hold `kp / 16` K-blocks of `block_w` elements, `block_w ≥ (n0 + 16) · 16`,
-    /// which no other thread writes at those rows.
+    /// `second` must hold `kp / 16` K-blocks of `block_w ≥ (n0 + 16) · 16` elements, which no
+    /// other thread writes at those rows.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn b_along_k_both(
+    pub(super) unsafe fn b_along_k(
         b: Operand, n0: usize, cols: usize, kp: usize, out: &mut [MaybeUninit<u16>],
-        to: *mut MaybeUninit<u16>, block_w: usize,
+        second: Option<&Second>,
     ) {
+        debug_assert!(cols <= T);
         for c in 0..kp / KT {
             let (mut lo, mut hi) = ([_mm512_setzero_ps(); T], [_mm512_setzero_ps(); T]);
             for i in 0..cols {
@@ -334,6 +335,7 @@ mod x86 {
             for (p, row) in transpose(v).into_iter().enumerate() {
                 store(&mut out[(c * T + p) * T * 2..], row);
             }
+            let Some(&Second { to, block_w }) = second else { continue };
             for q in 0..T / 2 {
                 let at = (n0 / 2 + q) * T * 2;
                 // SAFETY: inside `to` at rows of this task's (the caller's contract); 64-byte
@@ -343,27 +345,6 @@ mod x86 {
                     let hi_row = to.add((2 * c + 1) * block_w + at);
                     _mm512_storeu_si512(lo_row.cast(), pairs(lo[2 * q], lo[2 * q + 1]));
                     _mm512_storeu_si512(hi_row.cast(), pairs(hi[2 * q], hi[2 * q + 1]));
-                }
-            }
-        }
-    }
-
-    /// Columns `n0..n0 + cols` of a column-major B (`Wᵀ` in `X·Wᵀ`): for each 16 columns and
-    /// 32 K, the neighbour pairs of 16 source rows, transposed.
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn b_along_k(
-        b: Operand, n0: usize, cols: usize, kp: usize, out: &mut [MaybeUninit<u16>],
-    ) {
-        let block = kp / 2 * T * 2;
-        for blk in 0..cols.div_ceil(T) {
-            for c in 0..kp / KT {
-                let mut v = [_mm512_setzero_si512(); T];
-                for (i, v) in v.iter_mut().enumerate().take(cols - blk * T) {
-                    let col = &b.data[(n0 + blk * T + i) * b.cs..][..b.rows];
-                    *v = neighbours(load(sixteen(col, c * KT)), load(sixteen(col, c * KT + 16)));
-                }
-                for (p, row) in transpose(v).into_iter().enumerate() {
-                    store(&mut out[blk * block + (c * T + p) * T * 2..], row);
                 }
             }
         }
