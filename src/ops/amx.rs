@@ -38,8 +38,12 @@ fn detect() -> bool {
     let leaf7 = __cpuid_count(7, 0);
     let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
     let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
-    // The packing is AVX-512 (every CPU with the tiles has it, unless a hypervisor hides it).
-    if !(amx_bf16 && amx_tile && osxsave && std::arch::is_x86_feature_detected!("avx512f")) {
+    // The packing is AVX-512 with AVX512_BF16's conversion (every CPU with the tiles has
+    // both, unless a hypervisor hides them).
+    let packing = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512bf16");
+    if !(amx_bf16 && amx_tile && osxsave && packing) {
         return false;
     }
     // XCR0 bits 17 and 18: the OS saves tile configuration and tile data.
@@ -63,14 +67,22 @@ fn detect() -> bool {
     false
 }
 
-/// f32 → bf16, rounding to nearest even (NaN stays NaN).
+/// f32 → bf16 as the CPU's `vcvtne2ps2bf16` converts, which the packing kernels use: rounded
+/// to nearest even, a NaN made quiet, a denormal input taken as a zero of its sign.
 #[inline(always)]
 fn bf16(x: f32) -> u16 {
     // Branch-free, so that packing loops vectorise.
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
     let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
-    (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
+    let denormal = b & 0x7f80_0000 == 0;
+    (if nan {
+        (b >> 16) | 0x40
+    } else if denormal {
+        (b >> 16) & 0x8000
+    } else {
+        rounded
+    }) as u16
 }
 
 /// A 2-D f32 operand: element (i, j) at `data[i·rs + j·cs]`.

@@ -400,7 +400,7 @@ fn bf16_on_cpu() -> Result<()> {
         return Err(crate::config::ConfigError::Invalid {
             origin: "`run.dtype` = \"bf16\"".into(),
             message: format!(
-                "bf16 on the CPU needs AMX bf16 tiles (Intel Xeon Sapphire Rapids or newer), and {why}; f32 is the fastest dtype here"
+                "bf16 on the CPU needs AMX bf16 tiles with AVX512_BF16 (Intel Xeon Sapphire Rapids or newer), and {why}; f32 is the fastest dtype here"
             ),
         }
         .into());
