@@ -18,7 +18,7 @@
 #
 # Usage: scripts/bench_vs_torch.sh [--config C] [--steps N] [--warmup W] [--rounds R]
 #            [--simd "portable avx2 avx512"] [--torch "f32 bf16"] [--threads T]
-#            [--bin PATH] [--set key=value]...
+#            [--bin PATH] [--set key=value]... [--as-avx2]
 #   --config   TOML config (default configs/bench-dense.toml)
 #   --steps    timed steps per row (default 10), --warmup untimed steps before them (default 2)
 #   --rounds   rounds (default 2)
@@ -27,6 +27,10 @@
 #   --threads  PyTorch intra-op threads (default: all cores, as motrain uses)
 #   --bin      motrain binary (default: cargo build --release, then target/release/motrain)
 #   --set      config override, passed to both (e.g. --set data.seq_len=2048)
+#   --as-avx2  this CPU as an AVX2-only one: motrain built without gemm's AVX-512 kernels
+#              (--no-default-features, into target/as-avx2) on the avx2 path, PyTorch f32 with
+#              ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2;
+#              no bf16 rows. The same memory and clocks as this CPU, so an estimate of one.
 # Environment: TORCH_PYTHON (default /work/venv-torch/bin/python), a Python with torch, numpy and
 # safetensors: python3 -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch numpy safetensors
 # Needs python3 (system) for the JSON and the tables.
@@ -42,6 +46,7 @@ torch_modes="f32 bf16"
 threads=$(nproc)
 bin=
 sets=()
+as_avx2=
 py=${TORCH_PYTHON:-/work/venv-torch/bin/python}
 
 usage() { sed -n '/^# Usage:/,/^# Needs/p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -56,6 +61,7 @@ while [ $# -gt 0 ]; do
     --threads) threads=$2; shift 2 ;;
     --bin) bin=$2; shift 2 ;;
     --set) sets+=(--set "$2"); shift 2 ;;
+    --as-avx2) as_avx2=1; shift ;;
     -h|--help) usage 0 ;;
     *) echo "error: unknown argument $1" >&2; usage 2 >&2 ;;
   esac
@@ -74,8 +80,17 @@ for f in sse4_2 fma avx2 avx512f avx512bw avx512cd avx512dq avx512vl avx512_vnni
   has "$f" && found="$found $f"
 done
 [ "$simd" = auto ] && simd=$supported
+if [ -n "$as_avx2" ]; then
+  has avx2 fma || { echo "error: --as-avx2 needs a CPU with AVX2 and FMA" >&2; exit 2; }
+  simd=avx2
+  torch_modes=${torch_modes/bf16/}
+  export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+fi
 
-if [ -z "$bin" ]; then
+if [ -z "$bin" ] && [ -n "$as_avx2" ]; then
+  cargo build --release -q --no-default-features --target-dir target/as-avx2
+  bin=./target/as-avx2/release/motrain
+elif [ -z "$bin" ]; then
   cargo build --release -q
   bin=./target/release/motrain
 fi
@@ -179,7 +194,7 @@ for r in $(seq "$rounds"); do
     record "$r" motrain f32 "$s" -- env MOTRAIN_SIMD="$s" "$bin" bench --config "$config" \
       --steps "$steps" --warmup "$warmup" "${sets[@]}"
   done
-  if grep -qw amx_bf16 /proc/cpuinfo && [ -n "$simd" ]; then
+  if grep -qw amx_bf16 /proc/cpuinfo && [ -n "$simd" ] && [ -z "$as_avx2" ]; then
     record "$r" motrain bf16 avx512 -- env MOTRAIN_SIMD=avx512 "$bin" bench --config "$config" \
       --steps "$steps" --warmup "$warmup" "${sets[@]}" --set 'run.dtype="bf16"'
   fi
