@@ -184,11 +184,11 @@ mod x86 {
         unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), v) }
     }
 
-    /// 32 floats as 32 bf16, `lo`'s in the lower half and `hi`'s in the upper, bit for bit
-    /// [`super::bf16`] (`vcvtne2ps2bf16`).
+    /// 32 consecutive floats as 32 bf16 in order, `lo`'s then `hi`'s: the pairs of neighbours
+    /// along K. Bit for bit [`super::bf16`] (`vcvtne2ps2bf16`).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    fn convert(lo: __m512, hi: __m512) -> __m512i {
+    fn neighbours(lo: __m512, hi: __m512) -> __m512i {
         // SAFETY: both types are 64 bytes of plain bits.
         unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) }
     }
@@ -197,19 +197,12 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
     fn pairs(x: __m512, y: __m512) -> __m512i {
-        // 16-bit element 2c from x[c] (element c of the conversion), 2c + 1 from y[c] (16 + c).
+        // 16-bit element 2c from x[c] (element c of `neighbours`), 2c + 1 from y[c] (16 + c).
         let order = _mm512_set_epi16(
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
             4, 19, 3, 18, 2, 17, 1, 16, 0,
         );
-        _mm512_permutexvar_epi16(order, convert(x, y))
-    }
-
-    /// 32 consecutive floats as 32 bf16 in order: the pairs of neighbours along K.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    #[inline]
-    fn neighbours(lo: __m512, hi: __m512) -> __m512i {
-        convert(lo, hi)
+        _mm512_permutexvar_epi16(order, neighbours(x, y))
     }
 
     /// The 16 × 16 transpose of 32-bit lanes: lane j of row i becomes lane i of row j.
