@@ -3,7 +3,7 @@
 use crate::config::Config;
 use crate::metrics::peak_rss_bytes;
 use crate::model::flops_per_token;
-use crate::train::Trainer;
+use crate::train::{Phases, Trainer};
 use anyhow::Result;
 use serde::Serialize;
 use std::time::Instant;
@@ -32,6 +32,8 @@ pub struct BenchResult {
     /// comm_s_per_step / step_time_s.
     pub comm_share: f64,
     pub final_loss: f64,
+    /// Milliseconds per step in each phase of it.
+    pub phases_ms: PhasesMs,
     /// MoT models: the mixing ops alone, fused against the plain formulation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mot_ops: Option<MixingOps>,
@@ -39,6 +41,28 @@ pub struct BenchResult {
     /// against recomputing them (`train.recompute_experts`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experts: Option<ExpertTimes>,
+}
+
+/// Milliseconds per timed step: the phases of `train::Phases`, and the rest of the step
+/// (drawing the batch plan, logs, and for MoE and MoT the routing statistics).
+#[derive(Debug, Serialize)]
+pub struct PhasesMs {
+    pub forward: f64,
+    pub backward: f64,
+    pub comm: f64,
+    pub norm: f64,
+    pub update: f64,
+    pub other: f64,
+}
+
+impl PhasesMs {
+    fn per_step(p: &Phases, steps: usize, step_ms: f64) -> PhasesMs {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / steps.max(1) as f64;
+        let (forward, backward, comm) = (ms(p.forward), ms(p.backward), ms(p.comm));
+        let (norm, update) = (ms(p.norm), ms(p.update));
+        let other = step_ms - (forward + backward + comm + norm + update);
+        PhasesMs { forward, backward, comm, norm, update, other }
+    }
 }
 
 /// Milliseconds for one MoT layer's experts on their merged tokens, forward and backward: the
@@ -75,6 +99,9 @@ pub fn bench(runs: Vec<(Config, String)>, steps: usize, warmup: usize) -> Result
             t.trainer.train_step()?;
         }
     }
+    for (t, _) in &mut timed {
+        t.phases_before = t.trainer.phases;
+    }
     for _ in 0..steps {
         for (t, _) in &mut timed {
             t.step()?;
@@ -83,11 +110,11 @@ pub fn bench(runs: Vec<(Config, String)>, steps: usize, warmup: usize) -> Result
     timed.into_iter().map(|(t, name)| t.result(&name, steps, &dist)).collect()
 }
 
-/// A trainer and the time its timed steps took.
+/// A trainer and the time its timed steps took; its phases as they stood before them.
 struct Timed {
     trainer: Trainer,
     secs: f64,
-    comm_secs: f64,
+    phases_before: Phases,
     loss: f64,
 }
 
@@ -96,23 +123,24 @@ impl Timed {
         Ok(Timed {
             trainer: Trainer::new(cfg, dist.clone())?,
             secs: 0.0,
-            comm_secs: 0.0,
+            phases_before: Phases::default(),
             loss: f64::NAN,
         })
     }
 
     fn step(&mut self) -> Result<()> {
-        let (start, comm_before) = (Instant::now(), self.trainer.comm_time);
+        let start = Instant::now();
         self.loss = self.trainer.train_step()?.loss;
         self.secs += start.elapsed().as_secs_f64();
-        self.comm_secs += (self.trainer.comm_time - comm_before).as_secs_f64();
         Ok(())
     }
 
     fn result(self, name: &str, steps: usize, dist: &crate::dist::Dist) -> Result<BenchResult> {
         let (trainer, secs) = (self.trainer, self.secs);
         trainer.use_kernel();
-        let comm_s_per_step = self.comm_secs / steps.max(1) as f64;
+        let phases = trainer.phases.since(&self.phases_before);
+        let comm_s_per_step = phases.comm.as_secs_f64() / steps.max(1) as f64;
+        let phases_ms = PhasesMs::per_step(&phases, steps, secs * 1e3 / steps.max(1) as f64);
         let (mot_ops, experts) = match trainer.cfg.model.ffn {
             crate::config::FfnKind::Mot => {
                 (Some(time_mixing_ops(&trainer.cfg, 10)?), Some(time_experts(&trainer.cfg, 6)?))
@@ -141,6 +169,7 @@ impl Timed {
             comm_s_per_step,
             comm_share: comm_s_per_step / (secs / steps.max(1) as f64),
             final_loss: self.loss,
+            phases_ms,
             mot_ops,
             experts,
         })

@@ -569,6 +569,16 @@ fn bench_prints_speed_as_json() {
     // Consistency: GFLOP/s = flops per token * tokens per s / 1e9.
     let g = num(&v, "flops_per_token") * num(&v, "tokens_per_s") / 1e9;
     assert!(((num(&v, "gflops_per_s") - g) / g).abs() < 1e-6, "{v}");
+    // The phases of a step add up to the step: forward and backward take most of it, nothing
+    // is negative beyond timer rounding, and the rest ("other") is what the phases do not
+    // cover.
+    let phase =
+        |k: &str| v["phases_ms"][k].as_f64().unwrap_or_else(|| panic!("phases_ms.{k}: {v}"));
+    let names = ["forward", "backward", "comm", "norm", "update", "other"];
+    let sum: f64 = names.iter().map(|k| phase(k)).sum();
+    assert!((sum - 1e3 * num(&v, "step_time_s")).abs() < 1e-6, "{v}");
+    assert!(names.iter().all(|k| phase(k) >= -1e-3), "{v}");
+    assert!(phase("forward") > 0.0 && phase("backward") > 0.0 && phase("update") > 0.0, "{v}");
     // bench must not create a run directory.
     assert!(!f.run_dir("base").exists(), "bench wrote a run directory");
 }

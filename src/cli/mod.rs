@@ -588,6 +588,11 @@ fn report_bench(r: &crate::bench::BenchResult) -> Result<()> {
         r.simd,
         r.cpu
     );
+    let p = &r.phases_ms;
+    eprintln!(
+        "  ms per step: forward {:.1}, backward {:.1}, gradient sum over ranks {:.1}, norm {:.1}, update {:.1}, other {:.1}",
+        p.forward, p.backward, p.comm, p.norm, p.update, p.other
+    );
     if let Some(m) = &r.mot_ops {
         eprintln!("MoT mixing ops per layer (forward + backward): fused {:.2} ms, plain {:.2} ms ({:.2}x)", m.fused_ms, m.plain_ms, m.speedup);
     }

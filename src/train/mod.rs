@@ -31,6 +31,37 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 use zero::ShardedAdamW;
 
+/// Wall time spent in each phase of the steps taken so far, for `bench`. On a GPU, which runs
+/// asynchronously, forward and backward only count the time to queue their work (the step
+/// waits for it before the gradient sum).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Phases {
+    /// Reading the batch, the forward pass and the loss.
+    pub forward: Duration,
+    /// The backward pass and adding up micro-batches' gradients.
+    pub backward: Duration,
+    /// Summing gradients over ranks (data parallelism). With `train.zero = 1` the norm's and
+    /// the update's own collectives count in those.
+    pub comm: Duration,
+    /// The global gradient norm.
+    pub norm: Duration,
+    /// The optimizer's update.
+    pub update: Duration,
+}
+
+impl Phases {
+    /// The time spent since `earlier`, a reading of the same trainer's phases.
+    pub fn since(&self, earlier: &Phases) -> Phases {
+        Phases {
+            forward: self.forward - earlier.forward,
+            backward: self.backward - earlier.backward,
+            comm: self.comm - earlier.comm,
+            norm: self.norm - earlier.norm,
+            update: self.update - earlier.update,
+        }
+    }
+}
+
 pub struct StepStats {
     pub loss: f64,
     pub grad_norm: f64,
@@ -80,8 +111,8 @@ pub struct Trainer {
     pub step: usize,
     pub tokens: u64,
     pub skipped_steps: u64,
-    /// Time spent summing gradients over ranks, since the start.
-    pub comm_time: Duration,
+    /// Where the steps' time went, since the start.
+    pub phases: Phases,
     elapsed_before: f64,
     /// Test hook (`MOTRAIN_FAULT_NAN_STEP=N`): step N's loss becomes NaN, as a diverging run's would.
     nan_fault_step: Option<usize>,
@@ -128,7 +159,7 @@ impl Trainer {
             step: 0,
             tokens: 0,
             skipped_steps: 0,
-            comm_time: Duration::ZERO,
+            phases: Phases::default(),
             elapsed_before: 0.0,
             nan_fault_step,
             tiles,
@@ -187,6 +218,7 @@ impl Trainer {
         let drawn = self.data.drawn();
         let mut by_source = SourceSums::new(self.cfg.data.is_mixture(), &plan, &self.data);
         for j in first..first + mine {
+            let forward_start = Instant::now();
             let rows = &plan[j * micro..(j + 1) * micro];
             let batch = self.data.read(rows, drawn + (j * micro) as u64);
             let parts = if by_source.wanted {
@@ -205,6 +237,8 @@ impl Trainer {
             }
             stats.push(parts.stats);
             let scaled = if accum > 1 { (loss / accum as f64)? } else { loss };
+            let backward_start = Instant::now();
+            self.phases.forward += backward_start - forward_start;
             let grads = scaled.backward()?;
             for (a, var) in acc.iter_mut().zip(&vars) {
                 let g = match grads.get(var) {
@@ -216,6 +250,7 @@ impl Trainer {
                     None => g,
                 });
             }
+            self.phases.backward += backward_start.elapsed();
         }
         self.data.advance(&plan);
         let local: Vec<Tensor> =
@@ -233,21 +268,29 @@ impl Trainer {
         match &mut self.opt {
             Optimizer::Full(opt) => {
                 let grads = self.dist.all_reduce_sum_tensors(&local)?;
-                self.comm_time += comm_start.elapsed();
+                let norm_start = Instant::now();
+                self.phases.comm += norm_start - comm_start;
                 grad_norm = global_norm(&grads)?;
+                let update_start = Instant::now();
+                self.phases.norm += update_start - norm_start;
                 skipped = check_finite(&self.cfg, self.step, loss, grad_norm)?;
                 if !skipped {
                     opt.step(&grads, lr, clip_scale(clip, grad_norm))?;
                 }
+                self.phases.update += update_start.elapsed();
             }
             Optimizer::Sharded(opt) => {
                 let grads = opt.reduce(&self.dist, &local)?;
-                self.comm_time += comm_start.elapsed();
+                let norm_start = Instant::now();
+                self.phases.comm += norm_start - comm_start;
                 grad_norm = opt.norm(&self.dist, &grads);
+                let update_start = Instant::now();
+                self.phases.norm += update_start - norm_start;
                 skipped = check_finite(&self.cfg, self.step, loss, grad_norm)?;
                 if !skipped {
                     opt.step(&self.dist, &grads, lr, clip_scale(clip, grad_norm))?;
                 }
+                self.phases.update += update_start.elapsed();
             }
         }
         if skipped {
