@@ -16,7 +16,7 @@
 //! than merge), so it stays a separate pass whose backward is a few candle ops.
 
 use super::{fresh, fused, simd, slice};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Softmax of `z [B, S, E]` over the G rows of each group, separately per expert.
@@ -170,6 +170,28 @@ struct GroupDot {
     g: usize,
 }
 
+/// Forward-only, on the CPU: merge's backward, `[dx | dw]` from `(dm, x, w)` in one pass.
+struct MergeBackward {
+    g: usize,
+}
+
+/// Forward-only, on the CPU: emit's backward, `[dy | dw]` from `(dout, y, w)` in one pass.
+struct EmitBackward {
+    g: usize,
+}
+
+/// The two gradients that a fused backward returns one after the other in `both`, as
+/// tensors of shapes `first` and `second` (views of it, no copy).
+fn split_pair(
+    both: &Tensor, first: (usize, usize, usize), second: (usize, usize, usize),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let n = first.0 * first.1 * first.2;
+    let part = |at, shape: (usize, usize, usize)| {
+        both.narrow(0, at, shape.0 * shape.1 * shape.2)?.reshape(shape).map(Some)
+    };
+    Ok((part(0, first)?, part(n, second)?))
+}
+
 impl CustomOp1 for GroupSoftmax {
     fn name(&self) -> &'static str {
         "mot-group-softmax"
@@ -243,6 +265,11 @@ impl CustomOp2 for Merge {
         &self, x: &Tensor, w: &Tensor, _m: &Tensor, dm: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dm = dm.contiguous()?;
+        if fused(&[x, w, &dm]) {
+            let (b, s, d) = x.dims3()?;
+            let both = dm.apply_op3_no_bwd(x, w, &MergeBackward { g: self.g })?;
+            return split_pair(&both, (b, s, d), (b, s, w.dim(2)?));
+        }
         let dx = dm.apply_op2_no_bwd(w, &Emit { g: self.g })?;
         let dw = x.apply_op2_no_bwd(&dm, &GroupDot { g: self.g })?;
         Ok((Some(dx), Some(dw)))
@@ -275,6 +302,10 @@ impl CustomOp2 for Emit {
         &self, y: &Tensor, w: &Tensor, _out: &Tensor, dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dout = dout.contiguous()?;
+        if fused(&[y, w, &dout]) {
+            let both = dout.apply_op3_no_bwd(y, w, &EmitBackward { g: self.g })?;
+            return split_pair(&both, y.dims3()?, w.dims3()?);
+        }
         let dy = dout.apply_op2_no_bwd(w, &Merge { g: self.g })?;
         let dw = dout.apply_op2_no_bwd(y, &GroupDot { g: self.g })?;
         Ok((Some(dy), Some(dw)))
@@ -301,6 +332,42 @@ impl CustomOp2 for GroupDot {
         cl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::mot_cuda::group_dot(as_, al, cs, cl, self.g)
+    }
+}
+
+impl CustomOp3 for MergeBackward {
+    fn name(&self) -> &'static str {
+        "mot-merge-backward"
+    }
+
+    fn cpu_fwd(
+        &self, dms: &CpuStorage, dml: &Layout, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, s, d) = xl.shape().dims3()?;
+        let e = wl.shape().dims3()?.2;
+        let (dm, x, w) = (slice(dms, dml)?, slice(xs, xl)?, slice(ws, wl)?);
+        let both = cpu::merge_backward(dm, x, w, (b, s, d, e, self.g));
+        let n = both.len();
+        Ok((CpuStorage::F32(both), Shape::from(n)))
+    }
+}
+
+impl CustomOp3 for EmitBackward {
+    fn name(&self) -> &'static str {
+        "mot-emit-backward"
+    }
+
+    fn cpu_fwd(
+        &self, dos: &CpuStorage, dol: &Layout, ys: &CpuStorage, yl: &Layout, ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, s, e) = wl.shape().dims3()?;
+        let d = yl.shape().dims3()?.2;
+        let (dout, y, w) = (slice(dos, dol)?, slice(ys, yl)?, slice(ws, wl)?);
+        let both = cpu::emit_backward(dout, y, w, (b, s, d, e, self.g));
+        let n = both.len();
+        Ok((CpuStorage::F32(both), Shape::from(n)))
     }
 }
 
@@ -454,6 +521,30 @@ mod tests {
                 |v| emit(&v[0], &v[1], g),
                 |v| emit_reference(&v[0], &v[1], g),
             );
+        }
+    }
+
+    /// The one-pass backward kernels give, bit for bit, the two kernels each stands for, on
+    /// every SIMD path this CPU has.
+    #[test]
+    fn fused_backward_passes_are_their_two_kernels() {
+        let host = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for &(b, s, d, e, g) in &SHAPES {
+            let (x, dout) = (host(randn(&[b, s, d], 1)), host(randn(&[b, s, d], 4)));
+            let (y, dm) = (host(randn(&[e, b / g * s, d], 3)), host(randn(&[e, b / g * s, d], 5)));
+            let w = host(group_softmax_reference(&randn(&[b, s, e], 2), g).unwrap());
+            for level in crate::ops::simd::available() {
+                let run = |f: &(dyn Fn() -> Vec<f32> + Sync)| crate::ops::simd::with_level(level, f);
+                let dims = (b, s, d, e, g);
+                let merge_bwd = run(&|| cpu::merge_backward(&dm, &x, &w, dims));
+                let mut want = run(&|| cpu::emit(&dm, &w, b, s, d, e, g));
+                want.extend(run(&|| cpu::group_dot(&x, &dm, b, s, d, e, g)));
+                assert!(merge_bwd == want, "merge backward {dims:?} on {level}");
+                let emit_bwd = run(&|| cpu::emit_backward(&dout, &y, &w, dims));
+                let mut want = run(&|| cpu::merge(&dout, &w, b, s, d, e, g));
+                want.extend(run(&|| cpu::group_dot(&dout, &y, b, s, d, e, g)));
+                assert!(emit_bwd == want, "emit backward {dims:?} on {level}");
+            }
         }
     }
 

@@ -49,6 +49,14 @@ struct Task {
     level: simd::Level,
 }
 
+/// One output of the tasks: `len` floats seen as `[S, width]` slabs, owned as `slabs` says.
+#[derive(Clone, Copy)]
+struct Output {
+    len: usize,
+    width: usize,
+    slabs: Slabs,
+}
+
 /// A fresh output of `len` floats, seen as `[S, width]` slabs (`slabs`), filled by `body` one
 /// task at a time on the pool, each task on the SIMD path in use: `body(task, pieces)` gets the
 /// task's pieces of the output, one per slab of its block, in order, `positions` rows each.
@@ -61,28 +69,56 @@ unsafe fn run_tasks(
     len: usize, (b, s, width, g): (usize, usize, usize, usize), slabs: Slabs,
     body: impl Fn(Task, &mut [&mut [f32]]) + Sync,
 ) -> Vec<f32> {
+    let none = Output { len: 0, width: 0, slabs: Slabs::Rows };
+    // SAFETY: as the caller guarantees; the second output is empty.
+    unsafe {
+        run_tasks2(
+            [Output { len, width, slabs }, none],
+            (b, s, g),
+            #[inline(always)]
+            |t: Task, pieces: &mut [&mut [f32]], _: &mut [&mut [f32]]| body(t, pieces),
+        )
+    }
+}
+
+/// [`run_tasks`] with two outputs, one after the other in the vector it returns: `body(task,
+/// first, second)` gets the task's pieces of both, which the same tasks own (the same group
+/// row-block and positions).
+///
+/// # Safety
+/// As [`run_tasks`], for the pieces of both outputs.
+unsafe fn run_tasks2(
+    outputs: [Output; 2], (b, s, g): (usize, usize, usize),
+    body: impl Fn(Task, &mut [&mut [f32]], &mut [&mut [f32]]) + Sync,
+) -> Vec<f32> {
     let k = b / g;
     let sb = positions_per_task(k, s);
-    let owner = |o: usize| match slabs {
-        Slabs::Rows => o / g,
-        Slabs::Experts => o % k,
-    };
+    fn pieces(
+        buf: &mut [f32], o: Output, s: usize, sb: usize, k: usize, g: usize,
+    ) -> Vec<Vec<&mut [f32]>> {
+        let owner = |i: usize| match o.slabs {
+            Slabs::Rows => i / g,
+            Slabs::Experts => i % k,
+        };
+        split(buf, s, o.width, sb, k, owner)
+    }
+    let [first, second] = outputs;
     let fill = |out: &mut [f32]| {
-        split(out, s, width, sb, k, owner).into_par_iter().enumerate().for_each(
-            |(t, mut pieces)| {
-                let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
-                let positions = pieces.first().map_or(0, |p| p.len() / width.max(1));
-                let level = simd::level();
-                simd::run(
-                    #[inline(always)]
-                    || body(Task { kk, s0, positions, level }, &mut pieces),
-                )
-            },
-        )
+        let (a, b) = out.split_at_mut(first.len);
+        let (a, b) = (pieces(a, first, s, sb, k, g), pieces(b, second, s, sb, k, g));
+        a.into_par_iter().zip(b).enumerate().for_each(|(t, (mut a, mut b))| {
+            let (kk, s0) = (t / s.div_ceil(sb), (t % s.div_ceil(sb)) * sb);
+            let positions = a.first().map_or(0, |p| p.len() / first.width.max(1));
+            let level = simd::level();
+            simd::run(
+                #[inline(always)]
+                || body(Task { kk, s0, positions, level }, &mut a, &mut b),
+            )
+        })
     };
-    // SAFETY: the tasks' pieces cover the output, and `body` writes all of each (the caller's
-    // contract).
-    unsafe { fresh(len, fill) }
+    // SAFETY: the tasks' pieces cover both outputs, and `body` writes all of each (the
+    // caller's contract).
+    unsafe { fresh(first.len + second.len, fill) }
 }
 
 /// `dst += a · src`, a loop the compiler vectorises.
@@ -390,6 +426,78 @@ pub fn group_dot(
                 for (i, dst) in members.iter_mut().enumerate() {
                     let ai = &a[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
                     dots(ai, experts, d, &mut dst[ds * e..(ds + 1) * e]);
+                }
+            },
+        )
+    }
+}
+
+/// Emit's backward in one pass: `[dy | dw]`, `dy = merge(dout, w)` (`[E·K, S, d]`) and `dw =
+/// group_dot(dout, y)` (`[B, S, E]`), each bit for bit the op it stands for. Both read the
+/// group's rows of `dout`, which one pass reads once.
+pub fn emit_backward(
+    dout: &[f32], y: &[f32], w: &[f32], (b, s, d, e, g): (usize, usize, usize, usize, usize),
+) -> Vec<f32> {
+    let k = b / g;
+    let dy = Output { len: e * k * s * d, width: d, slabs: Slabs::Experts };
+    let dw = Output { len: b * s * e, width: e, slabs: Slabs::Rows };
+    // SAFETY: `weighted_sums` writes every row of every expert's piece of dy, `dots` every
+    // expert of every member's piece of dw.
+    unsafe {
+        run_tasks2(
+            [dy, dw],
+            (b, s, g),
+            #[inline(always)]
+            |t: Task, experts: &mut [&mut [f32]], members: &mut [&mut [f32]]| {
+                let (mut outs, mut ys) = (vec![0f32; g * d], vec![0f32; e * d]);
+                for ds in 0..t.positions {
+                    let row = |i: usize| (t.kk * g + i) * s + t.s0 + ds;
+                    let n = t.kk * s + t.s0 + ds;
+                    gather(&mut outs, g, d, |i| &dout[row(i) * d..(row(i) + 1) * d]);
+                    gather(&mut ys, e, d, |ex| &y[(ex * k * s + n) * d..][..d]);
+                    let c = Coefs { data: &w[row(0) * e..], term: s * e, out: 1 };
+                    weighted_sums(t.level, experts, (ds * d, d), g, c, |i| {
+                        &outs[i * d..(i + 1) * d]
+                    });
+                    for (i, dst) in members.iter_mut().enumerate() {
+                        dots(&outs[i * d..(i + 1) * d], &ys, d, &mut dst[ds * e..(ds + 1) * e]);
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// Merge's backward in one pass: `[dx | dw]`, `dx = emit(dm, w)` (`[B, S, d]`) and `dw =
+/// group_dot(x, dm)` (`[B, S, E]`), each bit for bit the op it stands for. Both read the
+/// group's merged-token gradients `dm`, which one pass gathers once.
+pub fn merge_backward(
+    dm: &[f32], x: &[f32], w: &[f32], (b, s, d, e, g): (usize, usize, usize, usize, usize),
+) -> Vec<f32> {
+    let k = b / g;
+    let dx = Output { len: b * s * d, width: d, slabs: Slabs::Rows };
+    let dw = Output { len: b * s * e, width: e, slabs: Slabs::Rows };
+    // SAFETY: `weighted_sums` writes every row of every member's piece of dx, `dots` every
+    // expert of every member's piece of dw.
+    unsafe {
+        run_tasks2(
+            [dx, dw],
+            (b, s, g),
+            #[inline(always)]
+            |t: Task, dxs: &mut [&mut [f32]], dws: &mut [&mut [f32]]| {
+                let mut rows = vec![0f32; e * d];
+                for ds in 0..t.positions {
+                    let n = t.kk * s + t.s0 + ds;
+                    gather(&mut rows, e, d, |ex| &dm[(ex * k * s + n) * d..][..d]);
+                    let base = (t.kk * g * s + t.s0 + ds) * e;
+                    let c = Coefs { data: &w[base..], term: 1, out: s * e };
+                    weighted_sums(t.level, dxs, (ds * d, d), e, c, |ex| {
+                        &rows[ex * d..(ex + 1) * d]
+                    });
+                    for (i, dst) in dws.iter_mut().enumerate() {
+                        let xi = &x[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
+                        dots(xi, &rows, d, &mut dst[ds * e..(ds + 1) * e]);
+                    }
                 }
             },
         )
