@@ -534,7 +534,8 @@ mod tests {
             let (y, dm) = (host(randn(&[e, b / g * s, d], 3)), host(randn(&[e, b / g * s, d], 5)));
             let w = host(group_softmax_reference(&randn(&[b, s, e], 2), g).unwrap());
             for level in crate::ops::simd::available() {
-                let run = |f: &(dyn Fn() -> Vec<f32> + Sync)| crate::ops::simd::with_level(level, f);
+                let run =
+                    |f: &(dyn Fn() -> Vec<f32> + Sync)| crate::ops::simd::with_level(level, f);
                 let dims = (b, s, d, e, g);
                 let merge_bwd = run(&|| cpu::merge_backward(&dm, &x, &w, dims));
                 let mut want = run(&|| cpu::emit(&dm, &w, b, s, d, e, g));

@@ -304,6 +304,10 @@ mod x86 {
         }
     }
 
+    /// How many blocks of 32 K ahead [`b_along_k`] prefetches (1 to 3 measured alike, 4 and
+    /// more slower: `bf16_matmul_bench`'s expert packing, 4.4 → 3.4 ms a bench-mot layer).
+    const AHEAD: usize = 2;
+
     /// Columns `n0..n0 + cols` (`cols` ≤ 16) of a column-major B (`Wᵀ` in `X·Wᵀ`): for each
     /// 32 K, the neighbour pairs of 16 source rows, transposed. With `second`, also rows
     /// `n0/2..n0/2 + 8` of `W = Bᵀ` packed as a B operand: the pairs of its neighbouring rows,
@@ -322,6 +326,14 @@ mod x86 {
             let (mut lo, mut hi) = ([_mm512_setzero_ps(); T], [_mm512_setzero_ps(); T]);
             for i in 0..cols {
                 let col = &b.data[(n0 + i) * b.cs..][..b.rows];
+                // Sixteen rows of W a row's length apart are more streams than the hardware
+                // prefetcher follows: ask for each row's lines AHEAD blocks of 32 early.
+                let ahead = (c + AHEAD) * KT;
+                if ahead < b.rows {
+                    let p = col[ahead..].as_ptr().cast::<i8>();
+                    _mm_prefetch::<_MM_HINT_T0>(p);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+                }
                 (lo[i], hi[i]) = (load(sixteen(col, c * KT)), load(sixteen(col, c * KT + 16)));
             }
             let v: [__m512i; T] = std::array::from_fn(|i| neighbours(lo[i], hi[i]));
