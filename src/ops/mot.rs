@@ -170,14 +170,16 @@ struct GroupDot {
     g: usize,
 }
 
-/// Forward-only, on the CPU: merge's backward, `[dx | dw]` from `(dm, x, w)` in one pass.
-struct MergeBackward {
+/// Forward-only, on the CPU: the backward of merge (`[dx | dw]` from `(dm, x, w)`) or of emit
+/// (`[dy | dw]` from `(dout, y, w)`), in one pass.
+struct FusedBackward {
     g: usize,
+    of: Step,
 }
 
-/// Forward-only, on the CPU: emit's backward, `[dy | dw]` from `(dout, y, w)` in one pass.
-struct EmitBackward {
-    g: usize,
+enum Step {
+    Merge,
+    Emit,
 }
 
 /// The two gradients that a fused backward returns one after the other in `both`, as
@@ -267,7 +269,7 @@ impl CustomOp2 for Merge {
         let dm = dm.contiguous()?;
         if fused(&[x, w, &dm]) {
             let (b, s, d) = x.dims3()?;
-            let both = dm.apply_op3_no_bwd(x, w, &MergeBackward { g: self.g })?;
+            let both = dm.apply_op3_no_bwd(x, w, &FusedBackward { g: self.g, of: Step::Merge })?;
             return split_pair(&both, (b, s, d), (b, s, w.dim(2)?));
         }
         let dx = dm.apply_op2_no_bwd(w, &Emit { g: self.g })?;
@@ -303,7 +305,7 @@ impl CustomOp2 for Emit {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dout = dout.contiguous()?;
         if fused(&[y, w, &dout]) {
-            let both = dout.apply_op3_no_bwd(y, w, &EmitBackward { g: self.g })?;
+            let both = dout.apply_op3_no_bwd(y, w, &FusedBackward { g: self.g, of: Step::Emit })?;
             return split_pair(&both, y.dims3()?, w.dims3()?);
         }
         let dy = dout.apply_op2_no_bwd(w, &Merge { g: self.g })?;
@@ -335,37 +337,27 @@ impl CustomOp2 for GroupDot {
     }
 }
 
-impl CustomOp3 for MergeBackward {
+impl CustomOp3 for FusedBackward {
     fn name(&self) -> &'static str {
-        "mot-merge-backward"
+        match self.of {
+            Step::Merge => "mot-merge-backward",
+            Step::Emit => "mot-emit-backward",
+        }
     }
 
+    /// `(grad, c, w)`: `(dm, x, w)` for merge, `(dout, y, w)` for emit; `c` is `[·, ·, d]`
+    /// either way.
     fn cpu_fwd(
-        &self, dms: &CpuStorage, dml: &Layout, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (b, s, d) = xl.shape().dims3()?;
-        let e = wl.shape().dims3()?.2;
-        let (dm, x, w) = (slice(dms, dml)?, slice(xs, xl)?, slice(ws, wl)?);
-        let both = cpu::merge_backward(dm, x, w, (b, s, d, e, self.g));
-        let n = both.len();
-        Ok((CpuStorage::F32(both), Shape::from(n)))
-    }
-}
-
-impl CustomOp3 for EmitBackward {
-    fn name(&self) -> &'static str {
-        "mot-emit-backward"
-    }
-
-    fn cpu_fwd(
-        &self, dos: &CpuStorage, dol: &Layout, ys: &CpuStorage, yl: &Layout, ws: &CpuStorage,
+        &self, gs: &CpuStorage, gl: &Layout, cs: &CpuStorage, cl: &Layout, ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, s, e) = wl.shape().dims3()?;
-        let d = yl.shape().dims3()?.2;
-        let (dout, y, w) = (slice(dos, dol)?, slice(ys, yl)?, slice(ws, wl)?);
-        let both = cpu::emit_backward(dout, y, w, (b, s, d, e, self.g));
+        let dims = (b, s, cl.shape().dims3()?.2, e, self.g);
+        let (grad, c, w) = (slice(gs, gl)?, slice(cs, cl)?, slice(ws, wl)?);
+        let both = match self.of {
+            Step::Merge => cpu::merge_backward(grad, c, w, dims),
+            Step::Emit => cpu::emit_backward(grad, c, w, dims),
+        };
         let n = both.len();
         Ok((CpuStorage::F32(both), Shape::from(n)))
     }
