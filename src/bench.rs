@@ -43,8 +43,8 @@ pub struct BenchResult {
     pub experts: Option<ExpertTimes>,
 }
 
-/// Milliseconds per timed step: the phases of `train::Phases`, and the rest of the step
-/// (drawing the batch plan, logs, and for MoE and MoT the routing statistics).
+/// Milliseconds per timed step: the phases of `train::Phases`, and the rest of the step (the
+/// batch plan, the step's logs, and on a GPU the wait for the work it queued).
 #[derive(Debug, Serialize)]
 pub struct PhasesMs {
     pub forward: f64,

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use zero::ShardedAdamW;
 
 /// Wall time spent in each phase of the steps taken so far, for `bench`. On a GPU, which runs
-/// asynchronously, forward and backward only count the time to queue their work (the step
-/// waits for it before the gradient sum).
+/// asynchronously, forward and backward only count the time to queue their work; the step
+/// waits for it before the gradient sum, outside every phase.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Phases {
     /// Reading the batch, the forward pass and the loss.
