@@ -12,8 +12,10 @@
 //! - `group_dot`: `r[i, e] = ⟨a_i, c[e, n(i)]⟩`              (the weights' gradient of both).
 //!
 //! `d merge/dx = emit(dm, w)`, `d emit/dy = merge(dout, w)`, and the weights' gradients are
-//! `group_dot(x, dm)` and `group_dot(dout, y)`. The softmax is `B·S·E` elements (d times fewer
-//! than merge), so it stays a separate pass whose backward is a few candle ops.
+//! `group_dot(x, dm)` and `group_dot(dout, y)`. On the CPU each backward runs its two kernels
+//! as one pass over the group (`FusedBackward`: both read the same rows), bit for bit the same.
+//! The softmax is `B·S·E` elements (d times fewer than merge), so it stays a separate pass
+//! whose backward is a few candle ops.
 
 use super::{fresh, fused, simd, slice};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
