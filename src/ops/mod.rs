@@ -14,6 +14,7 @@ pub mod norm;
 #[cfg(test)]
 mod paths;
 pub mod rope;
+pub mod routing;
 pub mod simd;
 mod small_gemm;
 pub mod swiglu;

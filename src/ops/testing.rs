@@ -53,19 +53,26 @@ pub fn assert_rel_close(what: &str, a: &[f32], b: &[f32], rtol: f32) {
 }
 
 /// Checks `fused` on every SIMD path this CPU has: its output and gradients against the portable
-/// path (1e-5 relative), its gradients against the autograd of `reference` (f32) and against
-/// central finite differences of `reference` in f64 on a sample of elements of every input.
+/// path (1e-5 relative), its output and gradients against `reference` and its autograd (f32),
+/// and its gradients against central finite differences of `reference` in f64 on a sample of
+/// elements of every input.
 pub fn check_grads<F, R>(inputs: &[Tensor], fused: F, reference: R)
 where
     F: Fn(&[Tensor]) -> Result<Tensor> + Sync,
     R: Fn(&[Tensor]) -> Result<Tensor>,
 {
     let proj = randn(fused(inputs).unwrap().dims(), 99);
-    let (_, ref_grads) = value_and_grads(inputs, &reference, &proj);
+    let (ref_out, ref_grads) = value_and_grads(inputs, &reference, &proj);
     let numeric = finite_differences(inputs, &reference, &proj);
     let mut portable: Option<(Vec<f32>, Vec<Vec<f32>>)> = None;
     for level in simd::available() {
         let (out, grads) = simd::with_level(level, || value_and_grads(inputs, &fused, &proj));
+        for (k, (a, b)) in out.iter().zip(&ref_out).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{level}: output {k}: fused {a} vs {b}"
+            );
+        }
         for (i, (g, rg)) in grads.iter().zip(&ref_grads).enumerate() {
             for (k, (a, b)) in g.iter().zip(rg).enumerate() {
                 assert!(
