@@ -9,7 +9,7 @@ use super::context::FfnContext;
 use super::params::Params;
 use super::stats::{LayerStats, RoutingStats};
 use crate::config::{Gate, MoeConfig, PescConfig, RouterKind, Routing};
-use crate::ops::routing::{combine, gather, Slots};
+use crate::ops::routing::{combine, gather, logsumexp, softmax, Slots};
 use candle_core::{DType, Result, Tensor, D};
 use std::sync::Arc;
 
@@ -67,18 +67,6 @@ impl Router {
 
 fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-6)?)
-}
-
-/// Softmax over the last axis, in differentiable candle ops.
-pub fn softmax(z: &Tensor) -> Result<Tensor> {
-    let e = z.broadcast_sub(&z.max_keepdim(D::Minus1)?)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// `log Σ exp(z)` over the last axis.
-pub fn logsumexp(z: &Tensor) -> Result<Tensor> {
-    let m = z.max_keepdim(D::Minus1)?;
-    (z.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?.squeeze(D::Minus1)
 }
 
 /// How tokens are routed, whatever the layer's experts are: the one value that MoE layers
