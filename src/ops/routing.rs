@@ -9,7 +9,7 @@
 //! slots (ascending) makes possible without two threads adding into one row. Summing a
 //! token's slots in slot order keeps the result independent of the thread count.
 
-use super::{fresh, fused, simd, slice, vec, written};
+use super::{fresh, fused, rows_per_task, simd, slice, vec};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -138,11 +138,10 @@ pub fn logsumexp_reference(z: &Tensor) -> Result<Tensor> {
 /// rayon over rows.
 struct Softmax;
 
-/// `(m, Σ exp(z − m))` of a row, m its largest value.
+/// A row's largest value: the shift that keeps `exp` in range.
 #[inline(always)]
-fn shifted_sum(z: &[f32]) -> (f32, f32) {
-    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    (m, z.iter().map(|&v| vec::exp(v - m)).sum())
+fn row_max(z: &[f32]) -> f32 {
+    z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
 /// `out` rows of width `w` (1 for one value a row), each from the matching `E`-wide row of `z`
@@ -155,13 +154,15 @@ fn rows(
     // SAFETY: `f` writes every element of its row of `out`.
     unsafe {
         fresh(n * w, |out| {
-            out.par_chunks_mut(w.max(1)).enumerate().with_min_len(per_task(e)).for_each(|(i, o)| {
-                let (z, other) = (&z[i * e..(i + 1) * e], &other[i * ow..(i + 1) * ow]);
-                simd::run(
-                    #[inline(always)]
-                    || f(z, other, o),
-                )
-            })
+            out.par_chunks_mut(w.max(1)).enumerate().with_min_len(rows_per_task(e)).for_each(
+                |(i, o)| {
+                    let (z, other) = (&z[i * e..(i + 1) * e], &other[i * ow..(i + 1) * ow]);
+                    simd::run(
+                        #[inline(always)]
+                        || f(z, other, o),
+                    )
+                },
+            )
         })
     }
 }
@@ -174,10 +175,12 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (z, e) = (slice(s, l)?, l.shape().dims2()?.1);
         let p = rows(z, e, &[], 0, e, |z, _, p| {
-            let (m, sum) = shifted_sum(z);
+            let m = row_max(z);
             for (p, &v) in p.iter_mut().zip(z) {
-                *p = vec::exp(v - m) / sum;
+                *p = vec::exp(v - m);
             }
+            let sum: f32 = p.iter().sum();
+            p.iter_mut().for_each(|p| *p /= sum);
         });
         Ok((CpuStorage::F32(p), l.shape().clone()))
     }
@@ -219,7 +222,8 @@ impl CustomOp1 for LogSumExp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (z, (n, e)) = (slice(s, l)?, l.shape().dims2()?);
         let lse = rows(z, e, &[], 0, 1, |z, _, out| {
-            let (m, sum) = shifted_sum(z);
+            let m = row_max(z);
+            let sum: f32 = z.iter().map(|&v| vec::exp(v - m)).sum();
             out[0] = m + sum.ln();
         });
         Ok((CpuStorage::F32(lse), Shape::from(n)))
@@ -261,11 +265,6 @@ fn check(x: &Tensor, slots: &Slots) -> Result<()> {
     Ok(())
 }
 
-/// Rows of `width` per rayon task: enough work to amortise scheduling.
-fn per_task(width: usize) -> usize {
-    super::rows_per_task(width)
-}
-
 struct Gather(Arc<Slots>);
 
 impl CustomOp1 for Gather {
@@ -281,7 +280,7 @@ impl CustomOp1 for Gather {
             fresh(token.len() * d, |out| {
                 out.par_chunks_mut(d.max(1))
                     .zip(token.par_iter())
-                    .with_min_len(per_task(d))
+                    .with_min_len(rows_per_task(d))
                     .for_each(|(row, &t)| {
                         row.copy_from_slice(&x[t as usize * d..(t as usize + 1) * d])
                     })
@@ -308,14 +307,10 @@ impl CustomOp1 for Scatter {
         let slots = &self.0;
         let n = slots.tokens();
         let dx = per_token(n, d, |t, row| {
-            for (i, &r) in slots.of(t).iter().enumerate() {
+            for &r in slots.of(t) {
                 let src = &g[r as usize * d..(r as usize + 1) * d];
-                if i == 0 {
-                    row.copy_from_slice(src);
-                } else {
-                    for (a, b) in row.iter_mut().zip(src) {
-                        *a += b;
-                    }
+                for (a, b) in row.iter_mut().zip(src) {
+                    *a += b;
                 }
             }
         });
@@ -328,7 +323,7 @@ fn per_token(n: usize, d: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec
     // SAFETY: every row is zeroed before `fill` sees it.
     unsafe {
         fresh(n * d, |out| {
-            out.par_chunks_mut(d.max(1)).enumerate().with_min_len(per_task(d)).for_each(
+            out.par_chunks_mut(d.max(1)).enumerate().with_min_len(rows_per_task(d)).for_each(
                 |(t, row)| {
                     row.fill(0.0);
                     simd::run(
@@ -396,13 +391,12 @@ impl CustomOp3 for CombineBwd {
         // SAFETY: the first R·d values are dy, every row written whole; the last R are dgates,
         // each written once.
         let both = unsafe {
-            written(r * d + r, |both| {
-                let both = &mut *(both as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]);
+            fresh(r * d + r, |both| {
                 let (dy, dgates) = both.split_at_mut(r * d);
                 dy.par_chunks_mut(d.max(1))
                     .zip(dgates.par_iter_mut())
                     .enumerate()
-                    .with_min_len(per_task(d))
+                    .with_min_len(rows_per_task(d))
                     .for_each(|(s, (dy, dg))| {
                         let t = token[s] as usize;
                         let (src, ys, g) =
