@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""PyTorch reference of motrain's dense transformer and training step.
+"""PyTorch reference of motrain's transformer (dense FFN or Mixture of Tokens) and training step.
 
 Two jobs:
-  * bench: time training steps of the same dense model on the same data, to compare
+  * bench: time training steps of the same model (dense, or `model.ffn = "mot"`) on the same data, to compare
     motrain's tokens/s with PyTorch (CPU by default);
   * eval:  load a motrain checkpoint (model.safetensors, HF-Llama names) and compute the eval
     loss with the deterministic protocol of shared/spec/product.md, to cross-check motrain's
@@ -16,7 +16,7 @@ Usage:
       [--set key=value ...] [--steps N] [--warmup W] [--threads T] [--adamw fused|foreach|forloop] \
       [--autocast none|bf16]
   python scripts/torch_baseline.py eval --checkpoint RUN_OR_CKPT_DIR [--data GLOB] \
-      [--batches N] [--batch-size B] [--dtype f32|f64] [--threads T]
+      [--batches N] [--batch-size B] [--group-size G] [--dtype f32|f64] [--threads T]
   python scripts/torch_baseline.py make-checkpoint --config FILE [--set ...] --out RUN_DIR \
       [--train-steps N] [--dtype f32|f64]
 
@@ -39,6 +39,14 @@ Notes:
     `run.dtype` = "bf16" in a config means the same thing and needs CUDA.
   * With OpenMP, PyTorch degrades badly when another process competes for the cores
     (e.g. 2 threads on a 2-core machine during a cargo build); benchmark on an idle machine.
+  * Model: `model.ffn` = "dense" or "mot" (in the blocks of `model.ffn_layers`; MoE and PESC are
+    refused with exit 2). MoT follows models.md and motrain's tensor names: rows [kG, kG+G) of a
+    batch at one position form a group; x [B, S, d] is viewed as [K, G, S, d], the controller
+    logits z = x C^T are divided by T (`temperature`, or exp(`log_temperature`)) and softmaxed
+    over the G axis per expert (in f32 under autocast); merge and emit are einsums and the
+    experts batched matmuls over the stacked weights [E, f, d] / [E, d, f]. The batch (micro and
+    eval) must be a multiple of G; eval groups exactly as motrain eval does (consecutive rows of
+    each eval batch; --group-size G overrides the trained group size, like motrain's flag).
   * RoPE follows HF Llama exactly: inv_freq, angles and cos/sin in f32, even with --dtype f64
     (f64 then applies only to everything else). Verified against transformers'
     LlamaForCausalLM (max |logit diff| 5e-7 in f32).
@@ -289,8 +297,12 @@ def resolve_and_validate(cfg: dict, origin: str) -> dict:
     want_choice("model.ffn", m["ffn"], ("dense", "moe", "mot", "pesc"))
     want_choice("train.schedule", t["schedule"], ("cosine", "linear", "constant", "wsd"))
     want_choice("run.dtype", cfg["run"]["dtype"], ("f32", "bf16"))
-    if m["ffn"] != "dense":
-        bad(f"`model.ffn` = {m['ffn']!r}: this PyTorch baseline only implements the dense FFN; expected \"dense\"")
+    if m["ffn"] not in ("dense", "mot"):
+        bad(f"`model.ffn` = {m['ffn']!r}: this PyTorch baseline only implements the dense FFN and Mixture of Tokens; expected \"dense\" or \"mot\"")
+    try:
+        ffn_layer_mask(m)
+    except ValueError as e:
+        bad(str(e))
     if m["d_model"] % m["n_heads"]:
         bad(f"`model.d_model` ({m['d_model']}) must be divisible by `model.n_heads` ({m['n_heads']})")
     if m["position"] == "rope" and (m["d_model"] // m["n_heads"]) % 2:
@@ -305,7 +317,49 @@ def resolve_and_validate(cfg: dict, origin: str) -> dict:
         bad(f"`train.batch_size` ({t['batch_size']}) must be a multiple of `train.micro_batch_size` ({t['micro_batch_size']})")
     if t["eval_batch_size"] == 0:
         t["eval_batch_size"] = t["micro_batch_size"]
+    if m["ffn"] == "mot":
+        mot = m["mot"]
+        want_int("model.mot.n_experts", mot["n_experts"])
+        want_int("model.mot.group_size", mot["group_size"])
+        want_int("model.mot.expert_size", mot["expert_size"], 0)
+        want_num("model.mot.temperature", mot["temperature"])
+        if not (mot["temperature"] > 0 and math.isfinite(mot["temperature"])):
+            bad(f"`model.mot.temperature` must be > 0, got {mot['temperature']}")
+        if not isinstance(mot["learn_temperature"], bool):
+            bad(f"`model.mot.learn_temperature` must be true or false, got {mot['learn_temperature']!r}")
+        if mot["expert_size"] == 0 and m["d_ff"] * mot["group_size"] < mot["n_experts"]:
+            bad(f"the FLOP-matched expert width d_ff*group_size/n_experts = {m['d_ff']}*{mot['group_size']}/{mot['n_experts']} "
+                f"rounds to 0: set `model.mot.expert_size`")
+        g = mot["group_size"]
+        for key in ("micro_batch_size", "eval_batch_size"):
+            if t[key] % g:
+                bad(f"Mixture of Tokens mixes `model.mot.group_size` = {g} sequences at one position, "
+                    f"so `train.{key}` ({t[key]}) must be a multiple of it")
     return cfg
+
+
+def ffn_layer_mask(m: dict) -> list[bool]:
+    """For each block, whether it gets `model.ffn` (True) or keeps a dense FFN (`model.ffn_layers`:
+    "all", "second_half" = blocks n/2.., or a list of block indices)."""
+    n, spec = m["n_layers"], m["ffn_layers"]
+    if spec == "all":
+        return [True] * n
+    if spec == "second_half":
+        return [i >= n // 2 for i in range(n)]
+    if isinstance(spec, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec):
+        mask = [False] * n
+        for i in spec:
+            if i >= n:
+                raise ValueError(f"`model.ffn_layers` names block {i}, but the model has {n} blocks (0..{n - 1})")
+            mask[i] = True
+        return mask
+    raise ValueError(f"`model.ffn_layers` = {spec!r}: expected \"all\", \"second_half\" or a list of block indices")
+
+
+def mot_expert_width(m: dict) -> int:
+    """MoT expert width f: `mot.expert_size`, or FLOP-matched d_ff * G / E (integer division)."""
+    mot = m["mot"]
+    return mot["expert_size"] or m["d_ff"] * mot["group_size"] // max(mot["n_experts"], 1)
 
 
 def load_config_file(path: str, overrides: list[str]) -> dict:
@@ -530,13 +584,81 @@ class DenseFFN(nn.Module):
         return self.down_proj(h)
 
 
-class Block(nn.Module):
+def activate(h: torch.Tensor, activation: str, u: torch.Tensor | None = None) -> torch.Tensor:
+    """swiglu: silu(h) * u (h the gate); gelu (exact erf form) / relu: act(h)."""
+    if activation == "swiglu":
+        return F.silu(h) * u
+    return F.gelu(h) if activation == "gelu" else F.relu(h)
+
+
+class Experts(nn.Module):
+    """E FFNs of width f with stacked weights (motrain's `mlp.experts.{gate,up,down}`):
+    gate, up [E, f, d] (gate only for swiglu), down [E, d, f]; no biases."""
+
+    def __init__(self, e: int, d: int, f: int, activation: str):
+        super().__init__()
+        self.activation = activation
+        if activation == "swiglu":
+            self.gate = nn.Parameter(torch.empty(e, f, d))
+        self.up = nn.Parameter(torch.empty(e, f, d))
+        self.down = nn.Parameter(torch.empty(e, d, f))
+
+    def forward(self, x):
+        """x [E, N, d] (expert e's N rows) -> [E, N, d]: batched matmuls over the experts."""
+        u = torch.bmm(x, self.up.transpose(1, 2))  # [E, N, f]
+        if self.activation == "swiglu":
+            h = activate(torch.bmm(x, self.gate.transpose(1, 2)), "swiglu", u)
+        else:
+            h = activate(u, self.activation)
+        return torch.bmm(h, self.down.transpose(1, 2))
+
+
+class MixtureOfTokens(nn.Module):
+    """Mixture of Tokens (models.md, arXiv 2310.15961). Batch rows [kG, kG+G) at one position
+    form group k; per expert, softmax(x C^T / T) over the G tokens of the group mixes them into one
+    token, the expert runs on it, and every token gets back the sum over experts of its weight
+    times the expert's output. Tensor names: controller.weight [E, d], experts.{gate,up,down},
+    log_temperature [] (learn_temperature)."""
+
     def __init__(self, m: dict):
+        super().__init__()
+        mot, d = m["mot"], m["d_model"]
+        e = mot["n_experts"]
+        self.group_size = mot["group_size"]
+        self.controller = nn.Linear(d, e, bias=False)
+        self.experts = Experts(e, d, mot_expert_width(m), m["activation"])
+        self.temperature = float(mot["temperature"])
+        if mot["learn_temperature"]:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(self.temperature)))
+
+    def forward(self, x):
+        B, S, d = x.shape
+        G = self.group_size
+        if B % G:
+            raise UsageError(f"Mixture of Tokens groups {G} sequences at one position, so the batch ({B} sequences) must be a multiple of {G}")
+        K = B // G
+        z = self.controller(x)  # [B, S, E]
+        if z.dtype in (torch.float16, torch.bfloat16):
+            z = z.float()  # the softmax in f32 (under autocast the controller matmul ran in bf16)
+        if hasattr(self, "log_temperature"):
+            z = z / self.log_temperature.exp().to(z.dtype)
+        elif self.temperature != 1.0:
+            z = z / self.temperature
+        E = z.shape[-1]
+        w = torch.softmax(z.view(K, G, S, E), dim=1)  # over the G tokens of a group, per expert
+        merged = torch.einsum("kgse,kgsd->eksd", w, x.reshape(K, G, S, d))  # one token per expert and group
+        y = self.experts(merged.reshape(E, K * S, d)).view(E, K, S, d)
+        out = torch.einsum("kgse,eksd->kgsd", w, y)  # each token: sum_e w[., e] * y_e
+        return out.reshape(B, S, d)
+
+
+class Block(nn.Module):
+    def __init__(self, m: dict, sparse: bool = False):
         super().__init__()
         self.input_layernorm = make_norm(m)
         self.self_attn = Attention(m)
         self.post_attention_layernorm = make_norm(m)
-        self.mlp = DenseFFN(m)
+        self.mlp = MixtureOfTokens(m) if sparse and m["ffn"] == "mot" else DenseFFN(m)
 
     def forward(self, h, rope):
         h = h + self.self_attn(self.input_layernorm(h), rope)
@@ -549,7 +671,7 @@ class Body(nn.Module):
         self.embed_tokens = nn.Embedding(m["vocab_size"], m["d_model"])
         if m["position"] == "learned":
             self.embed_positions = nn.Embedding(m["max_seq_len"], m["d_model"])
-        self.layers = nn.ModuleList([Block(m) for _ in range(m["n_layers"])])
+        self.layers = nn.ModuleList([Block(m, sparse) for sparse in ffn_layer_mask(m)])
         if m["final_norm"]:
             self.norm = make_norm(m)
 
@@ -575,6 +697,19 @@ class Transformer(nn.Module):
             self._rope_cache = c
         return c
 
+    def mot_layers(self) -> list[MixtureOfTokens]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MixtureOfTokens)]
+
+    def set_group_size(self, g: int) -> None:
+        """MoT layers mix groups of g sequences instead of `mot.group_size` (eval --group-size)."""
+        for mot in self.mot_layers():
+            mot.group_size = g
+
+    def batch_multiple(self) -> int:
+        """Sequences a batch must be a multiple of: the MoT group size, or 1."""
+        mots = self.mot_layers()
+        return mots[0].group_size if mots else 1
+
     def forward(self, idx):
         B, S = idx.shape
         body = self.model
@@ -592,9 +727,12 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, init_scale: float, generator: torch.Generator | None = None) -> None:
         """models.md: matrices truncated normal, std sqrt(init_scale/fan_in), cut at +-2*init_scale
-        (absolute); embeddings fan_in 1; biases 0; norm weights 1."""
+        (absolute), fan_in the last axis (also of stacked experts); embeddings fan_in 1; biases 0;
+        norm weights 1; MoT log-temperatures ln(temperature)."""
         for name, p in self.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith(".log_temperature"):
+                p.fill_(math.log(self.cfg["mot"]["temperature"]))
+            elif name.endswith(".bias"):
                 p.zero_()
             elif p.ndim == 1:  # norm weights
                 p.fill_(1.0)
@@ -869,7 +1007,7 @@ def load_weights(model: Transformer, path: str) -> None:
             msg.append(f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}")
         if extra:
             msg.append(f"unexpected {extra[:6]}{' ...' if len(extra) > 6 else ''}")
-        raise UsageError(f"{path}: tensors do not match the config's dense model: {'; '.join(msg)}")
+        raise UsageError(f"{path}: tensors do not match the config's model: {'; '.join(msg)}")
     for k, v in expected.items():
         if tuple(tensors[k].shape) != tuple(v.shape):
             raise UsageError(f"{path}: tensor {k} has shape {list(tensors[k].shape)}, the config implies {list(v.shape)}")
@@ -885,8 +1023,21 @@ def save_weights(model: Transformer, path: str) -> None:
     save_file(sd, path)
 
 
+def check_eval_batch(model: Transformer, batch_size: int) -> int:
+    """MoT mixes groups of consecutive rows of an eval batch, as motrain eval does: the batch must be a
+    multiple of the group size (returned; 1 without MoT layers)."""
+    g = model.batch_multiple()
+    if batch_size % g:
+        raise UsageError(
+            f"this Mixture of Tokens model mixes groups of {g} sequences, so the eval batch ({batch_size}) must be a "
+            f"multiple of {g}; pass --batch-size, or --group-size to mix smaller groups"
+        )
+    return g
+
+
 @torch.no_grad()
 def evaluate(model: Transformer, cfg: dict, val_glob: str, batches: int, batch_size: int, device, dtype) -> dict:
+    g = check_eval_batch(model, batch_size)
     model.eval()
     d, m = cfg["data"], cfg["model"]
     total, count, nb = 0.0, 0, 0
@@ -897,8 +1048,11 @@ def evaluate(model: Transformer, cfg: dict, val_glob: str, batches: int, batch_s
         count += ce.numel()
         nb += 1
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else float("inf"), "tokens": count,
-            "batches": nb, "batch_size": batch_size, "dtype": "f64" if dtype == torch.float64 else "f32"}
+    res = {"loss": loss, "ppl": math.exp(loss) if loss < 700 else float("inf"), "tokens": count,
+           "batches": nb, "batch_size": batch_size, "dtype": "f64" if dtype == torch.float64 else "f32"}
+    if model.mot_layers():
+        res["group_size"] = g
+    return res
 
 
 def eval_settings(cfg: dict, args) -> tuple[str, int, int]:
@@ -926,8 +1080,14 @@ def cmd_eval(args) -> None:
     val, batches, bs = eval_settings(cfg, args)
     model = Transformer(cfg["model"]).to(device=device, dtype=dtype)
     load_weights(model, os.path.join(ckpt, "model.safetensors"))
+    if args.group_size is not None:
+        if args.group_size < 1:
+            raise UsageError("--group-size must be at least 1")
+        model.set_group_size(args.group_size)
+    check_eval_batch(model, bs)
+    grouping = f"; MoT groups of {model.batch_multiple()}" if model.mot_layers() else ""
     log(f"torch {torch.__version__} on {device}, {threads} thread(s), {args.dtype}; checkpoint {ckpt}; "
-        f"{model.num_params():,} params; val {val}; {batches} batches x {bs} x {cfg['data']['seq_len']}")
+        f"{model.num_params():,} params; val {val}; {batches} batches x {bs} x {cfg['data']['seq_len']}{grouping}")
     t0 = time.perf_counter()
     res = evaluate(model, cfg, val, batches, bs, device, dtype)
     log(f"eval loss {res['loss']:.6f} ppl {res['ppl']:.4f} over {res['tokens']} tokens in {time.perf_counter() - t0:.2f}s")
@@ -1018,7 +1178,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="torch_baseline.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("bench", help="time training steps of the dense model")
+    b = sub.add_parser("bench", help="time training steps of the dense or MoT model")
     b.add_argument("--config", required=True)
     b.add_argument("--set", action="append", metavar="KEY=VALUE")
     b.add_argument("--steps", type=int, default=20)
@@ -1035,6 +1195,8 @@ def main(argv=None) -> int:
     e.add_argument("--data", default=None, help="glob of val shards (default: the config's data.val)")
     e.add_argument("--batches", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--group-size", type=int, default=None,
+                   help="MoT: mix groups of this many sequences instead of the trained model.mot.group_size (as motrain eval)")
     e.add_argument("--dtype", choices=("f32", "f64"), default="f32")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--device", default="cpu")
