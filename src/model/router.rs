@@ -316,8 +316,8 @@ fn record(
 
 /// Mean over rows of the entropy of `p = softmax(z)` (`[N, E]` each), in nats. With `m` a
 /// row's largest logit, `p_max = exp(m − lse)`, so `−Σ p ln p = lse − Σ p z = m − ln p_max − Σ p
-/// z`: one logarithm a row instead of one a probability, which took most of the ~0.5 ms a
-/// layer of 4,096 tokens that a training step's statistics cost.
+/// z`: one logarithm a row instead of one a probability (4,096 tokens × 8 experts: 0.11–0.13 →
+/// 0.06–0.07 ms, the loops alone), and no second copy of the probabilities in f64.
 fn mean_entropy(p: &[f32], z: &[f32], e: usize) -> f64 {
     let rows = p.chunks(e.max(1)).zip(z.chunks(e.max(1)));
     let total: f64 = rows
