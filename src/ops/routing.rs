@@ -304,31 +304,31 @@ impl CustomOp1 for Scatter {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (g, d) = (slice(s, l)?, l.shape().dims2()?.1);
-        let slots = &self.0;
-        let n = slots.tokens();
-        let dx = per_token(n, d, |t, row| {
-            for &r in slots.of(t) {
-                let src = &g[r as usize * d..(r as usize + 1) * d];
-                for (a, b) in row.iter_mut().zip(src) {
-                    *a += b;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(dx), Shape::from((n, d))))
+        let n = self.0.tokens();
+        Ok((CpuStorage::F32(sum_slots(&self.0, g, d, None)), Shape::from((n, d))))
     }
 }
 
-/// `[n, d]` rows, each written by `fill(t, row)`; rows `fill` leaves alone stay zero.
-fn per_token(n: usize, d: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    // SAFETY: every row is zeroed before `fill` sees it.
+/// `[N, d]`: token t's row is `Σ gate_r · rows_r` over its slots r in order (gate 1 without
+/// `gates`: the gather's backward), zeros for a token without one.
+fn sum_slots(slots: &Slots, rows: &[f32], d: usize, gates: Option<&[f32]>) -> Vec<f32> {
+    // SAFETY: every row is zeroed before its slots are added.
     unsafe {
-        fresh(n * d, |out| {
+        fresh(slots.tokens() * d, |out| {
             out.par_chunks_mut(d.max(1)).enumerate().with_min_len(rows_per_task(d)).for_each(
                 |(t, row)| {
                     row.fill(0.0);
                     simd::run(
                         #[inline(always)]
-                        || fill(t, row),
+                        || {
+                            for &r in slots.of(t) {
+                                let r = r as usize;
+                                let (g, src) = (gates.map_or(1.0, |g| g[r]), &rows[r * d..][..d]);
+                                for (a, b) in row.iter_mut().zip(src) {
+                                    *a += g * b;
+                                }
+                            }
+                        },
                     )
                 },
             )
@@ -347,17 +347,8 @@ impl CustomOp2 for Combine {
         &self, ys: &CpuStorage, yl: &Layout, gs: &CpuStorage, gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (y, gates, d) = (slice(ys, yl)?, slice(gs, gl)?, yl.shape().dims2()?.1);
-        let slots = &self.0;
-        let n = slots.tokens();
-        let out = per_token(n, d, |t, row| {
-            for &r in slots.of(t) {
-                let (g, src) = (gates[r as usize], &y[r as usize * d..(r as usize + 1) * d]);
-                for (a, b) in row.iter_mut().zip(src) {
-                    *a += g * b;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((n, d))))
+        let n = self.0.tokens();
+        Ok((CpuStorage::F32(sum_slots(&self.0, y, d, Some(gates))), Shape::from((n, d))))
     }
 
     fn bwd(
