@@ -14,6 +14,7 @@ use super::experts::Experts;
 use super::params::Params;
 use super::stats::{LayerStats, MixingStats};
 use crate::config::{Activation, MotConfig};
+use crate::ops::logits::logits;
 use crate::ops::mot::{emit, group_softmax, merge};
 use candle_core::{DType, Result, Tensor};
 
@@ -60,7 +61,7 @@ impl MotLayer {
         let g = ctx.group_size.unwrap_or(self.group_size);
         let (b, s) = (ctx.rows, ctx.seq);
         let (d, e) = (x.dim(1)?, self.experts.count());
-        let z = x.matmul(&self.controller.t()?)?.reshape((b, s, e))?; // [B, S, E]
+        let z = logits(x, &self.controller)?.reshape((b, s, e))?; // [B, S, E]
         let z = self.scaled(&z)?;
         let w = group_softmax(&z, g)?; // [B, S, E]
         let m = merge(&x.reshape((b, s, d))?, &w, g)?; // [E, N, d]

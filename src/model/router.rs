@@ -9,6 +9,7 @@ use super::context::FfnContext;
 use super::params::Params;
 use super::stats::{LayerStats, RoutingStats};
 use crate::config::{Gate, MoeConfig, PescConfig, RouterKind, Routing};
+use crate::ops::logits::logits;
 use crate::ops::routing::{combine, gather, logsumexp, softmax, Slots};
 use candle_core::{DType, Result, Tensor, D};
 use std::sync::Arc;
@@ -54,12 +55,12 @@ impl Router {
             x.clone()
         };
         match self {
-            Router::Linear { w } => x.matmul(&w.to_dtype(x.dtype())?.t()?),
+            Router::Linear { w } => logits(&x, &w.to_dtype(x.dtype())?),
             Router::Xmoe { proj, embeddings, log_temperature } => {
-                let h = l2_normalize(&x.matmul(&proj.t()?)?)?; // [N, r]
+                let h = l2_normalize(&logits(&x, proj)?)?; // [N, r]
                 let e = l2_normalize(embeddings)?; // [E, r]
                 let tau = log_temperature.exp()?.maximum(1e-4)?;
-                h.matmul(&e.t()?)?.broadcast_div(&tau)
+                logits(&h, &e)?.broadcast_div(&tau)
             }
         }
     }

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod grouped;
 pub mod linear;
 pub mod linear_ce;
+pub mod logits;
 pub mod mot;
 #[cfg(feature = "cuda")]
 mod mot_cuda;
