@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""PyTorch reference of motrain's transformer (dense FFN or Mixture of Tokens) and training step.
+"""PyTorch reference of motrain's transformer (dense FFN, token-choice MoE or Mixture of Tokens) and training step.
 
 Two jobs:
-  * bench: time training steps of the same model (dense, or `model.ffn = "mot"`) on the same data, to compare
+  * bench: time training steps of the same model (dense, `model.ffn = "moe"` or "mot") on the same data, to compare
     motrain's tokens/s with PyTorch (CPU by default);
   * eval:  load a motrain checkpoint (model.safetensors, HF-Llama names) and compute the eval
     loss with the deterministic protocol of shared/spec/product.md, to cross-check motrain's
@@ -39,14 +39,40 @@ Notes:
     `run.dtype` = "bf16" in a config means the same thing and needs CUDA.
   * With OpenMP, PyTorch degrades badly when another process competes for the cores
     (e.g. 2 threads on a 2-core machine during a cargo build); benchmark on an idle machine.
-  * Model: `model.ffn` = "dense" or "mot" (in the blocks of `model.ffn_layers`; MoE and PESC are
-    refused with exit 2). MoT follows models.md and motrain's tensor names: rows [kG, kG+G) of a
-    batch at one position form a group; x [B, S, d] is viewed as [K, G, S, d], the controller
-    logits z = x C^T are divided by T (`temperature`, or exp(`log_temperature`)) and softmaxed
-    over the G axis per expert (in f32 under autocast); merge and emit are einsums and the
-    experts batched matmuls over the stacked weights [E, f, d] / [E, d, f]. The batch (micro and
-    eval) must be a multiple of G; eval groups exactly as motrain eval does (consecutive rows of
-    each eval batch; --group-size G overrides the trained group size, like motrain's flag).
+  * Model: `model.ffn` = "dense", "moe" or "mot" (in the blocks of `model.ffn_layers`, the others
+    keep the dense FFN; PESC is refused with exit 2). MoT follows models.md and motrain's tensor
+    names: rows [kG, kG+G) of a batch at one position form a group; x [B, S, d] is viewed as
+    [K, G, S, d], the controller logits z = x C^T are divided by T (`temperature`, or
+    exp(`log_temperature`)) and softmaxed over the G axis per expert (in f32 under autocast);
+    merge and emit are einsums and the experts batched matmuls over the stacked weights
+    [E, f, d] / [E, d, f]. The batch (micro and eval) must be a multiple of G; eval groups exactly
+    as motrain eval does (consecutive rows of each eval batch; --group-size G overrides the
+    trained group size, like motrain's flag).
+  * MoE follows models.md ("Sparse MoE, token choice") and motrain's src/model/{moe,router,experts}.rs
+    and tensor names (mlp.router.weight [E, d], mlp.experts.{gate,up,down} [E, f, d] / [E, d, f],
+    f = `expert_size` or d_ff; with `shared_expert_size` > 0 also Qwen2-MoE's mlp.shared_expert.*
+    and mlp.shared_expert_gate.weight [1, d], out += sigmoid(x g^T) * FFN_shared(x)). Only
+    `routing = "token_choice"` with `router = "linear"`: expert choice and the X-MoE router are
+    refused with exit 2. The forward: router logits z = x R^T and p = softmax(z) in f32 (autocast
+    off, as motrain); each of the B*S tokens (flattened b*S + s) picks its top_k experts by p, ties
+    to the lower expert index (a stable descending sort; torch.topk does not promise an order
+    for ties), decided on f32 probabilities like motrain's host code (also under --dtype f64);
+    gate p_e (`softmax`, Switch) or p_e over the sum of the chosen p (`softmax_topk`, Mixtral). In
+    training with capacity_factor > 0 each expert takes at most C = max(1, floor(cf * N * top_k /
+    E)) slots, granted rank-major (every token's first choice in token order, then every second
+    choice, ...); a dropped choice adds nothing and the kept gates are not renormalised. Eval
+    (model.eval()) is dropless, as motrain eval. Then per expert: index its tokens, two or three
+    matmuls on its slice of the stacked weights, scale by the gates, index_add back (tokens
+    without a slot get zeros; the residual carries them). Training adds motrain's auxiliary
+    losses to the CE: aux_loss_weight * mean over MoE layers of the Switch loss E * sum_e frac_e *
+    mean_p_e (frac_e: share of tokens whose choice includes e, before dropping) plus
+    z_loss_weight * mean over layers of mean(logsumexp(z)^2); bench reports the CE, as motrain
+    logs it. Checked on small motrain MoE checkpoints (top_k 1-3, both gates, capacity 0/1/1.25,
+    swiglu/gelu/relu, ffn_layers subsets, a shared expert, router rows made to tie exactly):
+    eval loss within 2e-8 relative of `motrain eval` (f32 and f64) with the same per-expert
+    loads; in training mode (motrain's step-1 record of `train --init-from` on a one-window
+    shard) the same dropped shares and loads, CE within f32 rounding, aux/z within 5e-7 and the
+    gradient norm of CE + aux + z within 3e-8 relative.
   * RoPE follows HF Llama exactly: inv_freq, angles and cos/sin in f32, even with --dtype f64
     (f64 then applies only to everything else). Verified against transformers'
     LlamaForCausalLM (max |logit diff| 5e-7 in f32).
@@ -131,6 +157,7 @@ DEFAULTS = {
             "n_experts": 8,
             "top_k": 1,
             "expert_size": 0,
+            "shared_expert_size": 0,
             "gate": "softmax",
             "capacity_factor": 1.25,
             "group_size": 32,
@@ -297,8 +324,9 @@ def resolve_and_validate(cfg: dict, origin: str) -> dict:
     want_choice("model.ffn", m["ffn"], ("dense", "moe", "mot", "pesc"))
     want_choice("train.schedule", t["schedule"], ("cosine", "linear", "constant", "wsd"))
     want_choice("run.dtype", cfg["run"]["dtype"], ("f32", "bf16"))
-    if m["ffn"] not in ("dense", "mot"):
-        bad(f"`model.ffn` = {m['ffn']!r}: this PyTorch baseline only implements the dense FFN and Mixture of Tokens; expected \"dense\" or \"mot\"")
+    if m["ffn"] not in ("dense", "moe", "mot"):
+        bad(f"`model.ffn` = {m['ffn']!r}: this PyTorch baseline only implements the dense FFN, token-choice MoE and Mixture of Tokens; "
+            f"expected \"dense\", \"moe\" or \"mot\"")
     try:
         ffn_layer_mask(m)
     except ValueError as e:
@@ -335,6 +363,25 @@ def resolve_and_validate(cfg: dict, origin: str) -> dict:
             if t[key] % g:
                 bad(f"Mixture of Tokens mixes `model.mot.group_size` = {g} sequences at one position, "
                     f"so `train.{key}` ({t[key]}) must be a multiple of it")
+    if m["ffn"] == "moe":
+        moe = m["moe"]
+        want_choice("model.moe.routing", moe["routing"], ("token_choice", "expert_choice"))
+        want_choice("model.moe.router", moe["router"], ("linear", "xmoe"))
+        want_choice("model.moe.gate", moe["gate"], ("softmax", "softmax_topk"))
+        if moe["routing"] != "token_choice":
+            bad(f"`model.moe.routing` = {moe['routing']!r}: this PyTorch baseline only implements token-choice routing")
+        if moe["router"] != "linear":
+            bad(f"`model.moe.router` = {moe['router']!r}: this PyTorch baseline only implements the linear router")
+        want_int("model.moe.n_experts", moe["n_experts"])
+        want_int("model.moe.top_k", moe["top_k"])
+        if moe["top_k"] > moe["n_experts"]:
+            bad(f"`model.moe.top_k` ({moe['top_k']}) must be between 1 and `model.moe.n_experts` ({moe['n_experts']})")
+        want_int("model.moe.expert_size", moe["expert_size"], 0)
+        want_int("model.moe.shared_expert_size", moe["shared_expert_size"], 0)
+        for key in ("capacity_factor", "aux_loss_weight", "z_loss_weight"):
+            want_num(f"model.moe.{key}", moe[key])
+            if not (moe[key] >= 0 and math.isfinite(moe[key])):
+                bad(f"`model.moe.{key}` must be >= 0{' (0 = dropless)' if key == 'capacity_factor' else ''}, got {moe[key]}")
     return cfg
 
 
@@ -360,6 +407,11 @@ def mot_expert_width(m: dict) -> int:
     """MoT expert width f: `mot.expert_size`, or FLOP-matched d_ff * G / E (integer division)."""
     mot = m["mot"]
     return mot["expert_size"] or m["d_ff"] * mot["group_size"] // max(mot["n_experts"], 1)
+
+
+def moe_expert_width(m: dict) -> int:
+    """MoE expert width f: `moe.expert_size`, or d_ff."""
+    return m["moe"]["expert_size"] or m["d_ff"]
 
 
 def load_config_file(path: str, overrides: list[str]) -> dict:
@@ -564,10 +616,10 @@ class Attention(nn.Module):
 
 
 class DenseFFN(nn.Module):
-    def __init__(self, m: dict):
+    def __init__(self, m: dict, width: int | None = None, bias: bool | None = None):
         super().__init__()
-        d, f = m["d_model"], m["d_ff"]
-        bias = m["bias"] in ("ffn", "all")
+        d, f = m["d_model"], width or m["d_ff"]
+        bias = m["bias"] in ("ffn", "all") if bias is None else bias
         self.activation = m["activation"]
         if self.activation == "swiglu":
             self.gate_proj = nn.Linear(d, f, bias=bias)
@@ -612,6 +664,20 @@ class Experts(nn.Module):
             h = activate(u, self.activation)
         return torch.bmm(h, self.down.transpose(1, 2))
 
+    def unbound(self) -> list[tuple]:
+        """Each expert's (gate or None, up, down) weights, for running the experts one by one (MoE).
+        One unbind per stacked tensor, so backward stacks the experts' gradients once (indexing
+        expert by expert would add E zero-padded full-size gradients)."""
+        gate = self.gate.unbind(0) if self.activation == "swiglu" else [None] * self.up.shape[0]
+        return list(zip(gate, self.up.unbind(0), self.down.unbind(0)))
+
+    def expert(self, w: tuple, x):
+        """One expert (weights `w` from unbound()) on its rows x [n, d] -> [n, d]."""
+        gate, up, down = w
+        u = F.linear(x, up)
+        h = activate(F.linear(x, gate), "swiglu", u) if gate is not None else activate(u, self.activation)
+        return F.linear(h, down)
+
 
 class MixtureOfTokens(nn.Module):
     """Mixture of Tokens (models.md, arXiv 2310.15961). Batch rows [kG, kG+G) at one position
@@ -652,13 +718,83 @@ class MixtureOfTokens(nn.Module):
         return out.reshape(B, S, d)
 
 
+class MixtureOfExperts(nn.Module):
+    """Token-choice sparse MoE with a linear router (models.md; motrain's src/model/moe.rs and
+    router.rs). The B*S tokens (flattened b*S + s, as motrain) each pick their top_k experts by
+    p = softmax(x R^T), ties to the lower index; with a capacity (training only) slots are granted
+    rank-major in token order; each expert runs on its tokens and out_t = sum over t's slots of
+    gate * expert(x_t). Tensor names: router.weight [E, d], experts.{gate,up,down}, and with
+    `shared_expert_size` shared_expert.{gate,up,down}_proj.weight and shared_expert_gate.weight."""
+
+    def __init__(self, m: dict):
+        super().__init__()
+        moe, d = m["moe"], m["d_model"]
+        self.n_experts = e = moe["n_experts"]
+        self.top_k = moe["top_k"]
+        self.renormalise = moe["gate"] == "softmax_topk"
+        self.capacity_factor = float(moe["capacity_factor"])
+        self.router = nn.Linear(d, e, bias=False)
+        self.experts = Experts(e, d, moe_expert_width(m), m["activation"])
+        if moe["shared_expert_size"]:
+            self.shared_expert = DenseFFN(m, width=moe["shared_expert_size"], bias=False)
+            self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+        self.want_losses = True
+        self.aux_loss = self.z_loss = None  # this forward's Switch aux loss and z-loss (training)
+
+    def forward(self, x):
+        B, S, d = x.shape
+        xf = x.reshape(B * S, d)
+        N, E, k = B * S, self.n_experts, self.top_k
+        # Router logits and probabilities in f32 (in f64 for an f64 model), never in bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            xr = xf.float() if xf.dtype in (torch.float16, torch.bfloat16) else xf
+            z = F.linear(xr, self.router.weight.to(xr.dtype))  # [N, E]
+            p = torch.softmax(z, dim=-1)
+        # Top-k by p, ties to the lower expert index: a stable descending sort keeps equal values
+        # in index order. Decided on the f32 probabilities, as motrain decides on the host.
+        choice = torch.sort(p.detach().float(), dim=-1, descending=True, stable=True).indices[:, :k]  # [N, k]
+        w = p.gather(1, choice)  # [N, k]
+        if self.renormalise:
+            w = w / w.sum(dim=-1, keepdim=True)
+        if self.training and self.want_losses:
+            frac = torch.bincount(choice.reshape(-1), minlength=E).to(p.dtype) / N  # before dropping
+            self.aux_loss = E * (p.mean(0) * frac).sum()
+            self.z_loss = torch.logsumexp(z, dim=-1).square().mean()
+        # Slots in rank-major order: every token's first choice (tokens in order), then every second ...
+        expert = choice.t().reshape(-1)  # [k*N]
+        token = torch.arange(N, device=x.device).repeat(k)
+        gate = w.t().reshape(-1)
+        if self.training and self.capacity_factor > 0:
+            cap = max(1, math.floor(self.capacity_factor * (N * k) / E))
+            # a slot's place in its expert's queue: how many earlier slots chose the same expert
+            place = F.one_hot(expert, E).cumsum(0).gather(1, expert[:, None]).squeeze(1) - 1
+            keep = place < cap
+            expert, token, gate = expert[keep], token[keep], gate[keep]
+        order = torch.argsort(expert, stable=True)  # group the slots by expert, keeping their order
+        token, gate = token[order], gate[order]
+        counts = torch.bincount(expert, minlength=E).tolist()
+        out = torch.zeros_like(xf)
+        for weights, tok, g in zip(self.experts.unbound(), token.split(counts), gate.split(counts)):
+            if tok.numel():
+                y = self.experts.expert(weights, xf[tok])
+                out.index_add_(0, tok, (y * g[:, None].to(y.dtype)).to(out.dtype))
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(xf)) * self.shared_expert(xf)
+        return out.view(B, S, d)
+
+
 class Block(nn.Module):
     def __init__(self, m: dict, sparse: bool = False):
         super().__init__()
         self.input_layernorm = make_norm(m)
         self.self_attn = Attention(m)
         self.post_attention_layernorm = make_norm(m)
-        self.mlp = MixtureOfTokens(m) if sparse and m["ffn"] == "mot" else DenseFFN(m)
+        if sparse and m["ffn"] == "mot":
+            self.mlp = MixtureOfTokens(m)
+        elif sparse and m["ffn"] == "moe":
+            self.mlp = MixtureOfExperts(m)
+        else:
+            self.mlp = DenseFFN(m)
 
     def forward(self, h, rope):
         h = h + self.self_attn(self.input_layernorm(h), rope)
@@ -686,6 +822,9 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(m["d_model"], m["vocab_size"], bias=False)
         self.use_rope = m["position"] == "rope"
         self._rope_cache = None
+        moe = m["moe"]
+        for layer in self.moe_layers():  # the aux/z losses only when training adds them
+            layer.want_losses = moe["aux_loss_weight"] > 0 or moe["z_loss_weight"] > 0
 
     def rope(self, S, device):
         if not self.use_rope:
@@ -699,6 +838,24 @@ class Transformer(nn.Module):
 
     def mot_layers(self) -> list[MixtureOfTokens]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MixtureOfTokens)]
+
+    def moe_layers(self) -> list[MixtureOfExperts]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MixtureOfExperts)]
+
+    def routing_loss(self) -> torch.Tensor | None:
+        """What training adds to the CE after a forward in train mode, as motrain: aux_loss_weight *
+        mean over MoE layers of the Switch aux loss + z_loss_weight * mean of the z-losses (a term
+        whose weight is 0 is left out); None without MoE layers or with both weights 0."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        moe = self.cfg["moe"]
+        total = None
+        for name, weight in (("aux_loss", moe["aux_loss_weight"]), ("z_loss", moe["z_loss_weight"])):
+            if weight > 0:
+                term = torch.stack([getattr(l, name) for l in layers]).mean() * weight
+                total = term if total is None else total + term
+        return total
 
     def set_group_size(self, g: int) -> None:
         """MoT layers mix groups of g sequences instead of `mot.group_size` (eval --group-size)."""
@@ -859,8 +1016,9 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.model(x)
                 loss = loss_fn(logits, y) / self.accum
-            loss.backward()
-            total += loss.detach()
+                aux = self.model.routing_loss()  # MoE: weighted aux + z losses (motrain's LossParts::total)
+            (loss if aux is None else loss + aux / self.accum).backward()
+            total += loss.detach()  # the CE, as motrain logs it
         gnorm = None
         if self.clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
@@ -1086,6 +1244,8 @@ def cmd_eval(args) -> None:
         model.set_group_size(args.group_size)
     check_eval_batch(model, bs)
     grouping = f"; MoT groups of {model.batch_multiple()}" if model.mot_layers() else ""
+    if model.moe_layers():
+        grouping += f"; {len(model.moe_layers())} MoE layer(s), dropless"
     log(f"torch {torch.__version__} on {device}, {threads} thread(s), {args.dtype}; checkpoint {ckpt}; "
         f"{model.num_params():,} params; val {val}; {batches} batches x {bs} x {cfg['data']['seq_len']}{grouping}")
     t0 = time.perf_counter()
@@ -1156,8 +1316,11 @@ def cmd_make_checkpoint(args) -> None:
     os.makedirs(ckpt, exist_ok=True)
     save_weights(model, os.path.join(ckpt, "model.safetensors"))
     clean = strip_none(cfg)
-    state = {"step": step, "tokens": step * cfg["train"]["batch_size"] * cfg["data"]["seq_len"], "config": clean,
-             "motrain_version": "torch_baseline"}
+    # motrain's TrainState: windows drawn (data_cursor) and Adam's t as a motrain run of `step`
+    # steps would have them (no optimizer state is written: `eval` and `--init-from` need none).
+    state = {"step": step, "tokens": step * cfg["train"]["batch_size"] * cfg["data"]["seq_len"],
+             "data_cursor": step * cfg["train"]["batch_size"], "optimizer_t": step, "skipped_steps": 0,
+             "seed": cfg["run"]["seed"], "elapsed_s": 0.0, "motrain_version": "torch_baseline", "config": clean}
     with open(os.path.join(ckpt, "state.json"), "w") as f:
         json.dump(state, f, indent=1)
     with open(os.path.join(run, "config.toml"), "w") as f:
@@ -1178,7 +1341,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="torch_baseline.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("bench", help="time training steps of the dense or MoT model")
+    b = sub.add_parser("bench", help="time training steps of the dense, MoE or MoT model")
     b.add_argument("--config", required=True)
     b.add_argument("--set", action="append", metavar="KEY=VALUE")
     b.add_argument("--steps", type=int, default=20)
