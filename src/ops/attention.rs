@@ -271,8 +271,7 @@ impl Dims {
 
     /// A buffer filled by [`Dims::pack_transposed`], as a right operand.
     fn packed_transposed(&self, buf: &[f32]) -> Rhs {
-        let w = small_gemm::width(self.level);
-        Rhs { ptr: buf.as_ptr(), rs: w, ps: self.dh * w, w }
+        Rhs::panels(buf, self.dh, small_gemm::width(self.level))
     }
 }
 

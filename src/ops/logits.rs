@@ -9,8 +9,8 @@
 //! partial sums over fixed chunks of rows added in order, so that no result depends on the
 //! number of threads.
 
-use super::small_gemm::{self, Dst, Lhs, Rhs};
-use super::{fresh, fused, simd, slice};
+use super::small_gemm::{self, pack_panels, Dst, Lhs, Rhs};
+use super::{fresh, fused, ordered_sum, simd, slice};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -39,23 +39,6 @@ const ROWS: usize = 64;
 /// Rows per partial sum of the weight gradient.
 const CHUNK: usize = 512;
 
-/// `b [k, n]` (element `(p, j)` at `b[p·rs + j·cs]`) packed for the micro-kernel of width `w`:
-/// panels of `w` columns, each `[k, w]`, zeros past `n`.
-fn pack(b: &[f32], (k, n): (usize, usize), (rs, cs): (usize, usize), w: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n.div_ceil(w) * k * w];
-    for p in 0..k {
-        for j in 0..n {
-            out[j / w * k * w + p * w + j % w] = b[p * rs + j * cs];
-        }
-    }
-    out
-}
-
-/// A packed operand of [`pack`] as the micro-kernel reads it.
-fn packed(b: &[f32], k: usize, w: usize) -> Rhs {
-    Rhs { ptr: b.as_ptr(), rs: w, ps: k * w, w }
-}
-
 struct Logits {
     level: simd::Level,
 }
@@ -74,7 +57,7 @@ impl CustomOp2 for Logits {
         }
         let level = self.level;
         let width = small_gemm::width(level);
-        let (x, wt) = (slice(xs, xl)?, pack(slice(ws, wl)?, (d, e), (1, d), width));
+        let (x, wt) = (slice(xs, xl)?, pack_panels(slice(ws, wl)?, (d, e), (1, d), width));
         // SAFETY: each task writes its rows of z (all E columns) and reads its rows of x; wᵀ is
         // packed to whole panels; `level` is this thread's path, which the CPU has.
         let z = unsafe {
@@ -85,7 +68,7 @@ impl CustomOp2 for Logits {
                         Dst { ptr: zr.as_mut_ptr(), rs: e },
                         Lhs { ptr: xr.as_ptr(), rs: d, cs: 1 },
                     );
-                    small_gemm::gemm(level, rows, e, d, dst, false, lhs, packed(&wt, d, width))
+                    small_gemm::gemm(level, rows, e, d, dst, false, lhs, Rhs::panels(&wt, d, width))
                 })
             })
         };
@@ -120,10 +103,10 @@ impl CustomOp3 for LogitsBwd {
         let level = self.level;
         let width = small_gemm::width(level);
         let (x, g) = (slice(xs, xl)?, slice(gs, gl)?);
-        let w = pack(slice(ws, wl)?, (e, d), (d, 1), width);
+        let w = pack_panels(slice(ws, wl)?, (e, d), (d, 1), width);
         // SAFETY: each task writes its own rows of dx, or its own partial; x is read as whole
         // panels of `width` columns, inside its rows (`kernel_fits`); `level` is this thread's
-        // path. dw is zeroed and then every partial added.
+        // path. dw is the ordered sum of the partials.
         let out = unsafe {
             fresh((n + e) * d, |out| {
                 let (dx, dw) = out.split_at_mut(n * d);
@@ -133,27 +116,18 @@ impl CustomOp3 for LogitsBwd {
                         Dst { ptr: dxr.as_mut_ptr(), rs: d },
                         Lhs { ptr: gr.as_ptr(), rs: e, cs: 1 },
                     );
-                    small_gemm::gemm(level, rows, d, e, dst, false, lhs, packed(&w, e, width))
+                    small_gemm::gemm(level, rows, d, e, dst, false, lhs, Rhs::panels(&w, e, width))
                 });
-                let partials: Vec<Vec<f32>> = x
-                    .par_chunks(CHUNK * d)
-                    .zip(g.par_chunks(CHUNK * e))
-                    .map(|(xc, gc)| {
-                        let rows = gc.len() / e;
-                        fresh(e * d, |p| {
-                            let dst = Dst { ptr: p.as_mut_ptr(), rs: d };
-                            let (lhs, rhs) = (
-                                Lhs { ptr: gc.as_ptr(), rs: 1, cs: e },
-                                Rhs { ptr: xc.as_ptr(), rs: d, ps: width, w: width },
-                            );
-                            small_gemm::gemm(level, e, d, rows, dst, false, lhs, rhs)
-                        })
-                    })
-                    .collect();
-                dw.fill(0.0);
-                for p in partials {
-                    dw.iter_mut().zip(p).for_each(|(t, v)| *t += v);
-                }
+                let sums = ordered_sum(n.div_ceil(CHUNK), e * d, |c, p| {
+                    let rows = (n - c * CHUNK).min(CHUNK);
+                    let dst = Dst { ptr: p.as_mut_ptr(), rs: d };
+                    let (lhs, rhs) = (
+                        Lhs { ptr: g[c * CHUNK * e..].as_ptr(), rs: 1, cs: e },
+                        Rhs { ptr: x[c * CHUNK * d..].as_ptr(), rs: d, ps: width, w: width },
+                    );
+                    small_gemm::gemm(level, e, d, rows, dst, false, lhs, rhs)
+                });
+                dw.copy_from_slice(&sums);
             })
         };
         Ok((CpuStorage::F32(out), Shape::from((n + e, d))))

@@ -95,25 +95,36 @@ pub(crate) fn column_sums<F>(rows: usize, width: usize, n_out: usize, f: F) -> V
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
-    use rayon::prelude::*;
     const CHUNK: usize = 64;
-    let chunks = rows.div_ceil(CHUNK);
-    let partials: Vec<Vec<f32>> = (0..chunks)
+    ordered_sum(rows.div_ceil(CHUNK), n_out * width, |c, acc| {
+        simd::run(
+            #[inline(always)]
+            || {
+                for r in c * CHUNK..((c + 1) * CHUNK).min(rows) {
+                    f(r, acc);
+                }
+            },
+        )
+    })
+}
+
+/// `Σ` of `parts` partial sums of `len` values, partial `i` from `part(i, acc)` on a zeroed
+/// `acc`: the partials in parallel, then added in order, so that the result has the same bits
+/// on any number of threads.
+pub(crate) fn ordered_sum<F>(parts: usize, len: usize, part: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    use rayon::prelude::*;
+    let partials: Vec<Vec<f32>> = (0..parts)
         .into_par_iter()
-        .map(|c| {
-            let mut acc = vec![0f32; n_out * width];
-            simd::run(
-                #[inline(always)]
-                || {
-                    for r in c * CHUNK..((c + 1) * CHUNK).min(rows) {
-                        f(r, &mut acc);
-                    }
-                },
-            );
+        .map(|i| {
+            let mut acc = vec![0f32; len];
+            part(i, &mut acc);
             acc
         })
         .collect();
-    let mut total = vec![0f32; n_out * width];
+    let mut total = vec![0f32; len];
     for p in partials {
         for (t, v) in total.iter_mut().zip(p) {
             *t += v;

@@ -30,6 +30,11 @@ pub struct Rhs {
 }
 
 impl Rhs {
+    /// A `[k, n]` operand stored panel after panel (`[k][w]` each), as [`pack_panels`] packs it.
+    pub fn panels(buf: &[f32], k: usize, w: usize) -> Rhs {
+        Rhs { ptr: buf.as_ptr(), rs: w, ps: k * w, w }
+    }
+
     /// The operand from column `j` on; `j` a multiple of the width.
     pub fn col(self, j: usize) -> Rhs {
         debug_assert_eq!(j % self.w, 0);
@@ -40,6 +45,20 @@ impl Rhs {
     pub fn row(self, p: usize) -> Rhs {
         Rhs { ptr: self.ptr.wrapping_add(p * self.rs), ..self }
     }
+}
+
+/// `b [k, n]` (element `(p, j)` at `b[p·rs + j·cs]`) packed panel after panel for a kernel of
+/// width `w` ([`Rhs::panels`]): each panel `[k][w]`, zeros past column `n`.
+pub fn pack_panels(
+    b: &[f32], (k, n): (usize, usize), (rs, cs): (usize, usize), w: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n.div_ceil(w) * k * w];
+    for p in 0..k {
+        for j in 0..n {
+            out[j / w * k * w + p * w + j % w] = b[p * rs + j * cs];
+        }
+    }
+    out
 }
 
 /// The destination: row-major with row stride `rs`; only its `m×n` elements are written.
