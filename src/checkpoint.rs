@@ -326,6 +326,18 @@ pub fn load_state_and_digests(dir: &Path) -> Result<(TrainState, FileDigests)> {
         .config
         .validate()
         .map_err(|m| CheckpointError::invalid(&p, format!("config inside is invalid: {m}")))?;
+    let named = dir.file_name().and_then(|n| n.to_str()?.strip_prefix("step-")?.parse().ok());
+    if named.is_some_and(|n: usize| n != state.step) || state.optimizer_t > state.step as u64 {
+        return Err(CheckpointError::invalid(
+            &p,
+            format!(
+                "corrupt state: step {} (optimizer step {}) does not match the directory {}",
+                state.step,
+                state.optimizer_t,
+                dir.display()
+            ),
+        ));
+    }
     let digests: FileDigests = serde_json::from_str(&text)
         .map_err(|e| CheckpointError::invalid(&p, format!("corrupt file digests: {e}")))?;
     Ok((state, digests))
@@ -374,6 +386,15 @@ fn read_tensors(
     let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| bad(&e))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
+        // Weights and moments are floats (motrain writes f32; a file recoded to a narrower
+        // float still loads): integers would be read as numbers that mean nothing.
+        use safetensors::Dtype::{BOOL, I16, I32, I64, I8, U16, U32, U64, U8};
+        if matches!(view.dtype(), BOOL | I8 | I16 | I32 | I64 | U8 | U16 | U32 | U64) {
+            return Err(CheckpointError::invalid(
+                path,
+                format!("tensor `{name}` is {:?}; a checkpoint holds float tensors", view.dtype()),
+            ));
+        }
         let t = if variables && device.is_cpu() && view.dtype() == safetensors::Dtype::F32 {
             let values: Vec<f32> = view
                 .data()

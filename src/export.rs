@@ -115,6 +115,8 @@ pub fn export_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
     ckpt.check_config(&cfg.model)?;
     let tok = tokenizer_ids(cfg)?;
     let tensors = hf_tensors(&cfg.model, arch, &ckpt.model)?;
+    // A folder of another model's files (shards, an index) beside ours would load as neither.
+    crate::run_dir::ensure_empty(out, "choose a new --out directory")?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let write_json = |name: &str, v: &Value| -> Result<()> {
         let p = out.join(name);

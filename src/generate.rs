@@ -32,10 +32,24 @@ pub fn check(
     model: &Transformer, prompt_len: usize, opts: &GenerateOptions,
 ) -> std::result::Result<(), String> {
     let (rows, g, context) = (opts.num_samples, model.batch_multiple(), model.cfg.max_seq_len);
-    if rows == 0 || rows % g != 0 {
+    if rows == 0 {
+        return Err("--num-samples must be at least 1".into());
+    }
+    if rows % g != 0 {
         return Err(format!(
             "this Mixture of Tokens model mixes groups of {g} sequences at every position, so it samples in lock-step groups: \
              --num-samples must be a multiple of {g}, got {rows}. To sample one sequence at a time, convert it with `motrain transition-tune`"
+        ));
+    }
+    // Every sample holds a key/value cache of the whole context in every layer, and logits.
+    let m = &model.cfg;
+    let kv_width = m.kv_heads() * (m.d_model / m.n_heads.max(1));
+    let per_sample = (2 * m.n_layers * context * kv_width + m.vocab_size) as u64 * 4;
+    let bytes = (rows as u64).saturating_mul(per_sample);
+    if !crate::alloc::fits_in_memory(bytes) {
+        return Err(format!(
+            "--num-samples {rows} needs {:.1} GiB for the samples' key/value caches, more than this machine's memory",
+            bytes as f64 / (1u64 << 30) as f64
         ));
     }
     if prompt_len == 0 || prompt_len > context {

@@ -1,6 +1,7 @@
 //! The run directory on disk: its layout (`config.toml`, `metrics.jsonl`, `checkpoints/`,
-//! `lock`), the lock that keeps two processes from training into one run, the check that a
-//! fresh run does not overwrite checkpoints, and atomic replacement of small files. What goes
+//! `lock`), the lock that keeps two processes from training into one run, the checks that a
+//! fresh run or a new directory does not overwrite what is there, and atomic replacement of
+//! small files. What goes
 //! inside a checkpoint is `checkpoint`'s business.
 
 use std::io::Write;
@@ -62,6 +63,33 @@ pub fn ensure_no_checkpoints(dir: &Path, hint: &str) -> Result<()> {
         path: dir.to_path_buf(),
         message: format!("already holds checkpoints: {hint}"),
     })
+}
+
+/// An error unless `dir` is missing or empty (its `lock` file aside): a command that writes a
+/// new directory (`export`, `upcycle`, `transition-tune`, a fresh `train`) must not replace or
+/// mix with what is there. `hint` tells the user what to do instead.
+pub fn ensure_empty(dir: &Path, hint: &str) -> Result<()> {
+    let unusable = |message: String| RunDirError::Unusable { path: dir.to_path_buf(), message };
+    if !dir.exists() {
+        return Ok(());
+    }
+    if !dir.is_dir() {
+        return Err(unusable(format!("is not a directory: {hint}")));
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lock")
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let shown = names.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+    let more =
+        if names.len() > 3 { format!(" and {} more", names.len() - 3) } else { String::new() };
+    Err(unusable(format!("is not empty (it holds {shown}{more}): {hint}")))
 }
 
 /// Writes a small file by temp file + rename, so readers see the old or the new content.
@@ -156,6 +184,22 @@ mod tests {
         assert_eq!(steps, vec![1, 2]);
         let e = ensure_no_checkpoints(dir.path(), "pass --resume").unwrap_err().to_string();
         assert!(e.contains("already holds checkpoints: pass --resume"), "{e}");
+    }
+
+    #[test]
+    fn only_a_missing_or_empty_directory_is_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        ensure_empty(&run, "x").unwrap();
+        let _lock = RunLock::acquire(&run).unwrap();
+        ensure_empty(&run, "x").unwrap(); // the lock alone does not count
+        std::fs::write(run.join("metrics.jsonl"), b"{}").unwrap();
+        let e = ensure_empty(&run, "set another run.name").unwrap_err().to_string();
+        assert!(e.contains("is not empty (it holds metrics.jsonl): set another run.name"), "{e}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let e = ensure_empty(&file, "x").unwrap_err().to_string();
+        assert!(e.contains("is not a directory"), "{e}");
     }
 
     #[test]

@@ -42,14 +42,22 @@ pub fn transition_tune(
         }
         .into());
     }
-    let cfg =
-        moe_config(&state.config, out, state.step + steps, overrides).map_err(|e| match e {
-            ConfigError::Invalid { message, .. } => {
-                ConfigError::Invalid { origin: format!("the converted config ({origin})"), message }
+    // Steps are written to config.toml, whose integers are i64.
+    let total =
+        state.step.checked_add(steps).filter(|&t| t <= i64::MAX as usize).ok_or_else(|| {
+            ConfigError::Invalid {
+                origin: "motrain transition-tune".into(),
+                message: format!("--steps {steps} is too large"),
             }
-            e => e,
         })?;
-    run_dir::ensure_no_checkpoints(out, "choose an empty --out directory")?;
+    let cfg = moe_config(&state.config, out, total, overrides).map_err(|e| match e {
+        ConfigError::Invalid { message, .. } => {
+            ConfigError::Invalid { origin: format!("the converted config ({origin})"), message }
+        }
+        e => e,
+    })?;
+    let fresh = || run_dir::ensure_empty(out, "choose a new --out directory");
+    fresh()?;
     let val = data::mixture::open_val(&cfg.data, cfg.model.vocab_size)?;
     if val.is_empty() {
         anyhow::bail!("transition-tune reports eval losses, so the run needs data.val (or a val glob in a [[data.sources]] table)");
@@ -73,14 +81,19 @@ pub fn transition_tune(
 
     // The converted checkpoint is the tuning run's starting point: step, tokens, data cursor
     // and Adam's moments all carry on.
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let start = TrainState {
         config: cfg.clone(),
         motrain_version: env!("CARGO_PKG_VERSION").to_string(),
         ..state.clone()
     };
-    checkpoint::save(out, &start, &weights, &moments, cfg.train.keep_checkpoints)?;
-    run_dir::write_atomic(&run_dir::config_path(out), cfg.to_toml().as_bytes())?;
+    {
+        // Locked while it is written, so that no `train` starts in it meanwhile; tuning below
+        // takes the lock again.
+        let _lock = run_dir::RunLock::acquire(out)?;
+        fresh()?;
+        checkpoint::save(out, &start, &weights, &moments, cfg.train.keep_checkpoints)?;
+        run_dir::write_atomic(&run_dir::config_path(out), cfg.to_toml().as_bytes())?;
+    }
     let tuned = if steps > 0 {
         train::run(cfg, Start::Resume, std::rc::Rc::new(crate::dist::Dist::single()))?.final_eval
     } else {

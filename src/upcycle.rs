@@ -8,7 +8,7 @@ use crate::config::{Config, ConfigError, FfnKind, FfnLayers};
 use crate::model::{trains, Params, Transformer};
 use crate::run_dir;
 use crate::train::optim::AdamW;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -60,7 +60,8 @@ pub fn upcycle(
         .into());
     }
     let cfg = pesc_config(&state.config, out, opts, overrides)?;
-    run_dir::ensure_no_checkpoints(out, "choose an empty --out directory")?;
+    let fresh = || run_dir::ensure_empty(out, "choose a new --out directory");
+    fresh()?;
 
     let (ckpt, dense) = checkpoint::load_model(&src)?;
     let dev = dense.device().clone();
@@ -76,7 +77,9 @@ pub fn upcycle(
 
     // A fresh optimizer (zero moments for what trains): the checkpoint is a run at step 0.
     let opt = AdamW::new(&params, |name| !params.is_frozen(name), &cfg.train)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Locked while it is written, so that no `train` starts in it meanwhile.
+    let _lock = run_dir::RunLock::acquire(out)?;
+    fresh()?;
     let start = TrainState::at_start(&cfg);
     checkpoint::save(
         out,
@@ -128,6 +131,11 @@ fn pesc_config(
     p.adapter_dim = o.adapter_dim.unwrap_or(p.adapter_dim);
     p.adapter_scale = o.adapter_scale.unwrap_or(p.adapter_scale);
     // The flags' own words, before the config's checks speak of `model.pesc` keys.
+    if [p.n_experts, p.top_k, p.adapter_dim].iter().any(|&v| v > 1 << 40) {
+        return Err(bad(
+            "--experts, --top-k and --adapter-dim must be below 2^40, beyond what motrain can allocate".into(),
+        ));
+    }
     if p.n_experts == 0 || p.adapter_dim == 0 {
         return Err(bad(format!(
             "--experts ({}) and --adapter-dim ({}) must be at least 1",

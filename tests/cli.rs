@@ -736,6 +736,55 @@ fn tokenizer_train_and_prepare_write_valid_shards() {
         "token count: train + val = sum of encoded documents + one end-of-text each"
     );
 
+    // Shards of that name which no prepare.json lists may be anyone's: kept unless --overwrite.
+    let foreign = f.root().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::copy(out_dir.join("x_train_000000.bin"), foreign.join("x_train_000000.bin")).unwrap();
+    std::fs::copy(out_dir.join("x_val_000000.bin"), foreign.join("x_val_000000.bin")).unwrap();
+    let before = read(&foreign.join("x_val_000000.bin"));
+    let mut again = vec![
+        "prepare",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        foreign.to_str().unwrap(),
+        "--name",
+        "x",
+        "--val-fraction",
+        "0",
+    ];
+    assert_bad_input(&f.run(&again), &["x_train_000000.bin", "--overwrite"]);
+    assert_eq!(
+        read(&foreign.join("x_val_000000.bin")),
+        before,
+        "a refused prepare deleted a shard"
+    );
+    again.push("--overwrite");
+    f.run(&again).ok();
+    assert!(!foreign.join("x_val_000000.bin").exists(), "--overwrite replaced the old shards");
+
+    // Tokenizer vocabularies beyond any in use, and inputs without text, are refused.
+    let tok_args = |input: &std::path::Path, vocab: &str, out: &str| -> Out {
+        let out = f.root().join(out);
+        f.run(&[
+            "tokenizer",
+            "train",
+            "--input",
+            input.to_str().unwrap(),
+            "--vocab-size",
+            vocab,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    assert_bad_input(&tok_args(&input, "4294967296", "big.json"), &["--vocab-size", "too large"]);
+    let empty = f.root().join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    assert_bad_input(&tok_args(&empty, "300", "empty.json"), &["no text"]);
+    assert!(!f.root().join("empty.json").exists(), "a refused tokenizer was written");
+
     // The prepared shards train.
     let cfg = f.root().join("p.toml");
     std::fs::write(
@@ -851,6 +900,7 @@ fn out_of_range_values_are_named() {
     assert_bad_input(&f.train(&cfg, "x", &["model.n_heads=3"]), &["n_heads", "3"]);
     assert_bad_input(&f.train(&cfg, "x", &["train.micro_batch_size=3"]), &["micro_batch_size"]);
     assert_bad_input(&f.train(&cfg, "x", &["model.norm=batchnorm"]), &["norm", "batchnorm"]);
+    assert_bad_input(&f.train(&cfg, "x", &["train.eval_batches=0"]), &["eval_batches"]);
 }
 
 #[test]
@@ -1023,6 +1073,19 @@ fn fresh_train_refuses_a_run_dir_with_checkpoints() {
         assert_bad_input_code(&out, None, &["taken", "--resume"]);
         assert!(snapshot(&run) == before, "a refused `train {extra:?}` modified the existing run");
     }
+}
+
+#[test]
+fn fresh_train_refuses_a_run_dir_holding_an_earlier_runs_files() {
+    let f = Fixture::new();
+    let run = f.run_dir("earlier");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("config.toml"), b"# an earlier run's config\n").unwrap();
+    std::fs::write(run.join("metrics.jsonl"), b"{\"step\":1,\"loss\":9.0}\n").unwrap();
+    let out = f.train(&f.config(), "earlier", &["train.steps=2"]);
+    assert_bad_input(&out, &["earlier", "no checkpoint to resume", "metrics.jsonl"]);
+    assert_eq!(read(&run.join("config.toml")), b"# an earlier run's config\n");
+    assert_eq!(read(&run.join("metrics.jsonl")), b"{\"step\":1,\"loss\":9.0}\n");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -31,6 +31,17 @@ fn exports_dense_and_moe_runs_and_refuses_the_rest() {
     assert!(o.stdout.contains("LlamaForCausalLM"), "{}", o.stdout);
     assert_eq!(config_json(&out)["architectures"][0], "LlamaForCausalLM");
     assert!(out.join("model.safetensors").exists() && out.join("generation_config.json").exists());
+    // A second export into it would mix two models' files: refused, the first left as it was.
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    let again = f.run(&[
+        "export",
+        "--checkpoint",
+        f.run_dir("dense").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_bad_input(&again, &["is not empty", "--out"]);
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), before);
 
     f.train(
         &cfg,

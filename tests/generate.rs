@@ -64,6 +64,12 @@ fn samples_are_reproducible_and_several_come_at_once() {
     assert_eq!(three.stdout.matches("---------- sample").count(), 3);
     let bad = generate(&f, &run, &tok, &["--top-p", "1.5"]);
     assert_bad_input(&bad, &["--top-p"]);
+    assert_bad_input(&generate(&f, &run, &tok, &["--num-samples", "0"]), &["at least 1"]);
+    // More samples than memory holds: an error, not an allocation failure.
+    let huge = generate(&f, &run, &tok, &["--num-samples", "1099511627776"]);
+    assert_bad_input(&huge, &["--num-samples", "memory"]);
+    let nan = generate(&f, &run, &tok, &["--temperature", "NaN"]);
+    assert_bad_input(&nan, &["--temperature"]);
     let no_tok = f.run(&["generate", "--checkpoint", run.to_str().unwrap(), "--prompt", "x"]);
     assert_bad_input(&no_tok, &["no tokenizer", "--tokenizer"]);
 }

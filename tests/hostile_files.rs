@@ -350,6 +350,20 @@ fn lying_safetensors(c: &Ckpt) -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         (
+            "I32 weights (integers read as numbers)",
+            with_entry(
+                embed,
+                json!({"dtype": "I32", "shape": [16, 8], "data_offsets": [start, end]}),
+            ),
+        ),
+        (
+            "U8 weights",
+            safetensors(
+                &json!({embed: {"dtype": "U8", "shape": [16, 8], "data_offsets": [0, 128]}}),
+                &[7u8; 128],
+            ),
+        ),
+        (
             "F4 dtype on F32-sized data",
             with_entry(
                 embed,
@@ -508,6 +522,8 @@ fn lying_states(c: &Ckpt) -> Vec<(String, Vec<u8>)> {
         ("tokens", json!(-32)),
         ("data_cursor", json!([4])),
         ("optimizer_t", json!(true)),
+        ("optimizer_t", json!(3)), // more updates than steps
+        ("optimizer_t", json!(u64::MAX)),
         ("seed", json!(-5)),
         ("elapsed_s", json!("fast")),
         ("motrain_version", json!(1)),
@@ -552,6 +568,19 @@ fn lying_states_fail_eval_with_an_error_naming_the_file() {
         c.write_state(&bytes);
         assert_eval_refused(&c, &case, "state.json");
     }
+}
+
+/// A checkpoint directory whose name and `state.json` disagree on the step (a copy gone wrong,
+/// or an edit): resuming from it would write over the checkpoint of the step it names.
+#[test]
+fn a_step_that_does_not_match_its_directory_is_named() {
+    let c = Ckpt::new();
+    let named = c.tmp.path().join("step-000005");
+    std::fs::rename(c.dir(), &named).unwrap();
+    let e = load_state(&named).expect_err("a step-000005 holding step 2 loaded");
+    assert!(e.to_string().contains("does not match the directory"), "{e}");
+    std::fs::rename(&named, c.tmp.path().join("step-000002")).unwrap();
+    load_state(&c.tmp.path().join("step-000002")).unwrap();
 }
 
 #[test]

@@ -34,12 +34,14 @@ fn mixture_config_errors_are_named() {
     let zero = f.mixture_config("zero.toml", &[("tiny", 0.7), ("noise", 0.0)], 64);
     let negative = f.mixture_config("neg.toml", &[("tiny", -1.0), ("noise", 1.0)], 64);
     let missing = f.mixture_config("missing.toml", &[("tiny", 0.5), ("nothing", 0.5)], 64);
-    let cases: [(&Path, &[&str]); 5] = [
+    let huge = f.mixture_config("huge.toml", &[("tiny", 1e308), ("noise", 1e308)], 64);
+    let cases: [(&Path, &[&str]); 6] = [
         (&both, &["data.sources", "data.train", "exclude"]),
         (&none, &["data.sources", "no source"]),
         (&zero, &["data.sources[1].weight", "> 0", "got 0"]),
         (&negative, &["data.sources[0].weight", "-1"]),
         (&missing, &["data.sources[1] (nothing) train", "nothing_train_*.bin", "no files match"]),
+        (&huge, &["data.sources", "sum to inf"]),
     ];
     for (cfg, needles) in cases {
         let out = f.train(cfg, "bad", &[]);

@@ -196,7 +196,18 @@ fn transition_tuning_converts_evaluates_and_tunes() {
         "--out",
         out_dir.to_str().unwrap(),
     ]);
-    assert_bad_input(&again, &["already holds checkpoints"]);
+    assert_bad_input(&again, &["is not empty", "choose a new --out"]);
+    // --steps past what config.toml's integers hold.
+    let huge = f.run(&[
+        "transition-tune",
+        "--checkpoint",
+        mot.to_str().unwrap(),
+        "--out",
+        f.runs().join("huge").to_str().unwrap(),
+        "--steps",
+        "18446744073709551615",
+    ]);
+    assert_bad_input(&huge, &["--steps", "too large"]);
     // --steps 0 converts only.
     let only = f.runs().join("convert-only");
     let j = f

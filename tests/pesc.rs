@@ -197,6 +197,8 @@ fn upcycle_refuses_bad_input_and_writes_nothing() {
             f.run_dir("bad").display()
         );
     }
+    let huge = upcycle(&f, &dense, "huge", &["--experts", "9223372036854775808"]);
+    assert_bad_input(&huge, &["--experts", "2^40"]);
     let missing = f.root().join("nowhere");
     assert_bad_input(&upcycle(&f, &missing, "bad", &[]), &["nowhere"]);
 
@@ -206,7 +208,7 @@ fn upcycle_refuses_bad_input_and_writes_nothing() {
 
     upcycle(&f, &dense, "pesc", &[]).ok();
     let out = upcycle(&f, &dense, "pesc", &[]);
-    assert_bad_input(&out, &["already holds checkpoints"]);
+    assert_bad_input(&out, &["is not empty", "choose a new --out"]);
     let out = upcycle(&f, &f.run_dir("pesc"), "again", &[]);
     assert_bad_input(&out, &["dense", "pesc"]);
 }

@@ -239,6 +239,22 @@ fn manifest_skips_a_rerun_refuses_other_options_and_val_survives_appending() {
 }
 
 #[test]
+fn inputs_without_text_are_refused() {
+    let f = Fixture::empty();
+    let d = f.cwd();
+    std::fs::write(d.join("empty.jsonl"), b"").unwrap();
+    let prepare = |extra: &[&str]| {
+        let args =
+            [&["prepare", "--tokenizer", "gpt2", "--input", "empty.jsonl", "--out", "o"], extra];
+        f.run(&args.concat())
+    };
+    assert_bad_input(&prepare(&[]), &["no documents", "--text-field"]);
+    assert_bad_input(&prepare(&["--text-field", ""]), &["--text-field"]);
+    assert_bad_input(&prepare(&["--threads", "100000"]), &["--threads", "1024"]);
+    assert!(!d.join("o").join("prepare.json").exists(), "a refused prepare wrote its manifest");
+}
+
+#[test]
 fn bad_records_are_counted_with_their_locations_or_fail() {
     let f = Fixture::empty();
     let cwd = f.cwd();

@@ -13,10 +13,14 @@ pub fn generate(
     if let Some(p) = opts.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
         return Err(UsageError(format!("--top-p must be in (0, 1], got {p}")).into());
     }
-    if opts.top_k == Some(0) || !opts.temperature.is_finite() || opts.temperature < 0.0 {
-        return Err(UsageError(
-            "--top-k must be at least 1 and --temperature a number >= 0".into(),
-        )
+    if opts.top_k == Some(0) {
+        return Err(UsageError("--top-k must be at least 1".into()).into());
+    }
+    if !opts.temperature.is_finite() || opts.temperature < 0.0 {
+        return Err(UsageError(format!(
+            "--temperature must be a number >= 0 (0 = greedy), got {}",
+            opts.temperature
+        ))
         .into());
     }
     let (ckpt, model) = checkpoint::load_model(&path)?;

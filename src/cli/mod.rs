@@ -451,10 +451,18 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             // The memory bound is an environment knob, not a flag: the default suits any corpus, and
             // tests shrink it to show memory does not follow the corpus.
-            let in_flight_bytes = std::env::var("MOTRAIN_PREPARE_IN_FLIGHT_MB")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .map_or(prepare::IN_FLIGHT_BYTES, |mb| mb << 20);
+            let in_flight_bytes = match std::env::var("MOTRAIN_PREPARE_IN_FLIGHT_MB") {
+                Err(_) => prepare::IN_FLIGHT_BYTES,
+                Ok(v) => match v.parse::<usize>() {
+                    Ok(mb) if (1..1 << 30).contains(&mb) => mb << 20,
+                    _ => {
+                        let m = format!(
+                            "MOTRAIN_PREPARE_IN_FLIGHT_MB={v:?}: expected megabytes, 1 or more"
+                        );
+                        return Err(UsageError(m).into());
+                    }
+                },
+            };
             let val = match val_docs {
                 Some(n) => prepare::ValSplit::Docs(n),
                 None => prepare::ValSplit::Fraction(val_fraction.unwrap_or(0.05)),

@@ -144,8 +144,10 @@ impl Config {
         if t.log_every == 0 {
             return Err("`train.log_every` must be at least 1".into());
         }
-        if t.eval_batch_size == 0 {
-            return Err("`train.eval_batch_size` must be at least 1".into());
+        if t.eval_batch_size == 0 || t.eval_batches == 0 {
+            return Err(
+                "`train.eval_batch_size` and `train.eval_batches` must be at least 1".into()
+            );
         }
         if t.zero > 1 {
             return Err(format!("`train.zero` = {}: expected 0 (off) or 1 (ZeRO-1: shard AdamW's moments over the ranks)", t.zero));
@@ -182,6 +184,10 @@ impl Config {
         }
         if sources.is_empty() {
             return Err("`data.sources` lists no source: give each `[[data.sources]]` table a `train` glob and a `weight`, or use `data.train`".into());
+        }
+        let total: f64 = sources.iter().map(|s| s.weight).sum();
+        if !total.is_finite() && sources.iter().all(|s| s.weight.is_finite()) {
+            return Err(format!("`data.sources` weights sum to {total}: use smaller numbers (they are normalised to sum to 1)"));
         }
         for (i, s) in sources.iter().enumerate() {
             if s.train.is_empty() {

@@ -129,6 +129,9 @@ pub struct TrainReport {
 /// Trains a GPT-2 style byte-level BPE on the documents of the inputs, streamed (the trainer
 /// keeps word counts, not text), and writes a HF tokenizer.json. `max_bytes` stops reading
 /// after that much text: the documents are taken in input order.
+/// The largest vocabulary `train_bpe` builds.
+const MAX_VOCAB: usize = 1 << 24;
+
 pub fn train_bpe(
     inputs: &[PathBuf], vocab_size: usize, out: &Path, read: &super::inputs::ReadOptions,
     max_bytes: Option<u64>,
@@ -136,6 +139,13 @@ pub fn train_bpe(
     use super::inputs::{discover, DocReader, Item};
     if vocab_size < 257 {
         return Err(DataError::Invalid(format!("--vocab-size {vocab_size} is too small: a byte-level BPE needs at least 257 (256 bytes + end-of-text)")));
+    }
+    // The trainer reserves room for the whole vocabulary up front; the largest in use are
+    // a few hundred thousand.
+    if vocab_size > MAX_VOCAB {
+        return Err(DataError::Invalid(format!(
+            "--vocab-size {vocab_size} is too large: at most {MAX_VOCAB} (2^24)"
+        )));
     }
     if max_bytes == Some(0) {
         return Err(DataError::Invalid("--max-bytes must be at least 1".into()));
@@ -175,6 +185,17 @@ pub fn train_bpe(
         .map_err(|e| DataError::Invalid(format!("training the tokenizer: {e}")))?;
     if let Some(e) = error {
         return Err(e);
+    }
+    if report.bytes == 0 {
+        return Err(DataError::Invalid(format!(
+            "the inputs hold no text to train on (0 documents{}; is --text-field {:?} right?)",
+            if report.skipped > 0 {
+                format!(", {} bad records skipped", report.skipped)
+            } else {
+                String::new()
+            },
+            read.text_field
+        )));
     }
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;

@@ -94,7 +94,10 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         Start::Fresh => {}
     }
     let metrics = match metrics {
-        Some(m) => Some(m.open(&run_dir, &start, trainer.step)?),
+        Some(m) => Some(
+            m.open(&run_dir, &start, trainer.step)
+                .with_context(|| format!("{}", crate::run_dir::metrics_path(&run_dir).display()))?,
+        ),
         None => None,
     };
     if root {
@@ -250,6 +253,12 @@ fn open_run_dir(dir: &Path, start: &Start) -> Result<(run_dir::RunLock, PendingM
             run_dir::ensure_no_checkpoints(
                 dir,
                 "pass --resume to continue that run, or set another run.name",
+            )?;
+            // An earlier run that stopped before its first checkpoint, or someone else's files:
+            // a fresh start would overwrite its config and log.
+            run_dir::ensure_empty(
+                dir,
+                "there is no checkpoint to resume; delete the directory or set another run.name",
             )?;
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

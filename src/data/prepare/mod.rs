@@ -39,6 +39,9 @@ use writer::ShardWriter;
 
 /// Text (bytes) read but not yet written: the bound on memory, with the tokens it becomes.
 pub const IN_FLIGHT_BYTES: usize = 128 << 20;
+/// Tokenizing threads at most: each holds its own tokenizer and chunk of text in flight.
+const MAX_THREADS: usize = 1024;
+
 /// Documents are handed to the tokenizing threads in chunks of about this much text.
 const CHUNK_BYTES: usize = 1 << 20;
 /// `--val-docs N`: documents are held out at this rate (by the hash of their index) until N are.
@@ -147,6 +150,13 @@ pub fn prepare(
     let (writers, skipped) = run.run(files, writers)?;
     let [train, val] = writers;
     let documents = Split { train: train.documents, val: val.documents };
+    // Inputs with no text at all (bad records skipped on request are reported instead).
+    if documents.train + documents.val == 0 && skipped.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "the inputs hold no documents: nothing to write (is --text-field {:?} right?)",
+            opts.read.text_field
+        )));
+    }
     let tokens = Split { train: train.total, val: val.total };
     let mut entries = train.finish()?;
     entries.extend(val.finish()?);
@@ -168,6 +178,15 @@ fn check_options(opts: &PrepareOptions) -> Result<(), DataError> {
             "--shard-tokens must be in 1..={}, got {}",
             i32::MAX,
             opts.shard_tokens
+        )));
+    }
+    if opts.read.text_field.is_empty() {
+        return Err(DataError::Invalid("--text-field must name a field".into()));
+    }
+    if opts.threads > MAX_THREADS {
+        return Err(DataError::Invalid(format!(
+            "--threads must be at most {MAX_THREADS}, got {}",
+            opts.threads
         )));
     }
     if opts.name.is_empty() || opts.name.contains(['/', '\\']) {
@@ -225,6 +244,7 @@ fn existing_output(
     out: &Path, recipe: &Recipe, opts: &PrepareOptions,
 ) -> Result<Existing, DataError> {
     let (manifest_path, partial_path) = (out.join(MANIFEST), out.join(PARTIAL));
+    let recorded = manifest_path.exists() || partial_path.exists();
     let mut stale: Vec<ShardEntry> = Vec::new();
     if manifest_path.exists() {
         let old = manifest::read_manifest(&manifest_path)?;
@@ -275,13 +295,27 @@ fn existing_output(
     }
     // Other shards of this name are from a run interrupted after its last record (or before
     // its first): they would be mixed with the new ones by a glob, so they go.
+    // Without a record of ours in `out`, they may be anyone's: only --overwrite removes them.
     let keep: HashSet<&str> = kept.iter().flat_map(Partial::shards).map(|s| &*s.file).collect();
+    let mut doomed = Vec::new();
     for entry in std::fs::read_dir(out).map_err(|e| DataError::io(out, e))? {
         let path = entry.map_err(|e| DataError::io(out, e))?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         if is_our_shard(&path, &opts.name) && !keep.contains(&*name) {
-            remove_if_exists(&path)?;
+            doomed.push(path);
         }
+    }
+    if !recorded && !opts.overwrite && !doomed.is_empty() {
+        doomed.sort();
+        return Err(DataError::Invalid(format!(
+            "{} already holds shards named {}_* ({}) that no {MANIFEST} lists; pass --overwrite to replace them (for instance after an interrupted prepare), or choose another --out or --name",
+            out.display(),
+            opts.name,
+            doomed[0].file_name().unwrap_or_default().to_string_lossy()
+        )));
+    }
+    for path in doomed {
+        remove_if_exists(&path)?;
     }
     Ok(kept.map_or(Existing::Nothing, Existing::Unfinished))
 }
