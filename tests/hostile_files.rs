@@ -796,6 +796,8 @@ fn hostile_configs_are_errors_not_panics() {
         &format!("{min}[train]\nbetas = [0.9, 1.0]\n"),
         &format!("{min}[train]\nlr = inf\n"),
         &format!("{min}[train]\nmicro_batch_size = 7\n"),
+        // A shared expert past what can be allocated counts toward the parameters too.
+        &format!("{min}ffn = 'moe'\n[model.moe]\nshared_expert_size = 100000000000\n"),
     ];
     for text in cases {
         assert!(Config::from_toml_str(text, "hostile").is_err(), "accepted: {text:?}");

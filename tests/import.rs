@@ -410,4 +410,6 @@ fn broken_model_folders_are_refused_and_nothing_is_written() {
     assert_bad_input(&import(cwd, &fixture("qwen2"), &full), &["not empty"]);
     assert_eq!(std::fs::read_to_string(full.join("keep.txt")).unwrap(), "mine");
     assert_bad_input(&import(cwd, &cwd.join("nowhere"), &cwd.join("x")), &["no such directory"]);
+    let file = full.join("keep.txt");
+    assert_bad_input(&import(cwd, &file, &cwd.join("x")), &["is a file", "folder"]);
 }

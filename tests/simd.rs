@@ -42,6 +42,10 @@ fn an_unknown_path_or_one_this_cpu_lacks_is_refused_before_anything_is_written()
     let out = f.train_with(on("sse9"), &config, "unknown", &[]);
     assert_bad_input(&out, &["MOTRAIN_SIMD=sse9", "unknown", "avx512"]);
     assert!(!f.run_dir("unknown").exists());
+    let mut bytes = Command::new(bin());
+    bytes.env(simd::ENV, <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"\xff"));
+    let out = f.train_with(bytes, &config, "bytes", &[]);
+    assert_bad_input(&out, &["MOTRAIN_SIMD", "not text"]);
     // Only a CPU without AVX-512 (or AVX2) can show this; CI also checks it under qemu's
     // Nehalem (.ci/portable-check.sh).
     for missing in Level::ALL.into_iter().filter(|l| !l.supported()) {

@@ -345,7 +345,11 @@ fn estimated_elements(m: &ModelConfig) -> f64 {
         FfnKind::Pesc => m.pesc.n_experts as f64 * (2.0 * m.pesc.adapter_dim as f64 + 1.0) * d,
         _ => 0.0,
     };
-    2.0 * v * d + t * d + l * (4.0 * d * d + 3.0 * d * f * experts + adapters)
+    let shared = match m.ffn {
+        FfnKind::Moe => 3.0 * d * m.moe.shared_expert_size as f64,
+        _ => 0.0,
+    };
+    2.0 * v * d + t * d + l * (4.0 * d * d + 3.0 * d * f * experts + adapters + shared)
 }
 
 impl RopeScaling {

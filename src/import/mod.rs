@@ -77,7 +77,12 @@ const DEFAULT_SEQ_LEN: usize = 1024;
 pub fn import_hf(src: &Path, out: &Path) -> Result<ImportReport, ImportError> {
     let config_path = src.join("config.json");
     if !src.is_dir() {
-        return Err(ImportError::invalid(src, "no such directory"));
+        let why = if src.exists() {
+            "is a file: --hf takes the model's folder (config.json and *.safetensors)"
+        } else {
+            "no such directory"
+        };
+        return Err(ImportError::invalid(src, why));
     }
     let text =
         std::fs::read_to_string(&config_path).map_err(|e| ImportError::io(&config_path, e))?;

@@ -95,7 +95,16 @@ pub fn best() -> Level {
 /// The path `MOTRAIN_SIMD` asks for (the widest available when unset or `auto`), or why it
 /// cannot be had.
 fn from_env() -> Result<Level, String> {
-    let Ok(want) = std::env::var(ENV) else { return Ok(best()) };
+    let want = match std::env::var(ENV) {
+        Ok(want) => want,
+        Err(std::env::VarError::NotPresent) => return Ok(best()),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(format!(
+                "{ENV} is not text (expected auto, {})",
+                Level::ALL.map(Level::name).join(", ")
+            ))
+        }
+    };
     let names = || Level::ALL.map(Level::name).join(", ");
     match want.trim() {
         "" | "auto" => Ok(best()),
