@@ -66,9 +66,30 @@ pub fn ensure_no_checkpoints(dir: &Path, hint: &str) -> Result<()> {
 }
 
 /// An error unless `dir` is missing or empty (its `lock` file aside): a command that writes a
-/// new directory (`export`, `upcycle`, `transition-tune`, a fresh `train`) must not replace or
-/// mix with what is there. `hint` tells the user what to do instead.
+/// new directory (`export`, `upcycle`, `transition-tune`) must not replace or mix with what is
+/// there. `hint` tells the user what to do instead.
 pub fn ensure_empty(dir: &Path, hint: &str) -> Result<()> {
+    ensure_nothing_lost(dir, |_| false, hint)
+}
+
+/// An error unless a fresh run, writing `config` as its config.toml, loses nothing in `dir`:
+/// it may hold what an attempt that stopped before its first checkpoint leaves behind (the same
+/// config.toml, empty files, a `checkpoints` directory without a complete checkpoint — checked
+/// by [`ensure_no_checkpoints`] first), but not an earlier run's log or anyone's files.
+pub fn ensure_fresh_run(dir: &Path, config: &str, hint: &str) -> Result<()> {
+    let replaceable = |name: &str| {
+        let path = dir.join(name);
+        match name {
+            "checkpoints" => checkpoints(dir).is_empty(),
+            "config.toml" => std::fs::read(&path).is_ok_and(|b| b == config.as_bytes()),
+            _ => std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0),
+        }
+    };
+    ensure_nothing_lost(dir, replaceable, hint)
+}
+
+/// An error unless every entry of `dir` (if it exists) is its `lock` or `replaceable`.
+fn ensure_nothing_lost(dir: &Path, replaceable: impl Fn(&str) -> bool, hint: &str) -> Result<()> {
     let unusable = |message: String| RunDirError::Unusable { path: dir.to_path_buf(), message };
     if !dir.exists() {
         return Ok(());
@@ -80,7 +101,7 @@ pub fn ensure_empty(dir: &Path, hint: &str) -> Result<()> {
         .map_err(io(dir))?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "lock")
+        .filter(|n| n != "lock" && !replaceable(n))
         .collect();
     if names.is_empty() {
         return Ok(());
@@ -200,6 +221,22 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         let e = ensure_empty(&file, "x").unwrap_err().to_string();
         assert!(e.contains("is not a directory"), "{e}");
+    }
+
+    /// What a run killed before its first checkpoint leaves may be replaced; a log may not.
+    #[test]
+    fn a_fresh_run_replaces_only_what_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        std::fs::write(config_path(run), b"[run]\n").unwrap();
+        std::fs::write(metrics_path(run), b"").unwrap();
+        std::fs::create_dir_all(checkpoints_dir(run).join(".tmp-step-000002-7")).unwrap();
+        ensure_fresh_run(run, "[run]\n", "x").unwrap();
+        let e = ensure_fresh_run(run, "[run]\nname = 'other'\n", "x").unwrap_err().to_string();
+        assert!(e.contains("config.toml"), "{e}");
+        std::fs::write(metrics_path(run), b"{\"step\":1}\n").unwrap();
+        let e = ensure_fresh_run(run, "[run]\n", "x").unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl") && !e.contains("config.toml"), "{e}");
     }
 
     #[test]

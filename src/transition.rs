@@ -76,7 +76,11 @@ pub fn transition_tune(
     let moments = convert(&ckpt.optimizer(&dev)?, &mot_model)?;
     let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale);
     let model = Transformer::new(&cfg.model, &mut params)?;
-    params.load(&weights).map_err(|m| anyhow::anyhow!("converting {}: {m}", src.display()))?;
+    // The weights fit unless an override changed the model's shape: the user's mistake.
+    params.load(&weights).map_err(|m| ConfigError::Invalid {
+        origin: format!("the converted config ({origin})"),
+        message: format!("{m}: --set may change training, not the model's shape"),
+    })?;
     let converted = evaluate(&model)?;
 
     // The converted checkpoint is the tuning run's starting point: step, tokens, data cursor

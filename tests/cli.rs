@@ -780,6 +780,9 @@ fn tokenizer_train_and_prepare_write_valid_shards() {
         ])
     };
     assert_bad_input(&tok_args(&input, "4294967296", "big.json"), &["--vocab-size", "too large"]);
+    let before = read(&tok);
+    assert_bad_input(&tok_args(&input, "280", "tok.json"), &["tok.json", "--overwrite"]);
+    assert_eq!(read(&tok), before, "a refused tokenizer train replaced its --out");
     let empty = f.root().join("empty.txt");
     std::fs::write(&empty, b"").unwrap();
     assert_bad_input(&tok_args(&empty, "300", "empty.json"), &["no text"]);

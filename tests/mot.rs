@@ -208,6 +208,17 @@ fn transition_tuning_converts_evaluates_and_tunes() {
         "18446744073709551615",
     ]);
     assert_bad_input(&huge, &["--steps", "too large"]);
+    let reshaped = f.run(&[
+        "transition-tune",
+        "--checkpoint",
+        mot.to_str().unwrap(),
+        "--out",
+        f.runs().join("reshaped").to_str().unwrap(),
+        "--set",
+        "model.d_model=64",
+    ]);
+    assert_bad_input(&reshaped, &["model's shape"]);
+    assert!(!f.runs().join("reshaped").exists(), "a refused conversion wrote its --out");
     // --steps 0 converts only.
     let only = f.runs().join("convert-only");
     let j = f

@@ -233,6 +233,9 @@ enum TokenizerCommand {
         /// Train on the first B bytes of text only (documents in input order) [default: all].
         #[arg(long, value_name = "B")]
         max_bytes: Option<u64>,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -524,7 +527,15 @@ pub fn run(cli: Cli) -> Result<()> {
             text_field,
             on_bad_record,
             max_bytes,
+            overwrite,
         }) => {
+            if out.exists() && !overwrite {
+                let m = format!(
+                    "{}: already exists; pass --overwrite to replace it, or choose another --out",
+                    out.display()
+                );
+                return Err(UsageError(m).into());
+            }
             let read = data::inputs::ReadOptions {
                 text_field,
                 on_bad: data::inputs::OnBad::parse(on_bad_record.as_deref())?,

@@ -52,7 +52,13 @@ pub fn model_config(c: &Value) -> Result<HfModel, String> {
     }
     let mut notes = Vec::new();
     let mut max_seq_len = cfg.usize("max_position_embeddings")?;
+    if max_seq_len == 0 {
+        return Err("`max_position_embeddings` = 0: the model takes no tokens".into());
+    }
     if let Some(window) = sliding_window(c, architecture)? {
+        if window == 0 {
+            return Err("`sliding_window` = 0: the model attends to no tokens".into());
+        }
         // Within the window, sliding-window attention is full causal attention: capping the
         // context there keeps the model exact.
         if window < max_seq_len {
@@ -306,6 +312,7 @@ mod tests {
             ("rope_scaling", json!({"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
             ("hidden_size", json!("big"), "`hidden_size`"),
             ("num_attention_heads", json!(5), "multiple"),
+            ("max_position_embeddings", json!(0), "`max_position_embeddings` = 0"),
         ] {
             let e = with(key, value);
             assert!(e.contains(needle), "{key}: {e}");
@@ -323,6 +330,8 @@ mod tests {
         let m = model_config(&c).unwrap();
         assert_eq!(m.model.max_seq_len, 16);
         assert!(m.notes[0].contains("sliding window"));
+        c["sliding_window"] = json!(0);
+        assert!(model_config(&c).err().unwrap().contains("`sliding_window` = 0"));
         let mut c = llama();
         c.as_object_mut().unwrap().remove("rope_theta");
         c["rope_parameters"] = json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6});

@@ -57,7 +57,7 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
     let cfg = trainer.cfg.clone();
     let root = dist.is_root();
     // Rank 0 sets up the run directory; every rank learns whether that worked.
-    let setup = if root { open_run_dir(&run_dir, &start).map(Some) } else { Ok(None) };
+    let setup = if root { open_run_dir(&run_dir, &start, &cfg).map(Some) } else { Ok(None) };
     if dist.all_agree(setup.is_err()) {
         return match setup {
             Err(e) => Err(e),
@@ -239,7 +239,9 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
 }
 
 /// Locks the run directory and checks that this start may write into it.
-fn open_run_dir(dir: &Path, start: &Start) -> Result<(run_dir::RunLock, PendingMetrics)> {
+fn open_run_dir(
+    dir: &Path, start: &Start, cfg: &Config,
+) -> Result<(run_dir::RunLock, PendingMetrics)> {
     let lock = run_dir::RunLock::acquire(dir)?;
     if !matches!(start, Start::Resume) {
         // `upcycle` writes a run directory whose one checkpoint is where its training starts.
@@ -254,10 +256,10 @@ fn open_run_dir(dir: &Path, start: &Start) -> Result<(run_dir::RunLock, PendingM
                 dir,
                 "pass --resume to continue that run, or set another run.name",
             )?;
-            // An earlier run that stopped before its first checkpoint, or someone else's files:
-            // a fresh start would overwrite its config and log.
-            run_dir::ensure_empty(
+            // An earlier run's log, or someone else's files, which a fresh start would replace.
+            run_dir::ensure_fresh_run(
                 dir,
+                &cfg.to_toml(),
                 "there is no checkpoint to resume; delete the directory or set another run.name",
             )?;
         }
