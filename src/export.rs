@@ -117,7 +117,8 @@ pub fn export_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
     let tensors = hf_tensors(&cfg.model, arch, &ckpt.model)?;
     // A folder of another model's files (shards, an index) beside ours would load as neither.
     crate::run_dir::ensure_empty(out, "choose a new --out directory")?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .map_err(|error| crate::run_dir::RunDirError::Io { path: out.to_path_buf(), error })?;
     let write_json = |name: &str, v: &Value| -> Result<()> {
         let p = out.join(name);
         crate::run_dir::write_atomic(&p, serde_json::to_string_pretty(v)?.as_bytes())

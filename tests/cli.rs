@@ -487,6 +487,9 @@ fn eval_prints_loss_and_perplexity_as_json() {
         assert!(((ppl - loss.exp()) / loss.exp()).abs() < 1e-9, "ppl != exp(loss): {v}");
     };
 
+    let regroup = f.run(&["eval", "--checkpoint", run.to_str().unwrap(), "--group-size", "3"]);
+    assert_bad_input(&regroup, &["--group-size", "no MoT layers"]);
+
     // A run directory: its latest checkpoint, with the run's eval settings (4 batches of 4).
     let out = f.run(&["eval", "--checkpoint", run.to_str().unwrap()]).ok();
     let v = out.last_json();

@@ -35,6 +35,10 @@ pub fn eval(
         if g == 0 {
             return Err(UsageError("--group-size must be at least 1".into()).into());
         }
+        if cfg.model.ffn != crate::config::FfnKind::Mot {
+            let m = "--group-size sets how many sequences a Mixture of Tokens model mixes; this model has no MoT layers";
+            return Err(UsageError(m.into()).into());
+        }
         model = model.with_group_size(g);
     }
     let batch_size = batch_size.unwrap_or(cfg.train.eval_batch_size);
