@@ -658,17 +658,20 @@ fn tokenizer_train_and_prepare_write_valid_shards() {
     let input = f.root().join("text");
     let docs = corpus(&input);
     let tok = f.root().join("tok.json");
-    f.run(&[
-        "tokenizer",
-        "train",
-        "--input",
-        input.to_str().unwrap(),
-        "--vocab-size",
-        "300",
-        "--out",
-        tok.to_str().unwrap(),
-    ])
-    .ok();
+    let tok_args = |input: &std::path::Path, vocab: &str, out: &str| -> Out {
+        let out = f.root().join(out);
+        f.run(&[
+            "tokenizer",
+            "train",
+            "--input",
+            input.to_str().unwrap(),
+            "--vocab-size",
+            vocab,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    tok_args(&input, "300", "tok.json").ok();
     let hf =
         tokenizers::Tokenizer::from_file(&tok).expect("tok.json loads with the tokenizers crate");
     let vocab = hf.get_vocab_size(true);
@@ -677,22 +680,12 @@ fn tokenizer_train_and_prepare_write_valid_shards() {
 
     let out_dir = f.root().join("prepared");
     let seed = seed_with_one_val_doc(docs.len());
-    f.run(&[
-        "prepare",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out_dir.to_str().unwrap(),
-        "--name",
-        "x",
-        "--val-fraction",
-        "0.2",
-        "--seed",
-        &seed.to_string(),
-    ])
-    .ok();
+    let prepare = |out: &std::path::Path, extra: &[&str]| -> Out {
+        let (tok, input, out) = (tok.to_str().unwrap(), input.to_str().unwrap(), out.to_str());
+        let args = ["prepare", "--tokenizer", tok, "--input", input, "--out", out.unwrap()];
+        f.run(&[&args[..], &["--name", "x"], extra].concat())
+    };
+    prepare(&out_dir, &["--val-fraction", "0.2", "--seed", &seed.to_string()]).ok();
     let train = read_shard(&out_dir.join("x_train_000000.bin"));
     let val = read_shard(&out_dir.join("x_val_000000.bin"));
     let mut names: Vec<String> = std::fs::read_dir(&out_dir)
@@ -745,43 +738,14 @@ fn tokenizer_train_and_prepare_write_valid_shards() {
     std::fs::copy(out_dir.join("x_train_000000.bin"), foreign.join("x_train_000000.bin")).unwrap();
     std::fs::copy(out_dir.join("x_val_000000.bin"), foreign.join("x_val_000000.bin")).unwrap();
     let before = read(&foreign.join("x_val_000000.bin"));
-    let mut again = vec![
-        "prepare",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        foreign.to_str().unwrap(),
-        "--name",
-        "x",
-        "--val-fraction",
-        "0",
-    ];
-    assert_bad_input(&f.run(&again), &["x_train_000000.bin", "--overwrite"]);
-    assert_eq!(
-        read(&foreign.join("x_val_000000.bin")),
-        before,
-        "a refused prepare deleted a shard"
-    );
-    again.push("--overwrite");
-    f.run(&again).ok();
+    let again = prepare(&foreign, &["--val-fraction", "0"]);
+    assert_bad_input(&again, &["x_train_000000.bin", "--overwrite"]);
+    let kept = read(&foreign.join("x_val_000000.bin"));
+    assert_eq!(kept, before, "a refused prepare deleted a shard");
+    prepare(&foreign, &["--val-fraction", "0", "--overwrite"]).ok();
     assert!(!foreign.join("x_val_000000.bin").exists(), "--overwrite replaced the old shards");
 
     // Tokenizer vocabularies beyond any in use, and inputs without text, are refused.
-    let tok_args = |input: &std::path::Path, vocab: &str, out: &str| -> Out {
-        let out = f.root().join(out);
-        f.run(&[
-            "tokenizer",
-            "train",
-            "--input",
-            input.to_str().unwrap(),
-            "--vocab-size",
-            vocab,
-            "--out",
-            out.to_str().unwrap(),
-        ])
-    };
     assert_bad_input(&tok_args(&input, "4294967296", "big.json"), &["--vocab-size", "too large"]);
     let before = read(&tok);
     assert_bad_input(&tok_args(&input, "280", "tok.json"), &["tok.json", "--overwrite"]);
