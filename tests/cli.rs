@@ -999,6 +999,17 @@ fn resume_without_a_checkpoint_is_named() {
 }
 
 #[test]
+fn an_unreadable_log_on_resume_is_named() {
+    let f = Fixture::new();
+    f.train(&f.config(), "log", &["train.steps=2", "train.ckpt_every=2"]).ok();
+    let log = f.run_dir("log").join("metrics.jsonl");
+    std::fs::write(&log, b"\xff\xfe not text").unwrap();
+    let out = f.train(&f.config(), "log", &["train.steps=4", "--resume"]);
+    assert_bad_input(&out, &["metrics.jsonl"]);
+    assert_eq!(read(&log), b"\xff\xfe not text", "the refused resume rewrote the log");
+}
+
+#[test]
 fn set_without_equals_is_a_usage_error() {
     let f = Fixture::new();
     let out = f.run(&["train", "--config", f.config().to_str().unwrap(), "--set", "model.d_model"]);
@@ -1013,6 +1024,8 @@ fn conflicting_and_bad_flags_are_usage_errors() {
     assert_bad_input(&out, &["--resume", "--init-from"]);
     let out = f.run(&["bench", "--config", cfg.to_str().unwrap(), "--steps", "0"]);
     assert_bad_input(&out, &["steps"]);
+    let out = f.run(&["bench", "--config", cfg.to_str().unwrap(), "--vs-set", "model.ffn"]);
+    assert_bad_input(&out, &["--vs-set model.ffn", "KEY=VALUE"]);
 }
 
 #[test]

@@ -564,7 +564,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let mut runs = vec![(cfg, config.display().to_string())];
             if vs.is_some() || !vs_overrides.is_empty() {
                 let vs_path = vs.unwrap_or_else(|| config.clone());
-                let vs_cfg = Config::load(&vs_path, &[overrides, vs_overrides.clone()].concat())?;
+                let vs_cfg = Config::load(&vs_path, &[overrides, vs_overrides.clone()].concat())
+                    .map_err(|e| match e {
+                        // Name the flag the user gave.
+                        ConfigError::Override { arg, message } if vs_overrides.contains(&arg) => {
+                            UsageError(format!("--vs-set {arg}: {message}")).into()
+                        }
+                        e => anyhow::Error::from(e),
+                    })?;
                 let vs_name = match vs_overrides.is_empty() {
                     true => vs_path.display().to_string(),
                     false => format!("{} {}", vs_path.display(), vs_overrides.join(" ")),

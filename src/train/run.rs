@@ -94,10 +94,9 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         Start::Fresh => {}
     }
     let metrics = match metrics {
-        Some(m) => Some(
-            m.open(&run_dir, &start, trainer.step)
-                .with_context(|| format!("{}", crate::run_dir::metrics_path(&run_dir).display()))?,
-        ),
+        Some(m) => Some(m.open(&run_dir, &start, trainer.step).map_err(|error| {
+            run_dir::RunDirError::Io { path: run_dir::metrics_path(&run_dir), error }
+        })?),
         None => None,
     };
     if root {
