@@ -326,17 +326,17 @@ pub fn load_state_and_digests(dir: &Path) -> Result<(TrainState, FileDigests)> {
         .config
         .validate()
         .map_err(|m| CheckpointError::invalid(&p, format!("config inside is invalid: {m}")))?;
+    // Resuming from a step that is not the directory's would save over another checkpoint; an
+    // optimizer that took more steps than training did has a count that wrapped or was edited.
     let named = dir.file_name().and_then(|n| n.to_str()?.strip_prefix("step-")?.parse().ok());
-    if named.is_some_and(|n: usize| n != state.step) || state.optimizer_t > state.step as u64 {
-        return Err(CheckpointError::invalid(
-            &p,
-            format!(
-                "corrupt state: step {} (optimizer step {}) does not match the directory {}",
-                state.step,
-                state.optimizer_t,
-                dir.display()
-            ),
-        ));
+    if let Some(n) = named.filter(|&n: &usize| n != state.step) {
+        let m = format!("corrupt state: step {} in the directory of step {n}", state.step);
+        return Err(CheckpointError::invalid(&p, m));
+    }
+    if state.optimizer_t > state.step as u64 {
+        let m =
+            format!("corrupt state: optimizer_t {} exceeds step {}", state.optimizer_t, state.step);
+        return Err(CheckpointError::invalid(&p, m));
     }
     let digests: FileDigests = serde_json::from_str(&text)
         .map_err(|e| CheckpointError::invalid(&p, format!("corrupt file digests: {e}")))?;

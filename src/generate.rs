@@ -44,7 +44,9 @@ pub fn check(
     // Every sample holds a key/value cache of the whole context in every layer, and logits.
     let m = &model.cfg;
     let kv_width = m.kv_heads() * (m.d_model / m.n_heads.max(1));
-    let per_sample = (2 * m.n_layers * context * kv_width + m.vocab_size) as u64 * 4;
+    let cache =
+        [2, m.n_layers, context, kv_width].iter().fold(1u64, |a, &x| a.saturating_mul(x as u64));
+    let per_sample = cache.saturating_add(m.vocab_size as u64).saturating_mul(4);
     let bytes = (rows as u64).saturating_mul(per_sample);
     if !crate::alloc::fits_in_memory(bytes) {
         return Err(format!(

@@ -578,7 +578,7 @@ fn a_step_that_does_not_match_its_directory_is_named() {
     let named = c.tmp.path().join("step-000005");
     std::fs::rename(c.dir(), &named).unwrap();
     let e = load_state(&named).expect_err("a step-000005 holding step 2 loaded");
-    assert!(e.to_string().contains("does not match the directory"), "{e}");
+    assert!(e.to_string().contains("in the directory of step 5"), "{e}");
     std::fs::rename(&named, c.tmp.path().join("step-000002")).unwrap();
     load_state(&c.tmp.path().join("step-000002")).unwrap();
 }

@@ -126,12 +126,12 @@ pub struct TrainReport {
     pub skipped: u64,
 }
 
-/// Trains a GPT-2 style byte-level BPE on the documents of the inputs, streamed (the trainer
-/// keeps word counts, not text), and writes a HF tokenizer.json. `max_bytes` stops reading
-/// after that much text: the documents are taken in input order.
 /// The largest vocabulary `train_bpe` builds.
 const MAX_VOCAB: usize = 1 << 24;
 
+/// Trains a GPT-2 style byte-level BPE on the documents of the inputs, streamed (the trainer
+/// keeps word counts, not text), and writes a HF tokenizer.json. `max_bytes` stops reading
+/// after that much text: the documents are taken in input order.
 pub fn train_bpe(
     inputs: &[PathBuf], vocab_size: usize, out: &Path, read: &super::inputs::ReadOptions,
     max_bytes: Option<u64>,
