@@ -189,7 +189,7 @@ fn checked<T>(r: Result<T, ConfigError>) -> Option<T> {
 
 /// A config that loads must re-load from the resolved config.toml a run writes.
 fn round_trip(c: &Config) {
-    let text = c.to_toml();
+    let text = c.to_toml().unwrap_or_else(|e| panic!("a loaded config does not serialise: {e}"));
     if let Err(e) = Config::from_toml_str(&text, "round trip") {
         panic!("a loaded config does not re-load from its resolved TOML: {e}\n{text}");
     }

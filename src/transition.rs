@@ -96,7 +96,7 @@ pub fn transition_tune(
         let _lock = run_dir::RunLock::acquire(out)?;
         fresh()?;
         checkpoint::save(out, &start, &weights, &moments, cfg.train.keep_checkpoints)?;
-        run_dir::write_atomic(&run_dir::config_path(out), cfg.to_toml().as_bytes())?;
+        run_dir::write_atomic(&run_dir::config_path(out), cfg.to_toml()?.as_bytes())?;
     }
     let tuned = if steps > 0 {
         train::run(cfg, Start::Resume, std::rc::Rc::new(crate::dist::Dist::single()))?.final_eval

@@ -88,7 +88,7 @@ pub fn upcycle(
         &opt.state_tensors()?,
         cfg.train.keep_checkpoints,
     )?;
-    run_dir::write_atomic(&run_dir::config_path(out), cfg.to_toml().as_bytes())?;
+    run_dir::write_atomic(&run_dir::config_path(out), cfg.to_toml()?.as_bytes())?;
     let layers = cfg
         .model
         .ffn_layer_mask()

@@ -388,6 +388,14 @@ fn broken_model_folders_are_refused_and_nothing_is_written() {
             Box::new(|d: &Path| std::fs::write(d.join("config.json"), "{not json").unwrap()),
             vec!["config.json", "JSON"],
         ),
+        (
+            // A context no TOML integer holds (was a caught panic writing config.toml).
+            "llama",
+            Box::new(|d: &Path| {
+                edit_config(d, |c| c["max_position_embeddings"] = (1u64 << 63).into())
+            }),
+            vec!["config.json", "2^63"],
+        ),
     ];
     for (i, (name, breaker, needles)) in cases.into_iter().enumerate() {
         let src = copy_fixture(name, cwd);

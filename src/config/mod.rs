@@ -75,8 +75,13 @@ impl Config {
         Self::from_table(value, origin)
     }
 
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("a Config always serialises")
+    /// The config as TOML. Fails only for a number TOML cannot hold (above 2^63 − 1), which a
+    /// config built from flags or a Hugging Face config.json, not yet validated, may carry.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| ConfigError::Invalid {
+            origin: format!("the config of {}", self.run_dir().display()),
+            message: format!("{e} (TOML integers stop at 2^63 - 1)"),
+        })
     }
 
     /// Fills the zero-means-derived defaults so that every later reader sees one number.
@@ -114,7 +119,7 @@ impl Config {
     /// A config derived from this one (by `transition-tune` or `upcycle`) with the user's
     /// `--set` overrides applied on top, validated like a file.
     pub fn with_overrides(&self, overrides: &[String], origin: &str) -> Result<Config> {
-        let mut table: toml::Table = toml::from_str(&self.to_toml())
+        let mut table: toml::Table = toml::from_str(&self.to_toml()?)
             .map_err(|e| ConfigError::Invalid { origin: origin.into(), message: e.to_string() })?;
         for arg in overrides {
             apply_override(&mut table, arg)?;
@@ -211,7 +216,7 @@ mod tests {
         assert!(sources.iter().all(|s| Path::new(&s.train).is_absolute()));
         assert!(sources[0].val.as_deref().is_some_and(|v| v.ends_with("web/web_val_*.bin")));
         assert!(c.data.is_mixture() && c.data.source_list().len() == 4);
-        let back = Config::from_toml_str(&c.to_toml(), "back").unwrap();
+        let back = Config::from_toml_str(&c.to_toml().unwrap(), "back").unwrap();
         assert_eq!(c, back);
         // `--set data.sources=[...]` paths are relative to the current directory.
         let mut t: toml::Table = MIN.parse().unwrap();
@@ -246,7 +251,7 @@ mod tests {
     #[test]
     fn resolved_config_round_trips() {
         let c = parse(MIN).unwrap();
-        let back = Config::from_toml_str(&c.to_toml(), "back").unwrap();
+        let back = Config::from_toml_str(&c.to_toml().unwrap(), "back").unwrap();
         assert_eq!(c, back);
     }
 }

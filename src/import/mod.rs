@@ -271,7 +271,8 @@ fn run_config(out: &Path, model: ModelConfig, tokenizer: bool) -> Result<Config,
     };
     cfg.place_run(out);
     // Through the same checks as a config file.
-    Config::from_toml_str(&cfg.to_toml(), "the imported config").map_err(|e| e.to_string())
+    Config::from_toml_str(&cfg.to_toml().map_err(|e| e.to_string())?, "the imported config")
+        .map_err(|e| e.to_string())
 }
 
 /// A fresh directory beside `out` to build the run in; `out` itself must not hold anything.
@@ -305,7 +306,8 @@ fn write_run(
     let state = TrainState::at_start(cfg);
     checkpoint::save_streamed(dir, &state, |path| write_model(path, plan, weights))
         .map_err(|e| fail(&e))?;
-    crate::run_dir::write_atomic(&crate::run_dir::config_path(dir), cfg.to_toml().as_bytes())
+    let text = cfg.to_toml().map_err(|e| fail(&e))?;
+    crate::run_dir::write_atomic(&crate::run_dir::config_path(dir), text.as_bytes())
         .map_err(|e| fail(&e))?;
     if let Some(t) = tokenizer {
         std::fs::copy(t, dir.join("tokenizer.json")).map_err(|e| fail(&e))?;

@@ -39,7 +39,7 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         origin: cfg.run_dir().join("config.toml").display().to_string(),
         message,
     })?;
-    if !dist.same_on_all_ranks(cfg.to_toml().as_bytes()) {
+    if !dist.same_on_all_ranks(cfg.to_toml()?.as_bytes()) {
         return Err(crate::config::ConfigError::Invalid {
             origin: "the resolved config".into(),
             message: format!(
@@ -100,7 +100,7 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         None => None,
     };
     if root {
-        run_dir::write_atomic(&run_dir::config_path(&run_dir), cfg.to_toml().as_bytes())?;
+        run_dir::write_atomic(&run_dir::config_path(&run_dir), cfg.to_toml()?.as_bytes())?;
     }
     let t = &cfg.train;
     let (total, trained) = (trainer.params.count(), trainer.params.trainable_count());
@@ -258,7 +258,7 @@ fn open_run_dir(
             // An earlier run's log, or someone else's files, which a fresh start would replace.
             run_dir::ensure_fresh_run(
                 dir,
-                &cfg.to_toml(),
+                &cfg.to_toml()?,
                 "there is no checkpoint to resume; delete the directory or set another run.name",
             )?;
         }
