@@ -72,6 +72,15 @@ pub fn ensure_empty(dir: &Path, hint: &str) -> Result<()> {
     ensure_nothing_lost(dir, |_| false, hint)
 }
 
+/// Locks `dir` (creating it) for a command that writes a new directory, and checks under the
+/// lock that it is still [`ensure_empty`]: the lock keeps a `train` from starting there while
+/// it is written.
+pub fn claim_empty(dir: &Path, hint: &str) -> Result<RunLock> {
+    let lock = RunLock::acquire(dir)?;
+    ensure_empty(dir, hint)?;
+    Ok(lock)
+}
+
 /// An error unless a fresh run, writing `config` as its config.toml, loses nothing in `dir`:
 /// it may hold what an attempt that stopped before its first checkpoint leaves behind (the same
 /// config.toml, empty files, a `checkpoints` directory without a complete checkpoint — checked

@@ -56,8 +56,8 @@ pub fn transition_tune(
         }
         e => e,
     })?;
-    let fresh = || run_dir::ensure_empty(out, "choose a new --out directory");
-    fresh()?;
+    let hint = "choose a new --out directory";
+    run_dir::ensure_empty(out, hint)?; // before the work; again under the lock below
     let val = data::mixture::open_val(&cfg.data, cfg.model.vocab_size)?;
     if val.is_empty() {
         anyhow::bail!("transition-tune reports eval losses, so the run needs data.val (or a val glob in a [[data.sources]] table)");
@@ -91,10 +91,8 @@ pub fn transition_tune(
         ..state.clone()
     };
     {
-        // Locked while it is written, so that no `train` starts in it meanwhile; tuning below
-        // takes the lock again.
-        let _lock = run_dir::RunLock::acquire(out)?;
-        fresh()?;
+        // Tuning below takes the lock again.
+        let _lock = run_dir::claim_empty(out, hint)?;
         checkpoint::save(out, &start, &weights, &moments, cfg.train.keep_checkpoints)?;
         run_dir::write_atomic(&run_dir::config_path(out), cfg.to_toml()?.as_bytes())?;
     }

@@ -60,8 +60,8 @@ pub fn upcycle(
         .into());
     }
     let cfg = pesc_config(&state.config, out, opts, overrides)?;
-    let fresh = || run_dir::ensure_empty(out, "choose a new --out directory");
-    fresh()?;
+    let hint = "choose a new --out directory";
+    run_dir::ensure_empty(out, hint)?; // before the work; again under the lock below
 
     let (ckpt, dense) = checkpoint::load_model(&src)?;
     let dev = dense.device().clone();
@@ -77,9 +77,7 @@ pub fn upcycle(
 
     // A fresh optimizer (zero moments for what trains): the checkpoint is a run at step 0.
     let opt = AdamW::new(&params, |name| !params.is_frozen(name), &cfg.train)?;
-    // Locked while it is written, so that no `train` starts in it meanwhile.
-    let _lock = run_dir::RunLock::acquire(out)?;
-    fresh()?;
+    let _lock = run_dir::claim_empty(out, hint)?;
     let start = TrainState::at_start(&cfg);
     checkpoint::save(
         out,

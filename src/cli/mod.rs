@@ -529,18 +529,12 @@ pub fn run(cli: Cli) -> Result<()> {
             max_bytes,
             overwrite,
         }) => {
-            if out.exists() && !overwrite {
-                let m = format!(
-                    "{}: already exists; pass --overwrite to replace it, or choose another --out",
-                    out.display()
-                );
-                return Err(UsageError(m).into());
-            }
             let read = data::inputs::ReadOptions {
                 text_field,
                 on_bad: data::inputs::OnBad::parse(on_bad_record.as_deref())?,
             };
-            let r = data::tokenizer::train_bpe(&input, vocab_size, &out, &read, max_bytes)?;
+            let r =
+                data::tokenizer::train_bpe(&input, vocab_size, &out, &read, max_bytes, overwrite)?;
             let tok = Tokenizer::load(&out.display().to_string())?;
             let skipped = if r.skipped > 0 {
                 format!(", {} bad records skipped", r.skipped)

@@ -131,11 +131,18 @@ const MAX_VOCAB: usize = 1 << 24;
 
 /// Trains a GPT-2 style byte-level BPE on the documents of the inputs, streamed (the trainer
 /// keeps word counts, not text), and writes a HF tokenizer.json. `max_bytes` stops reading
-/// after that much text: the documents are taken in input order.
+/// after that much text: the documents are taken in input order. An existing `out` is replaced
+/// only with `overwrite`.
 pub fn train_bpe(
     inputs: &[PathBuf], vocab_size: usize, out: &Path, read: &super::inputs::ReadOptions,
-    max_bytes: Option<u64>,
+    max_bytes: Option<u64>, overwrite: bool,
 ) -> Result<TrainReport, DataError> {
+    if out.exists() && !overwrite {
+        return Err(DataError::Invalid(format!(
+            "{}: already exists; pass --overwrite to replace it, or choose another --out",
+            out.display()
+        )));
+    }
     use super::inputs::{discover, DocReader, Item};
     if vocab_size < 257 {
         return Err(DataError::Invalid(format!("--vocab-size {vocab_size} is too small: a byte-level BPE needs at least 257 (256 bytes + end-of-text)")));

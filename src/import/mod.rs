@@ -277,12 +277,10 @@ fn run_config(out: &Path, model: ModelConfig, tokenizer: bool) -> Result<Config,
 
 /// A fresh directory beside `out` to build the run in; `out` itself must not hold anything.
 fn staging_dir(out: &Path) -> Result<PathBuf, ImportError> {
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(ImportError::invalid(
-            out,
-            "already exists and is not empty: choose a new --out directory",
-        ));
-    }
+    crate::run_dir::ensure_empty(out, "choose a new --out directory").map_err(|e| match e {
+        crate::run_dir::RunDirError::Io { path, error } => ImportError::io(&path, error),
+        crate::run_dir::RunDirError::Unusable { message, .. } => ImportError::invalid(out, message),
+    })?;
     let parent = out.parent().unwrap_or(Path::new("."));
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let staging = parent.join(format!(".{name}.import-{}", std::process::id()));
