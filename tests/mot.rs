@@ -188,49 +188,21 @@ fn transition_tuning_converts_evaluates_and_tunes() {
     assert!(e.get("group_size").is_none());
     assert!(num(&e, "loss").is_finite());
 
+    let convert = |out: &std::path::Path, extra: &[&str]| {
+        let (mot, out) = (mot.to_str().unwrap(), out.to_str().unwrap());
+        f.run(&[&["transition-tune", "--checkpoint", mot, "--out", out], extra].concat())
+    };
     // A second conversion into the same directory would overwrite it: refused.
-    let again = f.run(&[
-        "transition-tune",
-        "--checkpoint",
-        mot.to_str().unwrap(),
-        "--out",
-        out_dir.to_str().unwrap(),
-    ]);
-    assert_bad_input(&again, &["is not empty", "choose a new --out"]);
+    assert_bad_input(&convert(&out_dir, &[]), &["is not empty", "choose a new --out"]);
     // --steps past what config.toml's integers hold.
-    let huge = f.run(&[
-        "transition-tune",
-        "--checkpoint",
-        mot.to_str().unwrap(),
-        "--out",
-        f.runs().join("huge").to_str().unwrap(),
-        "--steps",
-        "18446744073709551615",
-    ]);
+    let huge = convert(&f.runs().join("huge"), &["--steps", "18446744073709551615"]);
     assert_bad_input(&huge, &["--steps", "too large"]);
-    let reshaped = f.run(&[
-        "transition-tune",
-        "--checkpoint",
-        mot.to_str().unwrap(),
-        "--out",
-        f.runs().join("reshaped").to_str().unwrap(),
-        "--set",
-        "model.d_model=64",
-    ]);
+    let reshaped = convert(&f.runs().join("reshaped"), &["--set", "model.d_model=64"]);
     assert_bad_input(&reshaped, &["model's shape"]);
     assert!(!f.runs().join("reshaped").exists(), "a refused conversion wrote its --out");
     // --steps 0 converts only.
     let only = f.runs().join("convert-only");
-    let j = f
-        .run(&[
-            "transition-tune",
-            "--checkpoint",
-            mot.to_str().unwrap(),
-            "--out",
-            only.to_str().unwrap(),
-        ])
-        .ok()
-        .last_json();
+    let j = convert(&only, &[]).ok().last_json();
     assert!(j["loss_tuned"].is_null());
     assert_eq!(latest(&only).unwrap().0, "step-000012");
 }
