@@ -871,6 +871,10 @@ fn out_of_range_values_are_named() {
     assert_bad_input(&f.train(&cfg, "x", &["train.micro_batch_size=3"]), &["micro_batch_size"]);
     assert_bad_input(&f.train(&cfg, "x", &["model.norm=batchnorm"]), &["norm", "batchnorm"]);
     assert_bad_input(&f.train(&cfg, "x", &["train.eval_batches=0"]), &["eval_batches"]);
+    // A section this model does not use still goes into every checkpoint's state.json.
+    let unused = f.train(&cfg, "x", &["model.moe.capacity_factor=nan"]);
+    assert_bad_input(&unused, &["model.moe.capacity_factor", "finite"]);
+    assert!(!f.run_dir("x").exists(), "a refused config wrote its run");
 }
 
 #[test]

@@ -9,6 +9,13 @@ use super::*;
 impl Config {
     /// Every check of `product.md`, with a message that names the key and the valid values.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        // Every number, used by this model or not, goes into state.json, where JSON has no NaN
+        // or infinity: one there would make every checkpoint of the run unreadable.
+        if let Ok(value) = toml::Value::try_from(self) {
+            if let Some(key) = non_finite(&value, "") {
+                return Err(format!("`{key}` must be a finite number"));
+            }
+        }
         let m = &self.model;
         let t = &self.train;
         let positive = [
@@ -324,6 +331,19 @@ impl Config {
 
 /// Parameters plus position tables, as a float (no overflow): a sanity bound that stops a
 /// corrupt or hostile size before any allocation, not an estimate for users (`model::estimate`).
+/// The dotted key of the first NaN or infinite float in `v`.
+fn non_finite(v: &toml::Value, key: &str) -> Option<String> {
+    let at = |k: &str| if key.is_empty() { k.to_string() } else { format!("{key}.{k}") };
+    match v {
+        toml::Value::Float(x) if !x.is_finite() => Some(key.to_string()),
+        toml::Value::Table(t) => t.iter().find_map(|(k, v)| non_finite(v, &at(k))),
+        toml::Value::Array(a) => {
+            a.iter().enumerate().find_map(|(i, v)| non_finite(v, &format!("{key}[{i}]")))
+        }
+        _ => None,
+    }
+}
+
 fn estimated_elements(m: &ModelConfig) -> f64 {
     let (v, d, f, l, t) = (
         m.vocab_size as f64,
