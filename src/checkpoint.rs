@@ -338,9 +338,36 @@ pub fn load_state_and_digests(dir: &Path) -> Result<(TrainState, FileDigests)> {
             format!("corrupt state: optimizer_t {} exceeds step {}", state.optimizer_t, state.step);
         return Err(CheckpointError::invalid(&p, m));
     }
+    if let Some(m) = counter_problem(&state) {
+        return Err(CheckpointError::invalid(&p, format!("corrupt state: {m}")));
+    }
     let digests: FileDigests = serde_json::from_str(&text)
         .map_err(|e| CheckpointError::invalid(&p, format!("corrupt file digests: {e}")))?;
     Ok((state, digests))
+}
+
+/// Why the data counters of `state` cannot come from a run, if they cannot. Every window drawn
+/// trains at least one token, so no run draws more windows than it trained tokens; a mixture's
+/// total is its sources' sum; and far below u64's end, so that resuming never wraps a counter.
+fn counter_problem(state: &TrainState) -> Option<String> {
+    const MAX_TOKENS: u64 = 1 << 62;
+    if state.tokens > MAX_TOKENS {
+        return Some(format!("tokens {} is beyond 2^62", state.tokens));
+    }
+    if state.data_cursor > state.tokens {
+        return Some(format!(
+            "data_cursor {} exceeds tokens {}: every window drawn trains a token at least",
+            state.data_cursor, state.tokens
+        ));
+    }
+    let sum = state.source_cursors.iter().try_fold(0u64, |a, &c| a.checked_add(c));
+    match sum {
+        Some(s) if state.source_cursors.is_empty() || s == state.data_cursor => None,
+        _ => Some(format!(
+            "source_cursors {:?} do not sum to data_cursor {}",
+            state.source_cursors, state.data_cursor
+        )),
+    }
 }
 
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {

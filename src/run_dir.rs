@@ -76,7 +76,7 @@ pub fn ensure_empty(dir: &Path, hint: &str) -> Result<()> {
 /// lock that it is still [`ensure_empty`]: the lock keeps a `train` from starting there while
 /// it is written.
 pub fn claim_empty(dir: &Path, hint: &str) -> Result<RunLock> {
-    let lock = RunLock::acquire(dir)?;
+    let lock = RunLock::acquire_for(dir, &format!("is using this directory; {hint}"))?;
     ensure_empty(dir, hint)?;
     Ok(lock)
 }
@@ -151,6 +151,11 @@ pub struct RunLock {
 
 impl RunLock {
     pub fn acquire(run_dir: &Path) -> Result<RunLock> {
+        Self::acquire_for(run_dir, "is using this run; wait for it or choose another run.name")
+    }
+
+    /// [`RunLock::acquire`], whose refusal says `busy` after the holder's pid.
+    fn acquire_for(run_dir: &Path, busy: &str) -> Result<RunLock> {
         use std::io::Seek;
         use std::os::fd::AsRawFd;
         std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
@@ -168,10 +173,7 @@ impl RunLock {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
             return Err(RunDirError::Unusable {
                 path: run_dir.to_path_buf(),
-                message: format!(
-                    "another motrain process (pid {}) is training this run; wait for it or choose another run.name",
-                    holder.trim()
-                ),
+                message: format!("another motrain process (pid {}) {busy}", holder.trim()),
             });
         }
         file.set_len(0)
@@ -253,6 +255,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _held = RunLock::acquire(dir.path()).unwrap();
         let e = RunLock::acquire(dir.path()).err().expect("locked").to_string();
-        assert!(e.contains("another motrain process"), "{e}");
+        assert!(e.contains("another motrain process") && e.contains("run.name"), "{e}");
+        // A conversion that loses the race for its --out is told about --out, not run.name.
+        let e = claim_empty(dir.path(), "choose a new --out").err().expect("locked").to_string();
+        assert!(e.contains("another motrain process") && e.ends_with("choose a new --out"), "{e}");
     }
 }

@@ -521,6 +521,11 @@ fn lying_states(c: &Ckpt) -> Vec<(String, Vec<u8>)> {
         ("step", json!(1e30)),
         ("tokens", json!(-32)),
         ("data_cursor", json!([4])),
+        ("data_cursor", json!(33)), // more windows than the 32 tokens trained
+        ("data_cursor", json!(u64::MAX)),
+        ("tokens", json!(u64::MAX)),
+        ("source_cursors", json!([1, 2])), // a mixture's sources that do not sum to data_cursor
+        ("source_cursors", json!([u64::MAX, 5])),
         ("optimizer_t", json!(true)),
         ("optimizer_t", json!(3)), // more updates than steps
         ("optimizer_t", json!(u64::MAX)),

@@ -148,6 +148,17 @@ fn a_nan_with_on_nan_stop_saves_nothing_corrupt_and_names_the_step() {
     assert!(num(&eval.last_json(), "loss").is_finite());
 }
 
+/// The hook is for tests, but a typo in it must not pass for a run without a fault.
+#[test]
+fn a_nan_fault_step_that_is_not_a_number_is_refused_before_anything_is_written() {
+    let f = Fixture::new();
+    let cfg = f.config();
+    let out = motrain_env(&f, &[("MOTRAIN_FAULT_NAN_STEP", "abc")], &cfg, "nanbad", &[]);
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert!(out.stderr.starts_with("error: MOTRAIN_FAULT_NAN_STEP"), "{}", out.describe());
+    assert!(!f.run_dir("nanbad").exists());
+}
+
 #[test]
 fn a_nan_with_on_nan_skip_skips_that_update_and_counts_it() {
     let f = Fixture::new();

@@ -120,6 +120,20 @@ pub struct Trainer {
     tiles: bool,
 }
 
+/// The test hook `MOTRAIN_FAULT_NAN_STEP`, if set; a value that is not a step is refused.
+fn nan_fault_step() -> std::result::Result<Option<usize>, ConfigError> {
+    let name = "MOTRAIN_FAULT_NAN_STEP";
+    let bad = |value: String| ConfigError::Invalid {
+        origin: name.into(),
+        message: format!("{value}: expected a step number"),
+    };
+    match std::env::var(name) {
+        Ok(s) => s.parse().map(Some).map_err(|_| bad(format!("{s:?}"))),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(bad("not UTF-8".into())),
+    }
+}
+
 impl Trainer {
     /// A freshly initialised model with its optimizer and data, as rank `dist.rank()` of
     /// `dist.size()`.
@@ -146,8 +160,7 @@ impl Trainer {
         dist.attach_device(&dev)?;
         let data = Mixture::open(&cfg.data, cfg.model.vocab_size, cfg.run.seed)?;
         let val = mixture::open_val(&cfg.data, cfg.model.vocab_size)?;
-        let nan_fault_step =
-            std::env::var("MOTRAIN_FAULT_NAN_STEP").ok().and_then(|s| s.parse().ok());
+        let nan_fault_step = nan_fault_step()?;
         Ok(Trainer {
             cfg,
             params,
