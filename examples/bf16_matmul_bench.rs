@@ -1,18 +1,20 @@
-//! A `Linear`'s products in bf16 on AMX tiles against f32 gemm (both motrain's op,
-//! `ops::linear`) on motrain's bench shapes, per product of a linear map's step: forward `X·Wᵀ`,
-//! input gradient `dY·W`, weight gradient `dYᵀ·X` (ms, median of 9 after 3 warm-ups); then the
-//! packing of one bench-mot layer's expert weights as a training forward packs them (both
-//! layouts, read cold from four layers' worth). Needs a CPU with AMX tiles:
+//! A `Linear`'s products in bf16 on each engine this CPU has (AMX tiles, AVX512_BF16's dot
+//! product) against f32 gemm (all motrain's op, `ops::linear`) on motrain's bench shapes, per
+//! product of a linear map's step: forward `X·Wᵀ`, input gradient `dY·W`, weight gradient
+//! `dYᵀ·X` (ms, median of 9 after 3 warm-ups, and GFLOP/s = 2·M·N·K / time); then the packing
+//! of one bench-mot layer's expert weights as a training forward packs them (both layouts, read
+//! cold from four layers' worth). Needs a CPU with a bf16 dot product:
 //! `cargo run --release --example bf16_matmul_bench`.
 mod common;
 
 use candle_core::{Device, Tensor};
+use motrain::ops::bf16::{engines, with_engine};
 use motrain::ops::grouped::{grouped_matmul, grouped_matmul_cat};
 use motrain::ops::linear::matmul_t_on;
 use motrain::ops::Kernel;
 fn main() {
-    if !motrain::ops::amx::available() {
-        eprintln!("this CPU has no AMX bf16 tiles");
+    if engines().is_empty() {
+        eprintln!("this CPU has no bf16 dot product (AMX tiles or AVX512_BF16)");
         std::process::exit(2);
     }
     let dev = Device::Cpu;
@@ -20,30 +22,24 @@ fn main() {
         let a = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let dy = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
-        let t = |f: &dyn Fn()| common::median_time(3, 9, f) * 1e3;
-        let f32 = |x: &Tensor, w: &Tensor| matmul_t_on(Kernel::F32, x, w);
-        let mm = |x: &Tensor, w: &Tensor| matmul_t_on(Kernel::Amx, x, w);
-        println!(
-            "{m}x{k}x{n} ms  f32/bf16: fwd {:.2}/{:.2}  dA {:.2}/{:.2}  dW {:.2}/{:.2}",
-            t(&|| {
-                f32(&a, &w).unwrap();
-            }),
-            t(&|| {
-                mm(&a, &w).unwrap();
-            }),
-            t(&|| {
-                f32(&dy, &w.t().unwrap()).unwrap();
-            }),
-            t(&|| {
-                mm(&dy, &w.t().unwrap()).unwrap();
-            }),
-            t(&|| {
-                f32(&dy.t().unwrap(), &a.t().unwrap()).unwrap();
-            }),
-            t(&|| {
-                mm(&dy.t().unwrap(), &a.t().unwrap()).unwrap();
-            })
-        );
+        let flop = 2.0 * (m * n * k) as f64;
+        let t = |f: &dyn Fn()| common::median_time(3, 9, f);
+        let three = |kernel: Kernel| {
+            let mm = |x: &Tensor, w: &Tensor| matmul_t_on(kernel, x, w).unwrap();
+            [
+                t(&|| drop(mm(&a, &w))),
+                t(&|| drop(mm(&dy, &w.t().unwrap()))),
+                t(&|| drop(mm(&dy.t().unwrap(), &a.t().unwrap()))),
+            ]
+        };
+        let say = |name: &str, s: [f64; 3]| {
+            let [f, da, dw] = s.map(|x| format!("{:.2} ms {:.0} GFLOP/s", x * 1e3, flop / x / 1e9));
+            println!("{m}x{k}x{n} {name:>11}: fwd {f}  dA {da}  dW {dw}");
+        };
+        say("f32", three(Kernel::F32));
+        for e in engines() {
+            say(e.name(), with_engine(e, || three(Kernel::Bf16)));
+        }
     }
     expert_packing();
 }
@@ -52,7 +48,7 @@ fn main() {
 /// weights for the tiles is most of a training forward's time; four layers' stacks in turn, so
 /// that each is read from memory as in a step.
 fn expert_packing() {
-    motrain::ops::amx::set_enabled(true);
+    motrain::ops::bf16::set_enabled(true);
     let (e, d, f, rows) = (16, 256, 1024, 16);
     let dev = Device::Cpu;
     let randn = |shape: (usize, usize, usize)| Tensor::randn(0f32, 0.02, shape, &dev).unwrap();

@@ -3,8 +3,9 @@
 # pair timed step by step in turn in one process (`motrain bench --vs`), with MoT/dense and
 # MoE/dense per path; MoT against dense at the same tokens per step (batch 32). Prints the CPU
 # and its SIMD flags first.
-# On a CPU with AMX bf16 tiles, a last path `bf16` runs all three with run.dtype = "bf16"
-# (matmuls on the tiles, the avx512 path for the rest).
+# On a CPU with a bf16 dot product, the last paths run all three with run.dtype = "bf16" on
+# each engine it has: `bf16-amx` (AMX tiles) and `bf16-dot` (AVX512_BF16's vdpbf16ps), the
+# avx512 path for the rest.
 # Usage: scripts/bench_paths.sh [STEPS] [ROUNDS]   (needs python3 for the JSON)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,14 +20,16 @@ for p in portable avx2 avx512; do
   MOTRAIN_SIMD=$p ./target/release/motrain bench --config /nonexistent 2>&1 | grep -q MOTRAIN_SIMD \
     || paths+=("$p")
 done
-grep -q -w amx_bf16 /proc/cpuinfo && paths+=(bf16)
+grep -q -w amx_bf16 /proc/cpuinfo && paths+=(bf16-amx)
+grep -q -w avx512_bf16 /proc/cpuinfo && paths+=(bf16-dot)
 moe_args=(--vs-set model.ffn=moe --vs-set model.moe.n_experts=8 --vs-set model.moe.top_k=1
           --vs-set model.moe.capacity_factor=1.25)
 pair() { # path, then bench arguments: prints "dense_tok/s other_tok/s ratio" of one --vs run,
          # whose two models are timed step by step in turn
-  local simd=$1 dtype=()
-  [ "$1" = bf16 ] && simd=avx512 dtype=(--set run.dtype=bf16)
-  MOTRAIN_SIMD=$simd ./target/release/motrain bench "${@:2}" "${dtype[@]}" --steps "$steps" --warmup 1 2>/dev/null \
+  local simd=$1 dtype=() engine=auto
+  case $1 in bf16-amx) engine=amx ;; bf16-dot) engine=avx512bf16 ;; esac
+  [ "$engine" != auto ] && simd=avx512 dtype=(--set run.dtype=bf16)
+  MOTRAIN_SIMD=$simd MOTRAIN_BF16=$engine ./target/release/motrain bench "${@:2}" "${dtype[@]}" --steps "$steps" --warmup 1 2>/dev/null \
     | tail -1 | python3 -c 'import json, sys; r = json.load(sys.stdin); print(*r["tokens_per_s"], r["ratio"])'
 }
 printf '%-6s %-9s %12s %10s %12s %10s %9s %9s\n' round path dense@32 mot dense@16 moe-top1 mot/dense moe/dense

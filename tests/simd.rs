@@ -1,6 +1,7 @@
-//! The SIMD path from the command line: every path this CPU has trains the same model, each
-//! repeats itself bit for bit, the path is named on the first line, and `MOTRAIN_SIMD` naming
-//! an unknown path or one this CPU lacks is refused before anything is written.
+//! The SIMD path and the bf16 engine from the command line: every path this CPU has trains the
+//! same model, each repeats itself bit for bit, the path is named on the first line, and
+//! `MOTRAIN_SIMD` or `MOTRAIN_BF16` naming an unknown path or one this CPU lacks is refused
+//! before anything is written.
 
 mod common;
 
@@ -55,43 +56,62 @@ fn an_unknown_path_or_one_this_cpu_lacks_is_refused_before_anything_is_written()
     }
 }
 
-/// `run.dtype = "bf16"` on the CPU: on AMX tiles it trains the f32 model with bf16 matmuls (the
-/// same losses to bf16's precision, said on the first line); without them it is refused with
-/// exit 2, naming f32, before anything is written.
+/// `run.dtype = "bf16"` on the CPU: on each bf16 engine the CPU has (AMX tiles, AVX512_BF16's
+/// dot product; `MOTRAIN_BF16` picks) it trains the f32 model with bf16 matmuls (the same
+/// losses to bf16's precision, the engine said on the first line); without one it is refused
+/// with exit 2, naming f32, before anything is written.
 #[test]
-fn bf16_trains_on_amx_tiles_and_is_refused_without_them() {
+fn bf16_trains_on_every_engine_and_is_refused_without_one() {
+    use motrain::ops::bf16::{self, engines};
     let f = Fixture::new();
     let config = f.config();
     let steps = ["train.steps=30", "train.eval_every=0"];
     let bf16 = ["train.steps=30", "train.eval_every=0", "run.dtype=\"bf16\""];
-    // A CPU without tiles, or one standing for it (a lower SIMD path), refuses it.
-    let amx = motrain::ops::amx::available();
-    for level in simd::available().into_iter().filter(|l| !(amx && *l == Level::Avx512)) {
+    // A CPU without a bf16 dot product, or one standing for it (a lower SIMD path), refuses it.
+    let has = !engines().is_empty();
+    for level in simd::available().into_iter().filter(|l| !(has && *l == Level::Avx512)) {
         let name = format!("bf16-{}", level.name());
         let out = f.train_with(on(level.name()), &config, &name, &bf16);
-        assert_bad_input(&out, &["bf16", "AMX", "f32 is the fastest"]);
+        assert_bad_input(&out, &["bf16", "dot product", "f32 is the fastest"]);
         assert!(!f.run_dir(&name).exists());
     }
-    if !motrain::ops::amx::available() {
+    // MOTRAIN_BF16 naming no engine, or one this CPU lacks, is refused before anything runs.
+    let lacking =
+        [bf16::Engine::Tiles, bf16::Engine::Dot].into_iter().filter(|e| !engines().contains(e));
+    for want in lacking.map(|e| e.name()).chain(["bogus"]) {
+        let mut c = Command::new(bin());
+        c.env(bf16::ENV, want);
+        let out = f.train_with(c, &config, "bf16-bad-engine", &bf16);
+        assert_bad_input(&out, &[bf16::ENV, want]);
+        assert!(!f.run_dir("bf16-bad-engine").exists());
+    }
+    if !has {
         return;
     }
-    let out = f.train(&config, "bf16", &bf16).ok();
-    assert!(
-        out.stdout.lines().next().unwrap().ends_with("bf16 matmuls on AMX"),
-        "{}",
-        out.describe()
-    );
     f.train(&config, "f32", &steps).ok();
-    let (a, b) = (losses(&f.run_dir("bf16")), losses(&f.run_dir("f32")));
-    assert_eq!(a.len(), b.len());
-    let mut differ = false;
-    for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 2e-2 * y.abs(), "step {step}: bf16 loss {x} vs f32 {y}");
-        differ |= x != y;
+    let reference = losses(&f.run_dir("f32"));
+    for engine in engines() {
+        let with = |name: &str| {
+            let mut c = Command::new(bin());
+            c.env(bf16::ENV, engine.name());
+            f.train_with(c, &config, name, &bf16).ok()
+        };
+        let name = format!("bf16-{}", engine.name());
+        let out = with(&name);
+        let first = out.stdout.lines().next().unwrap().to_string();
+        assert!(first.ends_with(&format!("bf16 matmuls on {}", engine.label())), "{first}");
+        let a = losses(&f.run_dir(&name));
+        assert_eq!(a.len(), reference.len());
+        let mut differ = false;
+        for ((step, x), (_, y)) in a.iter().zip(&reference) {
+            assert!((x - y).abs() <= 2e-2 * y.abs(), "{name} step {step}: loss {x} vs f32 {y}");
+            differ |= x != y;
+        }
+        assert!(differ, "{name}: bf16 matmuls must round: the losses cannot all be f32's");
+        with(&format!("{name}-again"));
+        let again = losses(&f.run_dir(&format!("{name}-again")));
+        assert_eq!(again, a, "{name} repeats itself bit for bit");
     }
-    assert!(differ, "bf16 matmuls must round: the losses cannot all be f32's");
-    f.train(&config, "bf16-again", &bf16).ok();
-    assert_eq!(losses(&f.run_dir("bf16-again")), a, "bf16 repeats itself bit for bit");
 
     // `bench --vs` steps an f32 and a bf16 model of one process in turn: each keeps its own
     // matmuls, so each ends where it ends when benched alone.
@@ -112,6 +132,7 @@ fn bf16_trains_on_amx_tiles_and_is_refused_without_them() {
     assert_eq!(both[0]["final_loss"], alone_f32[0]["final_loss"], "f32 beside bf16: {}", both[0]);
     assert_eq!(both[1]["final_loss"], alone_bf16[0]["final_loss"], "bf16 beside f32: {}", both[1]);
     assert_ne!(both[0]["final_loss"], both[1]["final_loss"]);
-    assert!(!both[0]["simd"].as_str().unwrap().contains("AMX"), "{}", both[0]);
-    assert!(both[1]["simd"].as_str().unwrap().ends_with("bf16 matmuls on AMX"), "{}", both[1]);
+    let fastest = engines()[0].label();
+    assert!(!both[0]["simd"].as_str().unwrap().contains("bf16"), "{}", both[0]);
+    assert!(both[1]["simd"].as_str().unwrap().ends_with(fastest), "{}", both[1]);
 }

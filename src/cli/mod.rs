@@ -267,8 +267,9 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    // A bad MOTRAIN_SIMD is refused before any work is done.
+    // A bad MOTRAIN_SIMD or MOTRAIN_BF16 is refused before any work is done.
     crate::ops::simd::select().map_err(UsageError)?;
+    crate::ops::bf16::select().map_err(UsageError)?;
     match cli.command {
         Command::Train { config, overrides, resume, init_from } => {
             let cfg = Config::load(&config, &overrides)?;

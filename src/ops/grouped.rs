@@ -23,7 +23,7 @@ mod recompute;
 
 pub use recompute::grouped_up;
 
-use super::amx::{self, PackedB};
+use super::bf16::{self, PackedB};
 use super::{fresh, fused, gemm_into, gemm_packed_into, slice, Kernel};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -131,7 +131,7 @@ impl Grouped {
             offsets: Arc::new(offsets.to_vec()),
             outs: ws.iter().map(|w| w.dim(1)).collect::<Result<_>>()?,
             kernel,
-            kept: (training && kernel == Kernel::Amx).then(Arc::default),
+            kept: (training && kernel == Kernel::Bf16).then(Arc::default),
         })
     }
 
@@ -183,7 +183,7 @@ impl Grouped {
                         );
                         let m = rows.len();
                         if let Some(kept) = &self.kept {
-                            let (w_t, w) = amx::pack_weight(w, dout, din, parallel);
+                            let (w_t, w) = bf16::pack_weight(w, dout, din, parallel);
                             gemm_packed_into(m, y, width, false, x, (din, 1), &w_t, parallel);
                             kept.lock().unwrap().insert((j, e), w);
                             continue;
@@ -446,16 +446,13 @@ mod tests {
         );
     }
 
-    /// On AMX tiles, forward and both gradients against the f32 kernel within bf16 rounding:
+    /// On each bf16 engine, forward and both gradients against the f32 kernel within bf16 rounding:
     /// experts side by side (each product on one thread) and one expert across the pool. A
     /// training forward, which keeps the weights packed for the backward, gives the same bits
     /// as one that does not, and so does a second backward through its graph, which packs.
     #[test]
-    fn amx_products_match_the_f32_kernel_within_bf16_rounding() {
-        if !crate::ops::amx::available() {
-            eprintln!("skipped: this CPU has no AMX bf16 tiles");
-            return;
-        }
+    fn bf16_products_match_the_f32_kernel_within_bf16_rounding() {
+        use crate::ops::bf16::{engines, with_engine};
         use candle_core::Var;
         let side_by_side: Vec<usize> = (0..=8).map(|e| e * 40 - e % 3).collect();
         for offsets in [side_by_side, vec![0, 0, 300, 300]] {
@@ -475,14 +472,26 @@ mod tests {
                 [y.clone(), grad(x), grad(a), grad(b)].map(|t| t.flatten_all().unwrap())
             };
             let bits = |ts: [Tensor; 4]| ts.map(|t| t.to_vec1::<f32>().unwrap());
-            let amx = run(Kernel::Amx, true, 1);
-            assert_eq!(bits(amx.clone()), bits(run(Kernel::Amx, false, 1)), "{offsets:?}");
-            assert_eq!(bits(amx.clone()), bits(run(Kernel::Amx, true, 2)), "{offsets:?}");
-            for (got, want) in amx.iter().zip(run(Kernel::F32, true, 1)) {
-                let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
-                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                let err = err.to_scalar::<f32>().unwrap();
-                assert!(err <= 2e-2 * scale, "{offsets:?}: max |Δ| {err}, scale {scale}");
+            for engine in engines() {
+                let (bf16, unkept, twice) = with_engine(engine, || {
+                    let bf16 = run(Kernel::Bf16, true, 1);
+                    (
+                        bf16.clone(),
+                        bits(run(Kernel::Bf16, false, 1)),
+                        bits(run(Kernel::Bf16, true, 2)),
+                    )
+                });
+                assert_eq!(bits(bf16.clone()), unkept, "{engine:?} {offsets:?}");
+                assert_eq!(bits(bf16.clone()), twice, "{engine:?} {offsets:?}");
+                for (got, want) in bf16.iter().zip(run(Kernel::F32, true, 1)) {
+                    let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+                    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let err = err.to_scalar::<f32>().unwrap();
+                    assert!(
+                        err <= 2e-2 * scale,
+                        "{engine:?} {offsets:?}: max |Δ| {err}, scale {scale}"
+                    );
+                }
             }
         }
     }

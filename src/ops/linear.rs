@@ -36,8 +36,10 @@ impl CustomOp2 for MatMul {
     fn cpu_fwd(
         &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if self.kernel == Kernel::Amx && !super::amx::available() {
-            candle_core::bail!("bf16 matmuls on the CPU need AMX tiles, which this CPU lacks");
+        if self.kernel == Kernel::Bf16 && super::bf16::engine().is_none() {
+            candle_core::bail!(
+                "bf16 matmuls on the CPU need a bf16 dot product, which this CPU lacks"
+            );
         }
         let (a, (m, k), a_strides) = operand(s1, l1, false)?;
         let (b, (k2, n), b_strides) = operand(s2, l2, self.transpose_b)?;
@@ -128,15 +130,14 @@ mod tests {
         }
     }
 
-    /// On AMX tiles: gradients of Σ (a·bᵀ)∘P equal f32 autograd's within bf16 rounding.
+    /// On each bf16 engine: gradients of Σ (a·bᵀ)∘P equal f32 autograd's within bf16 rounding.
     #[test]
-    fn amx_gradients_match_the_f32_product_within_bf16_rounding() {
-        if !crate::ops::amx::available() {
-            eprintln!("skipped: this CPU has no AMX bf16 tiles");
-            return;
-        }
+    fn bf16_gradients_match_the_f32_product_within_bf16_rounding() {
+        use crate::ops::bf16::{engines, with_engine};
         // Off the tile edges (padding), and on them (packing writes every element itself).
-        for (m, k, n) in [(37, 50, 29), (256, 64, 96)] {
+        for (engine, (m, k, n)) in
+            engines().into_iter().flat_map(|e| [(37, 50, 29), (256, 64, 96)].map(|s| (e, s)))
+        {
             let (a, b) = (
                 Var::from_tensor(&randn(&[m, k], 3)).unwrap(),
                 Var::from_tensor(&randn(&[n, k], 4)).unwrap(),
@@ -151,7 +152,8 @@ mod tests {
                     .unwrap();
                 (g.get(a.as_tensor()).unwrap().clone(), g.get(b.as_tensor()).unwrap().clone())
             };
-            let (da, db) = grads(&|a, b| matmul_t_on(Kernel::Amx, a, b).unwrap());
+            let (da, db) =
+                with_engine(engine, || grads(&|a, b| matmul_t_on(Kernel::Bf16, a, b).unwrap()));
             let (ra, rb) = grads(&|a, b| a.matmul(&b.t().unwrap()).unwrap());
             for (got, want) in [(da, ra), (db, rb)] {
                 let err = (&got - &want)
@@ -163,7 +165,10 @@ mod tests {
                     .to_scalar::<f32>()
                     .unwrap();
                 let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(err <= 2e-2 * scale, "max |Δ| {err} against a scale of {scale}");
+                assert!(
+                    err <= 2e-2 * scale,
+                    "{engine:?}: max |Δ| {err} against a scale of {scale}"
+                );
                 assert_eq!(got.dtype(), DType::F32);
             }
         }

@@ -2,8 +2,8 @@
 //! kernel on CPU f32 tensors and the plain candle formulation elsewhere; the plain formulation
 //! is also the reference the tests hold the kernels to.
 
-pub mod amx;
 pub mod attention;
+pub mod bf16;
 pub mod grouped;
 pub mod linear;
 pub mod linear_ce;
@@ -40,13 +40,12 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 /// What computes on `device`, for the first line of `train` and for `bench`: the SIMD path (or
-/// the GPU), and whether matmuls run in bf16 on AMX tiles.
+/// the GPU), and what runs matmuls in bf16 if they do.
 pub fn describe(device: &candle_core::Device) -> String {
     let path = simd::describe(device);
-    if device.is_cpu() && amx::enabled() {
-        format!("{path} | bf16 matmuls on AMX")
-    } else {
-        path
+    match bf16::engine().filter(|_| device.is_cpu() && bf16::enabled()) {
+        Some(engine) => format!("{path} | bf16 matmuls on {}", engine.label()),
+        None => path,
     }
 }
 
@@ -165,18 +164,19 @@ pub(crate) unsafe fn fresh(n: usize, fill: impl FnOnce(&mut [f32])) -> Vec<f32> 
     unsafe { written(n, |y| fill(&mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]))) }
 }
 
-/// Which kernel a product runs on: f32 gemm, or bf16 AMX tiles (`run.dtype = "bf16"`).
+/// Which kernel a product runs on: f32 gemm, or bf16 on the CPU's bf16 dot product
+/// (`run.dtype = "bf16"`; [`bf16::engine`] says which).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     F32,
-    Amx,
+    Bf16,
 }
 
 impl Kernel {
-    /// The kernel f32 matmuls run on now: AMX while [`amx::set_enabled`] has them on.
+    /// The kernel f32 matmuls run on now: bf16 while [`bf16::set_enabled`] has them on.
     pub fn current() -> Kernel {
-        if amx::enabled() {
-            Kernel::Amx
+        if bf16::enabled() {
+            Kernel::Bf16
         } else {
             Kernel::F32
         }
@@ -211,16 +211,16 @@ pub(crate) fn gemm_into(
     gemm(kernel, mnk, uninit(dst), dst_rs, accumulate, lhs, lhs_strides, rhs, rhs_strides, parallel)
 }
 
-/// [`gemm_into`] on AMX tiles with the right operand already packed ([`amx::pack_weight`]):
+/// [`gemm_into`] on AMX tiles with the right operand already packed ([`bf16::pack_weight`]):
 /// `dst (+)= lhs · B`, `lhs` `[m, B's K]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_packed_into(
     m: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: &[f32],
-    lhs_strides: (usize, usize), b: &amx::PackedB, parallel: bool,
+    lhs_strides: (usize, usize), b: &bf16::PackedB, parallel: bool,
 ) {
     let (k, n) = b.dims();
     check_dst_and_lhs((m, n, k), dst.len(), dst_rs, lhs.len(), lhs_strides);
-    amx::gemm_packed_into(m, uninit(dst), dst_rs, accumulate, lhs, lhs_strides, b, parallel)
+    bf16::gemm_packed_into(m, uninit(dst), dst_rs, accumulate, lhs, lhs_strides, b, parallel)
 }
 
 /// Initialised memory seen as possibly uninitialised, as the product kernels take it.
@@ -258,8 +258,8 @@ fn gemm(
         k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
         "gemm: rhs too small"
     );
-    if kernel == Kernel::Amx {
-        return amx::gemm_into(
+    if kernel == Kernel::Bf16 {
+        return bf16::gemm_into(
             (m, n, k),
             dst,
             dst_rs,

@@ -116,8 +116,8 @@ pub struct Trainer {
     elapsed_before: f64,
     /// Test hook (`MOTRAIN_FAULT_NAN_STEP=N`): step N's loss becomes NaN, as a diverging run's would.
     nan_fault_step: Option<usize>,
-    /// Whether this model's matmuls run in bf16 on AMX tiles (`run.dtype = "bf16"` on the CPU).
-    tiles: bool,
+    /// Whether this model's matmuls run in bf16 (`run.dtype = "bf16"` on the CPU).
+    bf16_matmuls: bool,
 }
 
 /// The test hook `MOTRAIN_FAULT_NAN_STEP`, if set; a value that is not a step is refused.
@@ -140,11 +140,11 @@ impl Trainer {
     pub fn new(cfg: Config, dist: Rc<Dist>) -> Result<Trainer> {
         check_world(&cfg, &dist)?;
         let dev = crate::device::device(&cfg.run.device)?;
-        let tiles = cfg.run.dtype == "bf16" && dev.is_cpu();
-        if tiles {
+        let bf16_matmuls = cfg.run.dtype == "bf16" && dev.is_cpu();
+        if bf16_matmuls {
             bf16_on_cpu()?;
         }
-        crate::ops::amx::set_enabled(tiles);
+        crate::ops::bf16::set_enabled(bf16_matmuls);
         let model_cfg = cfg.model.clone();
         let mut params = Params::new(&dev, cfg.run.seed, cfg.model.init_scale)
             .freezing(move |name| !crate::model::trains(&model_cfg, name));
@@ -175,14 +175,14 @@ impl Trainer {
             phases: Phases::default(),
             elapsed_before: 0.0,
             nan_fault_step,
-            tiles,
+            bf16_matmuls,
         })
     }
 
     /// Sets the process's matmul kernel to this model's dtype: `bench --vs` steps an f32 and
     /// a bf16 model of one process in turn.
     pub fn use_kernel(&self) {
-        crate::ops::amx::set_enabled(self.tiles);
+        crate::ops::bf16::set_enabled(self.bf16_matmuls);
     }
 
     /// Continues exactly where `ckpt` stopped: weights, moments, step, data cursor.
@@ -435,28 +435,24 @@ impl SourceSums {
 }
 
 /// `run.dtype = "bf16"` on the CPU: f32 weights, activations and optimizer state, with every
-/// matmul's operands rounded to bf16 on AMX tiles and its products summed in f32. Only AMX makes
-/// that faster than f32 (AVX512_BF16's dot product runs at half the f32 FMA rate), so a CPU
-/// without it is refused, naming f32.
+/// matmul's operands rounded to bf16 and its products summed in f32, on whichever bf16 dot
+/// product the CPU has (`ops::bf16`). A CPU with none is refused, naming f32.
 fn bf16_on_cpu() -> Result<()> {
-    if !crate::ops::amx::usable() {
-        let why = if crate::ops::amx::available() {
+    use crate::ops::{bf16, simd};
+    if !bf16::usable() {
+        let why = if bf16::engines().is_empty() {
             format!(
-                "{}={} stands for a CPU without them",
-                crate::ops::simd::ENV,
-                crate::ops::simd::level()
+                "this CPU ({}, {}) has neither",
+                simd::cpu_model(),
+                simd::describe(&candle_core::Device::Cpu)
             )
         } else {
-            format!(
-                "this CPU ({}, {}) lacks them",
-                crate::ops::simd::cpu_model(),
-                crate::ops::simd::describe(&candle_core::Device::Cpu)
-            )
+            format!("{}={} stands for a CPU without them", simd::ENV, simd::level())
         };
         return Err(crate::config::ConfigError::Invalid {
             origin: "`run.dtype` = \"bf16\"".into(),
             message: format!(
-                "bf16 on the CPU needs AMX bf16 tiles with AVX512_BF16 (Intel Xeon Sapphire Rapids or newer), and {why}; f32 is the fastest dtype here"
+                "bf16 on the CPU needs a bf16 dot product — AMX tiles (Intel Xeon Sapphire Rapids or newer) or AVX512_BF16 (AMD Zen 4 or newer, Intel Cooper Lake) — and {why}; f32 is the fastest dtype here"
             ),
         }
         .into());

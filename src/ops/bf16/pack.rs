@@ -1,6 +1,6 @@
 //! Packing: f32 operands copied into the tiles' bf16 layouts, rounded to nearest even on the
 //! way by AVX512_BF16's `vcvtne2ps2bf16`, in AVX-512 (every CPU with AMX tiles has both;
-//! [`super::available`] checks). The conversion is one instruction for 32 values, where
+//! [`super::dot_available`] checks). Both engines read these layouts. The conversion is one instruction for 32 values, where
 //! rounding in integer arithmetic took seven for 16.
 //!
 //! Both layouts are made of 32-bit pairs of bf16 neighbours along K: a row of an A tile is 16
@@ -49,7 +49,7 @@ pub(super) fn pack_a(a: Operand, mp: usize, kp: usize, parallel: bool) -> Vec<u1
             if ni == 0 {
                 return; // padding rows only
             }
-            // SAFETY (all three): the CPU has AVX-512 and AVX512_BF16 (`available`).
+            // SAFETY (all three): the CPU has AVX-512 and AVX512_BF16 (`dot_available`).
             if a.cs == 1 {
                 unsafe { x86::a_along_k(a, i0, ni, kp, rows) }
             } else if a.rs == 1 {
@@ -133,7 +133,7 @@ fn pack_b_and(
             if cols == 0 {
                 return; // padding columns only
             }
-            // SAFETY (all): the CPU has AVX-512 and AVX512_BF16 (`available`); a column-major
+            // SAFETY (all): the CPU has AVX-512 and AVX512_BF16 (`dot_available`); a column-major
             // B's task is one block of 16 columns, so its rows of `second` are its own.
             if row_major {
                 unsafe { x86::b_across_k(b, n0, cols, kp, blks) }
@@ -365,8 +365,8 @@ mod tests {
     /// included).
     #[test]
     fn packs_match_the_element_by_element_layouts() {
-        if !super::super::available() {
-            eprintln!("skipped: this CPU has no AMX bf16 tiles");
+        if !super::super::dot_available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
             return;
         }
         let value = |i: usize| match i % 97 {
