@@ -13,8 +13,8 @@
 # the median of each column over the rounds. The "other CPU" column is the CPU time that other
 # processes used while the row ran, in % of all cores (from /proc/stat minus this row's own
 # CPU time): a row with more than a few % was disturbed (PyTorch's OpenMP threads suffer most).
-#   - motrain bf16 (run.dtype = "bf16": bf16 matmuls on AMX tiles, f32 weights and AdamW) on CPUs
-#     with amx_bf16, on the AVX-512 path.
+#   - motrain bf16 (run.dtype = "bf16": bf16 matmuls, f32 weights and AdamW) on CPUs with a bf16
+#     dot product, on the AVX-512 path: `bf16-amx` on AMX tiles, else `bf16-dot` on AVX512_BF16.
 #
 # Usage: scripts/bench_vs_torch.sh [--config C] [--steps N] [--warmup W] [--rounds R]
 #            [--simd "portable avx2 avx512"] [--torch "f32 bf16"] [--threads T]
@@ -144,7 +144,7 @@ record() {
 # report ROUND|median: a table of the rows of one round, or the medians over all rounds
 report() {
   python3 - "$results" "$1" <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 path, which = sys.argv[1], sys.argv[2]
 rows = []
 for line in open(path):
@@ -168,7 +168,7 @@ if which == "median":
         rss = statistics.median(r["json"]["peak_rss_bytes"] / 2**20 for r in ok) if ok else None
         rat = [x for x in map(ratio, ok) if x is not None]
         med = statistics.median(rat) if rat else None
-        prec = {"pytorch": "bf16-autocast", "motrain": "bf16-amx"}[k[0]] if k[1] == "bf16" else k[1]
+        prec = {"pytorch": "bf16-autocast", "motrain": os.environ.get("BF16_ENGINE", "bf16")}[k[0]] if k[1] == "bf16" else k[1]
         spread = f"   (tokens/s {min(r['json']['tokens_per_s'] for r in ok):.0f}..{max(r['json']['tokens_per_s'] for r in ok):.0f})" if len(ok) > 1 else ""
         busy = max((r["other"] for r in rows if r["key"] == k), default=0)
         print(f"{k[0]:<8} {prec:<13} {k[2]:<9} {fmt(tps, '9.0f'):>9} {fmt(rss, '13.0f'):>13} {fmt(med, '12.2f') + ('x' if med else ''):>13} {f'max {busy}%':>10}{spread}")
@@ -179,7 +179,7 @@ else:
         if r["round"] != which:
             continue
         impl, prec, simd = r["key"]
-        prec = {"pytorch": "bf16-autocast", "motrain": "bf16-amx"}[impl] if prec == "bf16" else prec
+        prec = {"pytorch": "bf16-autocast", "motrain": os.environ.get("BF16_ENGINE", "bf16")}[impl] if prec == "bf16" else prec
         if r["json"] is None:
             print(f"{impl:<8} {prec:<13} {simd:<9} {r['err']}")
             continue
@@ -188,13 +188,15 @@ else:
 PY
 }
 
+# motrain's bf16 engine on this CPU (ops::bf16): the tiles where it has them.
+if grep -qw amx_bf16 /proc/cpuinfo; then export BF16_ENGINE=bf16-amx; else export BF16_ENGINE=bf16-dot; fi
 skip_torch=" "   # torch modes that failed with a usage/config error (exit 2): not retried
 for r in $(seq "$rounds"); do
   for s in $simd; do
     record "$r" motrain f32 "$s" -- env MOTRAIN_SIMD="$s" "$bin" bench --config "$config" \
       --steps "$steps" --warmup "$warmup" "${sets[@]}"
   done
-  if grep -qw amx_bf16 /proc/cpuinfo && [ -n "$simd" ] && [ -z "$as_avx2" ]; then
+  if grep -qw avx512_bf16 /proc/cpuinfo && [ -n "$simd" ] && [ -z "$as_avx2" ]; then
     record "$r" motrain bf16 avx512 -- env MOTRAIN_SIMD=avx512 "$bin" bench --config "$config" \
       --steps "$steps" --warmup "$warmup" "${sets[@]}" --set 'run.dtype="bf16"'
   fi
