@@ -31,7 +31,7 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// As `MOTRAIN_BF16` names it, and as the first line of a run says it.
+    /// As `MOTRAIN_BF16` names it.
     pub fn name(self) -> &'static str {
         match self {
             Engine::Tiles => "amx",
@@ -139,10 +139,7 @@ fn detect() -> bool {
     let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
     // The packing is AVX-512 with AVX512_BF16's conversion (every CPU with the tiles has
     // both, unless a hypervisor hides them).
-    let packing = std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512bf16");
-    if !(amx_bf16 && amx_tile && osxsave && packing) {
+    if !(amx_bf16 && amx_tile && osxsave && dot_available()) {
         return false;
     }
     // XCR0 bits 17 and 18: the OS saves tile configuration and tile data.
