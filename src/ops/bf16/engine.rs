@@ -31,6 +31,9 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// Every engine, fastest first: the one list the choice and its messages go by.
+    pub const ALL: [Engine; 2] = [Engine::Tiles, Engine::Dot];
+
     /// As `MOTRAIN_BF16` names it.
     pub fn name(self) -> &'static str {
         match self {
@@ -61,17 +64,18 @@ pub const ENV: &str = "MOTRAIN_BF16";
 /// The engine `MOTRAIN_BF16` asks for (the fastest this CPU has when unset or `auto`: the
 /// tiles, then the dot product), None where the CPU has neither; or why it cannot be had.
 fn from_env() -> Result<Option<Engine>, String> {
+    let expected = || Engine::ALL.map(Engine::name).join(", ");
     let want = match std::env::var(ENV) {
         Ok(want) => want,
         Err(std::env::VarError::NotPresent) => String::new(),
         Err(std::env::VarError::NotUnicode(_)) => {
-            return Err(format!("{ENV} is not text (expected auto, amx, avx512bf16)"))
+            return Err(format!("{ENV} is not text (expected auto, {})", expected()))
         }
     };
     let fastest = engines().first().copied();
     match want.trim() {
         "" | "auto" => Ok(fastest),
-        s => match [Engine::Tiles, Engine::Dot].into_iter().find(|e| e.name() == s) {
+        s => match Engine::ALL.into_iter().find(|e| e.name() == s) {
             Some(e) if e.supported() => Ok(Some(e)),
             Some(e) => Err(format!(
                 "{ENV}={s}: this CPU has no {} ({}); unset {ENV} to use the fastest it has",
@@ -81,7 +85,7 @@ fn from_env() -> Result<Option<Engine>, String> {
                     None => "nor any bf16 dot product".into(),
                 }
             )),
-            None => Err(format!("{ENV}={s}: unknown bf16 engine (expected auto, amx, avx512bf16)")),
+            None => Err(format!("{ENV}={s}: unknown bf16 engine (expected auto, {})", expected())),
         },
     }
 }
@@ -111,7 +115,7 @@ pub fn engine() -> Option<Engine> {
 
 /// The engines this CPU has, fastest first.
 pub fn engines() -> Vec<Engine> {
-    [Engine::Tiles, Engine::Dot].into_iter().filter(|e| e.supported()).collect()
+    Engine::ALL.into_iter().filter(|e| e.supported()).collect()
 }
 
 /// Runs `f` with bf16 products on `engine`, in a pool as wide as the current one whose every
