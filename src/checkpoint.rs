@@ -326,16 +326,10 @@ pub fn load_state_and_digests(dir: &Path) -> Result<(TrainState, FileDigests)> {
         .config
         .validate()
         .map_err(|m| CheckpointError::invalid(&p, format!("config inside is invalid: {m}")))?;
-    // Resuming from a step that is not the directory's would save over another checkpoint; an
-    // optimizer that took more steps than training did has a count that wrapped or was edited.
+    // Resuming from a step that is not the directory's would save over another checkpoint.
     let named = dir.file_name().and_then(|n| n.to_str()?.strip_prefix("step-")?.parse().ok());
     if let Some(n) = named.filter(|&n: &usize| n != state.step) {
         let m = format!("corrupt state: step {} in the directory of step {n}", state.step);
-        return Err(CheckpointError::invalid(&p, m));
-    }
-    if state.optimizer_t > state.step as u64 {
-        let m =
-            format!("corrupt state: optimizer_t {} exceeds step {}", state.optimizer_t, state.step);
         return Err(CheckpointError::invalid(&p, m));
     }
     if let Some(m) = counter_problem(&state) {
@@ -346,11 +340,15 @@ pub fn load_state_and_digests(dir: &Path) -> Result<(TrainState, FileDigests)> {
     Ok((state, digests))
 }
 
-/// Why the data counters of `state` cannot come from a run, if they cannot. Every window drawn
-/// trains at least one token, so no run draws more windows than it trained tokens; a mixture's
-/// total is its sources' sum; and far below u64's end, so that resuming never wraps a counter.
+/// Why the counters of `state` cannot come from a run, if they cannot. No run updates more
+/// often than it steps (a larger count wrapped or was edited); every window drawn trains at
+/// least one token, so no run draws more windows than it trained tokens; a mixture's total is
+/// its sources' sum; and all stay far below u64's end, so that resuming never wraps one.
 fn counter_problem(state: &TrainState) -> Option<String> {
     const MAX_TOKENS: u64 = 1 << 62;
+    if state.optimizer_t > state.step as u64 {
+        return Some(format!("optimizer_t {} exceeds step {}", state.optimizer_t, state.step));
+    }
     if state.tokens > MAX_TOKENS {
         return Some(format!("tokens {} is beyond 2^62", state.tokens));
     }
