@@ -79,20 +79,20 @@ const KC: usize = 256;
 /// the partial sums a task keeps to `NB · per_task · 4 KiB`.
 const NB: usize = 16;
 
-/// Without x86-64 there are no tiles: [`tiles_available`] is false and nothing calls these.
+/// Without x86-64 there is no bf16 engine: [`engine`] is None and nothing calls these.
 #[cfg(not(target_arch = "x86_64"))]
 fn gemm(_: Operand, _: Operand, _: &mut [MaybeUninit<f32>], _: usize, _: bool, _: bool) {
-    unreachable!("AMX tiles are x86-64 only")
+    unreachable!("the bf16 engines are x86-64 only")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 fn gemm_packed(_: Operand, _: &PackedB, _: &mut [MaybeUninit<f32>], _: usize, _: bool, _: bool) {
-    unreachable!("AMX tiles are x86-64 only")
+    unreachable!("the bf16 engines are x86-64 only")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) fn pack_weight(_: &[f32], _: usize, _: usize, _: bool) -> (PackedB, PackedB) {
-    unreachable!("AMX tiles are x86-64 only")
+    unreachable!("the bf16 engines are x86-64 only")
 }
 
 /// A B operand `[K, N]` already in the tiles' layout (see `pack`), K and N rounded up to 32.
@@ -105,7 +105,7 @@ pub(crate) struct PackedB {
 /// `dst (+)= A · B` in f32 from bf16-rounded operands, the rows of `dst` `dst_rs` apart: every
 /// element of the M×N product is written (so `dst` may start uninitialised unless
 /// `accumulate`, which reads it). `parallel` splits the packing and the tiles across the
-/// current pool; without it all runs on the calling thread. Needs [`tiles_available`].
+/// current pool; without it all runs on the calling thread. Needs an [`engine`].
 #[cfg(target_arch = "x86_64")]
 fn gemm(
     a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, accumulate: bool,
@@ -292,7 +292,7 @@ fn for_chunks<E: Send>(
     }
 }
 
-/// [`crate::ops::gemm_into`] on AMX tiles: `dst (+)= lhs · rhs`, operands by (row stride,
+/// [`crate::ops::gemm_into`] in bf16: `dst (+)= lhs · rhs`, operands by (row stride,
 /// column stride), split across the current pool when `parallel`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(

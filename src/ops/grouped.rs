@@ -11,7 +11,7 @@
 //! side in one `[R, Σ out]` result, as SwiGLU's gate and up want, without concatenating the
 //! weights — a copy of every expert's matrices, and of their gradients, on each step.
 //!
-//! A training forward on AMX tiles packs each expert's weight for the input gradient's product
+//! A training forward in bf16 packs each expert's weight for the input gradient's product
 //! as well, from the same read of its f32 values, and keeps it until the backward takes it: a
 //! MoT or MoE layer has many times a dense layer's weights for the same tokens, so packing them
 //! once more from memory costs more there than anywhere else (+2 bytes a weight held between).
@@ -110,7 +110,7 @@ pub fn grouped_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[usize]) -> Re
 /// An expert's index, its rows, and a buffer's slice of those rows.
 type ExpertRows<'a> = (usize, Range<usize>, &'a mut [f32]);
 
-/// Weights packed for the input gradient by a training forward on the tiles, by (stack,
+/// Weights packed for the input gradient by a training forward in bf16, by (stack,
 /// expert), until the backward takes them.
 type Kept = Mutex<HashMap<(usize, usize), PackedB>>;
 
@@ -121,7 +121,7 @@ struct Grouped {
     offsets: Arc<Vec<usize>>,
     outs: Vec<usize>,
     kernel: Kernel,
-    /// Some for a training forward on the tiles (see the module doc).
+    /// Some for a training forward in bf16 (see the module doc).
     kept: Option<Arc<Kept>>,
 }
 

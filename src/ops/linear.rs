@@ -1,6 +1,6 @@
 //! A `Linear`'s product `x·Wᵀ` as one op with its backward, so that on the CPU its forward,
 //! its input gradient and its weight gradient all run on motrain's kernels
-//! ([`super::product`]): f32 gemm in blocks that idle threads steal, or bf16 AMX tiles under
+//! ([`super::product`]): f32 gemm in blocks that idle threads steal, or bf16 ([`super::bf16`]) under
 //! `run.dtype = "bf16"`. The weight gradient `dYᵀ·X` comes out `[out, in]` as the weight is
 //! stored, where candle's matmul backward computes `Xᵀ·dY` and then copies its transpose.
 

@@ -211,7 +211,7 @@ pub(crate) fn gemm_into(
     gemm(kernel, mnk, uninit(dst), dst_rs, accumulate, lhs, lhs_strides, rhs, rhs_strides, parallel)
 }
 
-/// [`gemm_into`] on AMX tiles with the right operand already packed ([`bf16::pack_weight`]):
+/// [`gemm_into`] in bf16 ([`bf16::engine`]) with the right operand already packed ([`bf16::pack_weight`]):
 /// `dst (+)= lhs · B`, `lhs` `[m, B's K]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_packed_into(
