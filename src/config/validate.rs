@@ -329,8 +329,6 @@ impl Config {
     }
 }
 
-/// Parameters plus position tables, as a float (no overflow): a sanity bound that stops a
-/// corrupt or hostile size before any allocation, not an estimate for users (`model::estimate`).
 /// The dotted key of the first NaN or infinite float in `v`.
 fn non_finite(v: &toml::Value, key: &str) -> Option<String> {
     let at = |k: &str| if key.is_empty() { k.to_string() } else { format!("{key}.{k}") };
@@ -344,6 +342,8 @@ fn non_finite(v: &toml::Value, key: &str) -> Option<String> {
     }
 }
 
+/// Parameters plus position tables, as a float (no overflow): a sanity bound that stops a
+/// corrupt or hostile size before any allocation, not an estimate for users (`model::estimate`).
 fn estimated_elements(m: &ModelConfig) -> f64 {
     let (v, d, f, l, t) = (
         m.vocab_size as f64,
