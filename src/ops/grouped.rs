@@ -24,7 +24,7 @@ mod recompute;
 pub use recompute::grouped_up;
 
 use super::bf16::{self, PackedB};
-use super::{fresh, fused, gemm_into, gemm_packed_into, slice, Kernel};
+use super::{fresh, fused, gemm_into, gemm_packed_into, slice, Kernel, Store};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -184,7 +184,7 @@ impl Grouped {
                         let m = rows.len();
                         if let Some(kept) = &self.kept {
                             let (w_t, w) = bf16::pack_weight(w, dout, din, parallel);
-                            gemm_packed_into(m, y, width, false, x, (din, 1), &w_t, parallel);
+                            gemm_packed_into(m, y, width, Store::Set, x, (din, 1), &w_t, parallel);
                             kept.lock().unwrap().insert((j, e), w);
                             continue;
                         }
@@ -194,7 +194,7 @@ impl Grouped {
                             mnk,
                             y,
                             width,
-                            false,
+                            Store::Set,
                             x,
                             (din, 1),
                             w,
@@ -218,21 +218,21 @@ impl Grouped {
                 let parallel = !self.side_by_side();
                 self.per_expert(dx, din).into_par_iter().for_each(|(e, rows, dx)| {
                     for (j, &dout) in self.outs.iter().enumerate() {
-                        let g = &g[rows.start * width + self.column(j)..];
+                        let (g, m) = (&g[rows.start * width + self.column(j)..], rows.len());
+                        let store = if j > 0 { Store::Add } else { Store::Set };
                         // A second backward through the same graph finds it taken, and packs.
                         let kept =
                             self.kept.as_ref().and_then(|k| k.lock().unwrap().remove(&(j, e)));
                         if let Some(w) = kept {
-                            let (m, accumulate) = (rows.len(), j > 0);
-                            gemm_packed_into(m, dx, din, accumulate, g, (width, 1), &w, parallel);
+                            gemm_packed_into(m, dx, din, store, g, (width, 1), &w, parallel);
                             continue;
                         }
                         gemm_into(
                             self.kernel,
-                            (rows.len(), din, dout),
+                            (m, din, dout),
                             dx,
                             din,
-                            j > 0,
+                            store,
                             g,
                             (width, 1),
                             &ws[j][e * dout * din..(e + 1) * dout * din],
@@ -245,8 +245,9 @@ impl Grouped {
         }
     }
 
-    /// `dW_je = Σ_{r in e} dy_r[cols of j]ᵀ · x_r`; experts without rows get zeros.
-    fn dw(&self, g: &[f32], x: &[f32], j: usize, din: usize) -> Vec<f32> {
+    /// `dW_je = Σ_{r in e} dy_r[cols of j]ᵀ · x_r`; experts without rows get zeros. Stored as
+    /// `store` says: [`Store::Stream`] for the gradient itself (see [`Store`]).
+    fn dw(&self, g: &[f32], x: &[f32], j: usize, din: usize, store: Store) -> Vec<f32> {
         let (width, dout, col) = (self.width(), self.outs[j], self.column(j));
         let e_count = self.offsets.len() - 1;
         let parallel = !self.side_by_side();
@@ -262,7 +263,7 @@ impl Grouped {
                             (dout, din, b[1] - b[0]),
                             dst,
                             din,
-                            false,
+                            store,
                             &g[b[0] * width + col..],
                             (1, width),
                             &x[b[0] * din..b[1] * din],
@@ -394,7 +395,7 @@ impl CustomOp2 for GroupedDw {
         &self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let din = xl.shape().dims2()?.1;
-        let dw = self.op.dw(slice(gs, gl)?, slice(xs, xl)?, self.j, din);
+        let dw = self.op.dw(slice(gs, gl)?, slice(xs, xl)?, self.j, din, Store::Stream);
         Ok((
             CpuStorage::F32(dw),
             Shape::from((self.op.offsets.len() - 1, self.op.outs[self.j], din)),

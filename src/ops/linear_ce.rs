@@ -5,7 +5,7 @@
 //! a step) are thus written once and read twice, never copied, zero-filled or accumulated by
 //! the autograd.
 
-use super::{fused, product, simd, slice, vec};
+use super::{fused, product, simd, slice, vec, Store};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -114,7 +114,7 @@ impl CustomOp3 for LinearCrossEntropy {
         let kernel = super::Kernel::current();
         // logits = x·Wᵀ, then one pass per row: log-sum-exp, the loss, and (training) the
         // logits turned in place into dL/dlogits = (softmax − onehot)/N.
-        let mut logits = product(kernel, (n, v, d), x, (d, 1), w, (1, d));
+        let mut logits = product(kernel, (n, v, d), x, (d, 1), w, (1, d), Store::Set);
         let (inv_n, fma) = (1.0 / n as f32, simd::level().fma());
         let losses: Vec<f32> = logits
             .par_chunks_mut(v)
@@ -138,8 +138,10 @@ impl CustomOp3 for LinearCrossEntropy {
             })
             .collect();
         if self.with_grad {
-            let dx = self.dx.then(|| product(kernel, (n, d, v), &logits, (v, 1), w, (d, 1))); // dL·W
-            let dw = self.dw.then(|| product(kernel, (v, d, n), &logits, (1, v), x, (d, 1))); // dLᵀ·x
+            let (set, stream) = (Store::Set, Store::Stream); // dW streams (a weight gradient)
+            let dx = self.dx.then(|| product(kernel, (n, d, v), &logits, (v, 1), w, (d, 1), set)); // dL·W
+            let dw =
+                self.dw.then(|| product(kernel, (v, d, n), &logits, (1, v), x, (d, 1), stream)); // dLᵀ·x
             *self.grads.lock().unwrap() = Some((dx, dw));
         }
         // Summed in f64 and in row order, so the loss does not depend on threads.

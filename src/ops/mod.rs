@@ -183,44 +183,65 @@ impl Kernel {
     }
 }
 
+/// How a product lands in its destination.
+///
+/// Streaming stores write around the cache: they spare the read of each line that a plain
+/// store makes first, and leave nothing cached. The bf16 kernels stream; f32 gemm has no such
+/// store and sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Store {
+    /// Overwrite it: every element is written, none read. The bf16 kernels stream a large
+    /// result (see `bf16::STREAM_FROM`), which leaves the cache before anything reads it.
+    Set,
+    /// Add to what it holds.
+    Add,
+    /// Overwrite it by streaming stores whatever its size: a weight gradient, read next by the
+    /// gradient norm, a pass over every weight later. A MoT layer's expert gradients are 1 MiB
+    /// an expert and 16 experts a layer; streamed, bench-mot's bf16 backward on AMX took 430
+    /// ms a step instead of 496 (tiles stored plainly to lines not cached stall).
+    Stream,
+}
+
 /// `lhs[m×k] · rhs[k×n]` as a new row-major `m×n` vector, each operand given by (row stride,
-/// column stride), on all threads of the current pool.
+/// column stride), on all threads of the current pool; `store` is [`Store::Set`] or
+/// [`Store::Stream`] (a new vector holds nothing to add to).
 pub(crate) fn product(
     kernel: Kernel, mnk: (usize, usize, usize), lhs: &[f32], lhs_strides: (usize, usize),
-    rhs: &[f32], rhs_strides: (usize, usize),
+    rhs: &[f32], rhs_strides: (usize, usize), store: Store,
 ) -> Vec<f32> {
+    assert!(store != Store::Add, "product: a new vector holds nothing to add to");
     let (m, n, _) = mnk;
-    // SAFETY: without `accumulate`, `gemm` writes every element of the m×n product.
+    // SAFETY: short of `Store::Add`, `gemm` writes every element of the m×n product.
     unsafe {
         written(m * n, |dst| {
-            gemm(kernel, mnk, dst, n, false, lhs, lhs_strides, rhs, rhs_strides, true)
+            gemm(kernel, mnk, dst, n, store, lhs, lhs_strides, rhs, rhs_strides, true)
         })
     }
 }
 
 /// `dst (+)= lhs · rhs` where the rows of `dst` are `dst_rs` apart (a column block of a wider
-/// matrix); `accumulate` adds to what `dst` holds instead of overwriting it; `parallel` splits
-/// the product across the current pool, which products that rayon tasks already run side by
-/// side do not want (it only adds hand-offs).
+/// matrix), stored as `store` says; `parallel` splits the product across the current pool,
+/// which products that rayon tasks already run side by side do not want (it only adds
+/// hand-offs).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
-    kernel: Kernel, mnk: (usize, usize, usize), dst: &mut [f32], dst_rs: usize, accumulate: bool,
+    kernel: Kernel, mnk: (usize, usize, usize), dst: &mut [f32], dst_rs: usize, store: Store,
     lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize),
     parallel: bool,
 ) {
-    gemm(kernel, mnk, uninit(dst), dst_rs, accumulate, lhs, lhs_strides, rhs, rhs_strides, parallel)
+    gemm(kernel, mnk, uninit(dst), dst_rs, store, lhs, lhs_strides, rhs, rhs_strides, parallel)
 }
 
 /// [`gemm_into`] in bf16 ([`bf16::engine`]) with the right operand already packed ([`bf16::pack_weight`]):
 /// `dst (+)= lhs · B`, `lhs` `[m, B's K]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_packed_into(
-    m: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: &[f32],
+    m: usize, dst: &mut [f32], dst_rs: usize, store: Store, lhs: &[f32],
     lhs_strides: (usize, usize), b: &bf16::PackedB, parallel: bool,
 ) {
     let (k, n) = b.dims();
     check_dst_and_lhs((m, n, k), dst.len(), dst_rs, lhs.len(), lhs_strides);
-    bf16::gemm_packed_into(m, uninit(dst), dst_rs, accumulate, lhs, lhs_strides, b, parallel)
+    bf16::gemm_packed_into(m, uninit(dst), dst_rs, store, lhs, lhs_strides, b, parallel)
 }
 
 /// Initialised memory seen as possibly uninitialised, as the product kernels take it.
@@ -244,13 +265,13 @@ fn check_dst_and_lhs(
     );
 }
 
-/// [`gemm_into`] on a destination that may be uninitialised unless `accumulate`: every element
-/// of the m×n product is written, none read unless `accumulate`. With `parallel` the product
-/// is split across the current pool.
+/// [`gemm_into`] on a destination that may be uninitialised short of [`Store::Add`]: every
+/// element of the m×n product is written, none read unless added to. With `parallel` the
+/// product is split across the current pool.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     kernel: Kernel, (m, n, k): (usize, usize, usize), dst: &mut [MaybeUninit<f32>], dst_rs: usize,
-    accumulate: bool, lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32],
+    store: Store, lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize), parallel: bool,
 ) {
     check_dst_and_lhs((m, n, k), dst.len(), dst_rs, lhs.len(), (lhs_rs, lhs_cs));
@@ -263,7 +284,7 @@ fn gemm(
             (m, n, k),
             dst,
             dst_rs,
-            accumulate,
+            store,
             lhs,
             (lhs_rs, lhs_cs),
             rhs,
@@ -272,6 +293,7 @@ fn gemm(
         );
     }
     let threads = threads(parallel);
+    let accumulate = store == Store::Add;
     let gemm_f32 =
         |(m, n): (usize, usize), dst: *mut f32, lhs: *const f32, rhs: *const f32, parallelism| {
             // SAFETY: the caller passes a block of rows of the product checked above; unless
