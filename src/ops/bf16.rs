@@ -6,6 +6,9 @@
 //!   products a lane. On Zen 4 it issues as often as an f32 FMA, so it does twice the work;
 //!   on Intel cores it issues half as often and is no faster than f32 (see README).
 //!
+//! Results of 1 MiB or more, and weight gradients, are written by streaming stores
+//! ([`super::Store`]).
+//!
 //! This module owns the packing (`pack`) and the loop over blocks of C that both engines share;
 //! `tiles` and `dot` are the engines' inner kernels, `engine` the choice between them.
 //! `Linear` reaches this module through [`super::linear`], whose product dispatches here.
