@@ -245,9 +245,9 @@ impl Grouped {
         }
     }
 
-    /// `dW_je = Σ_{r in e} dy_r[cols of j]ᵀ · x_r`; experts without rows get zeros. Stored as
-    /// `store` says: [`Store::Stream`] for the gradient itself (see [`Store`]).
-    fn dw(&self, g: &[f32], x: &[f32], j: usize, din: usize, store: Store) -> Vec<f32> {
+    /// `dW_je = Σ_{r in e} dy_r[cols of j]ᵀ · x_r`; experts without rows get zeros. A weight
+    /// gradient: streamed ([`Store::Stream`]).
+    fn dw(&self, g: &[f32], x: &[f32], j: usize, din: usize) -> Vec<f32> {
         let (width, dout, col) = (self.width(), self.outs[j], self.column(j));
         let e_count = self.offsets.len() - 1;
         let parallel = !self.side_by_side();
@@ -263,7 +263,7 @@ impl Grouped {
                             (dout, din, b[1] - b[0]),
                             dst,
                             din,
-                            store,
+                            Store::Stream,
                             &g[b[0] * width + col..],
                             (1, width),
                             &x[b[0] * din..b[1] * din],
@@ -395,7 +395,7 @@ impl CustomOp2 for GroupedDw {
         &self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let din = xl.shape().dims2()?.1;
-        let dw = self.op.dw(slice(gs, gl)?, slice(xs, xl)?, self.j, din, Store::Stream);
+        let dw = self.op.dw(slice(gs, gl)?, slice(xs, xl)?, self.j, din);
         Ok((
             CpuStorage::F32(dw),
             Shape::from((self.op.offsets.len() - 1, self.op.outs[self.j], din)),

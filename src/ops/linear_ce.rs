@@ -138,10 +138,10 @@ impl CustomOp3 for LinearCrossEntropy {
             })
             .collect();
         if self.with_grad {
-            let (set, stream) = (Store::Set, Store::Stream); // dW streams (a weight gradient)
-            let dx = self.dx.then(|| product(kernel, (n, d, v), &logits, (v, 1), w, (d, 1), set)); // dL·W
-            let dw =
-                self.dw.then(|| product(kernel, (v, d, n), &logits, (1, v), x, (d, 1), stream)); // dLᵀ·x
+            // dL·W, and dLᵀ·x: a weight gradient, streamed.
+            let (dl, set, stream) = (&logits, Store::Set, Store::Stream);
+            let dx = self.dx.then(|| product(kernel, (n, d, v), dl, (v, 1), w, (d, 1), set));
+            let dw = self.dw.then(|| product(kernel, (v, d, n), dl, (1, v), x, (d, 1), stream));
             *self.grads.lock().unwrap() = Some((dx, dw));
         }
         // Summed in f64 and in row order, so the loss does not depend on threads.

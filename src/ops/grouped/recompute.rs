@@ -5,7 +5,7 @@
 //! matmuls once more.
 
 use super::super::swiglu::{swiglu_row, swiglu_row_backward};
-use super::super::{fused, rows_per_task, simd, slice, Kernel, Store};
+use super::super::{fused, rows_per_task, simd, slice, Kernel};
 use super::{check, Grouped};
 use crate::config::Activation;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
@@ -102,8 +102,7 @@ impl GroupedUp {
                 });
             dx[b0 * din..(b0 + n) * din].copy_from_slice(&one.dx(&dh, &we, din));
             for (j, dw) in dws.iter_mut().enumerate() {
-                let part = one.dw(&dh, xe, j, din, Store::Set);
-                dw[e * f * din..(e + 1) * f * din].copy_from_slice(&part);
+                dw[e * f * din..(e + 1) * f * din].copy_from_slice(&one.dw(&dh, xe, j, din));
             }
         }
         (dx, dws)
