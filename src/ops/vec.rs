@@ -90,12 +90,39 @@ pub fn sum(a: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + r.iter().sum::<f32>()
 }
 
+/// Floats in a 64-byte cache line.
+pub const LINE: usize = 16;
+
+/// How far ahead (in floats) the streaming kernels ask for the lines they will read: a core
+/// keeps only so many misses in flight, and the hardware prefetcher starts over at each task's
+/// chunk. 2 KiB ahead measured best in C on Intel (model 167) with 4 to 8 streams a core; a
+/// gradient norm read at 27 → 40 GB/s and AdamW ran at 47 → 51 GB/s on 2 threads.
+pub const AHEAD: usize = 512;
+
+/// Asks for the cache line holding `p` ahead of its use: a hint, which never faults, whatever
+/// `p` points at (so `p` may lie past the end of its slice).
+#[inline(always)]
+pub fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE, part of x86-64; a prefetch reads nothing architecturally and never faults.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast())
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: `prfm` is a hint that never faults and touches no register but its operand.
+    unsafe {
+        std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, preserves_flags))
+    };
+}
+
 /// `Σ aᵢ²` accumulated in f64 (four times 8 lanes: one AVX-512 register each), for norms over
 /// millions of values where an f32 sum would lose the small ones.
 #[inline(always)]
 pub fn sum_of_squares(a: &[f32]) -> f64 {
-    // Four quarters of `a` in lockstep: one core streams about 14 GB/s from one sequence of
-    // addresses and more from four (a gradient norm over 55M weights, 2 threads: 9.2 → 7.1 ms).
+    // Four quarters of `a` in lockstep, each asked for AHEAD: one core streams about 14 GB/s
+    // from one sequence of addresses and more from four (a gradient norm over 55M weights,
+    // 2 threads: 9.2 → 7.1 ms), more again with the lines asked for early.
     const L: usize = 8;
     let q = a.len() / (4 * L) * L;
     let (quarters, tail) = a.split_at(4 * q);
@@ -105,6 +132,10 @@ pub fn sum_of_squares(a: &[f32]) -> f64 {
     let lanes =
         p0.chunks_exact(L).zip(p1.chunks_exact(L)).zip(p2.chunks_exact(L).zip(p3.chunks_exact(L)));
     for ((x0, x1), (x2, x3)) in lanes {
+        // Twice a line: cheaper than a branch, and a request for a line in flight costs little.
+        for x in [x0, x1, x2, x3] {
+            prefetch(x.as_ptr().wrapping_add(AHEAD));
+        }
         for l in 0..L {
             acc[0][l] += x0[l] as f64 * x0[l] as f64;
             acc[1][l] += x1[l] as f64 * x1[l] as f64;

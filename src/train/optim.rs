@@ -3,6 +3,7 @@
 
 use crate::config::TrainConfig;
 use crate::model::Params;
+use crate::ops::vec::{prefetch, AHEAD, LINE};
 use crate::ops::{simd, slice};
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
@@ -173,6 +174,19 @@ impl Kernel {
         }
     }
 
+    /// The update of `p [i]` with its moments and gradient, for every i.
+    #[inline(always)]
+    fn update(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], wd: f32) {
+        let k = self;
+        for i in 0..p.len() {
+            let gi = g[i] * k.gscale;
+            m[i] = k.b1 * m[i] + (1.0 - k.b1) * gi;
+            v[i] = k.b2 * v[i] + (1.0 - k.b2) * gi * gi;
+            let update = (m[i] / k.bc1) / ((v[i] / k.bc2).sqrt() + k.eps);
+            p[i] = p[i] * wd - k.lr * update;
+        }
+    }
+
     /// The update of `p` in place, with its moments, element by element (rayon over chunks).
     pub(super) fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], wd: f32) {
         const CHUNK: usize = 8192;
@@ -185,13 +199,21 @@ impl Kernel {
                 simd::run(
                     #[inline(always)]
                     || {
-                        for i in 0..p.len() {
-                            let gi = g[i] * k.gscale;
-                            m[i] = k.b1 * m[i] + (1.0 - k.b1) * gi;
-                            v[i] = k.b2 * v[i] + (1.0 - k.b2) * gi * gi;
-                            let update = (m[i] / k.bc1) / ((v[i] / k.bc2).sqrt() + k.eps);
-                            p[i] = p[i] * wd - k.lr * update;
+                        let n = p.len() / LINE * LINE;
+                        // A line of each at a time (exact chunks, so the loop vectorises), each
+                        // asked for AHEAD (see `vec::AHEAD`); then the ragged end.
+                        let lines = p[..n]
+                            .chunks_exact_mut(LINE)
+                            .zip(m[..n].chunks_exact_mut(LINE))
+                            .zip(v[..n].chunks_exact_mut(LINE))
+                            .zip(g[..n].chunks_exact(LINE));
+                        for (((p, m), v), g) in lines {
+                            for x in [p.as_ptr(), m.as_ptr(), v.as_ptr(), g.as_ptr()] {
+                                prefetch(x.wrapping_add(AHEAD));
+                            }
+                            k.update(p, m, v, g, wd);
                         }
+                        k.update(&mut p[n..], &mut m[n..], &mut v[n..], &g[n..], wd);
                     },
                 )
             });
