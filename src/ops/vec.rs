@@ -120,9 +120,10 @@ pub fn prefetch<T>(p: *const T) {
 /// millions of values where an f32 sum would lose the small ones.
 #[inline(always)]
 pub fn sum_of_squares(a: &[f32]) -> f64 {
-    // Four quarters of `a` in lockstep, each asked for AHEAD: one core streams about 14 GB/s
-    // from one sequence of addresses and more from four (a gradient norm over 55M weights,
-    // 2 threads: 9.2 → 7.1 ms), more again with the lines asked for early.
+    // Four quarters of `a` in lockstep: one core streams about 14 GB/s from one sequence of
+    // addresses and more from four (a gradient norm over 55M weights, 2 threads: 9.2 → 7.1 ms);
+    // more again with each quarter's lines asked for AHEAD (bench-mot's norm phase, 55.6M
+    // weights: 8.7–9.4 → 7.6–8.5 ms a step).
     const L: usize = 8;
     let q = a.len() / (4 * L) * L;
     let (quarters, tail) = a.split_at(4 * q);

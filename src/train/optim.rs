@@ -177,13 +177,12 @@ impl Kernel {
     /// The update of `p [i]` with its moments and gradient, for every i.
     #[inline(always)]
     fn update(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], wd: f32) {
-        let k = self;
         for i in 0..p.len() {
-            let gi = g[i] * k.gscale;
-            m[i] = k.b1 * m[i] + (1.0 - k.b1) * gi;
-            v[i] = k.b2 * v[i] + (1.0 - k.b2) * gi * gi;
-            let update = (m[i] / k.bc1) / ((v[i] / k.bc2).sqrt() + k.eps);
-            p[i] = p[i] * wd - k.lr * update;
+            let gi = g[i] * self.gscale;
+            m[i] = self.b1 * m[i] + (1.0 - self.b1) * gi;
+            v[i] = self.b2 * v[i] + (1.0 - self.b2) * gi * gi;
+            let update = (m[i] / self.bc1) / ((v[i] / self.bc2).sqrt() + self.eps);
+            p[i] = p[i] * wd - self.lr * update;
         }
     }
 
@@ -289,6 +288,34 @@ mod tests {
         let got = flat();
         for i in 0..6 {
             assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{i}: {} vs {}", got[i], p[i]);
+        }
+    }
+
+    /// The update a cache line at a time, with a ragged end, against an f64 loop element by
+    /// element: every element of every chunk is updated once, with its own moments and gradient.
+    #[test]
+    fn the_update_by_lines_matches_an_element_loop() {
+        let n = 8192 + 3 * 16 + 5; // a whole chunk, then three lines and five more
+        let init = |seed: u64| -> Vec<f32> {
+            let mut rng = crate::rng::seeded(seed);
+            (0..n).map(|_| crate::rng::normal_f32(&mut rng)).collect()
+        };
+        let (lr, betas, eps, t, scale, wd) = (1e-2, [0.9, 0.95], 1e-8, 2u64, 0.5, 0.99);
+        let k = Kernel::new(lr, betas, eps, t, scale);
+        let (g, v0): (Vec<f32>, Vec<f32>) = (init(4), init(3).iter().map(|x| x * x).collect());
+        let (mut p, mut m, mut v) = (init(1), init(2), v0.clone());
+        k.apply(&mut p, &mut m, &mut v, &g, wd as f32);
+        let (p0, m0) = (init(1), init(2));
+        for i in 0..n {
+            let gi = g[i] as f64 * scale;
+            let mi = betas[0] * m0[i] as f64 + (1.0 - betas[0]) * gi;
+            let vi = betas[1] * v0[i] as f64 + (1.0 - betas[1]) * gi * gi;
+            let (bc1, bc2) = (1.0 - betas[0].powi(t as i32), 1.0 - betas[1].powi(t as i32));
+            let pi = p0[i] as f64 * wd - lr * (mi / bc1) / ((vi / bc2).sqrt() + eps);
+            for (name, got, want) in [("p", p[i], pi), ("m", m[i], mi), ("v", v[i], vi)] {
+                let err = (got as f64 - want).abs();
+                assert!(err <= 1e-5 * (1.0 + want.abs()), "{name}[{i}]: {got} vs {want}");
+            }
         }
     }
 
