@@ -138,10 +138,12 @@ impl CustomOp3 for LinearCrossEntropy {
             })
             .collect();
         if self.with_grad {
-            // dL·W, and dLᵀ·x: a weight gradient, streamed.
-            let (dl, set, stream) = (&logits, Store::Set, Store::Stream);
-            let dx = self.dx.then(|| product(kernel, (n, d, v), dl, (v, 1), w, (d, 1), set));
-            let dw = self.dw.then(|| product(kernel, (v, d, n), dl, (1, v), x, (d, 1), stream));
+            let dl = &logits;
+            // dL·W.
+            let dx = self.dx.then(|| product(kernel, (n, d, v), dl, (v, 1), w, (d, 1), Store::Set));
+            // dLᵀ·x: a weight gradient, streamed.
+            let dw =
+                self.dw.then(|| product(kernel, (v, d, n), dl, (1, v), x, (d, 1), Store::Stream));
             *self.grads.lock().unwrap() = Some((dx, dw));
         }
         // Summed in f64 and in row order, so the loss does not depend on threads.

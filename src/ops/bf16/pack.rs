@@ -156,6 +156,7 @@ fn pack_b_and(
 /// edge), reading through masked loads that never touch memory past a row's end.
 mod x86 {
     use super::{a_index, Operand, Second, KT, T};
+    use crate::ops::vec::prefetch;
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
@@ -330,9 +331,9 @@ mod x86 {
                 // prefetcher follows: ask for each row's lines AHEAD blocks of 32 early.
                 let ahead = (c + AHEAD) * KT;
                 if ahead < b.rows {
-                    let p = col[ahead..].as_ptr().cast::<i8>();
-                    _mm_prefetch::<_MM_HINT_T0>(p);
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+                    let p = col[ahead..].as_ptr();
+                    prefetch(p);
+                    prefetch(p.wrapping_add(16));
                 }
                 (lo[i], hi[i]) = (load(sixteen(col, c * KT)), load(sixteen(col, c * KT + 16)));
             }
