@@ -1,10 +1,11 @@
 //! The Mixture of Tokens mixing kernels one by one, at a layer's shape (default: bench-mot's,
-//! B 32, S 256, d 256, E 16, G 16), in ms (median of 7 after 2 warm-ups) and GFLOP/s of their
-//! multiply-adds: `cargo run --release --example mot_bench [B] [S] [d] [E] [G]`.
+//! B 32, S 256, d 256, E 16, G 16), then the two one-pass backward kernels, in ms (median of 7
+//! after 2 warm-ups) and GFLOP/s of their multiply-adds:
+//! `cargo run --release --example mot_bench [B] [S] [d] [E] [G]`.
 mod common;
 
 use candle_core::{Device, Tensor};
-use motrain::ops::mot::{emit, group_dot, group_softmax, merge};
+use motrain::ops::mot::{emit, emit_backward, group_dot, group_softmax, merge, merge_backward};
 
 fn main() {
     let arg = |i, default| common::arg(i, default, "mot_bench [B] [S] [d] [E] [G]");
@@ -20,9 +21,10 @@ fn main() {
     let m = merge(&x, &w, g).unwrap();
     // Every kernel but the softmax does B·S·E·d multiply-adds.
     let flop = 2.0 * (b * s * e * d) as f64;
-    let report = |name: &str, t: f64| {
-        println!("{name:<13} {:7.2} ms {:6.1} GFLOP/s", t * 1e3, flop / t / 1e9);
+    let report_n = |name: &str, t: f64, kernels: f64| {
+        println!("{name:<13} {:7.2} ms {:6.1} GFLOP/s", t * 1e3, kernels * flop / t / 1e9);
     };
+    let report = |name: &str, t: f64| report_n(name, t, 1.0);
     println!("mot b {b} s {s} d {d} e {e} g {g} | {}", motrain::ops::describe(&dev));
     report("group_softmax", common::median_time(2, 7, &|| drop(group_softmax(&z, g).unwrap())));
     let zv = candle_core::Var::from_tensor(&z).unwrap();
@@ -43,4 +45,11 @@ fn main() {
     report("merge", common::median_time(2, 7, &|| drop(merge(&x, &w, g).unwrap())));
     report("emit", common::median_time(2, 7, &|| drop(emit(&m, &w, g).unwrap())));
     report("group_dot", common::median_time(2, 7, &|| drop(group_dot(&x, &m, g).unwrap())));
+    // Each backward pass does the multiply-adds of two kernels (emit and group_dot for merge's,
+    // merge and group_dot for emit's); any tensors of the right shapes stand for the gradients.
+    let (dm, dout) = (&m, &x);
+    let t = common::median_time(2, 7, &|| drop(merge_backward(dm, &x, &w, g).unwrap()));
+    report_n("merge_bwd", t, 2.0);
+    let t = common::median_time(2, 7, &|| drop(emit_backward(dout, &m, &w, g).unwrap()));
+    report_n("emit_bwd", t, 2.0);
 }

@@ -83,6 +83,51 @@ pub fn group_dot(a: &Tensor, c: &Tensor, g: usize) -> Result<Tensor> {
     }
 }
 
+/// Merge's backward: `dm [E, N, d]`, `x [B, S, d]`, `w [B, S, E]` → `(dx, dw)`, the gradients
+/// of `x` and `w`; on the CPU in one pass over each group.
+pub fn merge_backward(dm: &Tensor, x: &Tensor, w: &Tensor, g: usize) -> Result<(Tensor, Tensor)> {
+    check_backward("merge", dm, x, w, g)?;
+    let dm = dm.contiguous()?;
+    if fused(&[x, w, &dm]) {
+        let (b, s, d) = x.dims3()?;
+        let both = dm.apply_op3_no_bwd(x, w, &FusedBackward { g, of: Step::Merge })?;
+        return split_pair(&both, (b, s, d), (b, s, w.dim(2)?));
+    }
+    let dx = dm.apply_op2_no_bwd(w, &Emit { g })?;
+    let dw = x.apply_op2_no_bwd(&dm, &GroupDot { g })?;
+    Ok((dx, dw))
+}
+
+/// Emit's backward: `dout [B, S, d]`, `y [E, N, d]`, `w [B, S, E]` → `(dy, dw)`, the gradients
+/// of `y` and `w`; on the CPU in one pass over each group.
+pub fn emit_backward(dout: &Tensor, y: &Tensor, w: &Tensor, g: usize) -> Result<(Tensor, Tensor)> {
+    check_backward("emit", y, dout, w, g)?;
+    let dout = dout.contiguous()?;
+    if fused(&[y, w, &dout]) {
+        let both = dout.apply_op3_no_bwd(y, w, &FusedBackward { g, of: Step::Emit })?;
+        return split_pair(&both, y.dims3()?, w.dims3()?);
+    }
+    let dy = dout.apply_op2_no_bwd(w, &Merge { g })?;
+    let dw = dout.apply_op2_no_bwd(y, &GroupDot { g })?;
+    Ok((dy, dw))
+}
+
+/// That `rows [B, S, d]`, `groups [E, N, d]` and `w [B, S, E]` are the shapes of one layer.
+fn check_backward(op: &str, groups: &Tensor, rows: &Tensor, w: &Tensor, g: usize) -> Result<()> {
+    let (b, s, e) = w.dims3()?;
+    check_group(b, g)?;
+    let d = rows.dim(2)?;
+    if rows.dims3()? != (b, s, d) || groups.dims3()? != (e, b / g * s, d) {
+        candle_core::bail!(
+            "mot {op} backward: {:?} and {:?} do not match weights {:?}",
+            groups.dims(),
+            rows.dims(),
+            w.dims()
+        );
+    }
+    Ok(())
+}
+
 fn check_group(b: usize, g: usize) -> Result<()> {
     if g == 0 || !b.is_multiple_of(g) {
         candle_core::bail!("Mixture of Tokens groups {g} sequences at one position, so the batch ({b} sequences) must be a multiple of {g}");
@@ -188,10 +233,10 @@ enum Step {
 /// tensors of shapes `first` and `second` (views of it, no copy).
 fn split_pair(
     both: &Tensor, first: (usize, usize, usize), second: (usize, usize, usize),
-) -> Result<(Option<Tensor>, Option<Tensor>)> {
+) -> Result<(Tensor, Tensor)> {
     let n = first.0 * first.1 * first.2;
     let part = |at, shape: (usize, usize, usize)| {
-        both.narrow(0, at, shape.0 * shape.1 * shape.2)?.reshape(shape).map(Some)
+        both.narrow(0, at, shape.0 * shape.1 * shape.2)?.reshape(shape)
     };
     Ok((part(0, first)?, part(n, second)?))
 }
@@ -268,14 +313,7 @@ impl CustomOp2 for Merge {
     fn bwd(
         &self, x: &Tensor, w: &Tensor, _m: &Tensor, dm: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dm = dm.contiguous()?;
-        if fused(&[x, w, &dm]) {
-            let (b, s, d) = x.dims3()?;
-            let both = dm.apply_op3_no_bwd(x, w, &FusedBackward { g: self.g, of: Step::Merge })?;
-            return split_pair(&both, (b, s, d), (b, s, w.dim(2)?));
-        }
-        let dx = dm.apply_op2_no_bwd(w, &Emit { g: self.g })?;
-        let dw = x.apply_op2_no_bwd(&dm, &GroupDot { g: self.g })?;
+        let (dx, dw) = merge_backward(dm, x, w, self.g)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -305,13 +343,7 @@ impl CustomOp2 for Emit {
     fn bwd(
         &self, y: &Tensor, w: &Tensor, _out: &Tensor, dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dout = dout.contiguous()?;
-        if fused(&[y, w, &dout]) {
-            let both = dout.apply_op3_no_bwd(y, w, &FusedBackward { g: self.g, of: Step::Emit })?;
-            return split_pair(&both, y.dims3()?, w.dims3()?);
-        }
-        let dy = dout.apply_op2_no_bwd(w, &Merge { g: self.g })?;
-        let dw = dout.apply_op2_no_bwd(y, &GroupDot { g: self.g })?;
+        let (dy, dw) = emit_backward(dout, y, w, self.g)?;
         Ok((Some(dy), Some(dw)))
     }
 }
@@ -548,5 +580,11 @@ mod tests {
         let err = group_softmax(&randn(&[3, 2, 4], 1), 2).unwrap_err().to_string();
         assert!(err.contains("multiple of 2"), "{err}");
         assert!(merge(&randn(&[4, 2, 3], 1), &randn(&[4, 2, 5], 2), 3).is_err());
+        // The backward passes check their shapes too: here dm has 3 experts where w has 5.
+        let (x, w, dm) = (randn(&[4, 2, 3], 1), randn(&[4, 2, 5], 2), randn(&[3, 4, 3], 3));
+        let err = merge_backward(&dm, &x, &w, 2).unwrap_err().to_string();
+        assert!(err.contains("do not match"), "{err}");
+        assert!(emit_backward(&x, &dm, &w, 2).is_err());
+        assert!(emit_backward(&x, &randn(&[5, 4, 3], 3), &w, 2).is_ok());
     }
 }

@@ -3,7 +3,7 @@
 //! other task touches.
 
 use super::*;
-use crate::ops::vec::{dot, exp};
+use crate::ops::vec::exp;
 
 /// Positions per task: enough tasks to keep every thread busy, whatever K is.
 fn positions_per_task(k: usize, s: usize) -> usize {
@@ -121,11 +121,25 @@ unsafe fn run_tasks2(
     unsafe { fresh(first.len + second.len, fill) }
 }
 
+/// `acc + a·x`, as one fused multiply-add where the path has one ([`simd::Level::fma`]): one
+/// rounding and half the instructions of a multiply and an add, which bounded the mixing
+/// kernels' inner loops (`mot_bench` on AVX-512: merge 0.8 → 0.7 ms a layer, each one-pass
+/// backward 1.55 → 1.3). Baseline x86-64 has no FMA (`mul_add` would be a libm call), so the
+/// portable path there multiplies, then adds.
+#[inline(always)]
+fn madd<const FMA: bool>(acc: f32, a: f32, x: f32) -> f32 {
+    if FMA {
+        a.mul_add(x, acc)
+    } else {
+        acc + a * x
+    }
+}
+
 /// `dst += a · src`, a loop the compiler vectorises.
-#[inline]
-fn axpy(dst: &mut [f32], a: f32, src: &[f32]) {
+#[inline(always)]
+fn axpy<const FMA: bool>(dst: &mut [f32], a: f32, src: &[f32]) {
     for (d, &x) in dst.iter_mut().zip(src) {
-        *d += a * x;
+        *d = madd::<FMA>(*d, a, x);
     }
 }
 
@@ -148,42 +162,49 @@ impl Coefs<'_> {
 /// `outs[r][at..at + len] = Σ_{i < n} c.at(i, r) · row(i)` for every output `r`: each block
 /// of the outputs is summed in registers over all the terms and stored once, where adding
 /// each term into its output (`axpy`) would load and store it once per term, and a tile of
-/// several outputs loads each block of `row(i)` once for all of them. The additions are those
-/// of `axpy` from zero, in the same order, so the bits are too. Tiles of 4 outputs × 64 floats
-/// (16 AVX-512 registers); 1 × 64 on AVX2 and 1 × 32 on the portable path, whose 16 registers
-/// more would spill. `level` is the SIMD path the caller runs on.
+/// several outputs loads each block of `row(i)` once for all of them. The multiply-adds are
+/// those of `axpy` from zero, in the same order, so the bits are too. Tiles of 4 outputs × 64
+/// floats (16 AVX-512 registers); 1 × 64 on AVX2 and 1 × 32 on the portable path, whose 16
+/// registers more would spill. `level` is the SIMD path the caller runs on.
 #[inline(always)]
 fn weighted_sums<'a>(
     level: simd::Level, outs: &mut [&mut [f32]], span: (usize, usize), n: usize, c: Coefs,
     row: impl Fn(usize) -> &'a [f32],
 ) {
     match level {
-        simd::Level::Portable => tiles::<1, 32, _>(outs, span, n, c, row),
-        simd::Level::Avx2 => tiles::<1, 64, _>(outs, span, n, c, row),
-        _ => tiles::<4, 64, _>(outs, span, n, c, row),
+        simd::Level::Portable if level.fma() => tiles::<1, 32, true, _>(outs, span, n, c, row),
+        simd::Level::Portable => tiles::<1, 32, false, _>(outs, span, n, c, row),
+        simd::Level::Avx2 => tiles::<1, 64, true, _>(outs, span, n, c, row),
+        _ => tiles::<4, 64, true, _>(outs, span, n, c, row),
     }
 }
 
 /// [`weighted_sums`] in tiles of `R` outputs, the last outputs one at a time.
 #[inline(always)]
-fn tiles<'a, const R: usize, const LANES: usize, X: Fn(usize) -> &'a [f32]>(
+fn tiles<'a, const R: usize, const LANES: usize, const FMA: bool, X: Fn(usize) -> &'a [f32]>(
     outs: &mut [&mut [f32]], span: (usize, usize), n: usize, c: Coefs, row: X,
 ) {
     let whole = outs.len() / R * R;
     let (tiled, rest) = outs.split_at_mut(whole);
     for (t, tile) in tiled.chunks_exact_mut(R).enumerate() {
         let c = Coefs { data: &c.data[t * R * c.out..], ..c };
-        sum_in_blocks::<R, LANES, X>(tile, span, n, c, &row);
+        sum_in_blocks::<R, LANES, FMA, X>(tile, span, n, c, &row);
     }
     for (r, out) in rest.iter_mut().enumerate() {
         let c = Coefs { data: &c.data[(whole + r) * c.out..], ..c };
-        sum_in_blocks::<1, LANES, X>(std::slice::from_mut(out), span, n, c, &row);
+        sum_in_blocks::<1, LANES, FMA, X>(std::slice::from_mut(out), span, n, c, &row);
     }
 }
 
 /// One tile of `R` outputs.
 #[inline(always)]
-fn sum_in_blocks<'a, const R: usize, const LANES: usize, X: Fn(usize) -> &'a [f32]>(
+fn sum_in_blocks<
+    'a,
+    const R: usize,
+    const LANES: usize,
+    const FMA: bool,
+    X: Fn(usize) -> &'a [f32],
+>(
     outs: &mut [&mut [f32]], (at, len): (usize, usize), n: usize, c: Coefs, row: &X,
 ) {
     let whole = len / LANES * LANES;
@@ -194,7 +215,7 @@ fn sum_in_blocks<'a, const R: usize, const LANES: usize, X: Fn(usize) -> &'a [f3
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = c.at(i, r);
                 for (s, &x) in acc.iter_mut().zip(x) {
-                    *s += a * x;
+                    *s = madd::<FMA>(*s, a, x);
                 }
             }
         }
@@ -206,7 +227,7 @@ fn sum_in_blocks<'a, const R: usize, const LANES: usize, X: Fn(usize) -> &'a [f3
         let tail = &mut out[at + whole..at + len];
         tail.fill(0.0);
         for i in 0..n {
-            axpy(tail, c.at(i, r), &row(i)[whole..len]);
+            axpy::<FMA>(tail, c.at(i, r), &row(i)[whole..len]);
         }
     }
 }
@@ -221,40 +242,93 @@ fn gather<'a>(buf: &mut [f32], n: usize, d: usize, src: impl Fn(usize) -> &'a [f
     }
 }
 
-/// `out[j] = dot(a, c_j)` for the rows `c_j` of `c` (`d` floats each), four rows at a
-/// time so that each block of `a` is loaded once for all four; each dot sums exactly as
-/// [`dot`] does (16 lanes, then the lanes in order, then the tail), so the bits are its.
+/// `out[j] = ⟨a, c_j⟩` for the rows `c_j` of `c` (`d` floats each), on the SIMD path `level`,
+/// four rows at a time so that each block of `a` is loaded once for all four (the last rows
+/// in a four padded with copies of the last, so that every row sums the same way). Each dot
+/// sums 16 lanes with the multiply-adds of [`madd`], then its lanes ([`lane_sums`]), then the
+/// tail.
 #[inline(always)]
-fn dots(a: &[f32], c: &[f32], d: usize, out: &mut [f32]) {
+fn dots(level: simd::Level, a: &[f32], c: &[f32], d: usize, out: &mut [f32]) {
+    if level.fma() {
+        dots_with::<true>(level, a, c, d, out)
+    } else {
+        dots_with::<false>(level, a, c, d, out)
+    }
+}
+
+#[inline(always)]
+fn dots_with<const FMA: bool>(level: simd::Level, a: &[f32], c: &[f32], d: usize, out: &mut [f32]) {
     const L: usize = 16;
     let whole = d / L * L;
-    let quads = out.len() / 4 * 4;
-    for j0 in (0..quads).step_by(4) {
-        let rows: [&[f32]; 4] = std::array::from_fn(|j| &c[(j0 + j) * d..(j0 + j + 1) * d]);
-        let (mut s0, mut s1, mut s2, mut s3) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
+    let n = out.len();
+    for j0 in (0..n).step_by(4) {
+        let row = |j: usize| {
+            let j = (j0 + j).min(n - 1);
+            &c[j * d..(j + 1) * d]
+        };
+        let rows = [row(0), row(1), row(2), row(3)];
+        let mut acc = [[0f32; L]; 4];
         for b in (0..whole).step_by(L) {
             let x: &[f32; L] = a[b..b + L].try_into().unwrap();
-            let y0: &[f32; L] = rows[0][b..b + L].try_into().unwrap();
-            let y1: &[f32; L] = rows[1][b..b + L].try_into().unwrap();
-            let y2: &[f32; L] = rows[2][b..b + L].try_into().unwrap();
-            let y3: &[f32; L] = rows[3][b..b + L].try_into().unwrap();
-            for l in 0..L {
-                s0[l] += x[l] * y0[l];
-                s1[l] += x[l] * y1[l];
-                s2[l] += x[l] * y2[l];
-                s3[l] += x[l] * y3[l];
+            for (acc, row) in acc.iter_mut().zip(&rows) {
+                let y: &[f32; L] = row[b..b + L].try_into().unwrap();
+                for l in 0..L {
+                    acc[l] = madd::<FMA>(acc[l], x[l], y[l]);
+                }
             }
         }
-        for (j, acc) in [s0, s1, s2, s3].iter().enumerate() {
-            let mut t: f32 = acc.iter().sum();
-            for (x, y) in a[whole..].iter().zip(&rows[j][whole..]) {
-                t += x * y;
+        let sums = lane_sums(level, &acc);
+        for (j, o) in out[j0..].iter_mut().take(4).enumerate() {
+            let mut t = sums[j];
+            for (&x, &y) in a[whole..].iter().zip(&rows[j][whole..]) {
+                t = madd::<FMA>(t, x, y);
             }
-            out[j0 + j] = t;
+            *o = t;
         }
     }
-    for (j, o) in out.iter_mut().enumerate().skip(quads) {
-        *o = dot(a, &c[j * d..(j + 1) * d]);
+}
+
+/// The sum of the 16 lanes of each of four accumulators. On AVX-512, a transposing tree: four
+/// outputs take 8 shuffles and 5 additions, where summing each one's lanes in order took 15
+/// dependent additions and as many extractions each (`mot_bench`: `group_dot` 0.92–1.06 →
+/// 0.77–0.83 ms a layer, each one-pass backward 1.5–1.6 → 1.3–1.4).
+#[inline(always)]
+fn lane_sums(level: simd::Level, acc: &[[f32; 16]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if level == simd::Level::Avx512 {
+        // SAFETY: code on the AVX-512 path runs only on a CPU that has it.
+        return unsafe { x86::lane_sums(acc) };
+    }
+    let _ = level;
+    acc.map(|a| a.iter().sum())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Lane `l` of each accumulator goes into its sum as `((l0 + l2) + (l1 + l3))` within each
+    /// block of four lanes, then `(b0 + b2) + (b1 + b3)` over the four blocks.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn lane_sums(acc: &[[f32; 16]; 4]) -> [f32; 4] {
+        // SAFETY: each accumulator holds 16 floats.
+        let [a, b, c, d] = unsafe { [0, 1, 2, 3].map(|j| _mm512_loadu_ps(acc[j].as_ptr())) };
+        // Each 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3], and the same of c and d.
+        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        // Each block: one partial sum of a, b, c and d, in that order.
+        let (ab, cd) = (_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+        let abcd = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)),
+        );
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(abcd)));
+        let half = _mm256_add_ps(_mm512_castps512_ps256(abcd), high);
+        let sums = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps::<1>(half));
+        let mut out = [0f32; 4];
+        // SAFETY: `out` holds four floats.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
+        out
     }
 }
 
@@ -425,7 +499,7 @@ pub fn group_dot(
             |t, ds, experts, members| {
                 for (i, dst) in members.iter_mut().enumerate() {
                     let ai = &a[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
-                    dots(ai, experts, d, &mut dst[ds * e..(ds + 1) * e]);
+                    dots(t.level, ai, experts, d, &mut dst[ds * e..(ds + 1) * e]);
                 }
             },
         )
@@ -460,7 +534,13 @@ pub fn emit_backward(
                         &outs[i * d..(i + 1) * d]
                     });
                     for (i, dst) in members.iter_mut().enumerate() {
-                        dots(&outs[i * d..(i + 1) * d], &ys, d, &mut dst[ds * e..(ds + 1) * e]);
+                        dots(
+                            t.level,
+                            &outs[i * d..(i + 1) * d],
+                            &ys,
+                            d,
+                            &mut dst[ds * e..(ds + 1) * e],
+                        );
                     }
                 }
             },
@@ -496,7 +576,7 @@ pub fn merge_backward(
                     });
                     for (i, dst) in dws.iter_mut().enumerate() {
                         let xi = &x[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
-                        dots(xi, &rows, d, &mut dst[ds * e..(ds + 1) * e]);
+                        dots(t.level, xi, &rows, d, &mut dst[ds * e..(ds + 1) * e]);
                     }
                 }
             },
