@@ -70,12 +70,25 @@ pub struct Dst {
 
 /// Columns per micro-tile on a path: what packed right operands are padded to.
 pub fn width(level: Level) -> usize {
-    kernel(level).1
+    kernel(level, 0).1
 }
 
-/// A path's micro-kernel: its rows, its columns and the function.
-fn kernel(level: Level) -> (usize, usize, Tile) {
+/// The width to pack a right operand of `n` columns at: [`width`], but 16 on AVX-512 when
+/// `n ≤ 16` (a router's or controller's few experts), whose 32-column tiles would be half
+/// padding.
+pub fn width_for(level: Level, n: usize) -> usize {
     match level {
+        Level::Avx512 if n <= 16 => kernel(level, 16).1,
+        _ => width(level),
+    }
+}
+
+/// A path's micro-kernel for right operands packed at width `w` (0: the path's own): its rows,
+/// its columns and the function.
+fn kernel(level: Level, w: usize) -> (usize, usize, Tile) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 if w == 16 => (x86::AVX512_NARROW_ROWS, 16, x86::tile_avx512_narrow),
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => (x86::AVX512_ROWS, 32, x86::tile_avx512),
         #[cfg(target_arch = "x86_64")]
@@ -84,19 +97,21 @@ fn kernel(level: Level) -> (usize, usize, Tile) {
     }
 }
 
-/// `dst (+)= lhs·rhs` for an `m×k` lhs and a `k×n` rhs, with the micro-kernel of `level`, in
-/// a fixed order of additions: the same result on every call for the same path.
+/// `dst (+)= lhs·rhs` for an `m×k` lhs and a `k×n` rhs, with the micro-kernel of `level` for
+/// the width `rhs` is packed at, in a fixed order of additions: the same result on every call
+/// for the same path and width.
 ///
 /// # Safety
-/// `lhs` must be readable at rows `0..m`, columns `0..k`; `rhs` (of width `width(level)`) at
-/// rows `0..k` and columns `0..n` rounded up to its width; `dst` writable at rows `0..m`, columns `0..n`, by no
-/// one else; `level` must be supported by this CPU.
+/// `lhs` must be readable at rows `0..m`, columns `0..k`; `rhs` (of width `width(level)`, or
+/// `width_for(level, n)`) at rows `0..k` and columns `0..n` rounded up to its width; `dst`
+/// writable at rows `0..m`, columns `0..n`, by no one else; `level` must be supported by this
+/// CPU.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
     level: Level, m: usize, n: usize, k: usize, dst: Dst, accumulate: bool, lhs: Lhs, rhs: Rhs,
 ) {
-    let (mr, nr, tile) = kernel(level);
+    let (mr, nr, tile) = kernel(level, rhs.w);
     debug_assert_eq!(nr, rhs.w);
     // Column panels of `nr`, each swept by blocks of `mr` rows: the panel of `rhs` (`k×nr`)
     // stays in L1 while the rows stream past it.
@@ -177,6 +192,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub const AVX512_ROWS: usize = 8;
+    pub const AVX512_NARROW_ROWS: usize = 8;
     pub const AVX2_ROWS: usize = 6;
 
     /// 8 rows × 32 columns, two 16-lane registers a row: 16 of the 32 vector registers hold
@@ -219,6 +235,38 @@ mod x86 {
         }
     }
 
+    /// 24 rows × 16 columns, one 16-lane register a row: 24 of the 32 vector registers hold
+    /// accumulators, and each rhs row loaded serves 24 multiply-adds.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile_avx512_narrow(s: Shape, dst: Dst, accumulate: bool, lhs: Lhs, rhs: Rhs) {
+        const MR: usize = AVX512_NARROW_ROWS;
+        let row = row_ptrs::<MR>(lhs, s.rows);
+        let mut acc = [_mm512_setzero_ps(); MR];
+        for p in 0..s.k {
+            // SAFETY: row p of rhs has 16 readable columns from here (padded); row[i] + p·cs
+            // is inside lhs.
+            unsafe {
+                let b = _mm512_loadu_ps(rhs.ptr.add(p * rhs.rs));
+                for i in 0..MR {
+                    let a = _mm512_set1_ps(*row[i].add(p * lhs.cs));
+                    acc[i] = _mm512_fmadd_ps(a, b, acc[i]);
+                }
+            }
+        }
+        let mask: __mmask16 = if s.cols >= 16 { !0 } else { (1 << s.cols) - 1 };
+        for (i, &x) in acc.iter().enumerate().take(s.rows) {
+            // SAFETY: row i < rows and the first `cols` columns are inside dst.
+            unsafe {
+                let out = dst.ptr.add(i * dst.rs);
+                let x = match accumulate {
+                    true => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), x),
+                    false => x,
+                };
+                _mm512_mask_storeu_ps(out, mask, x);
+            }
+        }
+    }
+
     /// 6 rows × 16 columns, two 8-lane registers a row: 12 of the 16 vector registers hold
     /// accumulators.
     #[target_feature(enable = "avx2,fma")]
@@ -255,52 +303,58 @@ mod tests {
     use super::*;
     use crate::ops::simd;
 
-    /// Every path against a naive triple loop, over shapes with ragged rows and columns, a
-    /// transposed lhs and accumulation.
+    /// Every path, at its width and at the width it packs few columns at, against a naive
+    /// triple loop, over shapes with ragged rows and columns, a transposed lhs and accumulation.
     #[test]
     fn matches_a_naive_product_on_every_path() {
         let val = |s: usize| ((s * 2654435761) % 1000) as f32 / 500.0 - 1.0;
         for level in simd::available() {
             simd::with_level(level, || {
-                for (m, n, k) in
-                    [(1usize, 1usize, 1usize), (7, 5, 3), (8, 32, 64), (13, 40, 17), (130, 70, 9)]
-                {
-                    let w = width(level);
-                    let np = n.div_ceil(w) * w;
-                    let a: Vec<f32> = (0..m * k).map(val).collect(); // stored k×m: transposed
-                    let b: Vec<f32> = (0..k * np).map(|s| val(s + 7)).collect();
-                    let before: Vec<f32> = (0..m * (n + 3)).map(|s| val(s + 11)).collect();
-                    for accumulate in [false, true] {
-                        let mut c = before.clone();
-                        // SAFETY: the buffers cover the ranges gemm reads and writes.
-                        unsafe {
-                            gemm(
-                                level,
-                                m,
-                                n,
-                                k,
-                                Dst { ptr: c.as_mut_ptr(), rs: n + 3 },
-                                accumulate,
-                                Lhs { ptr: a.as_ptr(), rs: 1, cs: m },
-                                Rhs { ptr: b.as_ptr(), rs: np, ps: w, w },
-                            )
-                        };
-                        for i in 0..m {
-                            for j in 0..n + 3 {
-                                let old = before[i * (n + 3) + j];
-                                let want = if j >= n {
-                                    old
-                                } else {
-                                    let s: f64 = (0..k)
-                                        .map(|p| a[p * m + i] as f64 * b[p * np + j] as f64)
-                                        .sum();
-                                    s as f32 + if accumulate { old } else { 0.0 }
-                                };
-                                let got = c[i * (n + 3) + j];
-                                assert!(
+                for (m, n, k) in [
+                    (1usize, 1usize, 1usize),
+                    (7, 5, 3),
+                    (8, 32, 64),
+                    (13, 40, 17),
+                    (130, 70, 9),
+                    (50, 16, 33),
+                ] {
+                    for w in [width(level), width_for(level, n)] {
+                        let np = n.div_ceil(w) * w;
+                        let a: Vec<f32> = (0..m * k).map(val).collect(); // stored k×m: transposed
+                        let b: Vec<f32> = (0..k * np).map(|s| val(s + 7)).collect();
+                        let before: Vec<f32> = (0..m * (n + 3)).map(|s| val(s + 11)).collect();
+                        for accumulate in [false, true] {
+                            let mut c = before.clone();
+                            // SAFETY: the buffers cover the ranges gemm reads and writes.
+                            unsafe {
+                                gemm(
+                                    level,
+                                    m,
+                                    n,
+                                    k,
+                                    Dst { ptr: c.as_mut_ptr(), rs: n + 3 },
+                                    accumulate,
+                                    Lhs { ptr: a.as_ptr(), rs: 1, cs: m },
+                                    Rhs { ptr: b.as_ptr(), rs: np, ps: w, w },
+                                )
+                            };
+                            for i in 0..m {
+                                for j in 0..n + 3 {
+                                    let old = before[i * (n + 3) + j];
+                                    let want = if j >= n {
+                                        old
+                                    } else {
+                                        let s: f64 = (0..k)
+                                            .map(|p| a[p * m + i] as f64 * b[p * np + j] as f64)
+                                            .sum();
+                                        s as f32 + if accumulate { old } else { 0.0 }
+                                    };
+                                    let got = c[i * (n + 3) + j];
+                                    assert!(
                                     (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
                                     "{level} {m}x{n}x{k} acc {accumulate} ({i},{j}): {got} vs {want}"
                                 );
+                                }
                             }
                         }
                     }
