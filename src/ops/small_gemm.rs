@@ -86,6 +86,9 @@ pub fn width_for(level: Level, n: usize) -> usize {
 /// A path's micro-kernel for right operands packed at width `w` (0: the path's own): its rows,
 /// its columns and the function.
 fn kernel(level: Level, w: usize) -> (usize, usize, Tile) {
+    // Only AVX-512 has a second width.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = w;
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 if w == 16 => (x86::AVX512_NARROW_ROWS, 16, x86::tile_avx512_narrow),
