@@ -238,8 +238,9 @@ mod x86 {
         }
     }
 
-    /// 24 rows × 16 columns, one 16-lane register a row: 24 of the 32 vector registers hold
-    /// accumulators, and each rhs row loaded serves 24 multiply-adds.
+    /// 8 rows × 16 columns, one 16-lane register a row. More rows would leave registers for
+    /// more accumulators, but each row needs its own pointer and x86-64 has 16 general
+    /// registers: 12 and 24 rows measured slower.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile_avx512_narrow(s: Shape, dst: Dst, accumulate: bool, lhs: Lhs, rhs: Rhs) {
         const MR: usize = AVX512_NARROW_ROWS;

@@ -122,10 +122,10 @@ unsafe fn run_tasks2(
 }
 
 /// `acc + a·x`, as one fused multiply-add where the path has one ([`simd::Level::fma`]): one
-/// rounding and half the instructions of a multiply and an add, which bounded the mixing
-/// kernels' inner loops (`mot_bench` on AVX-512: merge 0.8 → 0.7 ms a layer, each one-pass
-/// backward 1.55 → 1.3). Baseline x86-64 has no FMA (`mul_add` would be a libm call), so the
-/// portable path there multiplies, then adds.
+/// rounding and half the arithmetic instructions of a multiply and an add, which were most of
+/// the mixing kernels' inner loops (the README's twenty-third session has the timings).
+/// Baseline x86-64 has no FMA (`mul_add` would be a libm call), so the portable path there
+/// multiplies, then adds.
 #[inline(always)]
 fn madd<const FMA: bool>(acc: f32, a: f32, x: f32) -> f32 {
     if FMA {
