@@ -268,7 +268,7 @@ fn dots_with<const FMA: bool>(level: simd::Level, a: &[f32], c: &[f32], d: usize
         };
         let rows = [row(0), row(1), row(2), row(3)];
         // Four named accumulators, not an array of them: LLVM keeps these in registers on
-        // every path, where an array was stored back on every step on AVX2 (7x slower).
+        // every path, where an array was stored back on every step on AVX2 (6x slower).
         let (mut s0, mut s1, mut s2, mut s3) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
         for b in (0..whole).step_by(L) {
             let x: &[f32; L] = a[b..b + L].try_into().unwrap();
