@@ -70,28 +70,24 @@ pub struct Dst {
 
 /// Columns per micro-tile on a path: what packed right operands are padded to.
 pub fn width(level: Level) -> usize {
-    kernel(level, 0).1
+    kernel(level, false).1
 }
 
 /// The width to pack a right operand of `n` columns at: [`width`], but 16 on AVX-512 when
 /// `n ≤ 16` (a router's or controller's few experts), whose 32-column tiles would be half
 /// padding.
 pub fn width_for(level: Level, n: usize) -> usize {
-    match level {
-        Level::Avx512 if n <= 16 => kernel(level, 16).1,
-        _ => width(level),
-    }
+    kernel(level, n <= 16).1
 }
 
-/// A path's micro-kernel for right operands packed at width `w` (0: the path's own): its rows,
-/// its columns and the function.
-fn kernel(level: Level, w: usize) -> (usize, usize, Tile) {
-    // Only AVX-512 has a second width.
+/// A path's micro-kernel, or its narrow one (only AVX-512 has one): its rows, its columns and
+/// the function.
+fn kernel(level: Level, narrow: bool) -> (usize, usize, Tile) {
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = w;
+    let _ = narrow;
     match level {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 if w == 16 => (x86::AVX512_NARROW_ROWS, 16, x86::tile_avx512_narrow),
+        Level::Avx512 if narrow => (x86::AVX512_NARROW_ROWS, 16, x86::tile_avx512_narrow),
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => (x86::AVX512_ROWS, 32, x86::tile_avx512),
         #[cfg(target_arch = "x86_64")]
@@ -114,7 +110,8 @@ fn kernel(level: Level, w: usize) -> (usize, usize, Tile) {
 pub unsafe fn gemm(
     level: Level, m: usize, n: usize, k: usize, dst: Dst, accumulate: bool, lhs: Lhs, rhs: Rhs,
 ) {
-    let (mr, nr, tile) = kernel(level, rhs.w);
+    // A right operand packed narrower than the path's width runs on its narrow kernel.
+    let (mr, nr, tile) = kernel(level, rhs.w < width(level));
     debug_assert_eq!(nr, rhs.w);
     // Column panels of `nr`, each swept by blocks of `mr` rows: the panel of `rhs` (`k×nr`)
     // stays in L1 while the rows stream past it.
@@ -322,7 +319,9 @@ mod tests {
                     (130, 70, 9),
                     (50, 16, 33),
                 ] {
-                    for w in [width(level), width_for(level, n)] {
+                    let mut widths = vec![width(level), width_for(level, n)];
+                    widths.dedup();
+                    for w in widths {
                         let np = n.div_ceil(w) * w;
                         let a: Vec<f32> = (0..m * k).map(val).collect(); // stored k×m: transposed
                         let b: Vec<f32> = (0..k * np).map(|s| val(s + 7)).collect();
