@@ -23,6 +23,8 @@ fn main() {
     }
     // candle's element-wise ops otherwise start a spinning thread pool of their own next to
     // the rayon pool that runs matmuls and our kernels; on few cores they fight over them.
+    // With one thread, the vendored candle shares their work out on rayon's pool instead
+    // (vendor/README.md).
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
