@@ -250,10 +250,7 @@ fn gemm_packed(
             unsafe { tiles::release() };
         }
         if store == Store::Stream {
-            // Streaming stores are weakly ordered: they reach memory before this task ends,
-            // and so before anyone who joins it reads them.
-            // SAFETY: SSE2, part of x86-64.
-            unsafe { std::arch::x86_64::_mm_sfence() };
+            super::stream_fence();
         }
     });
 }

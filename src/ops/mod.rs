@@ -187,7 +187,7 @@ impl Kernel {
 ///
 /// Streaming stores write around the cache: they spare the read of each line that a plain
 /// store makes first, and leave nothing cached. The bf16 kernels stream; f32 gemm has no such
-/// store and sets.
+/// store and sets; the MoT mixing kernels stream their backward results.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Store {
     /// Overwrite it: every element is written, none read. The bf16 kernels stream a large
@@ -200,6 +200,35 @@ pub(crate) enum Store {
     /// an expert and 16 experts a layer; streamed, bench-mot's bf16 backward on AMX took 430
     /// ms a step instead of 496 (tiles stored plainly to lines not cached stall).
     Stream,
+}
+
+/// `dst = src` by streaming stores where `dst` is 16-byte aligned (x86-64), plainly elsewhere.
+#[inline]
+pub(crate) fn stream_copy(dst: &mut [f32], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if (dst.as_ptr() as usize).is_multiple_of(16) {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        for (o, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(4)) {
+            // SAFETY: SSE, part of x86-64; `o` is 4 floats on a 16-byte boundary (`dst` starts
+            // on one and `o` advances 16 bytes at a time), `s` 4 floats.
+            unsafe { _mm_stream_ps(o.as_mut_ptr(), _mm_loadu_ps(s.as_ptr())) };
+        }
+        let whole = dst.len() / 4 * 4;
+        dst[whole..].copy_from_slice(&src[whole..]);
+        return;
+    }
+    dst.copy_from_slice(src);
+}
+
+/// Streaming stores are weakly ordered: a task that streamed calls this before it ends, so
+/// that they reach memory before anyone who joins the task reads them.
+#[inline(always)]
+pub(crate) fn stream_fence() {
+    // SAFETY: SSE2, part of x86-64.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
 }
 
 /// `lhs[m×k] · rhs[k×n]` as a new row-major `m×n` vector, each operand given by (row stride,

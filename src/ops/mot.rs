@@ -17,7 +17,7 @@
 //! The softmax is `B·S·E` elements (d times fewer than merge), so it stays a separate pass
 //! whose backward is a few candle ops.
 
-use super::{fresh, fused, simd, slice};
+use super::{fresh, fused, simd, slice, stream_copy, stream_fence, Store};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 

@@ -38,6 +38,7 @@ pub(super) fn pack_a(a: Operand, mp: usize, kp: usize, parallel: bool) -> Vec<u1
     };
     // Only the element-by-element fallback leaves K's padding unwritten.
     let general = a.cs != 1 && a.rs != 1;
+    let stream = mp * kp >= STREAM_PACK_FROM;
     // SAFETY: each task writes its whole chunk: zeros first wherever it holds padding.
     let write = |out: &mut [MaybeUninit<u16>]| {
         for_chunks(out, rows_per_task * kp, parallel, |task, rows| {
@@ -51,9 +52,9 @@ pub(super) fn pack_a(a: Operand, mp: usize, kp: usize, parallel: bool) -> Vec<u1
             }
             // SAFETY (all three): the CPU has AVX-512 and AVX512_BF16 (`dot_available`).
             if a.cs == 1 {
-                unsafe { x86::a_along_k(a, i0, ni, kp, rows) }
+                unsafe { x86::a_along_k(a, i0, ni, kp, rows, stream) }
             } else if a.rs == 1 {
-                unsafe { x86::a_across_k(a, i0, ni, kp, rows) }
+                unsafe { x86::a_across_k(a, i0, ni, kp, rows, stream) }
             } else {
                 for r in 0..ni {
                     for j in 0..a.cols {
@@ -61,10 +62,21 @@ pub(super) fn pack_a(a: Operand, mp: usize, kp: usize, parallel: bool) -> Vec<u1
                     }
                 }
             }
+            if stream {
+                crate::ops::stream_fence();
+            }
         });
     };
     unsafe { written(mp * kp, write) }
 }
+
+/// Packed elements of A (4 MiB) from which the packing streams its stores: a pack this large
+/// does not stay in a core's L2 (2 MiB on Intel, 1 MiB on AMD Zen 4) until the tiles read it,
+/// so a plain store only adds a read of each line. Smaller ones, such as an expert's 512 rows,
+/// are read from L2 by the same task and stay plain: streaming every pack made bench-mot's
+/// bf16 step 10 ms slower, streaming these 13 ms faster and bench-dense's 16 ms (Intel Xeon
+/// with AMX, steps alternated in one process, 2026-12-06).
+const STREAM_PACK_FROM: usize = 2 << 20;
 
 /// `B [K, N]` in the tiles' VNNI layout: for each block of 16 columns, K/2 rows of 16 pairs
 /// `(B[2p][n], B[2p+1][n])`, so one B tile is 1 KiB of contiguous memory; across the current
@@ -179,10 +191,15 @@ mod x86 {
     /// One 64-byte row of a tile.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    fn store(dst: &mut [MaybeUninit<u16>], v: __m512i) {
+    fn store(dst: &mut [MaybeUninit<u16>], v: __m512i, stream: bool) {
         let dst = &mut dst[..2 * T];
-        // SAFETY: `dst` holds 32 u16, 64 bytes.
-        unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), v) }
+        if stream && (dst.as_ptr() as usize).is_multiple_of(64) {
+            // SAFETY: `dst` holds 32 u16, 64 bytes on a 64-byte boundary.
+            unsafe { _mm512_stream_si512(dst.as_mut_ptr().cast(), v) }
+        } else {
+            // SAFETY: `dst` holds 32 u16, 64 bytes.
+            unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), v) }
+        }
     }
 
     /// 32 consecutive floats as 32 bf16 in order, `lo`'s then `hi`'s: the pairs of neighbours
@@ -242,13 +259,13 @@ mod x86 {
     /// Rows `i0..i0 + ni` of a row-major A (`X`, `dY`) into `out`, tile-major.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) fn a_along_k(
-        a: Operand, i0: usize, ni: usize, kp: usize, out: &mut [MaybeUninit<u16>],
+        a: Operand, i0: usize, ni: usize, kp: usize, out: &mut [MaybeUninit<u16>], stream: bool,
     ) {
         for r in 0..ni {
             let row = &a.data[(i0 + r) * a.rs..][..a.cols];
             for c in 0..kp / KT {
                 let v = neighbours(load(sixteen(row, c * KT)), load(sixteen(row, c * KT + 16)));
-                store(&mut out[a_index(r, c * KT, kp)..], v);
+                store(&mut out[a_index(r, c * KT, kp)..], v, stream);
             }
         }
     }
@@ -257,7 +274,7 @@ mod x86 {
     /// of 32 source rows, transposed.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) fn a_across_k(
-        a: Operand, i0: usize, ni: usize, kp: usize, out: &mut [MaybeUninit<u16>],
+        a: Operand, i0: usize, ni: usize, kp: usize, out: &mut [MaybeUninit<u16>], stream: bool,
     ) {
         // Source row j (K index j) holds A's column j: rows i0 + r0 .. i0 + r0 + nr of it.
         let column = |j: usize, r0: usize, nr: usize| -> &[f32] {
@@ -276,7 +293,7 @@ mod x86 {
                     *v = pairs(load(column(j, r0, nr)), load(column(j + 1, r0, nr)));
                 }
                 for (r, row) in transpose(v).into_iter().enumerate() {
-                    store(&mut out[a_index(r0 + r, c * KT, kp)..], row);
+                    store(&mut out[a_index(r0 + r, c * KT, kp)..], row, stream);
                 }
             }
         }
@@ -300,7 +317,7 @@ mod x86 {
             let (x, y) = (row(2 * p), row(2 * p + 1));
             for blk in 0..cols.div_ceil(T) {
                 let v = pairs(load(sixteen(x, blk * T)), load(sixteen(y, blk * T)));
-                store(&mut out[blk * block + p * T * 2..], v);
+                store(&mut out[blk * block + p * T * 2..], v, false);
             }
         }
     }
@@ -339,7 +356,7 @@ mod x86 {
             }
             let v: [__m512i; T] = std::array::from_fn(|i| neighbours(lo[i], hi[i]));
             for (p, row) in transpose(v).into_iter().enumerate() {
-                store(&mut out[(c * T + p) * T * 2..], row);
+                store(&mut out[(c * T + p) * T * 2..], row, false);
             }
             let Some(&Second { to, block_w }) = second else { continue };
             for q in 0..T / 2 {

@@ -113,7 +113,9 @@ unsafe fn run_tasks2(
             simd::run(
                 #[inline(always)]
                 || body(Task { kk, s0, positions, level }, &mut a, &mut b),
-            )
+            );
+            // The backward passes stream their results (`store_block`).
+            stream_fence();
         })
     };
     // SAFETY: the tasks' pieces cover both outputs, and `body` writes all of each (the
@@ -165,34 +167,52 @@ impl Coefs<'_> {
 /// several outputs loads each block of `row(i)` once for all of them. The multiply-adds are
 /// those of `axpy` from zero, in the same order, so the bits are too. Tiles of 4 outputs × 64
 /// floats (16 AVX-512 registers); 1 × 64 on AVX2 and 1 × 32 on the portable path, whose 16
-/// registers more would spill. `level` is the SIMD path the caller runs on.
+/// registers more would spill. `level` is the SIMD path the caller runs on; `store` is
+/// [`Store::Set`] or [`Store::Stream`] (see [`store_block`]).
 #[inline(always)]
 fn weighted_sums<'a>(
-    level: simd::Level, outs: &mut [&mut [f32]], span: (usize, usize), n: usize, c: Coefs,
-    row: impl Fn(usize) -> &'a [f32],
+    level: simd::Level, outs: &mut [&mut [f32]], span: (usize, usize), store: Store, n: usize,
+    c: Coefs, row: impl Fn(usize) -> &'a [f32],
 ) {
+    let o = (outs, span, store);
     match level {
-        simd::Level::Portable if level.fma() => tiles::<1, 32, true, _>(outs, span, n, c, row),
-        simd::Level::Portable => tiles::<1, 32, false, _>(outs, span, n, c, row),
-        simd::Level::Avx2 => tiles::<1, 64, true, _>(outs, span, n, c, row),
-        _ => tiles::<4, 64, true, _>(outs, span, n, c, row),
+        simd::Level::Portable if level.fma() => tiles::<1, 32, true, _>(o, n, c, row),
+        simd::Level::Portable => tiles::<1, 32, false, _>(o, n, c, row),
+        simd::Level::Avx2 => tiles::<1, 64, true, _>(o, n, c, row),
+        _ => tiles::<4, 64, true, _>(o, n, c, row),
+    }
+}
+
+/// A block of the weighted sums into its output: plainly, or by streaming stores
+/// ([`stream_copy`]). A streamed line goes to memory without being read in first. The backward passes stream
+/// their `[B, S, d]` and `[E, N, d]` results: those lines are rarely still cached, and a
+/// plain store to one waits on reading it in (alternated steps in one process: bench-mot's
+/// bf16 step 10 ms faster; the forward's results, read at once by the next op, measured
+/// better stored plainly).
+#[inline(always)]
+fn store_block(out: &mut [f32], block: &[f32], store: Store) {
+    match store {
+        Store::Set => out.copy_from_slice(block),
+        Store::Stream => stream_copy(out, block),
+        Store::Add => unreachable!("the weighted sums overwrite their outputs"),
     }
 }
 
 /// [`weighted_sums`] in tiles of `R` outputs, the last outputs one at a time.
 #[inline(always)]
 fn tiles<'a, const R: usize, const LANES: usize, const FMA: bool, X: Fn(usize) -> &'a [f32]>(
-    outs: &mut [&mut [f32]], span: (usize, usize), n: usize, c: Coefs, row: X,
+    (outs, span, store): (&mut [&mut [f32]], (usize, usize), Store), n: usize, c: Coefs, row: X,
 ) {
     let whole = outs.len() / R * R;
     let (tiled, rest) = outs.split_at_mut(whole);
     for (t, tile) in tiled.chunks_exact_mut(R).enumerate() {
         let c = Coefs { data: &c.data[t * R * c.out..], ..c };
-        sum_in_blocks::<R, LANES, FMA, X>(tile, span, n, c, &row);
+        sum_in_blocks::<R, LANES, FMA, X>((tile, span, store), n, c, &row);
     }
     for (r, out) in rest.iter_mut().enumerate() {
         let c = Coefs { data: &c.data[(whole + r) * c.out..], ..c };
-        sum_in_blocks::<1, LANES, FMA, X>(std::slice::from_mut(out), span, n, c, &row);
+        let one = std::slice::from_mut(out);
+        sum_in_blocks::<1, LANES, FMA, X>((one, span, store), n, c, &row);
     }
 }
 
@@ -205,7 +225,8 @@ fn sum_in_blocks<
     const FMA: bool,
     X: Fn(usize) -> &'a [f32],
 >(
-    outs: &mut [&mut [f32]], (at, len): (usize, usize), n: usize, c: Coefs, row: &X,
+    (outs, (at, len), store): (&mut [&mut [f32]], (usize, usize), Store), n: usize, c: Coefs,
+    row: &X,
 ) {
     let whole = len / LANES * LANES;
     for b in (0..whole).step_by(LANES) {
@@ -220,7 +241,7 @@ fn sum_in_blocks<
             }
         }
         for (out, acc) in outs.iter_mut().zip(&acc) {
-            out[at + b..at + b + LANES].copy_from_slice(acc);
+            store_block(&mut out[at + b..at + b + LANES], acc, store);
         }
     }
     for (r, out) in outs.iter_mut().enumerate() {
@@ -461,7 +482,7 @@ pub fn merge(x: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: us
                     gather(&mut members, g, d, |i| &x[row(i) * d..(row(i) + 1) * d]);
                     // Member i's weight for expert ex: w[row(i)·E + ex].
                     let c = Coefs { data: &w[row(0) * e..], term: s * e, out: 1 };
-                    weighted_sums(t.level, experts, (ds * d, d), g, c, |i| {
+                    weighted_sums(t.level, experts, (ds * d, d), Store::Set, g, c, |i| {
                         &members[i * d..(i + 1) * d]
                     });
                 }
@@ -483,7 +504,7 @@ pub fn emit(y: &[f32], w: &[f32], b: usize, s: usize, d: usize, e: usize, g: usi
                 // Member i's weight for expert ex, at `(kk·G + i)·S + s0 + ds` of w.
                 let base = (t.kk * g * s + t.s0 + ds) * e;
                 let c = Coefs { data: &w[base..], term: 1, out: s * e };
-                weighted_sums(t.level, members, (ds * d, d), e, c, |ex| {
+                weighted_sums(t.level, members, (ds * d, d), Store::Set, e, c, |ex| {
                     &experts[ex * d..(ex + 1) * d]
                 });
             },
@@ -536,7 +557,7 @@ pub fn emit_backward(
                     gather(&mut outs, g, d, |i| &dout[row(i) * d..(row(i) + 1) * d]);
                     gather(&mut ys, e, d, |ex| &y[(ex * k * s + n) * d..][..d]);
                     let c = Coefs { data: &w[row(0) * e..], term: s * e, out: 1 };
-                    weighted_sums(t.level, experts, (ds * d, d), g, c, |i| {
+                    weighted_sums(t.level, experts, (ds * d, d), Store::Stream, g, c, |i| {
                         &outs[i * d..(i + 1) * d]
                     });
                     for (i, dst) in members.iter_mut().enumerate() {
@@ -577,7 +598,7 @@ pub fn merge_backward(
                     gather(&mut rows, e, d, |ex| &dm[(ex * k * s + n) * d..][..d]);
                     let base = (t.kk * g * s + t.s0 + ds) * e;
                     let c = Coefs { data: &w[base..], term: 1, out: s * e };
-                    weighted_sums(t.level, dxs, (ds * d, d), e, c, |ex| {
+                    weighted_sums(t.level, dxs, (ds * d, d), Store::Stream, e, c, |ex| {
                         &rows[ex * d..(ex + 1) * d]
                     });
                     for (i, dst) in dws.iter_mut().enumerate() {
