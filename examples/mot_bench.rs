@@ -1,10 +1,15 @@
 //! The Mixture of Tokens mixing kernels one by one, at a layer's shape (default: bench-mot's,
-//! B 32, S 256, d 256, E 16, G 16), then the two one-pass backward kernels, in ms (median of 7
-//! after 2 warm-ups) and GFLOP/s of their multiply-adds:
+//! B 32, S 256, d 256, E 16, G 16), then the two one-pass backward kernels and the controller's
+//! logits, in ms (median of 7 after 2 warm-ups) and GFLOP/s of their multiply-adds:
 //! `cargo run --release --example mot_bench [B] [S] [d] [E] [G]`.
+//!
+//! Repeated calls find their operands in cache, which a training step does not: the backward
+//! reads activations the forward wrote long before. `MOT_BENCH_COLD=1` evicts every cache level
+//! before each timed call, which puts these kernels near their in-step times.
 mod common;
 
 use candle_core::{Device, Tensor};
+use motrain::ops::logits::logits;
 use motrain::ops::mot::{emit, emit_backward, group_dot, group_softmax, merge, merge_backward};
 
 fn main() {
@@ -15,6 +20,11 @@ fn main() {
         std::process::exit(2)
     }
     let dev = Device::Cpu;
+    let cold = std::env::var_os("MOT_BENCH_COLD").is_some();
+    let time = |f: &dyn Fn()| match cold {
+        true => common::median_time_cold(2, 7, f),
+        false => common::median_time(2, 7, f),
+    };
     let x = Tensor::randn(0f32, 1.0, (b, s, d), &dev).unwrap();
     let z = Tensor::randn(0f32, 1.0, (b, s, e), &dev).unwrap();
     let w = group_softmax(&z, g).unwrap();
@@ -26,12 +36,12 @@ fn main() {
     };
     let report = |name: &str, t: f64| report_n(name, t, 1.0);
     println!("mot b {b} s {s} d {d} e {e} g {g} | {}", motrain::ops::describe(&dev));
-    report("group_softmax", common::median_time(2, 7, &|| drop(group_softmax(&z, g).unwrap())));
+    report("group_softmax", time(&|| drop(group_softmax(&z, g).unwrap())));
     let zv = candle_core::Var::from_tensor(&z).unwrap();
     let dw = Tensor::randn(0f32, 1.0, (b, s, e), &dev).unwrap();
     report(
         "softmax+bwd",
-        common::median_time(2, 7, &|| {
+        time(&|| {
             drop(
                 (group_softmax(&zv, g).unwrap() * &dw)
                     .unwrap()
@@ -42,14 +52,26 @@ fn main() {
             )
         }),
     );
-    report("merge", common::median_time(2, 7, &|| drop(merge(&x, &w, g).unwrap())));
-    report("emit", common::median_time(2, 7, &|| drop(emit(&m, &w, g).unwrap())));
-    report("group_dot", common::median_time(2, 7, &|| drop(group_dot(&x, &m, g).unwrap())));
+    report("merge", time(&|| drop(merge(&x, &w, g).unwrap())));
+    report("emit", time(&|| drop(emit(&m, &w, g).unwrap())));
+    report("group_dot", time(&|| drop(group_dot(&x, &m, g).unwrap())));
     // Each backward pass does the multiply-adds of two kernels (emit and group_dot for merge's,
     // merge and group_dot for emit's); any tensors of the right shapes stand for the gradients.
     let (dm, dout) = (&m, &x);
-    let t = common::median_time(2, 7, &|| drop(merge_backward(dm, &x, &w, g).unwrap()));
+    let t = time(&|| drop(merge_backward(dm, &x, &w, g).unwrap()));
     report_n("merge_bwd", t, 2.0);
-    let t = common::median_time(2, 7, &|| drop(emit_backward(dout, &m, &w, g).unwrap()));
+    let t = time(&|| drop(emit_backward(dout, &m, &w, g).unwrap()));
     report_n("emit_bwd", t, 2.0);
+    // The controller's logits `x·Cᵀ` over the B·S tokens, then with their backward (`dx = dz·C`
+    // and `dC = dzᵀ·x`) through autograd, the product of the logits with a fixed `dz` summed.
+    let (xs, c) = (x.reshape((b * s, d)).unwrap(), Tensor::randn(0f32, 1.0, (e, d), &dev).unwrap());
+    let t = time(&|| drop(logits(&xs, &c).unwrap()));
+    report("logits", t);
+    let (xv, cv) =
+        (candle_core::Var::from_tensor(&xs).unwrap(), candle_core::Var::from_tensor(&c).unwrap());
+    let dz = Tensor::randn(0f32, 1.0, (b * s, e), &dev).unwrap();
+    let t = time(&|| {
+        drop((logits(&xv, &cv).unwrap() * &dz).unwrap().sum_all().unwrap().backward().unwrap())
+    });
+    report_n("logits+bwd", t, 3.0);
 }
