@@ -5,7 +5,8 @@
 //!
 //! Repeated calls find their operands in cache, which a training step does not: the backward
 //! reads activations the forward wrote long before. `MOT_BENCH_COLD=1` evicts every cache level
-//! before each timed call, which puts these kernels near their in-step times.
+//! before each timed call: an upper bound on their in-step times, where warm calls give a lower
+//! one.
 mod common;
 
 use candle_core::{Device, Tensor};

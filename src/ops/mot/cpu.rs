@@ -184,11 +184,11 @@ fn weighted_sums<'a>(
 }
 
 /// A block of the weighted sums into its output: plainly, or by streaming stores
-/// ([`stream_copy`]). A streamed line goes to memory without being read in first. The backward passes stream
-/// their `[B, S, d]` and `[E, N, d]` results: those lines are rarely still cached, and a
-/// plain store to one waits on reading it in (alternated steps in one process: bench-mot's
-/// bf16 step 10 ms faster; the forward's results, read at once by the next op, measured
-/// better stored plainly).
+/// ([`stream_copy`]), which send a line to memory without reading it in first. The backward
+/// passes stream their `[B, S, d]` and `[E, N, d]` results: those lines are rarely still
+/// cached, and a plain store to one waits on reading it in (steps alternated in one process:
+/// bench-mot's bf16 step 10 ms faster). The forward's results, which the next op reads at
+/// once, measured better stored plainly.
 #[inline(always)]
 fn store_block(out: &mut [f32], block: &[f32], store: Store) {
     match store {
