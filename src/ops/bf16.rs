@@ -280,7 +280,6 @@ impl Block<'_> {
 fn write_block(
     acc: &[f32], rows: usize, cols: usize, c: &mut [MaybeUninit<f32>], dst_rs: usize, store: Store,
 ) {
-    use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
     for r in 0..rows {
         let out = &mut c[r * dst_rs..][..cols];
         let tile = &acc[r * 2 * T..][..cols];
@@ -290,15 +289,13 @@ fn write_block(
                 .iter_mut()
                 .zip(tile)
                 .for_each(|(o, t)| *o = MaybeUninit::new(unsafe { o.assume_init() } + t)),
-            // Whole rows of 16-byte aligned lines (a row stride off 4 floats stores plainly).
-            Store::Stream if cols == 2 * T && (out.as_ptr() as usize).is_multiple_of(16) => {
-                for (o, t) in out.chunks_exact_mut(4).zip(tile.chunks_exact(4)) {
-                    // SAFETY: SSE2, part of x86-64; `o` is 4 aligned f32 (checked above),
-                    // `t` 4 f32.
-                    unsafe { _mm_stream_ps(o.as_mut_ptr().cast(), _mm_loadu_ps(t.as_ptr())) };
-                }
+            Store::Stream => {
+                // SAFETY: as in `fresh`: f32 has no invalid bit patterns, and `stream_copy`
+                // writes every element and reads none.
+                let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                super::stream_copy(out, tile)
             }
-            _ => out.iter_mut().zip(tile).for_each(|(o, &t)| *o = MaybeUninit::new(t)),
+            Store::Set => out.iter_mut().zip(tile).for_each(|(o, &t)| *o = MaybeUninit::new(t)),
         }
     }
 }

@@ -202,7 +202,8 @@ pub(crate) enum Store {
     Stream,
 }
 
-/// `dst = src` by streaming stores where `dst` is 16-byte aligned (x86-64), plainly elsewhere.
+/// `dst = src` by streaming stores where `dst` is 16-byte aligned (x86-64), plainly elsewhere
+/// (and for a tail of fewer than 4 floats). Neither reads `dst`.
 #[inline]
 pub(crate) fn stream_copy(dst: &mut [f32], src: &[f32]) {
     #[cfg(target_arch = "x86_64")]
