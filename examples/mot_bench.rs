@@ -1,6 +1,7 @@
 //! The Mixture of Tokens mixing kernels one by one, at a layer's shape (default: bench-mot's,
-//! B 32, S 256, d 256, E 16, G 16), then the two one-pass backward kernels and the controller's
-//! logits, in ms (median of 7 after 2 warm-ups) and GFLOP/s of their multiply-adds:
+//! B 32, S 256, d 256, E 16, G 16), then the two one-pass backward kernels, the controller's
+//! logits and a layer's whole mixing with and without `mix`'s folded backward, in ms (median
+//! of 7 after 2 warm-ups) and GFLOP/s of their multiply-adds:
 //! `cargo run --release --example mot_bench [B] [S] [d] [E] [G]`.
 //!
 //! Repeated calls find their operands in cache, which a training step does not: the backward
@@ -11,6 +12,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use motrain::ops::logits::logits;
+use motrain::ops::mot::mixing::mix;
 use motrain::ops::mot::{emit, emit_backward, group_dot, group_softmax, merge, merge_backward};
 
 fn main() {
@@ -75,4 +77,21 @@ fn main() {
         drop((logits(&xv, &cv).unwrap() * &dz).unwrap().sum_all().unwrap().backward().unwrap())
     });
     report_n("logits+bwd", t, 3.0);
+    // A layer's whole mixing, forward and backward (the expert the identity, the gradient of
+    // its output a fixed one): as separate ops chained by autograd, then as `mix`, whose merge
+    // backward runs through the softmax and the controller. 9 kernels' multiply-adds each.
+    let (x3, dout) = (candle_core::Var::from_tensor(&x).unwrap(), &x);
+    let t = time(&|| {
+        let z = logits(&x3.reshape((b * s, d)).unwrap(), &cv).unwrap();
+        let w = group_softmax(&z.reshape((b, s, e)).unwrap(), g).unwrap();
+        let out = emit(&merge(&x3, &w, g).unwrap(), &w, g).unwrap();
+        drop((out * dout).unwrap().sum_all().unwrap().backward().unwrap())
+    });
+    report_n("layer ops", t, 9.0);
+    let t = time(&|| {
+        let mixed = mix(&x3, &cv, g).unwrap();
+        let out = mixed.emit(&mixed.m).unwrap();
+        drop((out * dout).unwrap().sum_all().unwrap().backward().unwrap())
+    });
+    report_n("layer mix", t, 9.0);
 }

@@ -75,8 +75,9 @@ pub struct ExpertTimes {
     pub cost: f64,
 }
 
-/// Milliseconds for one layer's group softmax, merge and emit, forward and backward, at the
-/// config's shapes: the best of several alternating runs of each formulation.
+/// Milliseconds for one layer's mixing (the controller's logits, group softmax, merge and emit),
+/// forward and backward, at the config's shapes: the best of several alternating runs of the
+/// kernels (`ops::mot::mix`) and of the plain formulation.
 #[derive(Debug, Serialize)]
 pub struct MixingOps {
     pub fused_ms: f64,
@@ -177,21 +178,22 @@ impl Timed {
 }
 
 fn time_mixing_ops(cfg: &Config, reps: usize) -> Result<MixingOps> {
-    use crate::ops::mot::{
-        emit, emit_reference, group_softmax, group_softmax_reference, merge, merge_reference,
-    };
+    use crate::ops::logits::logits_reference;
+    use crate::ops::mot::mixing::mix;
+    use crate::ops::mot::{emit_reference, group_softmax_reference, merge_reference};
     use candle_core::{Device, Tensor, Var};
     let (b, s, d) = (cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.d_model);
     let (e, g) = (cfg.model.mot.n_experts, cfg.model.mot.group_size);
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, d), &Device::Cpu)?)?;
-    let z = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, e), &Device::Cpu)?)?;
-    // The expert is the identity here: emit takes the merged tokens, of the shape it takes in
-    // the layer.
+    let c = Var::from_tensor(&Tensor::randn(0f32, 0.1, (e, d), &Device::Cpu)?)?;
+    // The layer's mixing from the controller on: the expert is the identity here, so emit takes
+    // the merged tokens, of the shape it takes in the layer.
     let (fused_ms, plain_ms) = best_alternating(reps, |fused| {
         let out = if fused {
-            let w = group_softmax(&z, g)?;
-            emit(&merge(&x, &w, g)?, &w, g)?
+            let mixed = mix(&x, &c, g)?;
+            mixed.emit(&mixed.m)?
         } else {
+            let z = logits_reference(&x.reshape((b * s, d))?, &c)?.reshape((b, s, e))?;
             let w = group_softmax_reference(&z, g)?;
             emit_reference(&merge_reference(&x, &w, g)?, &w, g)?
         };

@@ -2,20 +2,19 @@
 //! weighted mixtures of tokens from G different sequences at one position.
 //!
 //! 1. group: rows `[kG, kG+G)` at position s form group n = k·S + s;
-//! 2. logits `z = x·Cᵀ`, one per token and expert;
-//! 3. weights `w = softmax(z / T)` over the G tokens of the group, per expert;
+//! 2. logits `z = x·Cᵀ / T`, one per token and expert (computed as `x·(C/T)ᵀ`);
+//! 3. weights `w = softmax(z)` over the G tokens of the group, per expert;
 //! 4. merge `m_e = Σ_i w[i,e] · x_i`; 5. experts `y_e = FFN_e(m_e)`;
 //! 6. emit: token i gets `Σ_e w[i,e] · y_e`.
 //!
-//! Steps 3, 4 and 6 are the fused ops of `ops::mot`; the experts are the shared `Experts`.
+//! Steps 2–4 and 6 are `ops::mot::mix`; the experts are the shared `Experts`.
 
 use super::context::FfnContext;
 use super::experts::Experts;
 use super::params::Params;
 use super::stats::{LayerStats, MixingStats};
 use crate::config::{Activation, MotConfig};
-use crate::ops::logits::logits;
-use crate::ops::mot::{emit, group_softmax, merge};
+use crate::ops::mot::mixing::mix;
 use candle_core::{DType, Result, Tensor};
 
 pub enum Temperature {
@@ -61,23 +60,22 @@ impl MotLayer {
         let g = ctx.group_size.unwrap_or(self.group_size);
         let (b, s) = (ctx.rows, ctx.seq);
         let (d, e) = (x.dim(1)?, self.experts.count());
-        let z = logits(x, &self.controller)?.reshape((b, s, e))?; // [B, S, E]
-        let z = self.scaled(&z)?;
-        let w = group_softmax(&z, g)?; // [B, S, E]
-        let m = merge(&x.reshape((b, s, d))?, &w, g)?; // [E, N, d]
-        let n = m.dim(1)?;
+        let mixed = mix(&x.reshape((b, s, d))?, &self.scaled_controller()?, g)?;
+        let n = mixed.m.dim(1)?; // m [E, N, d]
         let offsets: Vec<usize> = (0..=e).map(|i| i * n).collect();
-        let y = self.experts.forward(&m.reshape((e * n, d))?, &offsets, ctx)?.reshape((e, n, d))?;
-        ctx.stats.push(LayerStats::Mot(self.statistics(&w, &z, g)?));
-        emit(&y, &w, g)?.reshape((b * s, d))
+        let m = mixed.m.reshape((e * n, d))?;
+        let y = self.experts.forward(&m, &offsets, ctx)?.reshape((e, n, d))?;
+        ctx.stats.push(LayerStats::Mot(self.statistics(&mixed.w, &mixed.z, g)?));
+        mixed.emit(&y)?.reshape((b * s, d))
     }
 
-    /// `z / T`.
-    fn scaled(&self, z: &Tensor) -> Result<Tensor> {
+    /// `C / T`: the logits' scaling, on the E×d controller rather than the B·S×E logits.
+    fn scaled_controller(&self) -> Result<Tensor> {
+        let c = &self.controller;
         match &self.temperature {
-            Temperature::Fixed(t) if *t == 1.0 => Ok(z.clone()),
-            Temperature::Fixed(t) => z / *t,
-            Temperature::Learned(log_t) => z.broadcast_div(&log_t.exp()?.to_dtype(z.dtype())?),
+            Temperature::Fixed(t) if *t == 1.0 => Ok(c.clone()),
+            Temperature::Fixed(t) => c / *t,
+            Temperature::Learned(log_t) => c.broadcast_div(&log_t.exp()?.to_dtype(c.dtype())?),
         }
     }
 
@@ -133,6 +131,7 @@ impl MotLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::mot::group_softmax;
     use crate::ops::testing::{assert_matches_fd, grad_of, randn};
     use candle_core::{Device, Var};
 

@@ -16,6 +16,9 @@
 //! as one pass over the group (`FusedBackward`: both read the same rows), bit for bit the same.
 //! The softmax is `B·S·E` elements (d times fewer than merge), so it stays a separate pass
 //! whose backward is a few candle ops.
+//!
+//! A layer calls [`mixing::mix`], which on the CPU also folds the softmax's and the
+//! controller's backward into merge's one pass.
 
 use super::{fresh, fused, simd, slice, stream_copy, stream_fence, Store};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -52,6 +55,15 @@ pub fn merge(x: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
 
 /// Unmixing: `y [E, N, d]`, `w [B, S, E]` → `out [B, S, d]`.
 pub fn emit(y: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
+    check_emit(y, w, g)?;
+    if use_kernel(&[y, w]) {
+        y.contiguous()?.apply_op2(&w.contiguous()?, Emit { g, hand_over: None })
+    } else {
+        emit_reference(y, w, g)
+    }
+}
+
+fn check_emit(y: &Tensor, w: &Tensor, g: usize) -> Result<()> {
     let (b, s, e) = w.dims3()?;
     check_group(b, g)?;
     if y.dims3()?.0 != e || y.dim(1)? != b / g * s {
@@ -61,11 +73,7 @@ pub fn emit(y: &Tensor, w: &Tensor, g: usize) -> Result<Tensor> {
             w.dims()
         );
     }
-    if use_kernel(&[y, w]) {
-        y.contiguous()?.apply_op2(&w.contiguous()?, Emit { g })
-    } else {
-        emit_reference(y, w, g)
-    }
+    Ok(())
 }
 
 /// The weights' gradient of merge and emit: `a [B, S, d]`, `c [E, N, d]` → `r [B, S, E]`,
@@ -93,7 +101,7 @@ pub fn merge_backward(dm: &Tensor, x: &Tensor, w: &Tensor, g: usize) -> Result<(
         let both = dm.apply_op3_no_bwd(x, w, &FusedBackward { g, of: Step::Merge })?;
         return split_pair(&both, (b, s, d), (b, s, w.dim(2)?));
     }
-    let dx = dm.apply_op2_no_bwd(w, &Emit { g })?;
+    let dx = dm.apply_op2_no_bwd(w, &Emit { g, hand_over: None })?;
     let dw = x.apply_op2_no_bwd(&dm, &GroupDot { g })?;
     Ok((dx, dw))
 }
@@ -135,11 +143,16 @@ fn check_group(b: usize, g: usize) -> Result<()> {
     Ok(())
 }
 
-/// Our kernels exist for f32 on CPU, and for f32 and bf16 on CUDA. `MOTRAIN_MOT_OPS=plain` runs
-/// the plain formulation instead, to measure what the kernels buy (`scripts/bench_mot.sh`).
-fn use_kernel(ts: &[&Tensor]) -> bool {
+/// `MOTRAIN_MOT_OPS=plain` runs the plain formulation instead of the kernels, to measure what
+/// they buy (`scripts/bench_mot.sh`).
+fn plain() -> bool {
     static PLAIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *PLAIN.get_or_init(|| std::env::var("MOTRAIN_MOT_OPS").is_ok_and(|v| v == "plain")) {
+    *PLAIN.get_or_init(|| std::env::var("MOTRAIN_MOT_OPS").is_ok_and(|v| v == "plain"))
+}
+
+/// Our kernels exist for f32 on CPU, and for f32 and bf16 on CUDA.
+fn use_kernel(ts: &[&Tensor]) -> bool {
+    if plain() {
         return false;
     }
     fused(ts)
@@ -205,6 +218,9 @@ struct Merge {
 
 struct Emit {
     g: usize,
+    /// Where the backward leaves the weights' gradient for merge's ([`mixing::mix`]), in place
+    /// of returning it.
+    hand_over: Option<mixing::HandOver>,
 }
 
 /// Forward-only: the softmax's backward on the CPU, from `(w, dw)`.
@@ -344,7 +360,13 @@ impl CustomOp2 for Emit {
         &self, y: &Tensor, w: &Tensor, _out: &Tensor, dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dy, dw) = emit_backward(dout, y, w, self.g)?;
-        Ok((Some(dy), Some(dw)))
+        match &self.hand_over {
+            None => Ok((Some(dy), Some(dw))),
+            Some(cell) => {
+                *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(dw);
+                Ok((Some(dy), None))
+            }
+        }
     }
 }
 
@@ -401,6 +423,9 @@ impl CustomOp3 for FusedBackward {
 /// The CPU kernels.
 mod cpu;
 
+/// A layer's mixing, whose merge backward runs through the softmax and the controller.
+pub mod mixing;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,7 +434,7 @@ mod tests {
 
     /// (B, S, d, E, G): G = 1, G = B, uneven widths, more experts than rows, and a width of
     /// whole blocks of the CPU kernels' register sums and a tail.
-    const SHAPES: [(usize, usize, usize, usize, usize); 6] = [
+    pub(super) const SHAPES: [(usize, usize, usize, usize, usize); 6] = [
         (4, 3, 5, 3, 2),
         (6, 7, 9, 4, 1),
         (4, 5, 3, 2, 4),

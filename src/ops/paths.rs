@@ -66,6 +66,15 @@ fn mot_mixing_agrees_on_every_path() {
     same_on_every_path("group_softmax", std::slice::from_ref(&z), |t| mot::group_softmax(&t[0], 4));
     same_on_every_path("merge", &[x, z.clone()], |t| mot::merge(&t[0], &t[1], 4));
     same_on_every_path("emit", &[randn(&[5, 18, 67], 13), z], |t| mot::emit(&t[0], &t[1], 4));
+    // A layer's mixing, whose backward runs through the softmax and the controller, with a
+    // stand-in expert y = m ⊙ t[2] (a controller 96 wide takes the logits kernel, 67 not).
+    for d in [67, 96] {
+        let inputs = [randn(&[8, 9, d], 14), randn(&[5, d], 15), randn(&[5, 18, d], 16)];
+        same_on_every_path("mix", &inputs, |t| {
+            let mixed = mot::mixing::mix(&t[0], &t[1], 4)?;
+            mixed.emit(&(&mixed.m * &t[2])?)
+        });
+    }
 }
 
 /// The gradient norm's sum of squares: on every path within f64 rounding of a naive f64 loop

@@ -5,6 +5,9 @@
 use super::*;
 use crate::ops::vec::exp;
 
+/// Merge's backward through the softmax and the controller.
+pub(super) mod mixing;
+
 /// Positions per task: enough tasks to keep every thread busy, whatever K is.
 fn positions_per_task(k: usize, s: usize) -> usize {
     let blocks = (4 * rayon::current_num_threads()).div_ceil(k).max(1);
@@ -37,6 +40,8 @@ enum Slabs {
     Rows,
     /// `[E·K, S, width]`: slab o holds expert o / K's merged tokens of block o % K.
     Experts,
+    /// `[tasks, width]`: one row per task, in task order (a task's partial sum).
+    Tasks,
 }
 
 /// A task's share of the work: group row-block `kk` at positions `s0..s0 + positions`, on
@@ -75,32 +80,41 @@ unsafe fn run_tasks(
         run_tasks2(
             [Output { len, width, slabs }, none],
             (b, s, g),
+            positions_per_task(b / g, s),
             #[inline(always)]
             |t: Task, pieces: &mut [&mut [f32]], _: &mut [&mut [f32]]| body(t, pieces),
         )
     }
 }
 
-/// [`run_tasks`] with two outputs, one after the other in the vector it returns: `body(task,
-/// first, second)` gets the task's pieces of both, which the same tasks own (the same group
-/// row-block and positions).
+/// [`run_tasks`] with two outputs, one after the other in the vector it returns, over tasks of
+/// `sb` positions: `body(task, first, second)` gets the task's pieces of both, which the same
+/// tasks own (the same group row-block and positions).
 ///
 /// # Safety
 /// As [`run_tasks`], for the pieces of both outputs.
 unsafe fn run_tasks2(
-    outputs: [Output; 2], (b, s, g): (usize, usize, usize),
+    outputs: [Output; 2], (b, s, g): (usize, usize, usize), sb: usize,
     body: impl Fn(Task, &mut [&mut [f32]], &mut [&mut [f32]]) + Sync,
 ) -> Vec<f32> {
     let k = b / g;
-    let sb = positions_per_task(k, s);
     fn pieces(
         buf: &mut [f32], o: Output, s: usize, sb: usize, k: usize, g: usize,
     ) -> Vec<Vec<&mut [f32]>> {
-        let owner = |i: usize| match o.slabs {
-            Slabs::Rows => i / g,
-            Slabs::Experts => i % k,
-        };
-        split(buf, s, o.width, sb, k, owner)
+        match o.slabs {
+            Slabs::Rows => split(buf, s, o.width, sb, k, |i| i / g),
+            Slabs::Experts => split(buf, s, o.width, sb, k, |i| i % k),
+            Slabs::Tasks => {
+                let mut rest = buf;
+                (0..k * s.div_ceil(sb))
+                    .map(|_| {
+                        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(o.width);
+                        rest = tail;
+                        vec![piece]
+                    })
+                    .collect()
+            }
+        }
     }
     let [first, second] = outputs;
     let fill = |out: &mut [f32]| {
@@ -548,6 +562,7 @@ pub fn emit_backward(
         run_tasks2(
             [dy, dw],
             (b, s, g),
+            positions_per_task(k, s),
             #[inline(always)]
             |t: Task, experts: &mut [&mut [f32]], members: &mut [&mut [f32]]| {
                 let (mut outs, mut ys) = (vec![0f32; g * d], vec![0f32; e * d]);
@@ -590,6 +605,7 @@ pub fn merge_backward(
         run_tasks2(
             [dx, dw],
             (b, s, g),
+            positions_per_task(k, s),
             #[inline(always)]
             |t: Task, dxs: &mut [&mut [f32]], dws: &mut [&mut [f32]]| {
                 let mut rows = vec![0f32; e * d];
