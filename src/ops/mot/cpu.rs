@@ -10,7 +10,7 @@ pub(super) mod mixing;
 
 /// Positions per task: enough tasks to keep every thread busy, whatever K is.
 fn positions_per_task(k: usize, s: usize) -> usize {
-    let blocks = (4 * rayon::current_num_threads()).div_ceil(k).max(1);
+    let blocks = (4 * rayon::current_num_threads()).div_ceil(k.max(1)).max(1);
     s.div_ceil(blocks).max(1)
 }
 

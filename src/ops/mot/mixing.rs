@@ -204,4 +204,21 @@ mod tests {
             }
         }
     }
+
+    /// An empty batch mixes to empty results, forward and backward, without dividing by its
+    /// zero groups.
+    #[test]
+    fn an_empty_batch_gives_empty_results() {
+        let x = candle_core::Var::from_tensor(&randn(&[0, 3, 32], 1)).unwrap();
+        let c = candle_core::Var::from_tensor(&randn(&[4, 32], 2)).unwrap();
+        let mixed = mix(&x, &c, 2).unwrap();
+        assert_eq!(mixed.m.dims(), &[4, 0, 32]);
+        let out = mixed.emit(&mixed.m).unwrap();
+        assert_eq!(out.dims(), &[0, 3, 32]);
+        let grads = (out.sum_all().unwrap() + mixed.m.sum_all().unwrap()).unwrap().backward();
+        let grads = grads.unwrap();
+        assert_eq!(grads.get(&x).unwrap().dims(), &[0, 3, 32]);
+        let dc = grads.get(&c).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(dc.iter().all(|&v| v == 0.0), "{dc:?}");
+    }
 }

@@ -23,7 +23,7 @@ pub fn mix_backward(
     (b, s, d, e, g): (usize, usize, usize, usize, usize),
 ) -> Vec<f32> {
     let k = b / g;
-    let sb = s.div_ceil(MIX_TASKS.div_ceil(k)).max(1);
+    let sb = s.div_ceil(MIX_TASKS.div_ceil(k.max(1))).max(1);
     let tasks = k * s.div_ceil(sb);
     let dx = Output { len: b * s * d, width: d, slabs: Slabs::Rows };
     let partials = Output { len: tasks * e * d, width: e * d, slabs: Slabs::Tasks };
