@@ -77,7 +77,7 @@ pub struct ExpertTimes {
 
 /// Milliseconds for one layer's mixing (the controller's logits, group softmax, merge and emit),
 /// forward and backward, at the config's shapes: the best of several alternating runs of the
-/// kernels (`ops::mot::mix`) and of the plain formulation.
+/// kernels (`ops::mot::mixing::mix`) and of the plain formulation.
 #[derive(Debug, Serialize)]
 pub struct MixingOps {
     pub fused_ms: f64,

@@ -7,7 +7,7 @@
 //! 4. merge `m_e = Σ_i w[i,e] · x_i`; 5. experts `y_e = FFN_e(m_e)`;
 //! 6. emit: token i gets `Σ_e w[i,e] · y_e`.
 //!
-//! Steps 2–4 and 6 are `ops::mot::mix`; the experts are the shared `Experts`.
+//! Steps 2–4 and 6 are `ops::mot::mixing::mix`; the experts are the shared `Experts`.
 
 use super::context::FfnContext;
 use super::experts::Experts;

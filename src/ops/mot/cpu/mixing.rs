@@ -42,6 +42,8 @@ pub fn mix_backward(
                     (vec![0f32; e * d], vec![0f32; g * d], vec![0f32; e * d]);
                 let (mut dz, mut coefs, mut total) =
                     (vec![0f32; g * e], vec![0f32; g * 2 * e], vec![0f32; e]);
+                // This position's `Σ_i dz[i, e]·x_i`, one row per expert, before it joins `dc`.
+                let mut sums: Vec<&mut [f32]> = sum.chunks_exact_mut(d.max(1)).collect();
                 for ds in 0..t.positions {
                     let n = t.kk * s + t.s0 + ds;
                     let row = |i: usize| (t.kk * g + i) * s + t.s0 + ds;
@@ -78,12 +80,13 @@ pub fn mix_backward(
                         None => &rows[j * d..(j + 1) * d],
                         Some(j) => &c[j * d..(j + 1) * d],
                     });
-                    let mut outs: Vec<&mut [f32]> = sum.chunks_exact_mut(d).collect();
                     let cz = Coefs { data: &dz, term: e, out: 1 };
-                    weighted_sums(t.level, &mut outs, (0, d), Store::Set, g, cz, |i| {
+                    weighted_sums(t.level, &mut sums, (0, d), Store::Set, g, cz, |i| {
                         &members[i * d..(i + 1) * d]
                     });
-                    dc.iter_mut().zip(&sum).for_each(|(a, &v)| *a += v);
+                    for (acc, part) in dc.chunks_exact_mut(d.max(1)).zip(&sums) {
+                        acc.iter_mut().zip(part.iter()).for_each(|(a, &v)| *a += v);
+                    }
                 }
             },
         )
