@@ -1,7 +1,8 @@
 //! The Mixture of Tokens mixing kernels one by one, at a layer's shape (default: bench-mot's,
 //! B 32, S 256, d 256, E 16, G 16), then the two one-pass backward kernels, the controller's
-//! logits and a layer's whole mixing with and without `mix`'s folded backward, in ms (median
-//! of 7 after 2 warm-ups) and GFLOP/s of their multiply-adds:
+//! logits and a layer's whole mixing with and without `mix`'s folded backward (and, where the
+//! CPU has AMX tiles, as a bf16 run does it), in ms (median of 7 after 2 warm-ups) and GFLOP/s
+//! of their multiply-adds:
 //! `cargo run --release --example mot_bench [B] [S] [d] [E] [G]`.
 //!
 //! Repeated calls find their operands in cache, which a training step does not: the backward
@@ -88,10 +89,17 @@ fn main() {
         drop((out * dout).unwrap().sum_all().unwrap().backward().unwrap())
     });
     report_n("layer ops", t, 9.0);
-    let t = time(&|| {
+    let layer_mix = || {
         let mixed = mix(&x3, &cv, g).unwrap();
         let out = mixed.emit(&mixed.m).unwrap();
         drop((out * dout).unwrap().sum_all().unwrap().backward().unwrap())
-    });
-    report_n("layer mix", t, 9.0);
+    };
+    report_n("layer mix", time(&layer_mix), 9.0);
+    // As a bf16 run on AMX tiles does it: merge's backward on the tiles.
+    use motrain::ops::bf16;
+    if bf16::engine() == Some(bf16::Engine::Tiles) {
+        bf16::set_enabled(true);
+        report_n("layer mix amx", time(&layer_mix), 9.0);
+        bf16::set_enabled(false);
+    }
 }

@@ -57,9 +57,9 @@ fn an_unknown_path_or_one_this_cpu_lacks_is_refused_before_anything_is_written()
 }
 
 /// `run.dtype = "bf16"` on the CPU: on each bf16 engine the CPU has (AMX tiles, AVX512_BF16's
-/// dot product; `MOTRAIN_BF16` picks) it trains the f32 model with bf16 matmuls (the same
-/// losses to bf16's precision, the engine said on the first line); without one it is refused
-/// with exit 2, naming f32, before anything is written.
+/// dot product; `MOTRAIN_BF16` picks) it trains the f32 model, dense and MoT, with bf16
+/// matmuls (the same losses to bf16's precision, the engine said on the first line); without
+/// one it is refused with exit 2, naming f32, before anything is written.
 #[test]
 fn bf16_trains_on_every_engine_and_is_refused_without_one() {
     use motrain::ops::bf16::{self, engines};
@@ -87,29 +87,34 @@ fn bf16_trains_on_every_engine_and_is_refused_without_one() {
     if !has {
         return;
     }
-    f.train(&config, "f32", &steps).ok();
-    let reference = losses(&f.run_dir("f32"));
-    for engine in engines() {
-        let with = |name: &str| {
-            let mut c = Command::new(bin());
-            c.env(bf16::ENV, engine.name());
-            f.train_with(c, &config, name, &bf16).ok()
-        };
-        let name = format!("bf16-{}", engine.name());
-        let out = with(&name);
-        let first = out.stdout.lines().next().unwrap().to_string();
-        assert!(first.ends_with(&format!("bf16 matmuls on {}", engine.label())), "{first}");
-        let a = losses(&f.run_dir(&name));
-        assert_eq!(a.len(), reference.len());
-        let mut differ = false;
-        for ((step, x), (_, y)) in a.iter().zip(&reference) {
-            assert!((x - y).abs() <= 2e-2 * y.abs(), "{name} step {step}: loss {x} vs f32 {y}");
-            differ |= x != y;
+    // Dense, and MoT (whose merge's backward runs on the tiles in a bf16 run on AMX).
+    let mot = ["model.ffn=mot", "model.mot.n_experts=4", "model.mot.group_size=2"];
+    for (kind, model) in [("dense", &[][..]), ("mot", &mot[..])] {
+        let extra = |base: &[&'static str]| [base, model].concat();
+        f.train(&config, &format!("{kind}-f32"), &extra(&steps)).ok();
+        let reference = losses(&f.run_dir(&format!("{kind}-f32")));
+        for engine in engines() {
+            let with = |name: &str| {
+                let mut c = Command::new(bin());
+                c.env(bf16::ENV, engine.name());
+                f.train_with(c, &config, name, &extra(&bf16)).ok()
+            };
+            let name = format!("{kind}-bf16-{}", engine.name());
+            let out = with(&name);
+            let first = out.stdout.lines().next().unwrap().to_string();
+            assert!(first.ends_with(&format!("bf16 matmuls on {}", engine.label())), "{first}");
+            let a = losses(&f.run_dir(&name));
+            assert_eq!(a.len(), reference.len());
+            let mut differ = false;
+            for ((step, x), (_, y)) in a.iter().zip(&reference) {
+                assert!((x - y).abs() <= 2e-2 * y.abs(), "{name} step {step}: loss {x} vs f32 {y}");
+                differ |= x != y;
+            }
+            assert!(differ, "{name}: bf16 matmuls must round: the losses cannot all be f32's");
+            with(&format!("{name}-again"));
+            let again = losses(&f.run_dir(&format!("{name}-again")));
+            assert_eq!(again, a, "{name} repeats itself bit for bit");
         }
-        assert!(differ, "{name}: bf16 matmuls must round: the losses cannot all be f32's");
-        with(&format!("{name}-again"));
-        let again = losses(&f.run_dir(&format!("{name}-again")));
-        assert_eq!(again, a, "{name} repeats itself bit for bit");
     }
 
     // `bench --vs` steps an f32 and a bf16 model of one process in turn: each keeps its own

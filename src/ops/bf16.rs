@@ -24,6 +24,14 @@ mod pack;
 #[cfg(target_arch = "x86_64")]
 mod tiles;
 
+/// For other kernels that run small products on the tiles (`ops::mot`'s mixing in bf16 runs):
+/// the tile configuration and the packing's conversions to the tiles' layouts.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod kit {
+    pub(crate) use super::pack::x86::{load, neighbours, pairs, transpose};
+    pub(crate) use super::tiles::{configure, release};
+}
+
 pub use engine::{
     dot_available, enabled, engine, engines, select, set_enabled, tiles_available, usable,
     with_engine, Engine, ENV,

@@ -166,7 +166,7 @@ fn pack_b_and(
 
 /// The four packing kernels. Each writes whole 64-byte tile rows (zeros past the operand's
 /// edge), reading through masked loads that never touch memory past a row's end.
-mod x86 {
+pub(super) mod x86 {
     use super::{a_index, Operand, Second, KT, T};
     use crate::ops::vec::prefetch;
     use std::arch::x86_64::*;
@@ -175,7 +175,7 @@ mod x86 {
     /// Up to 16 floats from the start of `src`, zeros after its end.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    fn load(src: &[f32]) -> __m512 {
+    pub(crate) fn load(src: &[f32]) -> __m512 {
         let n = src.len().min(16);
         // SAFETY: the mask covers the first `n` floats, all inside `src`; masked-off lanes are
         // not read.
@@ -206,7 +206,7 @@ mod x86 {
     /// along K. Bit for bit [`super::bf16`] (`vcvtne2ps2bf16`).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    fn neighbours(lo: __m512, hi: __m512) -> __m512i {
+    pub(crate) fn neighbours(lo: __m512, hi: __m512) -> __m512i {
         // SAFETY: both types are 64 bytes of plain bits.
         unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) }
     }
@@ -214,7 +214,7 @@ mod x86 {
     /// Lane c = `(bf16(x[c]), bf16(y[c]))`: the pairs of two K rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    fn pairs(x: __m512, y: __m512) -> __m512i {
+    pub(crate) fn pairs(x: __m512, y: __m512) -> __m512i {
         // 16-bit element 2c from x[c] (element c of `neighbours`), 2c + 1 from y[c] (16 + c).
         let order = _mm512_set_epi16(
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
@@ -226,7 +226,7 @@ mod x86 {
     /// The 16 × 16 transpose of 32-bit lanes: lane j of row i becomes lane i of row j.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    pub(super) fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+    pub(crate) fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
         let mut t = r;
         for i in 0..8 {
             t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);

@@ -13,7 +13,7 @@ struct TileConfig([u8; 64]);
 ///
 /// # Safety
 /// The process must hold the tile state ([`super::tiles_available`] asked Linux for it).
-pub(super) unsafe fn configure() {
+pub(crate) unsafe fn configure() {
     let mut c = [0u8; 64];
     c[0] = 1;
     for t in 0..8 {
@@ -29,7 +29,7 @@ pub(super) unsafe fn configure() {
 ///
 /// # Safety
 /// [`configure`] must have run on this thread.
-pub(super) unsafe fn release() {
+pub(crate) unsafe fn release() {
     // SAFETY: as the caller guarantees.
     unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
 }

@@ -3,6 +3,18 @@
 
 use super::*;
 
+/// Merge's backward on AMX tiles (bf16 runs).
+#[cfg(target_arch = "x86_64")]
+mod tiles;
+
+/// Whether merge's backward runs on the AMX tiles: the run's matmuls are bf16 on the tiles
+/// engine (`run.dtype = "bf16"`), and groups of `g` over `e` experts, rows of `d`, fit them.
+#[cfg(target_arch = "x86_64")]
+fn on_tiles(d: usize, e: usize, g: usize) -> bool {
+    use crate::ops::bf16;
+    bf16::enabled() && bf16::engine() == Some(bf16::Engine::Tiles) && tiles::fits(d, e, g)
+}
+
 /// Tasks of [`mix_backward`]: about this many, whatever the number of threads, so that its
 /// partial sums of the controller's gradient, added in task order, have the same bits on any
 /// number of threads.
@@ -17,21 +29,25 @@ const MIX_TASKS: usize = 64;
 /// - `dc_e += Σ_i dz[i, e]·x_i`, into the task's partial sum, the partials added in order.
 ///
 /// Each of these reads the group's rows while they sit in L1, where the separate ops read `x`
-/// from memory once more, wrote a second `dx` and added the two.
+/// from memory once more, wrote a second `dx` and added the two. In a bf16 run on AMX tiles
+/// the products run there instead ([`tiles::mix_backward`]).
 pub fn mix_backward(
     dm: &[f32], x: &[f32], w: &[f32], from_emit: Option<&[f32]>, c: &[f32],
     (b, s, d, e, g): (usize, usize, usize, usize, usize),
 ) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if on_tiles(d, e, g) {
+        // SAFETY: `on_tiles` checked that this run's products are on the tiles, which the CPU
+        // has, and that the shapes fit them.
+        return unsafe { tiles::mix_backward(dm, x, w, from_emit, c, (b, s, d, e, g)) };
+    }
     let k = b / g;
-    let sb = s.div_ceil(MIX_TASKS.div_ceil(k.max(1))).max(1);
-    let tasks = k * s.div_ceil(sb);
-    let dx = Output { len: b * s * d, width: d, slabs: Slabs::Rows };
-    let partials = Output { len: tasks * e * d, width: e * d, slabs: Slabs::Tasks };
+    let (sb, outputs) = mix_tasks(b, s, d, e, g);
     // SAFETY: `weighted_sums` writes every row of every member's piece of dx; each task zeroes
     // its partial before adding to it.
-    let mut both = unsafe {
+    let both = unsafe {
         run_tasks2(
-            [dx, partials],
+            outputs,
             (b, s, g),
             sb,
             #[inline(always)]
@@ -53,23 +69,14 @@ pub fn mix_backward(
                     // in place.
                     for (i, dwi) in dz.chunks_exact_mut(e).enumerate() {
                         dots(t.level, &members[i * d..(i + 1) * d], &rows, d, dwi);
-                        if let Some(de) = from_emit {
-                            dwi.iter_mut().zip(&de[row(i) * e..][..e]).for_each(|(a, b)| *a += b);
-                        }
                     }
-                    total.fill(0.0);
-                    for (i, dwi) in dz.chunks_exact(e).enumerate() {
-                        let wi = &w[row(i) * e..][..e];
-                        total.iter_mut().zip(wi).zip(dwi).for_each(|((t, &w), &d)| *t += w * d);
-                    }
+                    let w_of = |i: usize| &w[row(i) * e..][..e];
+                    let emit_of = |i: usize| from_emit.map(|de| &de[row(i) * e..][..e]);
+                    softmax_backward(&mut dz, e, (g, e), w_of, emit_of, &mut total);
                     for (i, (dzi, ci)) in
-                        dz.chunks_exact_mut(e).zip(coefs.chunks_exact_mut(2 * e)).enumerate()
+                        dz.chunks_exact(e).zip(coefs.chunks_exact_mut(2 * e)).enumerate()
                     {
-                        let wi = &w[row(i) * e..][..e];
-                        for ((dz, &w), &t) in dzi.iter_mut().zip(wi).zip(&total) {
-                            *dz = w * *dz - w * t;
-                        }
-                        ci[..e].copy_from_slice(wi);
+                        ci[..e].copy_from_slice(w_of(i));
                         ci[e..].copy_from_slice(dzi);
                     }
                     // Term j < E is dm_j with weight w[i, j]; term E + j is c_j with dz[i, j].
@@ -91,8 +98,48 @@ pub fn mix_backward(
             },
         )
     };
-    // dc: the partials, added in task order, in place of the first.
-    let (dx_len, ed) = (b * s * d, e * d);
+    sum_partials(both, b * s * d, e * d)
+}
+
+/// [`mix_backward`]'s tasks, about [`MIX_TASKS`] of them: positions per task, and its outputs,
+/// `dx [B, S, d]` and one partial sum of `dc [E, d]` per task.
+pub(super) fn mix_tasks(b: usize, s: usize, d: usize, e: usize, g: usize) -> (usize, [Output; 2]) {
+    let k = b / g;
+    let sb = s.div_ceil(MIX_TASKS.div_ceil(k.max(1))).max(1);
+    let tasks = k * s.div_ceil(sb);
+    let dx = Output { len: b * s * d, width: d, slabs: Slabs::Rows };
+    let partials = Output { len: tasks * e * d, width: e * d, slabs: Slabs::Tasks };
+    (sb, [dx, partials])
+}
+
+/// The softmax's backward over one group, in place: `dw` (member i's weight gradient for
+/// expert ex at `dw[i·stride + ex]`, `(g, e)` of them) plus emit's (`from_emit(i)`, if any)
+/// becomes `dz_i = w_i ⊙ dw_i − w_i ⊙ Σ_j w_j ⊙ dw_j`, with `w(i)` member i's weights.
+pub(super) fn softmax_backward<'a>(
+    dw: &mut [f32], stride: usize, (g, e): (usize, usize), w: impl Fn(usize) -> &'a [f32],
+    from_emit: impl Fn(usize) -> Option<&'a [f32]>, total: &mut [f32],
+) {
+    for i in 0..g {
+        if let Some(de) = from_emit(i) {
+            dw[i * stride..][..e].iter_mut().zip(de).for_each(|(a, b)| *a += b);
+        }
+    }
+    total.fill(0.0);
+    for i in 0..g {
+        let dwi = &dw[i * stride..][..e];
+        total.iter_mut().zip(w(i)).zip(dwi).for_each(|((t, &w), &d)| *t += w * d);
+    }
+    for i in 0..g {
+        for ((dz, &w), &t) in dw[i * stride..][..e].iter_mut().zip(w(i)).zip(&*total) {
+            *dz = w * *dz - w * t;
+        }
+    }
+}
+
+/// `[dx | partials]` → `[dx | dc]`: the tasks' partial sums of the controller's gradient,
+/// added in task order (so the same bits on any number of threads).
+pub(super) fn sum_partials(mut both: Vec<f32>, dx_len: usize, ed: usize) -> Vec<f32> {
+    let tasks = (both.len() - dx_len) / ed.max(1);
     let (first, rest) = both[dx_len..].split_at_mut(ed.min(tasks * ed));
     for p in rest.chunks_exact(ed.max(1)) {
         first.iter_mut().zip(p).for_each(|(a, &v)| *a += v);
