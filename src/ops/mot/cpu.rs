@@ -139,7 +139,7 @@ unsafe fn run_tasks2(
 
 /// `acc + a·x`, as one fused multiply-add where the path has one ([`simd::Level::fma`]): one
 /// rounding and half the arithmetic instructions of a multiply and an add, which were most of
-/// the mixing kernels' inner loops (the README's twenty-third session has the timings).
+/// the mixing kernels' inner loops (`docs/performance-log.md`, twenty-third session).
 /// Baseline x86-64 has no FMA (`mul_add` would be a libm call), so the portable path there
 /// multiplies, then adds.
 #[inline(always)]
