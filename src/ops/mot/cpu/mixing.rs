@@ -42,14 +42,11 @@ pub fn mix_backward(
         return unsafe { tiles::mix_backward(dm, x, w, from_emit, c, (b, s, d, e, g)) };
     }
     let k = b / g;
-    let (sb, outputs) = mix_tasks(b, s, d, e, g);
     // SAFETY: `weighted_sums` writes every row of every member's piece of dx; each task zeroes
     // its partial before adding to it.
-    let both = unsafe {
-        run_tasks2(
-            outputs,
-            (b, s, g),
-            sb,
+    unsafe {
+        run_mix_tasks(
+            (b, s, d, e, g),
             #[inline(always)]
             |t: Task, dxs: &mut [&mut [f32]], partial: &mut [&mut [f32]]| {
                 let dc = &mut *partial[0];
@@ -97,19 +94,28 @@ pub fn mix_backward(
                 }
             },
         )
-    };
-    sum_partials(both, b * s * d, e * d)
+    }
 }
 
-/// [`mix_backward`]'s tasks, about [`MIX_TASKS`] of them: positions per task, and its outputs,
-/// `dx [B, S, d]` and one partial sum of `dc [E, d]` per task.
-pub(super) fn mix_tasks(b: usize, s: usize, d: usize, e: usize, g: usize) -> (usize, [Output; 2]) {
+/// [`mix_backward`]'s tasks, about [`MIX_TASKS`] of them: `body(task, dx, partial)` gets the
+/// task's pieces of `dx [B, S, d]` and its own partial sum of `dc [E, d]`; returns `[dx | dc]`,
+/// the partials added in task order (so the same bits on any number of threads).
+///
+/// # Safety
+/// `body` must write every row of every member's piece of dx, and all of its partial.
+#[inline(always)]
+unsafe fn run_mix_tasks(
+    (b, s, d, e, g): (usize, usize, usize, usize, usize),
+    body: impl Fn(Task, &mut [&mut [f32]], &mut [&mut [f32]]) + Sync,
+) -> Vec<f32> {
     let k = b / g;
     let sb = s.div_ceil(MIX_TASKS.div_ceil(k.max(1))).max(1);
     let tasks = k * s.div_ceil(sb);
     let dx = Output { len: b * s * d, width: d, slabs: Slabs::Rows };
     let partials = Output { len: tasks * e * d, width: e * d, slabs: Slabs::Tasks };
-    (sb, [dx, partials])
+    // SAFETY: as the caller guarantees.
+    let both = unsafe { run_tasks2([dx, partials], (b, s, g), sb, body) };
+    sum_partials(both, b * s * d, e * d)
 }
 
 /// The softmax's backward over one group, in place: `dw` (member i's weight gradient for
@@ -138,7 +144,7 @@ pub(super) fn softmax_backward<'a>(
 
 /// `[dx | partials]` → `[dx | dc]`: the tasks' partial sums of the controller's gradient,
 /// added in task order (so the same bits on any number of threads).
-pub(super) fn sum_partials(mut both: Vec<f32>, dx_len: usize, ed: usize) -> Vec<f32> {
+fn sum_partials(mut both: Vec<f32>, dx_len: usize, ed: usize) -> Vec<f32> {
     let tasks = (both.len() - dx_len) / ed.max(1);
     let (first, rest) = both[dx_len..].split_at_mut(ed.min(tasks * ed));
     for p in rest.chunks_exact(ed.max(1)) {

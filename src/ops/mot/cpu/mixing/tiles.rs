@@ -12,7 +12,7 @@
 //! Groups and experts are at most 16 here ([`fits`]), d a multiple of 32: a tile's 16 rows
 //! hold a group's members or the experts, padded with zeros.
 
-use super::{mix_tasks, run_tasks2, softmax_backward, stream_copy, sum_partials, Task};
+use super::{run_mix_tasks, softmax_backward, stream_copy, Task};
 use crate::ops::bf16::kit::{self, load, neighbours, pairs, transpose};
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -276,17 +276,13 @@ pub(super) unsafe fn mix_backward(
     (b, s, d, e, g): (usize, usize, usize, usize, usize),
 ) -> Vec<f32> {
     assert!(fits(d, e, g));
-    let k = b / g;
-    let (sb, outputs) = mix_tasks(b, s, d, e, g);
-    let (kc, nc) = (d / 32, d / 16);
+    let (k, kc, nc) = (b / g, d / 32, d / 16);
     // SAFETY: every member's row of dx is copied from the tiles' result at each position, and
     // each task writes its whole partial at its end; the tiles are configured on the task's
     // thread before use and released after (the caller guarantees the CPU has them).
-    let both = unsafe {
-        run_tasks2(
-            outputs,
-            (b, s, g),
-            sb,
+    unsafe {
+        run_mix_tasks(
+            (b, s, d, e, g),
             #[inline(always)]
             |t: Task, dxs: &mut [&mut [f32]], partial: &mut [&mut [f32]]| {
                 kit::configure();
@@ -338,8 +334,7 @@ pub(super) unsafe fn mix_backward(
                 kit::release();
             },
         )
-    };
-    sum_partials(both, b * s * d, e * d)
+    }
 }
 
 #[cfg(test)]
