@@ -121,7 +121,8 @@ unsafe fn run_mix_tasks(
 /// The softmax's backward over one group, in place: `dw` (member i's weight gradient for
 /// expert ex at `dw[i·stride + ex]`, `(g, e)` of them) plus emit's (`from_emit(i)`, if any)
 /// becomes `dz_i = w_i ⊙ dw_i − w_i ⊙ Σ_j w_j ⊙ dw_j`, with `w(i)` member i's weights.
-pub(super) fn softmax_backward<'a>(
+#[inline(always)]
+fn softmax_backward<'a>(
     dw: &mut [f32], stride: usize, (g, e): (usize, usize), w: impl Fn(usize) -> &'a [f32],
     from_emit: impl Fn(usize) -> Option<&'a [f32]>, total: &mut [f32],
 ) {
