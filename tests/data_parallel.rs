@@ -180,7 +180,7 @@ fn sigterm_to_the_ranks_saves_and_the_resume_equals_the_uninterrupted_run() {
     mpirun(&f.cwd(), 2, &train_args(c, "run.name=whole", &common)).ok();
     // A step between 3 and 30 that differs from run to run of the test.
     let at = 3 + (std::process::id() as usize % 28);
-    let mut cmd = mpirun_command(2);
+    let (mut cmd, _session) = mpirun_command(2);
     let mut child = cmd
         .args(train_args(c, "run.name=stopped", &common))
         .current_dir(f.cwd())
@@ -228,7 +228,8 @@ fn a_killed_rank_ends_the_job_within_60_s_and_the_last_checkpoint_loads() {
         ["train.steps=100000", "train.micro_batch_size=2", "train.ckpt_every=5"]
             .map(String::from)
             .to_vec();
-    let mut child = mpirun_command(2)
+    let (mut cmd, _session) = mpirun_command(2);
+    let mut child = cmd
         .args(train_args(c, "run.name=lost", &common))
         .current_dir(f.cwd())
         .stdout(std::process::Stdio::null())
@@ -257,7 +258,7 @@ fn different_configs_on_the_ranks_are_refused_before_anything_is_written() {
     let config = f.config();
     let c = config.to_str().unwrap();
     let one = train_args(c, "run.name=mixed", &[]);
-    let mut cmd = mpirun_command(1);
+    let (mut cmd, _session) = mpirun_command(1);
     cmd.args(&one)
         .args(["--set", "train.lr=0.01", ":", "-n", "1"])
         .arg(bin())

@@ -67,9 +67,10 @@ fn mpirun(ranks: usize, mode: &str, env: &[(&str, &str)], deadline: Duration) ->
 }
 
 fn run(mut cmd: Command, deadline: Duration) -> Run {
+    let session = common::own_session_dir();
     // Shared memory's single-copy mechanisms (CMA, KNEM) need ptrace rights containers lack.
     cmd.env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("OMPI_MCA_orte_tmpdir_base", common::own_session_dir())
+        .env("OMPI_MCA_orte_tmpdir_base", session.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

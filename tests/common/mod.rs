@@ -404,24 +404,27 @@ pub fn assert_no_duplicate_steps(run_dir: &Path) {
 /// `mpirun -n RANKS motrain ARGS...` in `cwd`, one thread per rank, as the MPI tests run it
 /// (root in a container: `--allow-run-as-root`; more ranks than cores: `--oversubscribe`).
 pub fn mpirun(cwd: &Path, ranks: usize, args: &[&str]) -> Out {
-    run_motrain(mpirun_command(ranks), cwd, args)
+    let (cmd, _session) = mpirun_command(ranks);
+    run_motrain(cmd, cwd, args)
 }
 
-/// The `mpirun ... motrain` prefix of [`mpirun`], for a test that starts it itself.
-pub fn mpirun_command(ranks: usize) -> Command {
+/// The `mpirun ... motrain` prefix of [`mpirun`], for a test that starts it itself, with its
+/// session directory (keep it until mpirun is done; it is removed when dropped).
+pub fn mpirun_command(ranks: usize) -> (Command, tempfile::TempDir) {
+    let session = own_session_dir();
     let mut c = Command::new("mpirun");
     c.args(["--allow-run-as-root", "--oversubscribe", "-n", &ranks.to_string()])
         .args(["-x", "RAYON_NUM_THREADS=1", "-x", "OMPI_MCA_btl_vader_single_copy_mechanism=none"])
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("OMPI_MCA_orte_tmpdir_base", own_session_dir())
+        .env("OMPI_MCA_orte_tmpdir_base", session.path())
         .arg(bin());
-    c
+    (c, session)
 }
 
 /// A session directory base of its own for one mpirun: Open MPI 4 creates
 /// `/tmp/ompi.<host>.<uid>` as it starts, and two mpiruns starting at the same moment (tests run
-/// in parallel) can both fail at that `mkdir` ("File exists", orte_init failed). Left behind
-/// empty: mpirun removes what it made inside.
-pub fn own_session_dir() -> PathBuf {
-    tempfile::Builder::new().prefix("motrain-ompi-").tempdir().unwrap().keep()
+/// in parallel) can both fail at that `mkdir` ("File exists", orte_init failed). Removed when
+/// dropped, so keep it until mpirun is done.
+pub fn own_session_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("motrain-ompi-").tempdir().unwrap()
 }
