@@ -203,22 +203,6 @@ pub(super) unsafe fn dots(a: &[Tile], b: &[Tile], out: &mut [f32; T * T]) {
     out.iter_mut().zip(odd).for_each(|(o, v)| *o += v);
 }
 
-/// `dst = src` (whole 64-byte lines, `dst` on a line boundary) by 64-byte streaming stores, one
-/// instruction a line, where `ops::stream_copy` (any x86-64) takes four.
-///
-/// # Safety
-/// The CPU must have AVX-512 F; `dst` must start on a 64-byte boundary and both hold a
-/// multiple of 16 floats.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn stream_lines(dst: &mut [f32], src: &[f32]) {
-    assert!(dst.len() == src.len() && dst.len().is_multiple_of(T));
-    assert!((dst.as_ptr() as usize).is_multiple_of(64));
-    for (d, s) in dst.chunks_exact_mut(T).zip(src.chunks_exact(T)) {
-        // SAFETY: `d` is 16 floats on a 64-byte boundary (checked above), `s` 16 floats.
-        unsafe { _mm512_stream_ps(d.as_mut_ptr(), _mm512_loadu_ps(s.as_ptr())) };
-    }
-}
-
 /// `out[r][16c..16c + 16] (+)= a · b[c]` for every tile `b[c]` (a weighted sum: K is the 32
 /// coefficients of `a`'s rows), `out`'s 16 rows `stride` floats apart; `ADD` adds to what
 /// `out` holds, else overwrites it.
@@ -319,11 +303,7 @@ pub(super) unsafe fn mix_backward(
                     coefficients(g, |i| load(w_of(i)), |i| load(&dz[i * T..][..e]), &mut coef_dx);
                     weighted::<false>(&coef_dx, &terms, &mut staged, d);
                     for (i, out) in dxs.iter_mut().enumerate() {
-                        let out = &mut out[ds * d..(ds + 1) * d];
-                        match (out.as_ptr() as usize).is_multiple_of(64) {
-                            true => stream_lines(out, &staged[i * d..][..d]),
-                            false => stream_copy(out, &staged[i * d..][..d]),
-                        }
+                        stream_copy(&mut out[ds * d..(ds + 1) * d], &staged[i * d..][..d]);
                     }
                     // dc_e += Σ_i dz[i, e]·x_i.
                     let dz_of = columns(&dz);
