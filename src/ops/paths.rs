@@ -66,6 +66,12 @@ fn mot_mixing_agrees_on_every_path() {
     same_on_every_path("group_softmax", std::slice::from_ref(&z), |t| mot::group_softmax(&t[0], 4));
     same_on_every_path("merge", &[x, z.clone()], |t| mot::merge(&t[0], &t[1], 4));
     same_on_every_path("emit", &[randn(&[5, 18, 67], 13), z], |t| mot::emit(&t[0], &t[1], 4));
+    // Groups of 6: the AVX-512 dot products take members four at a time, then the other two.
+    let (x6, z6) = (randn(&[12, 9, 67], 18), randn(&[12, 9, 5], 19));
+    same_on_every_path("merge in groups of 6", &[x6, z6.clone()], |t| mot::merge(&t[0], &t[1], 6));
+    same_on_every_path("emit in groups of 6", &[randn(&[5, 18, 67], 20), z6], |t| {
+        mot::emit(&t[0], &t[1], 6)
+    });
     // A layer's mixing, whose backward runs through the softmax and the controller, with a
     // stand-in expert y = m ⊙ t[2] (a controller 96 wide takes the logits kernel, 67 not).
     for d in [67, 96] {

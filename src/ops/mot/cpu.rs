@@ -190,10 +190,10 @@ fn weighted_sums<'a>(
 ) {
     let o = (outs, span, store);
     match level {
-        simd::Level::Portable if level.fma() => tiles::<1, 32, true, _>(o, n, c, row),
-        simd::Level::Portable => tiles::<1, 32, false, _>(o, n, c, row),
-        simd::Level::Avx2 => tiles::<1, 64, true, _>(o, n, c, row),
-        _ => tiles::<4, 64, true, _>(o, n, c, row),
+        simd::Level::Portable if level.fma() => tiles::<1, 32, true, _>(level, o, n, c, row),
+        simd::Level::Portable => tiles::<1, 32, false, _>(level, o, n, c, row),
+        simd::Level::Avx2 => tiles::<1, 64, true, _>(level, o, n, c, row),
+        _ => tiles::<4, 64, true, _>(level, o, n, c, row),
     }
 }
 
@@ -212,15 +212,24 @@ fn store_block(out: &mut [f32], block: &[f32], store: Store) {
     }
 }
 
-/// [`weighted_sums`] in tiles of `R` outputs, the last outputs one at a time.
+/// [`weighted_sums`] in tiles of `R` outputs, the last outputs one at a time; on AVX-512 the
+/// tiles of 4 by [`x86::four_sums`].
 #[inline(always)]
 fn tiles<'a, const R: usize, const LANES: usize, const FMA: bool, X: Fn(usize) -> &'a [f32]>(
-    (outs, span, store): (&mut [&mut [f32]], (usize, usize), Store), n: usize, c: Coefs, row: X,
+    level: simd::Level, (outs, span, store): (&mut [&mut [f32]], (usize, usize), Store), n: usize,
+    c: Coefs, row: X,
 ) {
     let whole = outs.len() / R * R;
     let (tiled, rest) = outs.split_at_mut(whole);
     for (t, tile) in tiled.chunks_exact_mut(R).enumerate() {
         let c = Coefs { data: &c.data[t * R * c.out..], ..c };
+        #[cfg(target_arch = "x86_64")]
+        if R == 4 && level == simd::Level::Avx512 {
+            // SAFETY: code on the AVX-512 path runs only on a CPU that has it (and FMA).
+            unsafe { x86::four_sums((tile, span, store), n, c, &row) };
+            continue;
+        }
+        let _ = level;
         sum_in_blocks::<R, LANES, FMA, X>((tile, span, store), n, c, &row);
     }
     for (r, out) in rest.iter_mut().enumerate() {
@@ -291,6 +300,30 @@ fn dots(level: simd::Level, a: &[f32], c: &[f32], d: usize, out: &mut [f32]) {
     }
 }
 
+/// `out[i][at..at + n] = dots(a(i), c)` for the `m` rows `a(i)`, `n` the rows of `c`: on
+/// AVX-512 four rows of `a` at a time ([`x86::dots_four`]), the same bits as one by one.
+#[inline(always)]
+fn dots_rows<'a>(
+    level: simd::Level, (m, a): (usize, impl Fn(usize) -> &'a [f32]), c: &[f32],
+    (d, n): (usize, usize), out: &mut [&mut [f32]], at: usize,
+) {
+    // The rows of `a` that go four at a time.
+    let fours = match level {
+        simd::Level::Avx512 if cfg!(target_arch = "x86_64") => m / 4 * 4,
+        _ => 0,
+    };
+    #[cfg(target_arch = "x86_64")]
+    for i in (0..fours).step_by(4) {
+        // SAFETY: code on the AVX-512 path runs only on a CPU that has it (and FMA).
+        unsafe {
+            x86::dots_four([a(i), a(i + 1), a(i + 2), a(i + 3)], c, (d, n), &mut out[i..], at)
+        };
+    }
+    for (i, out) in out.iter_mut().enumerate().take(m).skip(fours) {
+        dots(level, a(i), c, d, &mut out[at..at + n]);
+    }
+}
+
 #[inline(always)]
 fn dots_with<const FMA: bool>(level: simd::Level, a: &[f32], c: &[f32], d: usize, out: &mut [f32]) {
     const L: usize = 16;
@@ -346,14 +379,104 @@ fn lane_sums(level: simd::Level, acc: &[[f32; 16]; 4]) -> [f32; 4] {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::{sum_in_blocks, Coefs, Store};
     use std::arch::x86_64::*;
+
+    /// `sum_in_blocks::<4, 64, true>`, the same multiply-adds in the same order, with its 16
+    /// accumulators in registers. Written as arrays of floats, they were stored to the stack
+    /// after every term (their address escapes into the store), and the loop ran at half the
+    /// speed of the dot products beside it (`mot_bench`, twenty-seventh session). A streamed
+    /// block is streamed where it is 64-byte aligned (rows of a multiple of 16 floats in a
+    /// fresh vector), stored plainly elsewhere.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn four_sums<'a, X: Fn(usize) -> &'a [f32]>(
+        (outs, (at, len), store): (&mut [&mut [f32]], (usize, usize), Store), n: usize, c: Coefs,
+        row: &X,
+    ) {
+        let whole = len / 64 * 64;
+        for b in (0..whole).step_by(64) {
+            let z = _mm512_setzero_ps();
+            let mut acc = [[z; 4]; 4];
+            for i in 0..n {
+                let x = &row(i)[b..b + 64];
+                // SAFETY: `x` holds 64 floats.
+                let x = unsafe { [0, 16, 32, 48].map(|q| _mm512_loadu_ps(x.as_ptr().add(q))) };
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(c.at(i, r));
+                    for q in 0..4 {
+                        acc[q] = _mm512_fmadd_ps(a, x[q], acc[q]);
+                    }
+                }
+            }
+            for (out, acc) in outs.iter_mut().zip(acc) {
+                let out = &mut out[at + b..at + b + 64];
+                let p = out.as_mut_ptr();
+                let aligned = (p as usize).is_multiple_of(64);
+                for (q, v) in acc.into_iter().enumerate() {
+                    // SAFETY: `out` holds 64 floats; a streaming store needs 64-byte alignment.
+                    unsafe {
+                        match store {
+                            Store::Stream if aligned => _mm512_stream_ps(p.add(16 * q), v),
+                            _ => _mm512_storeu_ps(p.add(16 * q), v),
+                        }
+                    }
+                }
+            }
+        }
+        // The tail, fewer than 64 floats, as the generic tiles do it.
+        let rest = |i: usize| &row(i)[whole..];
+        sum_in_blocks::<4, 64, true, _>((outs, (at + whole, len - whole), store), n, c, &rest);
+    }
+
+    /// `out[i][at + j] = ⟨a[i], c_j⟩` for four rows `a[i]` and the `n` rows `c_j` of `c`, in
+    /// tiles of 4 × 4 dots: each block of 16 floats of the eight rows is loaded once for 16
+    /// multiply-adds, where one row against four loaded five. Each dot sums as `dots` does.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn dots_four(
+        a: [&[f32]; 4], c: &[f32], (d, n): (usize, usize), out: &mut [&mut [f32]], at: usize,
+    ) {
+        assert!(a.iter().all(|r| r.len() >= d) && c.len() >= n * d && out.len() >= 4);
+        let whole = d / 16 * 16;
+        for j0 in (0..n).step_by(4) {
+            // The last rows in a four padded with copies of the last, as `dots` pads them.
+            let rows = [0, 1, 2, 3].map(|j| &c[(j0 + j).min(n - 1) * d..][..d]);
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            for b in (0..whole).step_by(16) {
+                // SAFETY: b + 16 ≤ d, and every row holds d floats (asserted above).
+                let y = rows.map(|r| unsafe { _mm512_loadu_ps(r.as_ptr().add(b)) });
+                for (acc, r) in acc.iter_mut().zip(a) {
+                    // SAFETY: as above.
+                    let x = unsafe { _mm512_loadu_ps(r.as_ptr().add(b)) };
+                    for (s, y) in acc.iter_mut().zip(y) {
+                        *s = _mm512_fmadd_ps(x, y, *s);
+                    }
+                }
+            }
+            for ((acc, r), out) in acc.into_iter().zip(a).zip(out.iter_mut()) {
+                let sums = lane_sums_of(acc);
+                for (j, o) in out[at + j0..at + n].iter_mut().take(4).enumerate() {
+                    let mut t = sums[j];
+                    for (&x, &y) in r[whole..d].iter().zip(&rows[j][whole..]) {
+                        t = x.mul_add(y, t);
+                    }
+                    *o = t;
+                }
+            }
+        }
+    }
 
     /// Lane `l` of each accumulator goes into its sum as `((l0 + l2) + (l1 + l3))` within each
     /// block of four lanes, then `(b0 + b2) + (b1 + b3)` over the four blocks.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn lane_sums(acc: &[[f32; 16]; 4]) -> [f32; 4] {
         // SAFETY: each accumulator holds 16 floats.
-        let [a, b, c, d] = unsafe { [0, 1, 2, 3].map(|j| _mm512_loadu_ps(acc[j].as_ptr())) };
+        let v = unsafe { [0, 1, 2, 3].map(|j| _mm512_loadu_ps(acc[j].as_ptr())) };
+        lane_sums_of(v)
+    }
+
+    /// [`lane_sums`] of accumulators in registers.
+    #[target_feature(enable = "avx512f")]
+    fn lane_sums_of([a, b, c, d]: [__m512; 4]) -> [f32; 4] {
         // Each 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3], and the same of c and d.
         let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
         let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
@@ -538,10 +661,8 @@ pub fn group_dot(
             (d, e),
             #[inline(always)]
             |t, ds, experts, members| {
-                for (i, dst) in members.iter_mut().enumerate() {
-                    let ai = &a[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
-                    dots(t.level, ai, experts, d, &mut dst[ds * e..(ds + 1) * e]);
-                }
+                let ai = |i: usize| &a[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
+                dots_rows(t.level, (g, ai), experts, (d, e), members, ds * e);
             },
         )
     }
@@ -575,15 +696,8 @@ pub fn emit_backward(
                     weighted_sums(t.level, experts, (ds * d, d), Store::Stream, g, c, |i| {
                         &outs[i * d..(i + 1) * d]
                     });
-                    for (i, dst) in members.iter_mut().enumerate() {
-                        dots(
-                            t.level,
-                            &outs[i * d..(i + 1) * d],
-                            &ys,
-                            d,
-                            &mut dst[ds * e..(ds + 1) * e],
-                        );
-                    }
+                    let out_of = |i: usize| &outs[i * d..(i + 1) * d];
+                    dots_rows(t.level, (g, out_of), &ys, (d, e), members, ds * e);
                 }
             },
         )
@@ -617,10 +731,8 @@ pub fn merge_backward(
                     weighted_sums(t.level, dxs, (ds * d, d), Store::Stream, e, c, |ex| {
                         &rows[ex * d..(ex + 1) * d]
                     });
-                    for (i, dst) in dws.iter_mut().enumerate() {
-                        let xi = &x[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
-                        dots(t.level, xi, &rows, d, &mut dst[ds * e..(ds + 1) * e]);
-                    }
+                    let xi = |i: usize| &x[((t.kk * g + i) * s + t.s0 + ds) * d..][..d];
+                    dots_rows(t.level, (g, xi), &rows, (d, e), dws, ds * e);
                 }
             },
         )

@@ -64,9 +64,9 @@ pub fn mix_backward(
                     gather(&mut members, g, d, |i| &x[row(i) * d..][..d]);
                     // dw, member i's for expert ex at dz[i·E + ex]; then the softmax's backward
                     // in place.
-                    for (i, dwi) in dz.chunks_exact_mut(e).enumerate() {
-                        dots(t.level, &members[i * d..(i + 1) * d], &rows, d, dwi);
-                    }
+                    let member = |i: usize| &members[i * d..(i + 1) * d];
+                    let mut dzs: Vec<&mut [f32]> = dz.chunks_exact_mut(e).collect();
+                    dots_rows(t.level, (g, member), &rows, (d, e), &mut dzs, 0);
                     let w_of = |i: usize| &w[row(i) * e..][..e];
                     let emit_of = |i: usize| from_emit.map(|de| &de[row(i) * e..][..e]);
                     softmax_backward(&mut dz, e, (g, e), w_of, emit_of, &mut total);
