@@ -202,21 +202,33 @@ pub(crate) enum Store {
     Stream,
 }
 
-/// `dst = src` by streaming stores where `dst` is 16-byte aligned (x86-64), plainly elsewhere
-/// (and for a tail of fewer than 4 floats). Neither reads `dst`.
+/// `dst = src` by streaming stores, which send a line to memory without reading it in first
+/// (x86-64): 64 bytes a store on the AVX-512 path where `dst` is 64-byte aligned, 16 where it
+/// is 16-byte aligned; plainly elsewhere, and for a tail of fewer floats than a store. Neither
+/// reads `dst`. The wide stores write a bf16 step's streamed products (weight gradients,
+/// large activations) in a quarter of the instructions: bench-mot and bench-dense in bf16 on
+/// AMX, steps alternated in one process, 3–8 ms a step faster than with 16-byte stores.
 #[inline]
 pub(crate) fn stream_copy(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "stream_copy: lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if (dst.as_ptr() as usize).is_multiple_of(16) {
-        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
-        for (o, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(4)) {
-            // SAFETY: SSE, part of x86-64; `o` is 4 floats on a 16-byte boundary (`dst` starts
-            // on one and `o` advances 16 bytes at a time), `s` 4 floats.
-            unsafe { _mm_stream_ps(o.as_mut_ptr(), _mm_loadu_ps(s.as_ptr())) };
+    {
+        let at = dst.as_ptr() as usize;
+        if at.is_multiple_of(64) && simd::level() == simd::Level::Avx512 {
+            // SAFETY: the AVX-512 path is chosen only on a CPU that has it.
+            return unsafe { vec::stream_copy_avx512(dst, src) };
         }
-        let whole = dst.len() / 4 * 4;
-        dst[whole..].copy_from_slice(&src[whole..]);
-        return;
+        if at.is_multiple_of(16) {
+            use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+            for (o, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(4)) {
+                // SAFETY: SSE, part of x86-64; `o` is 4 floats on a 16-byte boundary (`dst`
+                // starts on one and `o` advances 16 bytes at a time), `s` 4 floats.
+                unsafe { _mm_stream_ps(o.as_mut_ptr(), _mm_loadu_ps(s.as_ptr())) };
+            }
+            let whole = dst.len() / 4 * 4;
+            dst[whole..].copy_from_slice(&src[whole..]);
+            return;
+        }
     }
     dst.copy_from_slice(src);
 }

@@ -99,3 +99,29 @@ fn sum_of_squares_matches_a_naive_loop_on_every_path() {
     };
     assert_eq!(on(1).to_bits(), on(4).to_bits());
 }
+
+/// `stream_copy` on every path copies exactly, whatever the destination's alignment (16- and
+/// 64-byte stores and their plain fallbacks) and length (tails shorter than a store), and
+/// writes nothing outside it.
+#[test]
+fn stream_copy_copies_exactly_on_every_path() {
+    let src: Vec<f32> = (0..200).map(|i| i as f32 * 0.37 - 5.0).collect();
+    for level in simd::available() {
+        simd::with_level(level, || {
+            // Over-allocated so that some offset of every alignment class exists.
+            let mut buf = vec![-1f32; 300];
+            for offset in 0..17 {
+                for len in [0, 1, 3, 4, 15, 16, 17, 31, 32, 33, 64, 100, 160] {
+                    buf.fill(-1.0);
+                    super::stream_copy(&mut buf[offset..offset + len], &src[..len]);
+                    super::stream_fence();
+                    assert_eq!(&buf[offset..offset + len], &src[..len], "{level} {offset} {len}");
+                    assert!(
+                        buf[..offset].iter().chain(&buf[offset + len..]).all(|&v| v == -1.0),
+                        "{level} {offset} {len}: wrote outside"
+                    );
+                }
+            }
+        });
+    }
+}

@@ -223,6 +223,26 @@ fn map_and_sum(a: &mut [f32], f: impl Fn(f32) -> f32) -> f32 {
     total
 }
 
+/// [`super::stream_copy`] 64 bytes a store: `dst` must be 64-byte aligned and as long as `src`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn stream_copy_avx512(dst: &mut [f32], src: &[f32]) {
+    use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
+    assert!(dst.len() == src.len() && (dst.as_ptr() as usize).is_multiple_of(64));
+    let whole = dst.len() / 16 * 16;
+    for (o, s) in dst[..whole].chunks_exact_mut(16).zip(src.chunks_exact(16)) {
+        // SAFETY: `o` is 16 floats on a 64-byte boundary (`dst` starts on one and `o` advances
+        // 64 bytes at a time), `s` 16 floats.
+        unsafe { _mm512_stream_ps(o.as_mut_ptr(), _mm512_loadu_ps(s.as_ptr())) };
+    }
+    if whole < dst.len() {
+        dst[whole..].copy_from_slice(&src[whole..]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
