@@ -215,20 +215,26 @@ fn gemm_packed(
                             Engine::Tiles => {
                                 let held =
                                     (k_blocks > 1).then(|| &mut partial[slot..][..4 * T * T]);
-                                // Tiles store plainly: a streamed C goes by `acc`.
-                                let whole = store == Store::Set
-                                    && rows == 2 * T
+                                let whole = rows == 2 * T
                                     && cols == 2 * T
                                     && at + (2 * T - 1) * dst_rs + 2 * T <= c_rows.len();
-                                let direct = whole.then(|| &mut c_rows[at..]);
-                                // SAFETY: the tiles are configured on this thread (above).
+                                // Tiles store plainly: a streamed C goes by `acc`. They add
+                                // to a whole block of C by starting from it, where `acc` and
+                                // a pass of adds cost a second trip through the cache (MoT's
+                                // experts' input gradient, the second stack's product:
+                                // bench-mot bf16 ~2 ms a step).
+                                let add = whole && store == Store::Add;
+                                let direct = (whole && (store == Store::Set || add))
+                                    .then(|| &mut c_rows[at..]);
+                                // SAFETY: the tiles are configured on this thread (above);
+                                // with `Store::Add` the caller passed C initialised.
                                 let stored = unsafe {
                                     tiles::tiles_block(
                                         &block,
                                         (first, last),
                                         held,
                                         direct,
-                                        dst_rs,
+                                        (dst_rs, add),
                                         &mut acc,
                                     )
                                 };

@@ -34,22 +34,32 @@ pub(crate) unsafe fn release() {
     unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
 }
 
-/// The block on the tiles: C starts at zero at the `first` K block, else from `held` (where
-/// the one before left it); it is left in `held` unless `last`, else stored to `direct` (rows
-/// `dst_rs` apart; returns true) when given, else to `acc` (row-major, 32 wide).
+/// The block on the tiles: C starts at the `first` K block from zero, or with `add` from what
+/// `direct` holds (rows `dst_rs` apart), else from `held` (where the one before left it); it
+/// is left in `held` unless `last`, else stored to `direct` (returns true) when given, else to
+/// `acc` (row-major, 32 wide).
 ///
 /// # Safety
-/// The tiles must be configured on this thread.
+/// The tiles must be configured on this thread; with `add`, `direct` must be given and its
+/// 32×32 block initialised.
 pub(super) unsafe fn tiles_block(
     block: &Block, (first, last): (bool, bool), mut held: Option<&mut [f32]>,
-    direct: Option<&mut [MaybeUninit<f32>]>, dst_rs: usize, acc: &mut [f32; 4 * T * T],
+    mut direct: Option<&mut [MaybeUninit<f32>]>, (dst_rs, add): (usize, bool),
+    acc: &mut [f32; 4 * T * T],
 ) -> bool {
     block.check();
-    // SAFETY: every tile load reads 16 rows of 64 bytes inside the panels (checked above) or
-    // `held`, and every store writes inside `held`, `acc`, or a 32×32 block of `direct`
-    // (checked by the caller).
+    let direct_quads = |d: &mut [MaybeUninit<f32>]| {
+        let p = d.as_mut_ptr().cast::<f32>();
+        [p, p.wrapping_add(T), p.wrapping_add(T * dst_rs), p.wrapping_add(T * dst_rs + T)]
+    };
+    // SAFETY: every tile load reads 16 rows of 64 bytes inside the panels (checked above),
+    // `held`, or an initialised 32×32 block of `direct` (the caller's contract), and every
+    // store writes inside `held`, `acc`, or a 32×32 block of `direct` (checked by the caller).
     unsafe {
-        if first {
+        if first && add {
+            let d = direct.as_deref_mut().expect("adding to C reads it from `direct`");
+            c_tiles::<true>(direct_quads(d), dst_rs * 4);
+        } else if first {
             std::arch::asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
@@ -87,9 +97,7 @@ pub(super) unsafe fn tiles_block(
             return false;
         }
         if let Some(d) = direct {
-            let p = d.as_mut_ptr().cast::<f32>();
-            let quads = [p, p.add(T), p.add(T * dst_rs), p.add(T * dst_rs + T)];
-            c_tiles::<false>(quads, dst_rs * 4);
+            c_tiles::<false>(direct_quads(d), dst_rs * 4);
             return true;
         }
         // The four tiles side by side: `acc` is the 32×32 block.
