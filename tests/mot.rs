@@ -38,9 +38,15 @@ fn safetensors(
 fn mot_trains_and_reports_mixing_statistics() {
     let f = Fixture::new();
     let cfg = f.config();
-    f.train(&cfg, "mot", &[&MOT[..], &["model.mot.learn_temperature=true"]].concat()).ok();
+    // Logged at steps 5, 10 and 12: the statistics, computed only on the steps that are logged,
+    // are on every line that is.
+    let sets = ["model.mot.learn_temperature=true", "train.log_every=5"];
+    f.train(&cfg, "mot", &[&MOT[..], &sets].concat()).ok();
     let run = f.run_dir("mot");
-    for l in train_lines(&run) {
+    let lines = train_lines(&run);
+    let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [5, 10, 12]);
+    for l in lines {
         let layers =
             l["routing"].as_array().unwrap_or_else(|| panic!("no mixing statistics in {l}"));
         assert_eq!(layers.len(), 2, "one entry per MoT layer");

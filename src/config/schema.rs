@@ -470,6 +470,13 @@ pub enum NanPolicy {
     Skip,
 }
 
+impl TrainConfig {
+    /// Whether training logs step `step` (counted from 1): every `log_every`-th and the last.
+    pub fn logs_step(&self, step: usize) -> bool {
+        step.is_multiple_of(self.log_every) || step == self.steps
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {

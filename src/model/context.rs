@@ -18,6 +18,8 @@ pub struct FfnContext {
     pub noise_seed: u64,
     /// Experts recompute their hidden activations in backward (`train.recompute_experts`).
     pub recompute: bool,
+    /// Whether sparse layers record their statistics in `stats`.
+    pub record_stats: bool,
     pub aux_losses: Vec<Tensor>,
     pub z_losses: Vec<Tensor>,
     pub stats: Vec<LayerStats>,
@@ -32,6 +34,7 @@ impl FfnContext {
             group_size: None,
             noise_seed: 0,
             recompute: false,
+            record_stats: true,
             aux_losses: Vec::new(),
             z_losses: Vec::new(),
             stats: Vec::new(),

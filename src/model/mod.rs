@@ -67,12 +67,23 @@ impl Block {
     }
 }
 
+/// What a loss pass records besides the loss.
+#[derive(Clone, Copy, Debug)]
+pub struct Want {
+    /// Each token's cross-entropy ([`LossParts::token_losses`]).
+    pub per_token: bool,
+    /// The sparse layers' routing and mixing statistics ([`LossParts::stats`]): training
+    /// computes them only on the steps it logs.
+    pub stats: bool,
+}
+
 /// The pieces of a batch's loss.
 pub struct LossParts {
     /// Mean token cross-entropy: the number eval reports.
     pub ce: Tensor,
     /// Weighted aux and z losses of the MoE layers, if any: added to `ce` for training.
     pub aux: Option<Tensor>,
+    /// One per sparse layer, or none where they were not wanted.
     pub stats: Vec<LayerStats>,
     /// Each target token's cross-entropy, row by row, from [`Transformer::loss_per_token`]
     /// (empty from [`Transformer::loss`]).
@@ -269,21 +280,23 @@ impl Transformer {
     /// routing statistics; `train` prepares the backward pass and applies training-only rules
     /// (expert capacity).
     pub fn loss(&self, batch: &Batch, train: bool) -> Result<LossParts> {
-        self.loss_parts(batch, train, false)
+        self.loss_with(batch, train, Want { per_token: false, stats: true })
     }
 
     /// [`Transformer::loss`] with each token's cross-entropy too, from the same pass.
     pub fn loss_per_token(&self, batch: &Batch, train: bool) -> Result<LossParts> {
-        self.loss_parts(batch, train, true)
+        self.loss_with(batch, train, Want { per_token: true, stats: true })
     }
 
-    fn loss_parts(&self, batch: &Batch, train: bool, per_token: bool) -> Result<LossParts> {
+    /// [`Transformer::loss`] with what else the pass records chosen.
+    pub fn loss_with(&self, batch: &Batch, train: bool, want: Want) -> Result<LossParts> {
         let dev = self.device();
         let ids = Tensor::from_slice(&batch.inputs, (batch.rows, batch.seq_len), dev)?;
         let targets = Tensor::from_slice(&batch.targets, batch.rows * batch.seq_len, dev)?;
         let mut ctx = self.context(train, batch.rows, batch.seq_len, batch.index);
+        ctx.record_stats = want.stats;
         let hidden = self.hidden(&ids, None, &mut ctx)?;
-        let (ce, token_losses) = if per_token {
+        let (ce, token_losses) = if want.per_token {
             linear_cross_entropy_rows(&hidden, &self.head.w, &targets, train)?
         } else {
             (linear_cross_entropy(&hidden, &self.head.w, &targets, train)?, Vec::new())
@@ -458,6 +471,41 @@ mod tests {
             let loss =
                 |m: &Transformer| m.loss(&batch(), true).unwrap().ce.to_scalar::<f32>().unwrap();
             assert_eq!(loss(&dense), loss(&upcycled), "{act:?}: training loss differs");
+        }
+    }
+
+    /// A pass without statistics (training's steps that it does not log) records none and
+    /// changes nothing else: the same loss and gradients, bit for bit, MoT and MoE.
+    #[test]
+    fn statistics_are_recorded_only_where_wanted() {
+        let mot = |c: &mut ModelConfig| {
+            c.ffn = FfnKind::Mot;
+            c.mot.n_experts = 2;
+            c.mot.group_size = 3;
+        };
+        let moe = |c: &mut ModelConfig| {
+            c.ffn = FfnKind::Moe;
+            c.moe.n_experts = 3;
+        };
+        for cfg in [tiny(mot), tiny(moe)] {
+            let mut p = Params::new(&Device::Cpu, 4, 0.5);
+            let model = Transformer::new(&cfg, &mut p).unwrap();
+            let run = |stats: bool| {
+                let parts =
+                    model.loss_with(&batch(), true, Want { per_token: false, stats }).unwrap();
+                let l = parts.total().unwrap();
+                let grads = l.backward().unwrap();
+                let grads: Vec<Vec<f32>> = p
+                    .iter()
+                    .map(|(_, v)| grads.get(v).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                    .collect();
+                (parts.stats.len(), l.to_scalar::<f32>().unwrap(), grads)
+            };
+            let (with, without) = (run(true), run(false));
+            assert_eq!(with.0, cfg.n_layers, "{:?}: one entry per sparse layer", cfg.ffn);
+            assert_eq!(without.0, 0, "{:?}: statistics recorded unasked", cfg.ffn);
+            assert_eq!(with.1.to_bits(), without.1.to_bits(), "{:?}: the loss differs", cfg.ffn);
+            assert!(with.2 == without.2, "{:?}: the gradients differ", cfg.ffn);
         }
     }
 

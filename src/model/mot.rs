@@ -65,7 +65,9 @@ impl MotLayer {
         let offsets: Vec<usize> = (0..=e).map(|i| i * n).collect();
         let m = mixed.m.reshape((e * n, d))?;
         let y = self.experts.forward(&m, &offsets, ctx)?.reshape((e, n, d))?;
-        ctx.stats.push(LayerStats::Mot(self.statistics(&mixed.w, &mixed.z, g)?));
+        if ctx.record_stats {
+            ctx.stats.push(LayerStats::Mot(self.statistics(&mixed.w, &mixed.z, g)?));
+        }
         mixed.emit(&y)?.reshape((b * s, d))
     }
 

@@ -274,7 +274,8 @@ pub fn route(
     Ok(Routed { slots: routed, offsets, gates })
 }
 
-/// Aux and z losses into the context (token choice only), and the layer's statistics.
+/// Aux and z losses into the context (token choice only), and the layer's statistics where
+/// the context records them.
 #[allow(clippy::too_many_arguments)]
 fn record(
     rules: &RoutingRules, layer: usize, x: &Tensor, (z, p, p_host): (&Tensor, &Tensor, &[f32]),
@@ -293,10 +294,15 @@ fn record(
         let frac = Tensor::from_vec(frac, e, p.device())?.to_dtype(p.dtype())?;
         let aux = ((p.mean(0)? * frac)?.sum_all()? * e as f64)?;
         let zl = logsumexp(z)?.sqr()?.mean_all()?;
-        aux_value = aux.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        z_value = zl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if ctx.record_stats {
+            aux_value = aux.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            z_value = zl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
         ctx.aux_losses.push(aux);
         ctx.z_losses.push(zl);
+    }
+    if !ctx.record_stats {
+        return Ok(());
     }
     let z_host: Vec<f32> = z.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let entropy = mean_entropy(p_host, &z_host, e);

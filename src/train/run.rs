@@ -165,7 +165,7 @@ pub fn run(cfg: Config, start: Start, dist: Rc<Dist>) -> Result<RunSummary> {
         let elapsed = started.elapsed().as_secs_f64();
         let tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
         let done = step == t.steps;
-        if step % t.log_every == 0 || done {
+        if t.logs_step(step) {
             if let Some(m) = &metrics {
                 m.write(&train_record(&trainer, &stats, tps, elapsed))?;
             }
