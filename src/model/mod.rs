@@ -344,6 +344,20 @@ mod tests {
         cfg
     }
 
+    /// A small MoT model's settings: 2 experts, groups of 3 (the batch's rows).
+    fn small_mot(c: &mut ModelConfig) {
+        c.ffn = FfnKind::Mot;
+        c.mot.n_experts = 2;
+        c.mot.group_size = 3;
+    }
+
+    /// A small MoE model's settings: 3 experts, top 2.
+    fn small_moe(c: &mut ModelConfig) {
+        c.ffn = FfnKind::Moe;
+        c.moe.n_experts = 3;
+        c.moe.top_k = 2;
+    }
+
     fn batch() -> Batch {
         let inputs: Vec<u32> = (0..15).map(|i| (i * 7 + 3) % 11).collect();
         let targets: Vec<u32> = (0..15).map(|i| (i * 5 + 1) % 11).collect();
@@ -410,9 +424,7 @@ mod tests {
     #[test]
     fn moe_model_gradients() {
         check_model(tiny(|c| {
-            c.ffn = FfnKind::Moe;
-            c.moe.n_experts = 3;
-            c.moe.top_k = 2;
+            small_moe(c);
             c.moe.capacity_factor = 0.0;
         }));
     }
@@ -478,16 +490,7 @@ mod tests {
     /// changes nothing else: the same loss and gradients, bit for bit, MoT and MoE.
     #[test]
     fn statistics_are_recorded_only_where_wanted() {
-        let mot = |c: &mut ModelConfig| {
-            c.ffn = FfnKind::Mot;
-            c.mot.n_experts = 2;
-            c.mot.group_size = 3;
-        };
-        let moe = |c: &mut ModelConfig| {
-            c.ffn = FfnKind::Moe;
-            c.moe.n_experts = 3;
-        };
-        for cfg in [tiny(mot), tiny(moe)] {
+        for cfg in [tiny(small_mot), tiny(small_moe)] {
             let mut p = Params::new(&Device::Cpu, 4, 0.5);
             let model = Transformer::new(&cfg, &mut p).unwrap();
             let run = |stats: bool| {
@@ -513,21 +516,11 @@ mod tests {
     /// loss and gradients, MoT and MoE, gated and not.
     #[test]
     fn recomputed_experts_give_the_same_loss_and_gradients() {
-        let mot = |c: &mut ModelConfig| {
-            c.ffn = FfnKind::Mot;
-            c.mot.n_experts = 2;
-            c.mot.group_size = 3;
-        };
-        let moe = |c: &mut ModelConfig| {
-            c.ffn = FfnKind::Moe;
-            c.moe.n_experts = 3;
-            c.moe.top_k = 2;
-        };
         for cfg in [
-            tiny(mot),
-            tiny(moe),
+            tiny(small_mot),
+            tiny(small_moe),
             tiny(|c| {
-                moe(c);
+                small_moe(c);
                 c.activation = Activation::Gelu;
             }),
         ] {
