@@ -172,11 +172,13 @@ pub fn save(
 ) -> Result<PathBuf> {
     let fin = write_checkpoint(run_dir, state, |tmp| {
         let m = tmp.join("model.safetensors");
-        candle_core::safetensors::save(model, &m)
-            .map_err(|e| CheckpointError::invalid(&m, e.to_string()))?;
         let o = tmp.join("optimizer.safetensors");
-        candle_core::safetensors::save(optimizer, &o)
-            .map_err(|e| CheckpointError::invalid(&o, e.to_string()))?;
+        for (tensors, path) in [(model, &m), (optimizer, &o)] {
+            candle_core::safetensors::save(tensors, path)
+                .map_err(|e| CheckpointError::invalid(path, e.to_string()))?;
+            crate::run_dir::share_like_created(path)
+                .map_err(|e| CheckpointError::invalid(path, e.to_string()))?;
+        }
         Ok(vec![m, o])
     })?;
     prune(&checkpoints_dir(run_dir), keep)?;

@@ -88,7 +88,11 @@ pub fn architecture(m: &ModelConfig) -> std::result::Result<Architecture, String
         FfnKind::Dense => Ok(Architecture::Llama),
         FfnKind::Moe => {
             if m.moe.routing != Routing::TokenChoice || m.moe.router != RouterKind::Linear {
-                return Err("Hugging Face MoE models route by token choice with a linear router; this model has model.moe.routing/router set otherwise".into());
+                return Err(format!(
+                    "Hugging Face MoE models route by token choice with a linear router; this model has `model.moe.routing` = {} and `model.moe.router` = {}",
+                    crate::config::toml_value(&m.moe.routing),
+                    crate::config::toml_value(&m.moe.router)
+                ));
             }
             let every_block = m.ffn_layer_mask()?.iter().all(|&b| b);
             let mixtral = every_block
@@ -139,6 +143,7 @@ pub fn export_hf(ckpt: &Path, out: &Path) -> Result<Exported> {
     let model_path = out.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &model_path)
         .with_context(|| format!("writing {}", model_path.display()))?;
+    crate::run_dir::share_like_created(&model_path)?;
     let tokenizer = match tok {
         Some((Some(path), _)) => {
             std::fs::copy(&path, out.join("tokenizer.json"))

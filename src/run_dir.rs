@@ -137,6 +137,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
 }
 
+/// Gives a file that a library wrote through a temporary file (safetensors' writer creates it
+/// 0600) the mode a plain create would have: 0666 less the process's umask, so that whoever may
+/// read the rest of the run (a group on a cluster) may read its weights too.
+pub fn share_like_created(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // Linux reports the umask without changing it (`umask(2)` would set it, for every thread).
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
+        })
+        .unwrap_or(0o022);
+    let mode = std::fs::Permissions::from_mode(0o666 & !umask);
+    std::fs::set_permissions(path, mode).map_err(io(path))
+}
+
 /// Flushes a file or directory to disk.
 pub fn sync(path: &Path) -> Result<()> {
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
@@ -147,6 +164,22 @@ pub fn sync(path: &Path) -> Result<()> {
 /// SIGKILL, so a stale lock file never blocks a resume.
 pub struct RunLock {
     _file: std::fs::File,
+    /// The run directory, when taking the lock created it: a start refused before writing
+    /// anything then leaves no empty run behind.
+    created: Option<PathBuf>,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let Some(dir) = &self.created else { return };
+        let only_lock = std::fs::read_dir(dir)
+            .map(|entries| entries.flatten().all(|e| e.file_name() == "lock"))
+            .unwrap_or(false);
+        if only_lock {
+            // Best effort: whatever stops the removal leaves only an empty run behind.
+            let _ = std::fs::remove_file(dir.join("lock")).and_then(|_| std::fs::remove_dir(dir));
+        }
+    }
 }
 
 impl RunLock {
@@ -158,6 +191,7 @@ impl RunLock {
     fn acquire_for(run_dir: &Path, busy: &str) -> Result<RunLock> {
         use std::io::Seek;
         use std::os::fd::AsRawFd;
+        let created = (!run_dir.exists()).then(|| run_dir.to_path_buf());
         std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
         let path = run_dir.join("lock");
         let mut file = std::fs::OpenOptions::new()
@@ -180,7 +214,7 @@ impl RunLock {
             .and_then(|_| file.rewind())
             .and_then(|_| write!(file, "{}", std::process::id()))
             .map_err(io(&path))?;
-        Ok(RunLock { _file: file })
+        Ok(RunLock { _file: file, created })
     }
 }
 
@@ -248,6 +282,23 @@ mod tests {
         std::fs::write(metrics_path(run), b"{\"step\":1}\n").unwrap();
         let e = ensure_fresh_run(run, "[run]\n", "x").unwrap_err().to_string();
         assert!(e.contains("metrics.jsonl") && !e.contains("config.toml"), "{e}");
+    }
+
+    #[test]
+    fn a_lock_that_made_its_directory_removes_it_if_nothing_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        drop(RunLock::acquire(&run).unwrap());
+        assert!(!run.exists(), "an unused run directory was left behind");
+        // One that existed stays, and so does one that something was written into.
+        std::fs::create_dir_all(&run).unwrap();
+        drop(RunLock::acquire(&run).unwrap());
+        assert!(run.join("lock").exists());
+        let other = dir.path().join("other");
+        let lock = RunLock::acquire(&other).unwrap();
+        std::fs::write(other.join("config.toml"), "x").unwrap();
+        drop(lock);
+        assert!(other.join("config.toml").exists());
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub fn transition_tune(
     if state.config.model.ffn != FfnKind::Mot {
         return Err(ConfigError::Invalid {
             origin,
-            message: format!("transition-tune needs a Mixture of Tokens checkpoint, but this model has `model.ffn` = {:?}", state.config.model.ffn),
+            message: format!("transition-tune needs a Mixture of Tokens checkpoint, but this model has `model.ffn` = {}", crate::config::toml_value(&state.config.model.ffn)),
         }
         .into());
     }

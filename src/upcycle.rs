@@ -53,8 +53,8 @@ pub fn upcycle(
         return Err(ConfigError::Invalid {
             origin,
             message: format!(
-                "upcycle needs a dense checkpoint, but this model has `model.ffn` = {:?}; PESC upcycles dense FFNs only",
-                format!("{:?}", state.config.model.ffn).to_lowercase()
+                "upcycle needs a dense checkpoint, but this model has `model.ffn` = {}; PESC upcycles dense FFNs only",
+                crate::config::toml_value(&state.config.model.ffn)
             ),
         }
         .into());

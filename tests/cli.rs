@@ -112,6 +112,13 @@ fn train_writes_a_complete_run_and_learns_a_pattern() {
     for file in ["model.safetensors", "optimizer.safetensors", "state.json"] {
         assert!(dir.join(file).is_file(), "{} missing", dir.join(file).display());
     }
+    // The weights are as readable as the rest of the run (safetensors' writer makes them 0600).
+    let mode = |file: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.join(file)).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode("model.safetensors"), mode("state.json"), "model.safetensors' mode");
+    assert_eq!(mode("optimizer.safetensors"), mode("state.json"), "optimizer.safetensors' mode");
     let mut kept: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1000,6 +1007,33 @@ fn resume_without_a_checkpoint_is_named() {
     let f = Fixture::new();
     let out = f.train(&f.config(), "never", &["--resume"]);
     assert_bad_input(&out, &["never"]);
+    assert!(!f.run_dir("never").exists(), "a refused --resume left a run directory");
+    let out = f.train(&f.config(), "warm", &["--init-from", "nowhere"]);
+    assert_bad_input(&out, &["nowhere"]);
+    assert!(!f.run_dir("warm").exists(), "a refused --init-from left a run directory");
+}
+
+#[test]
+fn a_micro_batch_beyond_the_machines_memory_is_refused() {
+    let f = Fixture::new();
+    let huge = ["train.batch_size=4294967296", "train.micro_batch_size=4294967296"];
+    let out = f.train(&f.config(), "huge", &huge);
+    assert_bad_input(&out, &["train.micro_batch_size", "data.seq_len", "GiB"]);
+    assert!(!f.run_dir("huge").exists(), "a refused config wrote its run");
+}
+
+#[test]
+fn a_bad_override_is_blamed_on_its_set() {
+    let f = Fixture::new();
+    let cfg = f.config();
+    for (arg, key) in [
+        ("train.stepz=5", "train.stepz"),
+        ("train.steps=abc", "train.steps"),
+        ("model.n_heads=3", "model.n_heads"),
+    ] {
+        let out = f.train(&cfg, "x", &[arg]);
+        assert_bad_input(&out, &[&format!("--set {arg}"), key]);
+    }
 }
 
 #[test]

@@ -91,6 +91,16 @@ fn expert_choice_and_xmoe_train() {
         .concat(),
     )
     .ok();
+    // Hugging Face has no expert-choice MoE: export refuses it, naming the setting as written.
+    let out = f.run(&[
+        "export",
+        "--checkpoint",
+        f.run_dir("ec").to_str().unwrap(),
+        "--out",
+        f.runs().join("ec-hf").to_str().unwrap(),
+    ]);
+    assert_bad_input(&out, &["`model.moe.routing` = \"expert_choice\""]);
+    assert!(!f.runs().join("ec-hf").exists(), "a refused export wrote its --out");
     let run = f.run_dir("xmoe");
     f.train(
         &cfg,

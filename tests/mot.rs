@@ -225,6 +225,6 @@ fn transition_tuning_needs_a_mot_checkpoint() {
         "--out",
         f.runs().join("x").to_str().unwrap(),
     ]);
-    assert_bad_input(&out, &["Mixture of Tokens checkpoint", "model.ffn"]);
+    assert_bad_input(&out, &["Mixture of Tokens checkpoint", "`model.ffn` = \"dense\""]);
     assert!(!f.runs().join("x").exists());
 }

@@ -505,7 +505,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 if r.up_to_date { String::new() } else { format!(" in {:.1} s", r.seconds) }
             );
             for (kind, s) in &m.skipped {
-                println!("skipped {} records: {kind} (first at {})", s.records, s.first.join(", "));
+                // Damage to a file can lose records that nobody can count.
+                let what = match s.records {
+                    0 => "damaged data".to_string(),
+                    n => format!("{n} records"),
+                };
+                println!("skipped {what}: {kind} (first at {})", s.first.join(", "));
             }
             match opts.val {
                 prepare::ValSplit::Docs(n) if m.documents.val < n => eprintln!(

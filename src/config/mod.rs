@@ -43,8 +43,7 @@ impl Config {
         for arg in overrides {
             apply_override(&mut value, arg)?;
         }
-        let config = Self::from_table(value, &origin)?;
-        Ok(config)
+        Self::from_table(value, &origin).map_err(|e| blame_override(e, overrides))
     }
 
     /// Parses an already resolved table (a run's config.toml or a checkpoint's state.json).
@@ -124,7 +123,27 @@ impl Config {
         for arg in overrides {
             apply_override(&mut table, arg)?;
         }
-        Config::from_table(table, origin)
+        Config::from_table(table, origin).map_err(|e| blame_override(e, overrides))
+    }
+}
+
+/// A config value as a config file spells it (`"dense"`, where Rust's name is `Dense`), for
+/// messages that name it.
+pub fn toml_value<T: serde::Serialize>(value: &T) -> String {
+    toml::Value::try_from(value).map_or_else(|e| format!("<{e}>"), |v| v.to_string())
+}
+
+/// An error about a key that a `--set` gave is that override's, not the file's: the user looks
+/// for the mistake where it is.
+fn blame_override(e: ConfigError, overrides: &[String]) -> ConfigError {
+    let ConfigError::Invalid { origin, message } = e else { return e };
+    let names = |arg: &&String| {
+        let key = arg.split_once('=').map_or("", |(k, _)| k.trim());
+        message.contains(&format!("`{key}`"))
+    };
+    match overrides.iter().rev().find(names) {
+        Some(arg) => ConfigError::Override { arg: arg.clone(), message },
+        None => ConfigError::Invalid { origin, message },
     }
 }
 

@@ -172,7 +172,13 @@ pub fn train_bpe(
     let limit = max_bytes.unwrap_or(u64::MAX);
     // The trainer pulls documents; a read error ends the stream and is returned afterwards.
     let docs = DocReader::new(files, read.clone()).map_while(|item| match item {
-        Ok(Item::Doc(d)) if report.bytes < limit => {
+        Ok(Item::Doc(mut d)) if report.bytes < limit => {
+            // The piece that crosses the limit is cut there (at a character's start).
+            let room = usize::try_from(limit - report.bytes).unwrap_or(usize::MAX);
+            if d.text.len() > room {
+                let cut = (0..=room).rev().find(|&i| d.text.is_char_boundary(i)).unwrap_or(0);
+                d.text.truncate(cut);
+            }
             report.bytes += d.text.len() as u64;
             report.documents += d.starts as u64;
             Some(Some(d.text))

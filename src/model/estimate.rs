@@ -1,5 +1,6 @@
 //! What a model costs, from its config alone: training FLOPs per token (the figure `bench`
-//! reports as GFLOP/s). Parameter counts come from the built model (`Params::count`).
+//! reports as GFLOP/s), and the least memory a training step can hold. Parameter counts come
+//! from the built model (`Params::count`).
 
 use crate::config::{Activation, FfnKind, ModelConfig};
 
@@ -35,4 +36,19 @@ pub fn flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
     // q and o are d×d; k and v d × (KVH · head width).
     let kv = (cfg.kv_heads() * (cfg.d_model / cfg.n_heads)) as f64;
     6.0 * (l * (2.0 * d * d + 2.0 * d * kv) + ffn + v * d) + 12.0 * l * d * seq_len as f64
+}
+
+/// Bytes a training step on the CPU holds at the very least, for `tokens` tokens a micro-batch
+/// and `params` parameters of which `trainable` train: the `[tokens, V]` logits of the loss,
+/// each layer's input, queries, keys and values that its backward reads, and the f32 weights
+/// with the gradients and AdamW moments of the trainable ones. A floor, not an estimate (a
+/// step holds ~3× it): a run above it cannot fit, one below it may still not.
+pub fn step_memory_floor(cfg: &ModelConfig, tokens: usize, params: usize, trainable: usize) -> u64 {
+    let kv = (cfg.kv_heads() * (cfg.d_model / cfg.n_heads)) as u64;
+    let per_token = cfg.vocab_size as u64 + cfg.n_layers as u64 * (2 * cfg.d_model as u64 + 2 * kv);
+    let f32s = (tokens as u64)
+        .saturating_mul(per_token)
+        .saturating_add(params as u64)
+        .saturating_add(3 * trainable as u64);
+    f32s.saturating_mul(4)
 }

@@ -23,7 +23,7 @@ use attention::Attention;
 pub use attention::KvCache;
 use candle_core::{Device, Result, Tensor};
 use context::FfnContext;
-pub use estimate::flops_per_token;
+pub use estimate::{flops_per_token, step_memory_floor};
 use ffn::DenseFfn;
 use layers::{Linear, Norm};
 use moe::MoeLayer;

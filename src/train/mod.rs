@@ -150,6 +150,9 @@ impl Trainer {
             .freezing(move |name| !crate::model::trains(&model_cfg, name));
         let model = Transformer::new(&cfg.model, &mut params)?
             .with_recompute_experts(cfg.train.recompute_experts);
+        if dev.is_cpu() {
+            check_step_memory(&cfg, &params)?;
+        }
         // Moments only for what trains.
         let trainable = |name: &str| !params.is_frozen(name);
         let opt = match cfg.train.zero {
@@ -482,6 +485,36 @@ fn check_world(cfg: &Config, dist: &Dist) -> Result<(), ConfigError> {
         )));
     }
     Ok(())
+}
+
+/// Refuses a micro-batch that cannot fit in this machine's memory, before the step that the
+/// kernel would otherwise kill (with overcommit, allocations succeed until the pages are used).
+fn check_step_memory(cfg: &Config, params: &Params) -> Result<(), ConfigError> {
+    let (micro, seq) = (cfg.train.micro_batch_size, cfg.data.seq_len);
+    let floor = crate::model::step_memory_floor(
+        &cfg.model,
+        micro.saturating_mul(seq),
+        params.count(),
+        params.trainable_count(),
+    );
+    match crate::alloc::memory_bytes() {
+        Some(memory) if floor > memory => {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            Err(ConfigError::Invalid {
+                origin: "train".into(),
+                message: format!(
+                    "a micro-batch of `train.micro_batch_size` × `data.seq_len` = {micro} × {seq} \
+                     tokens needs at least {:.1} GiB (the logits, the activations the backward \
+                     reads, the weights and AdamW's moments), more than this machine's {:.1} GiB: \
+                     lower train.micro_batch_size (batch_size stays, by gradient accumulation) \
+                     or data.seq_len",
+                    gib(floor),
+                    gib(memory)
+                ),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Whether to skip the update: a non-finite loss or gradient norm skips it under
