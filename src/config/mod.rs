@@ -9,7 +9,7 @@ mod validate;
 pub use overrides::{absolute, apply_override};
 pub use schema::*;
 
-use overrides::{anchor_data_paths, one_line};
+use overrides::{anchor_data_paths, one_line, split_override};
 use std::path::{Path, PathBuf};
 
 /// Everything that can be wrong with a config file or an override.
@@ -138,8 +138,7 @@ pub fn toml_value<T: serde::Serialize>(value: &T) -> String {
 fn blame_override(e: ConfigError, overrides: &[String]) -> ConfigError {
     let ConfigError::Invalid { origin, message } = e else { return e };
     let names = |arg: &&String| {
-        let key = arg.split_once('=').map_or("", |(k, _)| k.trim());
-        message.contains(&format!("`{key}`"))
+        split_override(arg).is_some_and(|(key, _)| message.contains(&format!("`{key}`")))
     };
     match overrides.iter().rev().find(names) {
         Some(arg) => ConfigError::Override { arg: arg.clone(), message },

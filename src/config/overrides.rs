@@ -55,18 +55,20 @@ pub fn absolute(p: &Path) -> String {
     out.display().to_string()
 }
 
+/// The key and the raw value of a `KEY=VALUE` override, trimmed.
+pub(super) fn split_override(arg: &str) -> Option<(&str, &str)> {
+    arg.split_once('=').map(|(key, raw)| (key.trim(), raw.trim()))
+}
+
 /// Applies one `KEY=VALUE` override: the value is TOML, or a bare string.
 pub fn apply_override(value: &mut toml::Table, arg: &str) -> Result<()> {
     let err = |message: String| ConfigError::Override { arg: arg.to_string(), message };
-    let (key, raw) = arg
-        .split_once('=')
+    let (key, raw) = split_override(arg)
         .ok_or_else(|| err("expected KEY=VALUE, e.g. model.d_model=256".into()))?;
-    let key = key.trim();
     let parts: Vec<&str> = key.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
         return Err(err(format!("`{key}` is not a dotted key path")));
     }
-    let raw = raw.trim();
     let mut parsed = parse_value(raw);
     // Paths given on the command line are relative to the current directory.
     match (parts.as_slice(), &parsed) {

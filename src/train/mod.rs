@@ -497,24 +497,22 @@ fn check_step_memory(cfg: &Config, params: &Params) -> Result<(), ConfigError> {
         params.count(),
         params.trainable_count(),
     );
-    match crate::alloc::memory_bytes() {
-        Some(memory) if floor > memory => {
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-            Err(ConfigError::Invalid {
-                origin: "train".into(),
-                message: format!(
-                    "a micro-batch of `train.micro_batch_size` × `data.seq_len` = {micro} × {seq} \
-                     tokens needs at least {:.1} GiB (the logits, the activations the backward \
-                     reads, the weights and AdamW's moments), more than this machine's {:.1} GiB: \
-                     lower train.micro_batch_size (batch_size stays, by gradient accumulation) \
-                     or data.seq_len",
-                    gib(floor),
-                    gib(memory)
-                ),
-            })
-        }
-        _ => Ok(()),
+    if crate::alloc::fits_in_memory(floor) {
+        return Ok(());
     }
+    let memory = crate::alloc::memory_bytes().unwrap_or_default();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(ConfigError::Invalid {
+        origin: "train".into(),
+        message: format!(
+            "a micro-batch of `train.micro_batch_size` × `data.seq_len` = {micro} × {seq} \
+             tokens needs at least {:.1} GiB (the logits, the activations the backward reads, \
+             the weights and AdamW's moments), more than this machine's {:.1} GiB: lower \
+             train.micro_batch_size (batch_size stays, by gradient accumulation) or data.seq_len",
+            gib(floor),
+            gib(memory)
+        ),
+    })
 }
 
 /// Whether to skip the update: a non-finite loss or gradient norm skips it under
