@@ -45,6 +45,8 @@ use super::Store;
 #[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+#[cfg(target_arch = "x86_64")]
+use std::sync::Mutex;
 
 /// f32 → bf16 as the CPU's `vcvtne2ps2bf16` converts, which the packing kernels use: rounded
 /// to nearest even, a NaN made quiet, a denormal input taken as a zero of its sign.
@@ -90,6 +92,8 @@ const KC: usize = 256;
 /// Pairs of B tiles (32 columns each) per column chunk when K has several blocks, which bounds
 /// the partial sums a task keeps to `NB · per_task · 4 KiB`.
 const NB: usize = 16;
+/// 32-row blocks of C a task takes at most.
+const TASK_BLOCKS: usize = 8;
 /// Elements of C (1 MiB) from which [`Store::Set`] streams: a result this large has left the
 /// core's cache before the next op reads it, so a plain store only adds a read of each line
 /// (measured on AMX: bench-dense bf16 +7 % tokens/s, bench-mot +8 %).
@@ -97,12 +101,16 @@ const STREAM_FROM: usize = 1 << 18;
 
 /// Without x86-64 there is no bf16 engine: [`engine`] is None and nothing calls these.
 #[cfg(not(target_arch = "x86_64"))]
-fn gemm(_: Operand, _: Operand, _: &mut [MaybeUninit<f32>], _: usize, _: Store, _: bool) {
+fn gemm(
+    _: Operand, _: Operand, _: &mut [MaybeUninit<f32>], _: usize, _: Store, _: bool,
+) -> Option<f64> {
     unreachable!("the bf16 engines are x86-64 only")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn gemm_packed(_: Operand, _: &PackedB, _: &mut [MaybeUninit<f32>], _: usize, _: Store, _: bool) {
+fn gemm_packed(
+    _: Operand, _: &PackedB, _: &mut [MaybeUninit<f32>], _: usize, _: Store, _: bool,
+) -> Option<f64> {
     unreachable!("the bf16 engines are x86-64 only")
 }
 
@@ -122,15 +130,19 @@ pub(crate) struct PackedB {
 /// element of the M×N product is written (so `dst` may start uninitialised short of
 /// [`Store::Add`], which reads it). `parallel` splits the packing and the tiles across the
 /// current pool; without it all runs on the calling thread. Needs an [`engine`].
+///
+/// With [`Store::Stream`] (a weight gradient) it returns `Σ C²`, counted on the way out (see
+/// [`super::squares`]): in f32 within each 32×32 block of C, then in f64 in the order of the
+/// blocks, so the same whatever the tasks; None with other stores.
 #[cfg(target_arch = "x86_64")]
 fn gemm(
     a: Operand, b: Operand, dst: &mut [MaybeUninit<f32>], dst_rs: usize, store: Store,
     parallel: bool,
-) {
+) -> Option<f64> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let (kp, np) = (k.next_multiple_of(KT), n.next_multiple_of(2 * T));
     if m == 0 || n == 0 {
-        return;
+        return (store == Store::Stream).then_some(0.0);
     }
     let packed = PackedB { data: pack::pack_b(b, np, kp, parallel), k, n };
     gemm_packed(a, &packed, dst, dst_rs, store, parallel)
@@ -154,13 +166,14 @@ pub(crate) fn pack_weight(w: &[f32], n: usize, k: usize, parallel: bool) -> (Pac
 fn gemm_packed(
     a: Operand, b: &PackedB, dst: &mut [MaybeUninit<f32>], dst_rs: usize, store: Store,
     parallel: bool,
-) {
+) -> Option<f64> {
     let (m, k, n) = (a.rows, a.cols, b.n);
     assert_eq!(k, b.k, "packed B: K does not match A's columns");
     let (mp, kp, np) =
         (m.next_multiple_of(2 * T), k.next_multiple_of(KT), n.next_multiple_of(2 * T));
+    let count = store == Store::Stream;
     if m == 0 || n == 0 {
-        return;
+        return count.then_some(0.0);
     }
     let engine = engine().expect("bf16 products run only where an engine is (`usable`)");
     let store = match store {
@@ -174,15 +187,19 @@ fn gemm_packed(
     // A task takes several 32-row blocks, so each pair of B tiles it loads serves all of them
     // from cache; enough tasks remain to keep every thread busy.
     let blocks = m.div_ceil(2 * T);
-    let per_task = (blocks / (4 * threads)).clamp(1, 8);
+    let per_task = (blocks / (4 * threads)).clamp(1, TASK_BLOCKS);
     // K in blocks of KC, so that the A and B panels of one block stay in L1 and L2 however
     // long K is (a weight gradient's K is every token of the batch); each 32×32 block of C
     // waits in `partial`, in f32, between K blocks.
     let (k_steps, nb_all) = (kp / KT, np / (2 * T));
     let k_blocks = k_steps.div_ceil(KC / KT).max(1);
     let nb_chunk = if k_blocks > 1 { NB.min(nb_all) } else { nb_all };
+    // With `count`: Σ C² of each 32-row block, along N in order.
+    let squares = Mutex::new(vec![0f64; if count { blocks } else { 0 }]);
     for_chunks(dst, per_task * 2 * T * dst_rs, parallel, |task, c_rows| {
         let mut acc = [0f32; 4 * T * T];
+        // With `count`: this task's 32-row blocks' Σ C².
+        let mut my_squares = [0f64; TASK_BLOCKS];
         // SAFETY: every slot is stored (zeroed at the first K block) before any is read.
         let mut partial = unsafe {
             fresh(if k_blocks > 1 { nb_chunk * per_task * 4 * T * T } else { 0 }, |_| {})
@@ -197,7 +214,7 @@ fn gemm_packed(
                 let steps = kb * KC / KT..((kb + 1) * KC / KT).min(k_steps);
                 for nb in nbs.clone() {
                     let b_tiles = [&bp[2 * nb * b_block..], &bp[(2 * nb + 1) * b_block..]];
-                    for local in 0..per_task {
+                    for (local, squares) in my_squares.iter_mut().enumerate().take(per_task) {
                         let mb = task * per_task + local;
                         if mb >= blocks {
                             break;
@@ -254,6 +271,10 @@ fn gemm_packed(
                         };
                         if let Some(c) = done {
                             write_block(c, rows, cols, &mut c_rows[at..], dst_rs, store);
+                            if count {
+                                // SAFETY: the CPU has AVX-512 (every bf16 engine needs it).
+                                *squares += unsafe { block_squares(c, rows, cols) };
+                            }
                         }
                     }
                 }
@@ -266,7 +287,44 @@ fn gemm_packed(
         if store == Store::Stream {
             super::stream_fence();
         }
+        if count {
+            let first = task * per_task;
+            let mine = first..(first + per_task).min(blocks);
+            let mut squares = squares.lock().unwrap_or_else(|e| e.into_inner());
+            squares[mine.clone()].copy_from_slice(&my_squares[..mine.len()]);
+        }
     });
+    count.then(|| squares.into_inner().unwrap_or_else(|e| e.into_inner()).iter().sum())
+}
+
+/// `Σ c²` over the top-left `rows × cols` of a 32×32 block (`acc`, row-major): in f32 lanes, one
+/// per column, each over at most 32 rows; their sum in f64.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_squares(acc: &[f32], rows: usize, cols: usize) -> f64 {
+    use std::arch::x86_64::*;
+    let acc = &acc[..rows * 2 * T];
+    let mask = |from: usize| ((1u32 << cols.saturating_sub(from).min(T)) - 1) as u16;
+    let (m0, m1) = (mask(0), mask(T));
+    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for row in acc.chunks_exact(2 * T) {
+        // SAFETY: each masked load reads within the row's 32 floats.
+        let (a, b) = unsafe {
+            (_mm512_maskz_loadu_ps(m0, row.as_ptr()), _mm512_maskz_loadu_ps(m1, row[T..].as_ptr()))
+        };
+        s0 = _mm512_fmadd_ps(a, a, s0);
+        s1 = _mm512_fmadd_ps(b, b, s1);
+    }
+    let wide = |s: __m512| {
+        _mm512_add_pd(
+            _mm512_cvtps_pd(_mm512_castps512_ps256(s)),
+            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)))),
+        )
+    };
+    _mm512_reduce_add_pd(_mm512_add_pd(wide(s0), wide(s1)))
 }
 
 /// One 32×32 block of C over some of K's steps: the two A tiles' panels (32 rows), the two B
@@ -334,7 +392,7 @@ pub(crate) fn gemm_into(
     (m, n, k): (usize, usize, usize), dst: &mut [MaybeUninit<f32>], dst_rs: usize, store: Store,
     lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32], (rhs_rs, rhs_cs): (usize, usize),
     parallel: bool,
-) {
+) -> Option<f64> {
     let a = Operand { data: lhs, rows: m, cols: k, rs: lhs_rs, cs: lhs_cs };
     let b = Operand { data: rhs, rows: k, cols: n, rs: rhs_rs, cs: rhs_cs };
     gemm(a, b, dst, dst_rs, store, parallel)
@@ -346,7 +404,7 @@ pub(crate) fn gemm_into(
 pub(crate) fn gemm_packed_into(
     m: usize, dst: &mut [MaybeUninit<f32>], dst_rs: usize, store: Store, lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize), b: &PackedB, parallel: bool,
-) {
+) -> Option<f64> {
     let a = Operand { data: lhs, rows: m, cols: b.k, rs: lhs_rs, cs: lhs_cs };
     gemm_packed(a, b, dst, dst_rs, store, parallel)
 }
@@ -398,12 +456,14 @@ mod tests {
             );
             let (ra, rb) = (round(&a), round(&b));
             let product = |parallel, store| {
+                let mut sum = None;
                 // SAFETY: short of `Store::Add`, gemm_into writes every element of the product.
-                unsafe {
+                let c = unsafe {
                     written(m * n, |c| {
-                        gemm_into((m, n, k), c, n, store, &av, (k, 1), &bv, (1, k), parallel)
+                        sum = gemm_into((m, n, k), c, n, store, &av, (k, 1), &bv, (1, k), parallel)
                     })
-                }
+                };
+                (c, sum)
             };
             let onto_ones = || {
                 let mut c = vec![MaybeUninit::new(1f32); m * n];
@@ -412,10 +472,16 @@ mod tests {
                 c.into_iter().map(|x| unsafe { x.assume_init() }).collect::<Vec<f32>>()
             };
             for engine in engines() {
-                let (c, one_thread, streamed, added) = with_engine(engine, || {
-                    let set = product(true, Store::Set);
-                    (set, product(false, Store::Set), product(true, Store::Stream), onto_ones())
-                });
+                let ((c, set_sum), one_thread, streamed, streamed_alone, added) =
+                    with_engine(engine, || {
+                        (
+                            product(true, Store::Set),
+                            product(false, Store::Set).0,
+                            product(true, Store::Stream),
+                            product(false, Store::Stream),
+                            onto_ones(),
+                        )
+                    });
                 let e = engine.name();
                 for i in 0..m {
                     for j in 0..n {
@@ -434,7 +500,21 @@ mod tests {
                 }
                 // On one thread: the same sums in the same order; streamed, the same values.
                 assert_eq!(one_thread, c, "{e} {m}x{k}x{n} on one thread");
-                assert_eq!(streamed, c, "{e} {m}x{k}x{n} streamed");
+                assert_eq!(streamed.0, c, "{e} {m}x{k}x{n} streamed");
+                // A streamed product's squares, counted on the way out: those of its values,
+                // to f32 sums of 32; the same bits however its rows were split into tasks.
+                assert_eq!(set_sum, None, "{e} {m}x{k}x{n}: a set product counts nothing");
+                let squares: f64 = c.iter().map(|&x| x as f64 * x as f64).sum();
+                let sum = streamed.1.expect("a streamed product counts its squares");
+                assert!(
+                    (sum - squares).abs() <= 1e-6 * squares,
+                    "{e} {m}x{k}x{n}: Σ c² {sum} vs {squares}"
+                );
+                assert_eq!(
+                    streamed_alone.1.map(f64::to_bits),
+                    Some(sum.to_bits()),
+                    "{e} {m}x{k}x{n}: squares on one thread"
+                );
             }
         }
     }

@@ -24,6 +24,7 @@ mod recompute;
 pub use recompute::grouped_up;
 
 use super::bf16::{self, PackedB};
+use super::squares::Slot;
 use super::{fresh, fused, gemm_into, gemm_packed_into, slice, Kernel, Store};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -246,18 +247,22 @@ impl Grouped {
     }
 
     /// `dW_je = Σ_{r in e} dy_r[cols of j]ᵀ · x_r`; experts without rows get zeros. A weight
-    /// gradient: streamed ([`Store::Stream`]).
-    fn dw(&self, g: &[f32], x: &[f32], j: usize, din: usize) -> Vec<f32> {
+    /// gradient: streamed ([`Store::Stream`]), with its `Σ x²` where the kernel counts it
+    /// (summed over the experts in order, so the same whatever the threads).
+    fn dw(&self, g: &[f32], x: &[f32], j: usize, din: usize) -> (Vec<f32>, Option<f64>) {
         let (width, dout, col) = (self.width(), self.outs[j], self.column(j));
         let e_count = self.offsets.len() - 1;
         let parallel = !self.side_by_side();
+        let mut sums = Vec::new();
         // SAFETY: every expert's block is written: by its product, or with zeros. Not zeroing
         // the whole stack first saves a pass over every expert's weights (MoT's experts all
         // have rows).
-        unsafe {
+        let dw = unsafe {
             fresh(e_count * dout * din, |dw| {
-                dw.par_chunks_mut((dout * din).max(1)).zip(self.offsets.par_windows(2)).for_each(
-                    |(dst, b)| match b[1] > b[0] {
+                sums = dw
+                    .par_chunks_mut((dout * din).max(1))
+                    .zip(self.offsets.par_windows(2))
+                    .map(|(dst, b)| match b[1] > b[0] {
                         true => gemm_into(
                             self.kernel,
                             (dout, din, b[1] - b[0]),
@@ -270,11 +275,15 @@ impl Grouped {
                             (din, 1),
                             parallel,
                         ),
-                        false => dst.fill(0.0),
-                    },
-                )
+                        false => {
+                            dst.fill(0.0);
+                            Some(0.0)
+                        }
+                    })
+                    .collect::<Vec<Option<f64>>>()
             })
-        }
+        };
+        (dw, sums.into_iter().sum())
     }
 
     fn output_shape(&self, xl: &Layout) -> Result<Shape> {
@@ -289,7 +298,12 @@ impl Grouped {
             _ => candle_core::bail!("grouped matmul: one or two weight stacks"),
         };
         let dws = (0..ws.len())
-            .map(|j| g.apply_op2_no_bwd(x, &GroupedDw { op: self.clone(), j }))
+            .map(|j| {
+                let op = GroupedDw { op: self.clone(), j, squares: Slot::default() };
+                let dw = g.apply_op2_no_bwd(x, &op)?;
+                op.squares.note_on(&dw);
+                Ok(dw)
+            })
             .collect::<Result<_>>()?;
         Ok((dx, dws))
     }
@@ -380,10 +394,11 @@ impl CustomOp3 for GroupedDx {
     }
 }
 
-/// `dW` of stack `j` from `dy` and `x`.
+/// `dW` of stack `j` from `dy` and `x`, and its `Σ x²` where the kernel counted it.
 struct GroupedDw {
     op: Grouped,
     j: usize,
+    squares: Slot,
 }
 
 impl CustomOp2 for GroupedDw {
@@ -395,7 +410,8 @@ impl CustomOp2 for GroupedDw {
         &self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let din = xl.shape().dims2()?.1;
-        let dw = self.op.dw(slice(gs, gl)?, slice(xs, xl)?, self.j, din);
+        let (dw, sum) = self.op.dw(slice(gs, gl)?, slice(xs, xl)?, self.j, din);
+        self.squares.put(sum);
         Ok((
             CpuStorage::F32(dw),
             Shape::from((self.op.offsets.len() - 1, self.op.outs[self.j], din)),
@@ -451,6 +467,8 @@ mod tests {
     /// experts side by side (each product on one thread) and one expert across the pool. A
     /// training forward, which keeps the weights packed for the backward, gives the same bits
     /// as one that does not, and so does a second backward through its graph, which packs.
+    /// Each weight gradient comes with its sum of squares (`squares`), the same bits on one
+    /// thread, where the experts always run side by side.
     #[test]
     fn bf16_products_match_the_f32_kernel_within_bf16_rounding() {
         use crate::ops::bf16::{engines, with_engine};
@@ -470,9 +488,18 @@ mod tests {
                     g = loss.backward().unwrap();
                 }
                 let grad = |t: &Tensor| g.get(t).unwrap().clone();
-                [y.clone(), grad(x), grad(a), grad(b)].map(|t| t.flatten_all().unwrap())
+                let noted = [grad(a), grad(b)].map(|g| {
+                    let sum = crate::ops::squares::take(&g)?;
+                    let read = crate::ops::sum_of_squares(&g).unwrap();
+                    assert!((sum - read).abs() <= 1e-6 * read, "{offsets:?}: {sum} vs {read}");
+                    Some(sum.to_bits())
+                });
+                let ts = [y.clone(), grad(x), grad(a), grad(b)].map(|t| t.flatten_all().unwrap());
+                (ts, noted)
             };
-            let bits = |ts: [Tensor; 4]| ts.map(|t| t.to_vec1::<f32>().unwrap());
+            let bits =
+                |(ts, noted): ([Tensor; 4], _)| (ts.map(|t| t.to_vec1::<f32>().unwrap()), noted);
+            let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
             for engine in engines() {
                 let (bf16, unkept, twice) = with_engine(engine, || {
                     let bf16 = run(Kernel::Bf16, true, 1);
@@ -482,9 +509,15 @@ mod tests {
                         bits(run(Kernel::Bf16, true, 2)),
                     )
                 });
+                let alone =
+                    one_thread.install(|| with_engine(engine, || run(Kernel::Bf16, true, 1)));
                 assert_eq!(bits(bf16.clone()), unkept, "{engine:?} {offsets:?}");
                 assert_eq!(bits(bf16.clone()), twice, "{engine:?} {offsets:?}");
-                for (got, want) in bf16.iter().zip(run(Kernel::F32, true, 1)) {
+                assert!(bf16.1.iter().all(Option::is_some), "{engine:?} {offsets:?}: not noted");
+                assert_eq!(alone.1, bf16.1, "{engine:?} {offsets:?}: squares on one thread");
+                let (f32_grads, f32_noted) = run(Kernel::F32, true, 1);
+                assert_eq!(f32_noted, [None, None], "f32 gemm counts nothing");
+                for (got, want) in bf16.0.iter().zip(f32_grads) {
                     let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
                     let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                     let err = err.to_scalar::<f32>().unwrap();

@@ -4,7 +4,8 @@
 //! `run.dtype = "bf16"`. The weight gradient `dYᵀ·X` comes out `[out, in]` as the weight is
 //! stored, where candle's matmul backward computes `Xᵀ·dY` and then copies its transpose.
 
-use super::{product, Kernel, Store};
+use super::squares::Slot;
+use super::{product, weight_gradient, Kernel};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// A 2-D operand as gemm reads it: its elements from the layout's start, `[rows, cols]` and
@@ -22,12 +23,13 @@ fn operand<'a>(s: &'a CpuStorage, l: &Layout, transpose: bool) -> Result<Operand
     Ok(if transpose { (data, (cols, rows), (cs, rs)) } else { (data, (rows, cols), (rs, cs)) })
 }
 
-/// `a [M, K] · bᵀ` with `b [N, K]` (`transpose_b`), or `a · b` with `b [K, N]`, stored as
-/// `store` says (set, or streamed for a weight gradient).
+/// `a [M, K] · bᵀ` with `b [N, K]` (`transpose_b`), or `a · b` with `b [K, N]`.
 struct MatMul {
     transpose_b: bool,
     kernel: Kernel,
-    store: Store,
+    /// Some for a weight gradient: streamed, and its `Σ x²` left here where the kernel counts
+    /// it ([`super::squares`]).
+    gradient: Option<Slot>,
 }
 
 impl CustomOp2 for MatMul {
@@ -48,7 +50,14 @@ impl CustomOp2 for MatMul {
         if k != k2 {
             candle_core::bail!("linear product: [{m}, {k}] · [{k2}, {n}]");
         }
-        let c = product(self.kernel, (m, n, k), a, a_strides, b, b_strides, self.store);
+        let c = match &self.gradient {
+            Some(slot) => {
+                let (c, sum) = weight_gradient(self.kernel, (m, n, k), a, a_strides, b, b_strides);
+                slot.put(sum);
+                c
+            }
+            None => product(self.kernel, (m, n, k), a, a_strides, b, b_strides),
+        };
         Ok((CpuStorage::F32(c), Shape::from((m, n))))
     }
 
@@ -56,16 +65,20 @@ impl CustomOp2 for MatMul {
         &self, a: &Tensor, b: &Tensor, _c: &Tensor, dc: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let kernel = self.kernel;
-        let mm = |x: &Tensor, y: &Tensor, store| {
-            x.apply_op2_no_bwd(y, &MatMul { transpose_b: false, kernel, store })
-        };
         // Only `matmul_t` records this op for a backward pass (the backward's own products, in
         // either form, run without a graph), so the product here is always C = A·Bᵀ.
         if !self.transpose_b {
             candle_core::bail!("linear product: only A·Bᵀ (matmul_t) has a backward");
         }
         // dA = dC·B, dB = dCᵀ·A.
-        Ok((Some(mm(dc, b, Store::Set)?), Some(mm(&dc.t()?, a, Store::Stream)?)))
+        let da = dc.apply_op2_no_bwd(b, &MatMul { transpose_b: false, kernel, gradient: None })?;
+        let slot = Slot::default();
+        let op = MatMul { transpose_b: false, kernel, gradient: Some(slot) };
+        let db = dc.t()?.apply_op2_no_bwd(a, &op)?;
+        if let Some(slot) = &op.gradient {
+            slot.note_on(&db);
+        }
+        Ok((Some(da), Some(db)))
     }
 }
 
@@ -77,7 +90,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// [`matmul_t`] on a given kernel.
 pub fn matmul_t_on(kernel: Kernel, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.apply_op2(w, MatMul { transpose_b: true, kernel, store: Store::Set })
+    x.apply_op2(w, MatMul { transpose_b: true, kernel, gradient: None })
 }
 
 #[cfg(test)]

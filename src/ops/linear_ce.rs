@@ -5,7 +5,7 @@
 //! a step) are thus written once and read twice, never copied, zero-filled or accumulated by
 //! the autograd.
 
-use super::{fused, product, simd, slice, vec, Store};
+use super::{fused, product, simd, slice, squares, vec, weight_gradient};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -81,8 +81,9 @@ struct LinearCrossEntropy {
     rows: Option<RowLosses>,
 }
 
-/// `dx` and `dW` of a forward pass, each if it was asked for.
-type Grads = (Option<Vec<f32>>, Option<Vec<f32>>);
+/// `dx` and `dW` of a forward pass, each if it was asked for; with `dW`, its `Σ x²` where the
+/// kernel counted it ([`squares`]).
+type Grads = (Option<Vec<f32>>, Option<(Vec<f32>, Option<f64>)>);
 
 impl CustomOp3 for LinearCrossEntropy {
     fn name(&self) -> &'static str {
@@ -114,7 +115,7 @@ impl CustomOp3 for LinearCrossEntropy {
         let kernel = super::Kernel::current();
         // logits = x·Wᵀ, then one pass per row: log-sum-exp, the loss, and (training) the
         // logits turned in place into dL/dlogits = (softmax − onehot)/N.
-        let mut logits = product(kernel, (n, v, d), x, (d, 1), w, (1, d), Store::Set);
+        let mut logits = product(kernel, (n, v, d), x, (d, 1), w, (1, d));
         let (inv_n, fma) = (1.0 / n as f32, simd::level().fma());
         let losses: Vec<f32> = logits
             .par_chunks_mut(v)
@@ -140,10 +141,9 @@ impl CustomOp3 for LinearCrossEntropy {
         if self.with_grad {
             let dl = &logits;
             // dL·W.
-            let dx = self.dx.then(|| product(kernel, (n, d, v), dl, (v, 1), w, (d, 1), Store::Set));
-            // dLᵀ·x: a weight gradient, streamed.
-            let dw =
-                self.dw.then(|| product(kernel, (v, d, n), dl, (1, v), x, (d, 1), Store::Stream));
+            let dx = self.dx.then(|| product(kernel, (n, d, v), dl, (v, 1), w, (d, 1)));
+            // dLᵀ·x: a weight gradient.
+            let dw = self.dw.then(|| weight_gradient(kernel, (v, d, n), dl, (1, v), x, (d, 1)));
             *self.grads.lock().unwrap() = Some((dx, dw));
         }
         // Summed in f64 and in row order, so the loss does not depend on threads.
@@ -163,7 +163,17 @@ impl CustomOp3 for LinearCrossEntropy {
         let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         let scale = |t: Tensor| if g == 1.0 { Ok(t) } else { t * g };
         let dx = dx.map(|dx| scale(Tensor::from_vec(dx, x.shape(), x.device())?)).transpose()?;
-        let dw = dw.map(|dw| scale(Tensor::from_vec(dw, w.shape(), w.device())?)).transpose()?;
+        let dw = match dw {
+            Some((dw, sum)) => {
+                let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
+                // Scaled, it is another tensor with other squares: that one is read.
+                if let (Some(sum), 1.0) = (sum, g) {
+                    squares::note(&dw, sum);
+                }
+                Some(scale(dw)?)
+            }
+            None => None,
+        };
         Ok((dx, dw, None))
     }
 }

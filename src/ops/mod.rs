@@ -18,6 +18,7 @@ pub mod rope;
 pub mod routing;
 pub mod simd;
 mod small_gemm;
+pub mod squares;
 pub mod swiglu;
 pub mod vec;
 
@@ -54,9 +55,13 @@ pub(crate) fn fused(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
 }
 
-/// `Σ x²` over a tensor's elements, in f64. On the CPU in f32 one pass over the tensor
-/// (`sum_of_squares_host`); elsewhere through candle's ops.
+/// `Σ x²` over a tensor's elements, in f64: as the product that wrote it counted it, where one
+/// did ([`squares`]: a weight gradient in bf16); else on the CPU in f32 one pass over the
+/// tensor (`sum_of_squares_host`), and elsewhere through candle's ops.
 pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
+    if let Some(sum) = squares::take(t) {
+        return Ok(sum);
+    }
     if fused(&[t]) && t.is_contiguous() {
         let (storage, layout) = t.storage_and_layout();
         if let Storage::Cpu(c) = &*storage {
@@ -196,9 +201,10 @@ pub(crate) enum Store {
     /// Add to what it holds.
     Add,
     /// Overwrite it by streaming stores whatever its size: a weight gradient, read next by the
-    /// gradient norm, a pass over every weight later. A MoT layer's expert gradients are 1 MiB
-    /// an expert and 16 experts a layer; streamed, bench-mot's bf16 backward on AMX took 430
-    /// ms a step instead of 496 (tiles stored plainly to lines not cached stall).
+    /// optimizer, a pass over every weight later (the bf16 kernels count its squares on the
+    /// way, for the gradient norm: [`squares`]). A MoT layer's expert gradients are 1 MiB an
+    /// expert and 16 experts a layer; streamed, bench-mot's bf16 backward on AMX took 430 ms a
+    /// step instead of 496 (tiles stored plainly to lines not cached stall).
     Stream,
 }
 
@@ -245,32 +251,49 @@ pub(crate) fn stream_fence() {
 }
 
 /// `lhs[m×k] · rhs[k×n]` as a new row-major `m×n` vector, each operand given by (row stride,
-/// column stride), on all threads of the current pool; `store` is [`Store::Set`] or
-/// [`Store::Stream`] (a new vector holds nothing to add to).
+/// column stride), on all threads of the current pool.
 pub(crate) fn product(
     kernel: Kernel, mnk: (usize, usize, usize), lhs: &[f32], lhs_strides: (usize, usize),
-    rhs: &[f32], rhs_strides: (usize, usize), store: Store,
+    rhs: &[f32], rhs_strides: (usize, usize),
 ) -> Vec<f32> {
-    assert!(store != Store::Add, "product: a new vector holds nothing to add to");
     let (m, n, _) = mnk;
     // SAFETY: short of `Store::Add`, `gemm` writes every element of the m×n product.
     unsafe {
         written(m * n, |dst| {
-            gemm(kernel, mnk, dst, n, store, lhs, lhs_strides, rhs, rhs_strides, true)
+            gemm(kernel, mnk, dst, n, Store::Set, lhs, lhs_strides, rhs, rhs_strides, true);
         })
     }
+}
+
+/// [`product`] for a weight gradient: streamed ([`Store::Stream`]), with its `Σ x²` where the
+/// kernel counts it on the way out (see [`squares`]).
+pub(crate) fn weight_gradient(
+    kernel: Kernel, mnk: (usize, usize, usize), lhs: &[f32], lhs_strides: (usize, usize),
+    rhs: &[f32], rhs_strides: (usize, usize),
+) -> (Vec<f32>, Option<f64>) {
+    let (m, n, _) = mnk;
+    let mut sum = None;
+    // SAFETY: short of `Store::Add`, `gemm` writes every element of the m×n product.
+    let c = unsafe {
+        written(m * n, |dst| {
+            sum = gemm(kernel, mnk, dst, n, Store::Stream, lhs, lhs_strides, rhs, rhs_strides, true)
+        })
+    };
+    (c, sum)
 }
 
 /// `dst (+)= lhs · rhs` where the rows of `dst` are `dst_rs` apart (a column block of a wider
 /// matrix), stored as `store` says; `parallel` splits the product across the current pool,
 /// which products that rayon tasks already run side by side do not want (it only adds
 /// hand-offs).
+/// With [`Store::Stream`] it returns the product's `Σ x²` where the kernel counts it (see
+/// [`gemm`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
     kernel: Kernel, mnk: (usize, usize, usize), dst: &mut [f32], dst_rs: usize, store: Store,
     lhs: &[f32], lhs_strides: (usize, usize), rhs: &[f32], rhs_strides: (usize, usize),
     parallel: bool,
-) {
+) -> Option<f64> {
     gemm(kernel, mnk, uninit(dst), dst_rs, store, lhs, lhs_strides, rhs, rhs_strides, parallel)
 }
 
@@ -280,7 +303,7 @@ pub(crate) fn gemm_into(
 pub(crate) fn gemm_packed_into(
     m: usize, dst: &mut [f32], dst_rs: usize, store: Store, lhs: &[f32],
     lhs_strides: (usize, usize), b: &bf16::PackedB, parallel: bool,
-) {
+) -> Option<f64> {
     let (k, n) = b.dims();
     check_dst_and_lhs((m, n, k), dst.len(), dst_rs, lhs.len(), lhs_strides);
     bf16::gemm_packed_into(m, uninit(dst), dst_rs, store, lhs, lhs_strides, b, parallel)
@@ -309,13 +332,15 @@ fn check_dst_and_lhs(
 
 /// [`gemm_into`] on a destination that may be uninitialised short of [`Store::Add`]: every
 /// element of the m×n product is written, none read unless added to. With `parallel` the
-/// product is split across the current pool.
+/// product is split across the current pool. With [`Store::Stream`] the bf16 kernels return
+/// the product's `Σ x²`, counted as they stream it out; f32 gemm has no such store and counts
+/// nothing (None).
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     kernel: Kernel, (m, n, k): (usize, usize, usize), dst: &mut [MaybeUninit<f32>], dst_rs: usize,
     store: Store, lhs: &[f32], (lhs_rs, lhs_cs): (usize, usize), rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize), parallel: bool,
-) {
+) -> Option<f64> {
     check_dst_and_lhs((m, n, k), dst.len(), dst_rs, lhs.len(), (lhs_rs, lhs_cs));
     assert!(
         k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
@@ -368,7 +393,8 @@ fn gemm(
     let Some(rows) = row_blocks(m, threads) else {
         let parallelism =
             if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        return gemm_f32((m, n), dst_p, lhs_p, rhs_p, parallelism);
+        gemm_f32((m, n), dst_p, lhs_p, rhs_p, parallelism);
+        return None;
     };
     use rayon::prelude::*;
     // Raw pointers are not Send; the blocks below are disjoint, so the addresses are shared.
@@ -382,6 +408,7 @@ fn gemm(
         };
         gemm_f32((rows.min(m - i0), n), dst, lhs, rhs_a as *const f32, gemm::Parallelism::None)
     });
+    None
 }
 
 /// The threads a product split across the current pool (`parallel`) or kept on the calling

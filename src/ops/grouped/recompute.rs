@@ -102,7 +102,7 @@ impl GroupedUp {
                 });
             dx[b0 * din..(b0 + n) * din].copy_from_slice(&one.dx(&dh, &we, din));
             for (j, dw) in dws.iter_mut().enumerate() {
-                dw[e * f * din..(e + 1) * f * din].copy_from_slice(&one.dw(&dh, xe, j, din));
+                dw[e * f * din..(e + 1) * f * din].copy_from_slice(&one.dw(&dh, xe, j, din).0);
             }
         }
         (dx, dws)
