@@ -26,10 +26,15 @@ fn a_bf16_steps_weight_gradients_come_with_their_sums_of_squares() {
     }
     bf16::set_enabled(true);
     let (rows, seq_len, vocab) = (4, 24, 50);
-    for (ffn, extra) in [
-        ("dense", ""),
-        ("mot", "[model.mot]\nn_experts = 4\ngroup_size = 4\n"),
-        ("moe", "[model.moe]\nn_experts = 4\ntop_k = 1\n"),
+    let mot = "[model.mot]\nn_experts = 4\ngroup_size = 4\n";
+    let moe = "[model.moe]\nn_experts = 4\ntop_k = 1\n";
+    // With `train.recompute_experts` the experts' op is another one, which counts them too.
+    for (ffn, extra, recompute) in [
+        ("dense", "", false),
+        ("mot", mot, false),
+        ("mot", mot, true),
+        ("moe", moe, false),
+        ("moe", moe, true),
     ] {
         let text = format!(
             "[run]\nname = 't'\n[data]\ntrain = 'x'\nseq_len = {seq_len}\n[model]\n\
@@ -37,8 +42,9 @@ fn a_bf16_steps_weight_gradients_come_with_their_sums_of_squares() {
              ffn = '{ffn}'\n{extra}"
         );
         let cfg = Config::from_toml_str(&text, "test").unwrap().model;
+        let what = format!("{ffn}{}", if recompute { " recomputing" } else { "" });
         let mut params = Params::new(&Device::Cpu, 7, 0.5);
-        let model = Transformer::new(&cfg, &mut params).unwrap();
+        let model = Transformer::new(&cfg, &mut params).unwrap().with_recompute_experts(recompute);
         let n = rows * seq_len;
         let batch = Batch {
             rows,
@@ -53,10 +59,10 @@ fn a_bf16_steps_weight_gradients_come_with_their_sums_of_squares() {
             let Some(g) = grads.get(var) else { continue };
             let Some(sum) = ops::squares::take(g) else { continue };
             let want = read(g);
-            assert!(want > 0.0, "{ffn} {name}: a zero gradient");
-            assert!((sum - want).abs() <= 1e-6 * want, "{ffn} {name}: noted {sum}, values {want}");
+            assert!(want > 0.0, "{what} {name}: a zero gradient");
+            assert!((sum - want).abs() <= 1e-6 * want, "{what} {name}: noted {sum}, values {want}");
             // Taken once: the norm asks again only by reading.
-            assert_eq!(ops::squares::take(g), None, "{ffn} {name}");
+            assert_eq!(ops::squares::take(g), None, "{what} {name}");
             assert_eq!(ops::sum_of_squares(g).unwrap(), ops::sum_of_squares_host(&values(g)));
             noted.push(name.to_string());
         }
@@ -82,8 +88,8 @@ fn a_bf16_steps_weight_gradients_come_with_their_sums_of_squares() {
             .collect();
         // Two layers of attention's four and the feed-forward's one or three, and the head.
         let ffn_weights = if ffn == "dense" { 1 } else { 3 };
-        assert_eq!(written.len(), 2 * (4 + ffn_weights) + 1, "{ffn}: {written:?}");
-        assert_eq!(noted, written, "{ffn}: noted against written");
+        assert_eq!(written.len(), 2 * (4 + ffn_weights) + 1, "{what}: {written:?}");
+        assert_eq!(noted, written, "{what}: noted against written");
     }
 }
 

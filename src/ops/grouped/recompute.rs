@@ -74,13 +74,16 @@ impl GroupedUp {
         a
     }
 
-    /// `dx` and each stack's `dW` from `da [R, f]`, one expert at a time.
+    /// `dx` and each stack's `dW` from `da [R, f]`, one expert at a time; with each `dW`, its
+    /// `Σ x²` where the kernel counts it ([`crate::ops::squares`]), summed over the experts in
+    /// order as the grouped op sums them.
     fn backward(
         &self, x: &[f32], ws: &[&[f32]], da: &[f32], din: usize,
-    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+    ) -> (Vec<f32>, Vec<Vec<f32>>, Vec<Option<f64>>) {
         let (f, width) = (self.grouped.outs[0], self.grouped.width());
         let mut dx = vec![0f32; x.len()];
         let mut dws = vec![vec![0f32; ws[0].len()]; ws.len()];
+        let mut sums = vec![Some(0f64); ws.len()];
         for e in 0..self.grouped.offsets.len() - 1 {
             let (one, b0, we) = self.expert(e, ws, din);
             let n = one.offsets[1];
@@ -101,11 +104,13 @@ impl GroupedUp {
                     )
                 });
             dx[b0 * din..(b0 + n) * din].copy_from_slice(&one.dx(&dh, &we, din));
-            for (j, dw) in dws.iter_mut().enumerate() {
-                dw[e * f * din..(e + 1) * f * din].copy_from_slice(&one.dw(&dh, xe, j, din).0);
+            for (j, (dw, sum)) in dws.iter_mut().zip(&mut sums).enumerate() {
+                let (expert_dw, squares) = one.dw(&dh, xe, j, din);
+                dw[e * f * din..(e + 1) * f * din].copy_from_slice(&expert_dw);
+                *sum = sum.zip(squares).map(|(a, b)| a + b);
             }
         }
-        (dx, dws)
+        (dx, dws, sums)
     }
 
     fn run_forward(
@@ -136,12 +141,19 @@ impl GroupedUp {
         };
         let w_slices: Vec<&[f32]> = (2..guards.len()).map(host).collect::<Result<_>>()?;
         let din = x.dim(1)?;
-        let (dx, dws) = self.backward(host(0)?, &w_slices, host(1)?, din);
+        let (dx, dws, sums) = self.backward(host(0)?, &w_slices, host(1)?, din);
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dws = dws
             .into_iter()
             .zip(ws)
-            .map(|(d, w)| Tensor::from_vec(d, w.shape(), w.device()))
+            .zip(sums)
+            .map(|((d, w), sum)| {
+                let dw = Tensor::from_vec(d, w.shape(), w.device())?;
+                if let Some(sum) = sum {
+                    crate::ops::squares::note(&dw, sum);
+                }
+                Ok(dw)
+            })
             .collect::<Result<_>>()?;
         Ok((dx, dws))
     }
