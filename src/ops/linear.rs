@@ -72,8 +72,7 @@ impl CustomOp2 for MatMul {
         }
         // dA = dC·B, dB = dCᵀ·A.
         let da = dc.apply_op2_no_bwd(b, &MatMul { transpose_b: false, kernel, gradient: None })?;
-        let slot = Slot::default();
-        let op = MatMul { transpose_b: false, kernel, gradient: Some(slot) };
+        let op = MatMul { transpose_b: false, kernel, gradient: Some(Slot::default()) };
         let db = dc.t()?.apply_op2_no_bwd(a, &op)?;
         if let Some(slot) = &op.gradient {
             slot.note_on(&db);

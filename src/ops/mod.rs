@@ -256,13 +256,7 @@ pub(crate) fn product(
     kernel: Kernel, mnk: (usize, usize, usize), lhs: &[f32], lhs_strides: (usize, usize),
     rhs: &[f32], rhs_strides: (usize, usize),
 ) -> Vec<f32> {
-    let (m, n, _) = mnk;
-    // SAFETY: short of `Store::Add`, `gemm` writes every element of the m×n product.
-    unsafe {
-        written(m * n, |dst| {
-            gemm(kernel, mnk, dst, n, Store::Set, lhs, lhs_strides, rhs, rhs_strides, true);
-        })
-    }
+    new_product(kernel, mnk, lhs, lhs_strides, rhs, rhs_strides, Store::Set).0
 }
 
 /// [`product`] for a weight gradient: streamed ([`Store::Stream`]), with its `Σ x²` where the
@@ -271,12 +265,22 @@ pub(crate) fn weight_gradient(
     kernel: Kernel, mnk: (usize, usize, usize), lhs: &[f32], lhs_strides: (usize, usize),
     rhs: &[f32], rhs_strides: (usize, usize),
 ) -> (Vec<f32>, Option<f64>) {
+    new_product(kernel, mnk, lhs, lhs_strides, rhs, rhs_strides, Store::Stream)
+}
+
+/// The product as a new vector, stored as `store` says (not [`Store::Add`]), and what
+/// [`gemm`] returns.
+fn new_product(
+    kernel: Kernel, mnk: (usize, usize, usize), lhs: &[f32], lhs_strides: (usize, usize),
+    rhs: &[f32], rhs_strides: (usize, usize), store: Store,
+) -> (Vec<f32>, Option<f64>) {
+    debug_assert_ne!(store, Store::Add, "a new vector holds nothing to add to");
     let (m, n, _) = mnk;
     let mut sum = None;
     // SAFETY: short of `Store::Add`, `gemm` writes every element of the m×n product.
     let c = unsafe {
         written(m * n, |dst| {
-            sum = gemm(kernel, mnk, dst, n, Store::Stream, lhs, lhs_strides, rhs, rhs_strides, true)
+            sum = gemm(kernel, mnk, dst, n, store, lhs, lhs_strides, rhs, rhs_strides, true)
         })
     };
     (c, sum)
@@ -286,6 +290,7 @@ pub(crate) fn weight_gradient(
 /// matrix), stored as `store` says; `parallel` splits the product across the current pool,
 /// which products that rayon tasks already run side by side do not want (it only adds
 /// hand-offs).
+///
 /// With [`Store::Stream`] it returns the product's `Σ x²` where the kernel counts it (see
 /// [`gemm`]).
 #[allow(clippy::too_many_arguments)]
