@@ -23,7 +23,8 @@
 #   --steps    timed steps per row (default 10), --warmup untimed steps before them (default 2)
 #   --rounds   rounds (default 2)
 #   --simd     motrain SIMD paths to run (default: all the CPU supports; "" runs none)
-#   --torch    PyTorch rows: f32 and/or bf16 (default "f32 bf16"; "" runs none)
+#   --torch    PyTorch rows: f32 and/or bf16 (default "f32 bf16" on a CPU with AVX512_BF16 or
+#              AMX, else "f32": autocast without them is ~25x slower than f32; "" runs none)
 #   --threads  PyTorch intra-op threads (default: all cores, as motrain uses)
 #   --bin      motrain binary (default: cargo build --release, then target/release/motrain)
 #   --set      config override, passed to both (e.g. --set data.seq_len=2048)
@@ -42,7 +43,7 @@ steps=10
 warmup=2
 rounds=2
 simd=auto
-torch_modes="f32 bf16"
+torch_modes=auto
 threads=$(nproc)
 bin=
 sets=()
@@ -80,6 +81,12 @@ for f in sse4_2 fma avx2 avx512f avx512bw avx512cd avx512dq avx512vl avx512_vnni
   has "$f" && found="$found $f"
 done
 [ "$simd" = auto ] && simd=$supported
+# PyTorch's bf16 autocast on a CPU without a bf16 instruction converts every operand and runs
+# ~25x slower than its f32 (67 tok/s on an AVX2-only AMD EPYC): off unless asked for there.
+if [ "$torch_modes" = auto ]; then
+  torch_modes=f32
+  if has avx512_bf16 || has amx_bf16; then torch_modes="f32 bf16"; fi
+fi
 if [ -n "$as_avx2" ]; then
   has avx2 fma || { echo "error: --as-avx2 needs a CPU with AVX2 and FMA" >&2; exit 2; }
   simd=avx2
